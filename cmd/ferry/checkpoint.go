@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/internal/criu"
+)
+
+var checkpointCommand = &cli.Command{
+	Name:      "checkpoint",
+	Usage:     "checkpoint a running job",
+	ArgsUsage: "JOB",
+	Description: `Freezes the job, captures it with CRIU into the checkpoint directory given
+by -o, makes the checkpoint durable, and only then ends the job (or thaws it,
+with --leave-running). If anything fails the job is thawed and keeps running.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "checkpoint to create (default: JOB.ckpt)"},
+		&cli.BoolFlag{Name: "force", Usage: "replace the output if it exists"},
+		&cli.BoolFlag{Name: "leave-running", Usage: "keep the job running after the checkpoint"},
+		&cli.BoolFlag{Name: "tcp-established", Usage: "checkpoint established TCP connections"},
+		&cli.BoolFlag{Name: "file-locks", Usage: "checkpoint file locks"},
+		&cli.BoolFlag{Name: "ext-unix-sk", Usage: "allow unix sockets connected outside the tree"},
+		&cli.DurationFlag{Name: "timeout", Usage: "give up (and thaw the job) after this long"},
+		&cli.BoolFlag{Name: "json", Usage: "print the summary as JSON"},
+		&cli.BoolFlag{Name: "dry-run", Usage: "print the inventory of the tree and the checkpoint plan; freeze nothing"},
+	},
+	Action: func(c *cli.Context) error {
+		s, name, err := jobArg(c)
+		if err != nil {
+			return err
+		}
+		if c.Bool("dry-run") {
+			inv, plan, err := dump.DryRun(s, name, dump.Allowed{
+				TCPEstablished: c.Bool("tcp-established"),
+				ExtUnixSk:      c.Bool("ext-unix-sk"),
+				FileLocks:      c.Bool("file-locks"),
+			})
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return writeJSON(c, map[string]any{"inventory": inv, "plan": plan})
+			}
+			printInventory(c.App.Writer, inv, plan)
+			return nil
+		}
+		bin, err := findCriu(c)
+		if err != nil {
+			return err
+		}
+		out := c.String("output")
+		if out == "" {
+			out = name + ".ckpt"
+		}
+		ctx := c.Context
+		if d := c.Duration("timeout"); d > 0 {
+			var cancel func()
+			ctx, cancel = context.WithTimeout(ctx, d)
+			defer cancel()
+		}
+		res, err := dump.Job(ctx, s, name, dump.Options{
+			Criu:           bin,
+			Output:         out,
+			Force:          c.Bool("force"),
+			LeaveRunning:   c.Bool("leave-running"),
+			TCPEstablished: c.Bool("tcp-established"),
+			FileLocks:      c.Bool("file-locks"),
+			ExtUnixSk:      c.Bool("ext-unix-sk"),
+			FerryVersion:   versionString(),
+			Logger:         slog.Default(),
+		})
+		if err != nil {
+			return withCode(err, exitCheckpoint)
+		}
+		if c.Bool("json") {
+			return writeJSON(c, res)
+		}
+		ended := "ended"
+		if !res.JobEnded {
+			ended = "still running"
+		}
+		fmt.Fprintf(c.App.Writer, "checkpointed %s to %s: %d processes, %d threads, %s memory, %s on disk; frozen %s, total %s; job %s\n",
+			res.Job, res.Output, res.Processes, res.Threads, humanBytes(res.Memory), humanBytes(res.Size),
+			res.Frozen.Round(time.Millisecond), res.Total.Round(time.Millisecond), ended)
+		return nil
+	},
+}
+
+// findCriu locates CRIU as --criu, $FERRY_CRIU, the provisioned copy, then
+// PATH, and checks its version.
+func findCriu(c *cli.Context) (*criu.Binary, error) {
+	return criu.Find(c.Context, criu.FindOptions{
+		Flag:            c.String("criu"),
+		Env:             os.Getenv("FERRY_CRIU"),
+		ProvisionedDirs: criu.DefaultProvisionedPaths(),
+	})
+}
+
+func writeJSON(c *cli.Context, v any) error {
+	enc := json.NewEncoder(c.App.Writer)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// printInventory renders the walk and the plan for people.
+func printInventory(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
+	fmt.Fprintf(w, "tree of pid %d: %d processes, memory %s (RSS %s: anonymous %s, file %s, shared %s)\n",
+		inv.Root, len(inv.Tasks), humanBytes(inv.Memory.Size), humanBytes(inv.Memory.RSS),
+		humanBytes(inv.Memory.Anonymous), humanBytes(inv.Memory.FileRSS), humanBytes(inv.Memory.ShmemRSS))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PID\tNSPID\tPPID\tPGID\tSID\tTHR\tRSS\tFDS\tCOMMAND")
+	for _, t := range inv.Tasks {
+		kinds := map[string]int{}
+		for _, fd := range t.FDs {
+			kinds[fd.Kind]++
+		}
+		var fds []string
+		for _, k := range slices.Sorted(maps.Keys(kinds)) {
+			fds = append(fds, fmt.Sprintf("%s:%d", k, kinds[k]))
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", t.PID, t.NSPID, t.PPID, t.PGID, t.SID, t.Threads,
+			humanBytes(t.Memory.RSS), strings.Join(fds, ","), strings.Join(t.Cmdline, " "))
+	}
+	tw.Flush()
+	if len(inv.Sockets) > 0 {
+		fmt.Fprintln(w, "sockets:")
+		for _, s := range inv.Sockets {
+			peer := ""
+			if s.Remote != "" || s.PeerInode != 0 {
+				peer = " (peer outside the tree)"
+				if s.PeerInTree {
+					peer = " (peer inside the tree)"
+				}
+			}
+			fmt.Fprintf(w, "  pid %d fd %d: %s %s %s %s%s\n", s.PID, s.FD, s.Family, s.State, s.Local, s.Remote, peer)
+		}
+	}
+	fmt.Fprintf(w, "SysV IPC: %d shm, %d sem, %d msg (own IPC namespace: %v); file locks: %d\n",
+		inv.IPC.Shm, inv.IPC.Sem, inv.IPC.Msg, inv.OwnIPCNamespace, inv.Locks)
+	fmt.Fprintf(w, "plan: tcp-established=%v ext-unix-sk=%v file-locks=%v shell-job=%v\n",
+		plan.TCPEstablished, plan.ExtUnixSk, plan.FileLocks, plan.ShellJob)
+	for _, f := range plan.Blockers {
+		fmt.Fprintf(w, "  cannot checkpoint: %s\n", f)
+	}
+	for _, f := range plan.Needs {
+		fmt.Fprintf(w, "  needs a flag: %s\n", f)
+	}
+	for _, n := range plan.Notes {
+		fmt.Fprintf(w, "  note: %s\n", n)
+	}
+	if err := plan.Refusal(); err == nil {
+		fmt.Fprintln(w, "checkpointable: yes")
+	} else {
+		fmt.Fprintln(w, "checkpointable: no")
+	}
+}

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/internal/job"
+)
+
+var freezeCommand = &cli.Command{
+	Name:      "freeze",
+	Usage:     "freeze every process of a job (cgroup freezer)",
+	ArgsUsage: "JOB",
+	Action: func(c *cli.Context) error {
+		s, name, err := jobArg(c)
+		if err != nil {
+			return err
+		}
+		return s.Freeze(c.Context, name)
+	},
+}
+
+var thawCommand = &cli.Command{
+	Name:      "thaw",
+	Usage:     "resume a frozen job",
+	ArgsUsage: "JOB",
+	Action: func(c *cli.Context) error {
+		s, name, err := jobArg(c)
+		if err != nil {
+			return err
+		}
+		return s.Thaw(c.Context, name)
+	},
+}
+
+var killCommand = &cli.Command{
+	Name:      "kill",
+	Usage:     "end a job: SIGTERM, then SIGKILL after a grace period; the record is kept",
+	ArgsUsage: "JOB",
+	Flags: []cli.Flag{
+		&cli.DurationFlag{Name: "grace", Aliases: []string{"t"}, Value: job.DefaultGrace, Usage: "time between SIGTERM and SIGKILL"},
+	},
+	Action: func(c *cli.Context) error {
+		s, name, err := jobArg(c)
+		if err != nil {
+			return err
+		}
+		return s.Kill(c.Context, name, c.Duration("grace"), slog.Default())
+	},
+}
+
+var rmCommand = &cli.Command{
+	Name:      "rm",
+	Usage:     "forget an ended job (its record and log)",
+	ArgsUsage: "JOB",
+	Action: func(c *cli.Context) error {
+		s, name, err := jobArg(c)
+		if err != nil {
+			return err
+		}
+		rec, err := s.Load(name)
+		if err != nil {
+			return err
+		}
+		if rec.InitAlive() {
+			return fmt.Errorf("job %q is still running: ferry kill %s first", name, name)
+		}
+		return s.Remove(name)
+	},
+}
+
+// jobArg is the common preamble of commands that take one JOB and need root.
+func jobArg(c *cli.Context) (*job.Store, string, error) {
+	if err := exactArgs(c, 1, "JOB"); err != nil {
+		return nil, "", err
+	}
+	if err := requireRoot(); err != nil {
+		return nil, "", err
+	}
+	s, err := store(c)
+	if err != nil {
+		return nil, "", err
+	}
+	return s, c.Args().First(), nil
+}

@@ -1,0 +1,109 @@
+package main
+
+import (
+	"context"
+	"errors"
+
+	"io/fs"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/internal/checkpoint"
+
+	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/freezer"
+	"github.com/ferry-cr/ferry/internal/cgroup"
+	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/job"
+)
+
+// Exit statuses, one per kind of failure, so scripts can tell them apart.
+// The README lists them; keep the two in step.
+const (
+	exitOK                = 0
+	exitFailure           = 1 // anything not listed below
+	exitUsage             = 2 // bad flags or arguments
+	exitNotRoot           = 3
+	exitNoJob             = 4 // no such job
+	exitNameInUse         = 5 // job name taken or invalid
+	exitCommandNotFound   = 6
+	exitCriu              = 7 // CRIU missing or too old
+	exitNoCgroup          = 8 // no usable cgroup hierarchy
+	exitNotReady          = 9 // ferry doctor: host cannot checkpoint/restore
+	exitNotRunning        = 10
+	exitFreeze            = 11 // the job did not freeze in time (and was thawed)
+	exitCheckpoint        = 12 // CRIU could not checkpoint the job (it keeps running)
+	exitRestore           = 13 // CRIU could not restore (nothing is left running)
+	exitBadCheckpoint     = 14 // not a checkpoint, truncated, or an unsupported version
+	exitExists            = 15 // output exists and --force was not given
+	exitNotCheckpointable = 16 // the walk found state that cannot be checkpointed as asked
+	exitInterrupted       = 130
+)
+
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+var exitCodes = []struct {
+	err  error
+	code int
+}{
+	{errNotRoot, exitNotRoot},
+	{job.ErrNotFound, exitNoJob},
+	{job.ErrExists, exitNameInUse},
+	{job.ErrInvalidName, exitNameInUse},
+	{job.ErrCommandNotFound, exitCommandNotFound},
+	{job.ErrNotRunning, exitNotRunning},
+	{criu.ErrNotFound, exitCriu},
+	{criu.ErrTooOld, exitCriu},
+	{cgroup.ErrNoHierarchy, exitNoCgroup},
+	{checkpoint.ErrNotCheckpoint, exitBadCheckpoint},
+	{checkpoint.ErrIncomplete, exitBadCheckpoint},
+	{checkpoint.ErrUnsupportedVersion, exitBadCheckpoint},
+	{fs.ErrExist, exitExists},
+	{dump.ErrNotCheckpointable, exitNotCheckpointable},
+}
+
+// codedError gives an error the exit status of the command it came from
+// when no more specific one applies.
+type codedError struct {
+	error
+	code int
+}
+
+func (e codedError) Unwrap() error { return e.error }
+
+func withCode(err error, code int) error {
+	if err == nil || exitCode(err) != exitFailure {
+		return err
+	}
+	return codedError{err, code}
+}
+
+func exitCode(err error) int {
+	var ue usageError
+	if errors.As(err, &ue) {
+		return exitUsage
+	}
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) {
+		return ec.ExitCode()
+	}
+	var ce codedError
+	if errors.As(err, &ce) {
+		return ce.code
+	}
+	var fe *freezer.FreezeError
+	if errors.As(err, &fe) {
+		return exitFreeze
+	}
+	for _, e := range exitCodes {
+		if errors.Is(err, e.err) {
+			return e.code
+		}
+	}
+	if errors.Is(err, context.Canceled) {
+		return exitInterrupted
+	}
+	return exitFailure
+}

@@ -1,0 +1,89 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/internal/job"
+)
+
+var listCommand = &cli.Command{
+	Name:    "list",
+	Aliases: []string{"ps"},
+	Usage:   "list jobs",
+	Flags: []cli.Flag{
+		&cli.BoolFlag{Name: "json", Usage: "print JSON"},
+	},
+	Action: func(c *cli.Context) error {
+		if err := exactArgs(c, 0, "no arguments"); err != nil {
+			return err
+		}
+		s, err := store(c)
+		if err != nil {
+			return err
+		}
+		recs, err := s.List()
+		if err != nil {
+			return err
+		}
+		views := make([]*job.View, 0, len(recs))
+		for _, r := range recs {
+			views = append(views, s.Inspect(r))
+		}
+		if c.Bool("json") {
+			enc := json.NewEncoder(c.App.Writer)
+			enc.SetIndent("", "  ")
+			return enc.Encode(views)
+		}
+		tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NAME\tSTATE\tINIT\tMAIN\tRSS\tAGE\tCOMMAND")
+		now := time.Now()
+		for _, v := range views {
+			state := v.State
+			if v.Exit != nil && v.State == "exited" {
+				state = "exited (" + v.Exit.String() + ")"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, state,
+				pidOrDash(v.InitPID, v.State), pidOrDash(v.MainPID, v.State),
+				humanBytes(v.RSS), humanAge(now.Sub(v.Created)), strings.Join(v.Command, " "))
+		}
+		return tw.Flush()
+	},
+}
+
+func pidOrDash(pid int, state string) string {
+	if pid <= 0 || state == "exited" || state == "lost" {
+		return "-"
+	}
+	return fmt.Sprint(pid)
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%dB", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f%ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func humanAge(d time.Duration) string {
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d.Hours()))
+	}
+	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}

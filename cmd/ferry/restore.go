@@ -1,0 +1,50 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/restore"
+)
+
+var restoreCommand = &cli.Command{
+	Name:      "restore",
+	Usage:     "bring a checkpoint back as a running job",
+	ArgsUsage: "CHECKPOINT",
+	Description: `Restores the checkpoint into fresh PID and IPC namespaces, so its original
+pids never clash with the host's and one checkpoint can be restored twice
+side by side (give the second a --name). Prints the job's name.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "name", Usage: "job name (default: the checkpointed job's)"},
+	},
+	Action: func(c *cli.Context) error {
+		if err := exactArgs(c, 1, "CHECKPOINT"); err != nil {
+			return err
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		s, err := store(c)
+		if err != nil {
+			return err
+		}
+		bin, err := findCriu(c)
+		if err != nil {
+			return err
+		}
+		rec, err := restore.Job(c.Context, s, restore.Options{
+			Criu:       bin,
+			Checkpoint: c.Args().First(),
+			Name:       c.String("name"),
+			CgroupRoot: c.String("cgroup-root"),
+			Logger:     slog.Default(),
+		})
+		if err != nil {
+			return withCode(err, exitRestore)
+		}
+		fmt.Fprintln(c.App.Writer, rec.Name)
+		return nil
+	},
+}

@@ -1,0 +1,127 @@
+package dump
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Plan is what the walk concludes: the CRIU options the tree needs and
+// what stands in the way of checkpointing it.
+type Plan struct {
+	TCPEstablished bool      `json:"tcpEstablished"`
+	ExtUnixSk      bool      `json:"extUnixSk"`
+	FileLocks      bool      `json:"fileLocks"`
+	ShellJob       bool      `json:"shellJob"`
+	Needs          []Finding `json:"needs,omitempty"`    // allowed by a flag the user did not give
+	Blockers       []Finding `json:"blockers,omitempty"` // cannot be checkpointed at all
+	Notes          []string  `json:"notes,omitempty"`
+}
+
+// Finding is one thing in the tree that a checkpoint must know about.
+type Finding struct {
+	PID    int    `json:"pid"`
+	What   string `json:"what"`
+	Reason string `json:"reason"`
+	Flag   string `json:"flag,omitempty"` // the flag that allows it, if any
+}
+
+func (f Finding) String() string {
+	s := fmt.Sprintf("pid %d: %s: %s", f.PID, f.What, f.Reason)
+	if f.Flag != "" {
+		s += " (allow with " + f.Flag + ")"
+	}
+	return s
+}
+
+// Allowed are the permissions the user gave on the command line.
+type Allowed struct {
+	TCPEstablished bool
+	ExtUnixSk      bool
+	FileLocks      bool
+}
+
+// harmlessDevices are character devices CRIU reopens by path without
+// trouble.
+var harmlessDevices = map[string]bool{"/dev/null": true, "/dev/zero": true, "/dev/urandom": true, "/dev/random": true, "/dev/full": true}
+
+// MakePlan derives the plan for inv given what the user allowed.
+func MakePlan(inv *Inventory, allow Allowed) *Plan {
+	p := &Plan{TCPEstablished: allow.TCPEstablished, ExtUnixSk: allow.ExtUnixSk, FileLocks: allow.FileLocks}
+	need := func(f Finding, allowed bool) {
+		if !allowed {
+			p.Needs = append(p.Needs, f)
+		}
+	}
+	for _, s := range inv.Sockets {
+		switch {
+		case strings.HasPrefix(s.Family, "tcp") && s.State == "established":
+			peer := "a peer outside the tree"
+			if s.PeerInTree {
+				peer = "a peer inside the tree"
+			}
+			need(Finding{PID: s.PID, What: fmt.Sprintf("TCP connection %s -> %s", s.Local, s.Remote),
+				Reason: "established TCP connection to " + peer, Flag: "--tcp-established"}, allow.TCPEstablished)
+			p.TCPEstablished = p.TCPEstablished || allow.TCPEstablished
+		case s.Family == "unix" && s.PeerInode != 0 && !s.PeerInTree:
+			need(Finding{PID: s.PID, What: fmt.Sprintf("unix socket fd %d", s.FD),
+				Reason: "connected to a process outside the tree", Flag: "--ext-unix-sk"}, allow.ExtUnixSk)
+		case s.Family == "netlink" || s.Family == "other":
+			// CRIU carries netlink sockets of common protocols; nothing to ask.
+		}
+	}
+	if inv.Locks > 0 {
+		need(Finding{PID: inv.Root, What: fmt.Sprintf("%d file locks", inv.Locks),
+			Reason: "the tree holds file locks, safe only if nothing outside it uses those files", Flag: "--file-locks"}, allow.FileLocks)
+	}
+	if (inv.IPC.Shm+inv.IPC.Sem+inv.IPC.Msg) > 0 && !inv.OwnIPCNamespace {
+		p.Blockers = append(p.Blockers, Finding{PID: inv.Root, What: "SysV IPC objects",
+			Reason: "the tree uses the host's IPC namespace, whose objects CRIU does not carry; start it under ferry run"})
+	}
+	rootSID := 0
+	for _, t := range inv.Tasks {
+		if t.PID == inv.Root {
+			rootSID = t.SID
+		}
+	}
+	for _, t := range inv.Tasks {
+		for _, fd := range t.FDs {
+			switch fd.Kind {
+			case "io_uring", "bpf-map", "bpf-prog", "perf_event", "userfaultfd", "fanotify":
+				p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+					Reason: fd.Kind + " cannot be checkpointed by CRIU"})
+			case "device":
+				if !harmlessDevices[fd.Target] {
+					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+						Reason: "device files other than null, zero, random and full hold kernel state CRIU cannot carry"})
+				}
+			case "tty":
+				p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d is a terminal (%s); the restored tree gets it back only if it exists", t.PID, fd.Num, fd.Target))
+			}
+		}
+		if t.UID != 0 {
+			p.Notes = append(p.Notes, fmt.Sprintf("pid %d runs as uid %d; on hosts without CAP_SYS_RESOURCE CRIU cannot dump it", t.PID, t.UID))
+		}
+	}
+	if inv.OwnPIDNamespace {
+		// ferry's init is the session leader inside: nothing outside.
+	} else if rootSID != 0 && rootSID != inv.Root {
+		p.ShellJob = true
+		p.Notes = append(p.Notes, "the tree's session leader is outside it: checkpointing as a shell job")
+	}
+	return p
+}
+
+// Refusal says why a checkpoint was refused before anything was frozen.
+func (p *Plan) Refusal() error {
+	if len(p.Blockers) == 0 && len(p.Needs) == 0 {
+		return nil
+	}
+	var parts []string
+	for _, f := range p.Blockers {
+		parts = append(parts, f.String())
+	}
+	for _, f := range p.Needs {
+		parts = append(parts, f.String())
+	}
+	return fmt.Errorf("%w: %s", ErrNotCheckpointable, strings.Join(parts, "; "))
+}

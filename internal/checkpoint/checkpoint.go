@@ -1,0 +1,110 @@
+// Package checkpoint describes a checkpoint as it sits on disk until the
+// image-stream format replaces it: a directory with CRIU's image files and
+// ferry's manifest beside them.
+//
+//	<checkpoint>/       0700
+//	  ferry.json        Manifest: what was dumped, how, and from where
+//	  *.img             CRIU's images, untouched
+//	  dump.log          CRIU's log of the dump
+//	  stats-dump        CRIU's dump statistics
+package checkpoint
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// FormatVersion is the version of the manifest; a reader rejects others.
+const FormatVersion = 1
+
+// ManifestFile is the manifest's name inside a checkpoint directory.
+const ManifestFile = "ferry.json"
+
+// maxManifestSize bounds what Load reads.
+const maxManifestSize = 16 << 20
+
+// Errors a reader tells apart with errors.Is.
+var (
+	ErrNotCheckpoint      = errors.New("not a ferry checkpoint")
+	ErrUnsupportedVersion = errors.New("checkpoint format version not supported")
+	ErrIncomplete         = errors.New("checkpoint is incomplete")
+)
+
+// Manifest is ferry's description of a checkpoint.
+type Manifest struct {
+	Format       int       `json:"format"`
+	FerryVersion string    `json:"ferryVersion"`
+	CriuVersion  string    `json:"criuVersion"`
+	Kernel       string    `json:"kernel"`
+	Host         string    `json:"host"`
+	Created      time.Time `json:"created"`
+
+	Job     string   `json:"job"`
+	Command []string `json:"command"`
+	Dir     string   `json:"dir"`
+	Foreign bool     `json:"foreign,omitempty"` // a tree ferry did not start (--pid)
+
+	// OutputPipe is the inode key ("pipe:[N]") of the pipe that carried
+	// the job's stdout and stderr to its shim: restore hands CRIU a fresh
+	// pipe under this key.
+	OutputPipe string `json:"outputPipe,omitempty"`
+
+	TCPEstablished bool `json:"tcpEstablished,omitempty"`
+	FileLocks      bool `json:"fileLocks,omitempty"`
+	ExtUnixSk      bool `json:"extUnixSk,omitempty"`
+
+	Processes   int   `json:"processes"`
+	Threads     int   `json:"threads"`
+	MemoryBytes int64 `json:"memoryBytes"` // pages written by CRIU
+	// Files lists every file of the checkpoint with its size, so that a
+	// restore can tell a truncated checkpoint before touching anything.
+	Files map[string]int64 `json:"files"`
+}
+
+// Load reads and validates the manifest of the checkpoint in dir, and
+// checks that every file it lists is present with its recorded size.
+func Load(dir string) (*Manifest, error) {
+	f, err := os.Open(filepath.Join(dir, ManifestFile))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("%q: %w (no %s)", dir, ErrNotCheckpoint, ManifestFile)
+		}
+		return nil, fmt.Errorf("reading checkpoint %q: %w", dir, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if st.Size() > maxManifestSize {
+		return nil, fmt.Errorf("%q: manifest of %d bytes exceeds %d: %w", dir, st.Size(), maxManifestSize, ErrNotCheckpoint)
+	}
+	var m Manifest
+	if err := json.NewDecoder(f).Decode(&m); err != nil {
+		return nil, fmt.Errorf("%q: manifest: %w: %w", dir, ErrNotCheckpoint, err)
+	}
+	if m.Format != FormatVersion {
+		return nil, fmt.Errorf("%q has format %d, this ferry reads %d: %w", dir, m.Format, FormatVersion, ErrUnsupportedVersion)
+	}
+	if len(m.Files) == 0 {
+		return nil, fmt.Errorf("%q: manifest lists no image files: %w", dir, ErrIncomplete)
+	}
+	for name, size := range m.Files {
+		if name != filepath.Base(name) {
+			return nil, fmt.Errorf("%q: file name %q in manifest: %w", dir, name, ErrNotCheckpoint)
+		}
+		st, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			return nil, fmt.Errorf("%q: %s: %w", dir, name, ErrIncomplete)
+		}
+		if st.Size() != size {
+			return nil, fmt.Errorf("%q: %s has %d bytes, manifest says %d: %w", dir, name, st.Size(), size, ErrIncomplete)
+		}
+	}
+	return &m, nil
+}

@@ -1,0 +1,244 @@
+package job
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-cr/ferry/internal/cgroup"
+	"github.com/ferry-cr/ferry/internal/proc"
+)
+
+const (
+	// DefaultGrace is how long Kill waits after SIGTERM before SIGKILL.
+	DefaultGrace = 10 * time.Second
+	// pollInterval paces the waits below on process and record state.
+	pollInterval = 20 * time.Millisecond
+	// shimRecordTimeout bounds how long Kill waits for the shim to record
+	// the exit before recording it itself.
+	shimRecordTimeout = 5 * time.Second
+)
+
+// InitAlive reports whether the job's init is still the process ferry
+// started (pid and start time match) and has not exited.
+func (r *Record) InitAlive() bool {
+	return r.Status == Running && proc.Alive(r.InitPID, r.InitStart)
+}
+
+// Cgroup opens the job's cgroup.
+func (r *Record) OpenCgroup() (*cgroup.Cgroup, error) {
+	if r.Cgroup == "" {
+		return nil, fmt.Errorf("job %q has no cgroup", r.Name)
+	}
+	return cgroup.Open(r.Cgroup)
+}
+
+// running loads job name and checks that its init is alive.
+func (s *Store) running(name string) (*Record, error) {
+	rec, err := s.Load(name)
+	if err != nil {
+		return nil, err
+	}
+	if !rec.InitAlive() {
+		return rec, &NameError{Name: name, Err: ErrNotRunning}
+	}
+	return rec, nil
+}
+
+// Freeze freezes every task of a running job through its cgroup.
+func (s *Store) Freeze(ctx context.Context, name string) error {
+	rec, err := s.running(name)
+	if err != nil {
+		return err
+	}
+	cg, err := rec.OpenCgroup()
+	if err != nil {
+		return err
+	}
+	return cg.Freeze(ctx)
+}
+
+// Thaw resumes a frozen job.
+func (s *Store) Thaw(ctx context.Context, name string) error {
+	rec, err := s.running(name)
+	if err != nil {
+		return err
+	}
+	cg, err := rec.OpenCgroup()
+	if err != nil {
+		return err
+	}
+	return cg.Thaw(ctx)
+}
+
+// Kill ends a job: SIGTERM to its init (which forwards it to the command),
+// SIGKILL to the whole cgroup after grace, then waits for the shim to
+// record the exit and removes the cgroup. The record is kept, as exited.
+func (s *Store) Kill(ctx context.Context, name string, grace time.Duration, log *slog.Logger) error {
+	if log == nil {
+		log = slog.Default()
+	}
+	rec, err := s.running(name)
+	if err != nil {
+		if errors.Is(err, ErrNotRunning) && rec != nil && rec.Status == Running {
+			// Init gone but the record was never closed (shim killed,
+			// host rebooted): close it now.
+			return s.markGone(ctx, rec, "lost", log)
+		}
+		return err
+	}
+	if _, err := s.Update(name, func(r *Record) error {
+		if r.Exit == nil {
+			r.Exit = &ExitStatus{}
+		}
+		r.Exit.Reason = "killed"
+		return nil
+	}); err != nil {
+		return err
+	}
+	cg, err := rec.OpenCgroup()
+	if err != nil {
+		return err
+	}
+	// A frozen job would hold the signal pending until thawed (and on
+	// cgroup v1 even SIGKILL waits): thaw first.
+	if err := cg.Thaw(ctx); err != nil {
+		log.Warn("thawing before kill", "job", name, "err", err)
+	}
+	if err := unix.Kill(rec.InitPID, unix.SIGTERM); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("signalling job %q: %w", name, err)
+	}
+	if !waitFor(ctx, grace, func() bool { return !proc.Alive(rec.InitPID, rec.InitStart) }) {
+		log.Info("job ignored SIGTERM, sending SIGKILL", "job", name, "grace", grace)
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if err := cg.Kill(kctx); err != nil {
+			return fmt.Errorf("killing job %q: %w", name, err)
+		}
+	}
+	return s.markGone(ctx, rec, "killed", log)
+}
+
+// markGone waits for the shim to record the job's end; when the shim is
+// gone too it records it itself, then makes sure the cgroup is removed.
+func (s *Store) markGone(ctx context.Context, rec *Record, reason string, log *slog.Logger) error {
+	recorded := waitFor(ctx, shimRecordTimeout, func() bool {
+		r, err := s.Load(rec.Name)
+		return err == nil && r.Status == Exited
+	})
+	if !recorded {
+		if _, err := s.Update(rec.Name, func(r *Record) error {
+			if r.Status == Exited {
+				return nil
+			}
+			r.Status = Exited
+			r.Exit = &ExitStatus{Code: 128 + int(unix.SIGKILL), Signal: "SIGKILL", Time: time.Now().UTC(), Reason: reason}
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
+	if rec.Cgroup != "" {
+		removeCgroup(rec.Cgroup, log)
+	}
+	return nil
+}
+
+// waitFor polls cond until it holds, d passes or ctx ends.
+func waitFor(ctx context.Context, d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if cond() {
+			return true
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return cond()
+		}
+		select {
+		case <-time.After(pollInterval):
+		case <-ctx.Done():
+		}
+	}
+}
+
+// View is a job as `ferry list` shows it: the record plus what the kernel
+// says now.
+type View struct {
+	*Record
+	State   string `json:"state"` // running, frozen, freezing, exited, lost
+	MainPID int    `json:"mainPid,omitempty"`
+	RSS     int64  `json:"rssBytes"`
+	Tasks   int    `json:"tasks"`
+}
+
+// Inspect reads the live state of a job.
+func (s *Store) Inspect(rec *Record) *View {
+	v := &View{Record: rec}
+	switch {
+	case rec.Status == Exited:
+		v.State = "exited"
+		return v
+	case rec.Status == Starting:
+		v.State = "starting"
+		return v
+	case !rec.InitAlive():
+		v.State = "lost"
+		return v
+	}
+	v.State = "running"
+	if kids, err := proc.Children(rec.InitPID); err == nil && len(kids) > 0 {
+		v.MainPID = kids[0]
+	}
+	cg, err := rec.OpenCgroup()
+	if err != nil {
+		return v
+	}
+	if st, err := cg.State(); err == nil {
+		switch st {
+		case "FROZEN":
+			v.State = "frozen"
+		case "FREEZING":
+			v.State = "freezing"
+		}
+	}
+	if pids, err := cg.Procs(); err == nil {
+		v.Tasks = len(pids)
+		for _, p := range pids {
+			if n, err := proc.RSS(p); err == nil {
+				v.RSS += n
+			}
+		}
+	}
+	return v
+}
+
+// EndCheckpointed ends a job whose checkpoint is durable: SIGKILL to the
+// whole (frozen) cgroup, no SIGTERM, since the job must not run another
+// instruction that the checkpoint does not have. The record says
+// "checkpointed".
+func (s *Store) EndCheckpointed(ctx context.Context, name string, log *slog.Logger) error {
+	rec, err := s.Update(name, func(r *Record) error {
+		if r.Exit == nil {
+			r.Exit = &ExitStatus{}
+		}
+		r.Exit.Reason = "checkpointed"
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	cg, err := rec.OpenCgroup()
+	if err != nil {
+		return err
+	}
+	kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := cg.Kill(kctx); err != nil {
+		return fmt.Errorf("ending job %q: %w", name, err)
+	}
+	return s.markGone(kctx, rec, "checkpointed", log)
+}

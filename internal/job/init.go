@@ -1,0 +1,78 @@
+package job
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// forwarded are the signals ferry's init passes on to the job's main
+// process; everything else that reaches pid 1 of the namespace is ignored
+// by the kernel unless a handler is installed.
+var forwarded = []os.Signal{unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGUSR1, unix.SIGUSR2}
+
+// InitMain is the body of `ferry-init __init PATH ARGV...`, pid 1 and
+// session leader of the job's PID namespace. It waits on fd 3 until the
+// shim has put it into the job's cgroup, starts the command, tells the shim
+// on fd 4, forwards signals to the command, reaps every orphan of the
+// namespace and exits with the command's status (128+signal when the
+// command was killed by one). It never returns.
+func InitMain(args []string) {
+	if len(args) < 1 {
+		fmt.Fprintln(os.Stderr, "ferry-init: no command")
+		os.Exit(127)
+	}
+	goPipe := os.NewFile(3, "go")
+	okPipe := os.NewFile(4, "ok")
+	line, _ := bufio.NewReader(goPipe).ReadString('\n')
+	goPipe.Close()
+	if strings.TrimSpace(line) != "go" {
+		os.Exit(127)
+	}
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, forwarded...)
+
+	argv := args
+	pid, err := syscall.ForkExec(argv[0], argv, &syscall.ProcAttr{
+		Env:   os.Environ(),
+		Files: []uintptr{0, 1, 2},
+	})
+	if err != nil {
+		fmt.Fprintf(okPipe, "error: exec: %q: %s\n", argv[0], err)
+		os.Exit(127)
+	}
+	fmt.Fprintln(okPipe, "ok")
+	okPipe.Close()
+
+	go func() {
+		for sig := range sigs {
+			_ = unix.Kill(pid, sig.(unix.Signal))
+		}
+	}()
+	for {
+		var ws unix.WaitStatus
+		wpid, err := unix.Wait4(-1, &ws, 0, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			// ECHILD: nothing left to wait for, which cannot happen
+			// before the main process has been reaped.
+			fmt.Fprintf(os.Stderr, "ferry-init: wait: %s\n", err)
+			os.Exit(127)
+		}
+		if wpid != pid {
+			continue // an orphan of the namespace, reaped
+		}
+		if ws.Signaled() {
+			os.Exit(128 + int(ws.Signal()))
+		}
+		os.Exit(ws.ExitStatus())
+	}
+}

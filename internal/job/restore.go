@@ -1,0 +1,115 @@
+package job
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/ferry-cr/ferry/internal/cgroup"
+)
+
+// Restorer brings a checkpointed tree back to life for a shim: it must
+// start the tree as a child of the calling process (CRIU's RstSibling),
+// inside cg, with out as the tree's stdout and stderr, and return the host
+// pid of the tree's root, which becomes the job's init.
+type Restorer func(ctx context.Context, req RestoreRequest) (initPID int, err error)
+
+// RestoreRequest is what a Restorer gets.
+type RestoreRequest struct {
+	Record  *Record
+	Cgroup  *cgroup.Cgroup
+	Output  *os.File // write end of the pipe the shim reads the job's output from
+	WorkDir string   // where CRIU's log goes (the job's directory)
+	Log     *slog.Logger
+}
+
+// RestoreSpec describes a job to bring back from a checkpoint.
+type RestoreSpec struct {
+	Name       string // required
+	Checkpoint string // absolute path of the checkpoint
+	Criu       string // CRIU binary the shim restores with
+	Command    []string
+	Dir        string
+	CgroupRoot string
+	Logger     *slog.Logger
+}
+
+// StartRestored creates the record and cgroup of a job that comes back
+// from a checkpoint and has a shim restore it (the shim must be the
+// restored tree's parent). A record of that name that has exited is
+// replaced; a live one is not.
+func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (_ *Record, retErr error) {
+	log := spec.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := ValidateName(spec.Name); err != nil {
+		return nil, err
+	}
+	old, err := s.Load(spec.Name)
+	if err == nil && (old.Status != Exited || old.InitAlive()) {
+		return nil, &NameError{Name: spec.Name, Err: ErrExists}
+	}
+	root := spec.CgroupRoot
+	if root == "" {
+		root = cgroup.DefaultRoot
+	}
+	layout, err := cgroup.DetectLayout(root)
+	if err != nil {
+		return nil, err
+	}
+	rec := &Record{
+		Name:        spec.Name,
+		ID:          NewID(),
+		Command:     spec.Command,
+		Dir:         spec.Dir,
+		Created:     time.Now().UTC(),
+		Status:      Starting,
+		RestoreFrom: spec.Checkpoint,
+		RestoreCriu: spec.Criu,
+	}
+	if old != nil {
+		// The job ended (typically: checkpointed). Its directory and log
+		// carry on; only the record is replaced, and put back on failure.
+		if err := s.Save(rec); err != nil {
+			return nil, err
+		}
+	} else if err := s.Create(rec); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr == nil {
+			return
+		}
+		var err error
+		if old != nil {
+			err = s.Save(old)
+		} else {
+			err = s.Remove(spec.Name)
+		}
+		if err != nil {
+			log.Warn("undoing job record after failed restore", "job", spec.Name, "err", err)
+		}
+	}()
+	cg, err := cgroup.Create(layout, "ferry/"+spec.Name+"-"+rec.ID[:8])
+	if err != nil {
+		return nil, fmt.Errorf("creating cgroup for job %q: %w", spec.Name, err)
+	}
+	defer func() {
+		if retErr != nil {
+			removeCgroup(cg.Path, log)
+		}
+	}()
+	if _, err := s.Update(spec.Name, func(r *Record) error {
+		r.Cgroup, r.CgroupVersion = cg.Path, cg.Version
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	if err := spawnShim(ctx, s, spec.Name, log); err != nil {
+		return nil, err
+	}
+	return s.Load(spec.Name)
+}

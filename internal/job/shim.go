@@ -1,0 +1,301 @@
+package job
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-cr/ferry/internal/cgroup"
+	"github.com/ferry-cr/ferry/internal/proc"
+)
+
+// The shim is the job's supervisor, outside the job's namespaces and
+// cgroup, like conmon is for a container: it is the parent of the job's
+// init, appends the job's output to the log, records the exit status and
+// removes the cgroup when the job ends. Keeping it outside the job matters
+// for checkpoints: the job's stdout and stderr are pipes whose reader is
+// the shim, which a restore can hand fresh pipes for, instead of a log file
+// whose growing size CRIU would refuse at restore.
+
+// shimDrainTimeout bounds how long the shim keeps reading the job's output
+// after the init has exited (every writer is in the job's PID namespace,
+// which the kernel empties when its init dies).
+const shimDrainTimeout = 5 * time.Second
+
+// ShimMain is the body of `ferry __shim ROOT NAME`. fd 3 is the pipe on
+// which `ferry run` waits for "ok" or an error line. It returns the shim's
+// exit code.
+func ShimMain(root, name string, restorer Restorer) int {
+	ready := os.NewFile(3, "ready")
+	report := func(format string, a ...any) {
+		if ready != nil {
+			fmt.Fprintf(ready, format+"\n", a...)
+			ready.Close()
+			ready = nil
+		}
+	}
+	s := &Store{Root: root}
+	logf, err := os.OpenFile(s.ShimLogPath(name), os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		report("error: opening shim log: %s", err)
+		return 1
+	}
+	log := slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelDebug})).With("job", name, "shim", os.Getpid())
+	rec, err := s.Load(name)
+	if err != nil {
+		report("error: %s", err)
+		return 1
+	}
+	var initPID int
+	var outR *os.File
+	if rec.RestoreFrom != "" {
+		initPID, outR, err = restoreInit(s, rec, restorer, log)
+	} else {
+		initPID, outR, err = startInit(s, rec, log)
+	}
+	if err != nil {
+		log.Error("starting job", "err", err)
+		report("error: %s", err)
+		return 1
+	}
+	report("ok")
+	return supervise(s, name, initPID, outR, log)
+}
+
+// startInit forks ferry's init into fresh PID and IPC namespaces, puts it
+// into the job's cgroup, lets it start the command and waits for its word
+// that the command runs.
+func startInit(s *Store, rec *Record, log *slog.Logger) (initPID int, outR *os.File, retErr error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, nil, fmt.Errorf("locating the ferry binary: %w", err)
+	}
+	cg, err := cgroup.Open(rec.Cgroup)
+	if err != nil {
+		return 0, nil, err
+	}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer devnull.Close()
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return 0, nil, err
+	}
+	defer outW.Close()
+	defer func() {
+		if retErr != nil {
+			outR.Close()
+		}
+	}()
+	goR, goW, err := os.Pipe()
+	if err != nil {
+		return 0, nil, err
+	}
+	defer goW.Close()
+	defer goR.Close()
+	okR, okW, err := os.Pipe()
+	if err != nil {
+		return 0, nil, err
+	}
+	defer okR.Close()
+	defer okW.Close()
+
+	argv := append([]string{"ferry-init", InitArg}, rec.Command...)
+	// syscall.ForkExec rather than os/exec: it does not hold a pidfd, and
+	// it lets us ask for the new namespaces with plain clone flags.
+	pid, err := syscall.ForkExec(self, argv, &syscall.ProcAttr{
+		Dir:   rec.Dir,
+		Env:   os.Environ(),
+		Files: []uintptr{devnull.Fd(), outW.Fd(), outW.Fd(), goR.Fd(), okW.Fd()},
+		Sys: &syscall.SysProcAttr{
+			Setsid:     true,
+			Cloneflags: syscall.CLONE_NEWPID | syscall.CLONE_NEWIPC,
+		},
+	})
+	if err != nil {
+		return 0, nil, fmt.Errorf("starting init: %w", err)
+	}
+	fail := func(err error) (int, *os.File, error) {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		var ws unix.WaitStatus
+		_, _ = wait4(pid, &ws)
+		return 0, nil, err
+	}
+	goR.Close()
+	okW.Close()
+	if err := cg.AddProc(pid); err != nil {
+		return fail(fmt.Errorf("moving init into cgroup: %w", err))
+	}
+	st, err := proc.ReadStat(pid)
+	if err != nil {
+		return fail(fmt.Errorf("reading init's start time: %w", err))
+	}
+	if _, err := s.Update(rec.Name, func(r *Record) error {
+		r.Status = Running
+		r.ShimPID = os.Getpid()
+		r.InitPID = pid
+		r.InitStart = st.StartTime
+		return nil
+	}); err != nil {
+		return fail(err)
+	}
+	if _, err := goW.Write([]byte("go\n")); err != nil {
+		return fail(fmt.Errorf("releasing init: %w", err))
+	}
+	goW.Close()
+	line, _ := bufio.NewReader(okR).ReadString('\n')
+	line = strings.TrimSpace(line)
+	if line != "ok" {
+		if line == "" {
+			line = "init exited before starting the command"
+		}
+		return fail(errors.New(line))
+	}
+	log.Info("job started", "init", pid, "command", rec.Command)
+	return pid, outR, nil
+}
+
+// restoreInit has the restorer bring the job's tree back as a child of
+// this shim, with a fresh output pipe in place of the one the tree had.
+func restoreInit(s *Store, rec *Record, restorer Restorer, log *slog.Logger) (int, *os.File, error) {
+	if restorer == nil {
+		return 0, nil, errors.New("this ferry cannot restore")
+	}
+	cg, err := cgroup.Open(rec.Cgroup)
+	if err != nil {
+		return 0, nil, err
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return 0, nil, err
+	}
+	defer outW.Close()
+	pid, err := restorer(context.Background(), RestoreRequest{Record: rec, Cgroup: cg, Output: outW, WorkDir: s.Dir(rec.Name), Log: log})
+	if err != nil {
+		outR.Close()
+		return 0, nil, err
+	}
+	fail := func(err error) (int, *os.File, error) {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		var ws unix.WaitStatus
+		_, _ = wait4(pid, &ws)
+		outR.Close()
+		return 0, nil, err
+	}
+	st, err := proc.ReadStat(pid)
+	if err != nil {
+		return fail(fmt.Errorf("reading restored init's start time: %w", err))
+	}
+	if _, err := s.Update(rec.Name, func(r *Record) error {
+		r.Status = Running
+		r.ShimPID = os.Getpid()
+		r.InitPID = pid
+		r.InitStart = st.StartTime
+		return nil
+	}); err != nil {
+		return fail(err)
+	}
+	log.Info("job restored", "init", pid, "from", rec.RestoreFrom)
+	return pid, outR, nil
+}
+
+// supervise copies the job's output into its log until the init exits,
+// then records how it ended and removes the cgroup.
+func supervise(s *Store, name string, initPID int, outR *os.File, log *slog.Logger) int {
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		logf, err := os.OpenFile(s.LogPath(name), os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+		if err != nil {
+			log.Error("opening job log", "err", err)
+			_, _ = io.Copy(io.Discard, outR)
+			return
+		}
+		defer logf.Close()
+		if _, err := io.Copy(logf, outR); err != nil {
+			log.Warn("copying job output", "err", err)
+		}
+	}()
+	var ws unix.WaitStatus
+	if _, err := wait4(initPID, &ws); err != nil {
+		log.Error("waiting for init", "err", err)
+	}
+	select {
+	case <-copied:
+	case <-time.After(shimDrainTimeout):
+		log.Warn("job output still open after init exited")
+	}
+	outR.Close()
+	exit := &ExitStatus{Time: time.Now().UTC()}
+	switch {
+	case ws.Signaled():
+		exit.Signal = unix.SignalName(ws.Signal())
+		exit.Code = 128 + int(ws.Signal())
+	default:
+		exit.Code = ws.ExitStatus()
+	}
+	log.Info("job ended", "exit", exit.String())
+	rec, err := s.Update(name, func(r *Record) error {
+		if r.InitPID != initPID {
+			// The record has moved on (a restore adopted the name); leave it.
+			return errStale
+		}
+		r.Status = Exited
+		if r.Exit == nil {
+			r.Exit = exit
+		} else {
+			// ferry kill set a reason; keep it, fill in the facts.
+			exit.Reason = r.Exit.Reason
+			r.Exit = exit
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, errStale) {
+		log.Error("recording exit", "err", err)
+	}
+	if rec != nil && rec.Cgroup != "" && !errors.Is(err, errStale) {
+		removeCgroup(rec.Cgroup, log)
+	}
+	return 0
+}
+
+var errStale = errors.New("record belongs to another incarnation")
+
+func removeCgroup(path string, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cg, err := cgroup.Open(path)
+	if err != nil {
+		return // already gone
+	}
+	if empty, err := cg.Empty(); err == nil && !empty {
+		if err := cg.Kill(ctx); err != nil {
+			log.Warn("killing leftovers in cgroup", "cgroup", path, "err", err)
+		}
+	}
+	if err := cg.Remove(ctx); err != nil {
+		log.Warn("removing cgroup", "cgroup", path, "err", err)
+	}
+}
+
+// wait4 waits for pid, retrying on EINTR.
+func wait4(pid int, ws *unix.WaitStatus) (int, error) {
+	for {
+		wpid, err := unix.Wait4(pid, ws, 0, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		return wpid, err
+	}
+}

@@ -1,0 +1,180 @@
+package job
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/ferry-cr/ferry/internal/cgroup"
+)
+
+// Hidden first arguments with which the ferry binary re-executes itself as a
+// job's shim or init. main dispatches on them before the CLI parses flags.
+const (
+	ShimArg = "__shim"
+	InitArg = "__init"
+)
+
+// startTimeout bounds how long Start waits for the shim to report that the
+// job's command is running.
+const startTimeout = 15 * time.Second
+
+// Spec describes a job to start.
+type Spec struct {
+	Name       string   // empty: generated from the command
+	Command    []string // argv; Command[0] is looked up in PATH
+	Dir        string   // working directory; empty: the caller's
+	CgroupRoot string   // cgroupfs mount point; empty: /sys/fs/cgroup
+	Logger     *slog.Logger
+}
+
+// Start starts a job: a cgroup of its own, a detached shim that supervises
+// it, and ferry's init as pid 1 of fresh PID and IPC namespaces running the
+// command. It returns once the command runs, or undoes everything it did.
+func Start(ctx context.Context, s *Store, spec Spec) (_ *Record, retErr error) {
+	log := spec.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if len(spec.Command) == 0 {
+		return nil, fmt.Errorf("no command given: %w", ErrCommandNotFound)
+	}
+	path, err := exec.LookPath(spec.Command[0])
+	if err != nil {
+		return nil, fmt.Errorf("%q: %w", spec.Command[0], ErrCommandNotFound)
+	}
+	if path, err = filepath.Abs(path); err != nil {
+		return nil, fmt.Errorf("resolving %q: %w", spec.Command[0], err)
+	}
+	name := spec.Name
+	if name == "" {
+		name = GenerateName(spec.Command[0])
+	}
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	dir := spec.Dir
+	if dir == "" {
+		if dir, err = os.Getwd(); err != nil {
+			return nil, fmt.Errorf("working directory: %w", err)
+		}
+	}
+	root := spec.CgroupRoot
+	if root == "" {
+		root = cgroup.DefaultRoot
+	}
+	layout, err := cgroup.DetectLayout(root)
+	if err != nil {
+		return nil, err
+	}
+	rec := &Record{
+		Name:    name,
+		ID:      NewID(),
+		Command: append([]string{path}, spec.Command[1:]...),
+		Dir:     dir,
+		Created: time.Now().UTC(),
+		Status:  Starting,
+	}
+	if err := s.Create(rec); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			if err := s.Remove(name); err != nil {
+				log.Warn("removing job directory after failed start", "job", name, "err", err)
+			}
+		}
+	}()
+	cg, err := cgroup.Create(layout, "ferry/"+name+"-"+rec.ID[:8])
+	if err != nil {
+		return nil, fmt.Errorf("creating cgroup for job %q: %w", name, err)
+	}
+	defer func() {
+		if retErr != nil {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			if err := errors.Join(cg.Kill(cctx), cg.Remove(cctx)); err != nil {
+				log.Warn("removing cgroup after failed start", "cgroup", cg.Path, "err", err)
+			}
+		}
+	}()
+	if _, err := s.Update(name, func(r *Record) error {
+		r.Cgroup, r.CgroupVersion = cg.Path, cg.Version
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	if err := spawnShim(ctx, s, name, log); err != nil {
+		return nil, err
+	}
+	return s.Load(name)
+}
+
+// spawnShim starts `ferry __shim ROOT NAME` in a session of its own and
+// waits for its one-line report: "ok" or the reason the job did not start.
+func spawnShim(ctx context.Context, s *Store, name string, log *slog.Logger) error {
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("locating the ferry binary: %w", err)
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("creating shim pipe: %w", err)
+	}
+	defer readyR.Close()
+	cmd := exec.Command(self, ShimArg, s.Root, name)
+	cmd.ExtraFiles = []*os.File{readyW} // fd 3 in the shim
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Dir = "/"
+	if err := cmd.Start(); err != nil {
+		readyW.Close()
+		return fmt.Errorf("starting shim: %w", err)
+	}
+	readyW.Close()
+	shim := cmd.Process
+
+	type answer struct {
+		line string
+		err  error
+	}
+	ch := make(chan answer, 1)
+	go func() {
+		line, err := bufio.NewReader(readyR).ReadString('\n')
+		ch <- answer{strings.TrimSpace(line), err}
+	}()
+	var a answer
+	select {
+	case a = <-ch:
+	case <-time.After(startTimeout):
+		a.err = fmt.Errorf("shim gave no answer within %s", startTimeout)
+	case <-ctx.Done():
+		a.err = ctx.Err()
+	}
+	if a.err == nil && a.line == "ok" {
+		// The shim lives on, detached; we never wait for it.
+		return shim.Release()
+	}
+	// The shim is ours and failed: make sure it is gone before cleanup.
+	_ = shim.Kill()
+	_, _ = shim.Wait()
+	switch {
+	case a.line != "":
+		msg := strings.TrimPrefix(a.line, "error: ")
+		if strings.HasPrefix(msg, "exec: ") {
+			return fmt.Errorf("%s: %w", strings.TrimPrefix(msg, "exec: "), ErrCommandNotFound)
+		}
+		return fmt.Errorf("%s: %w", msg, ErrStart)
+	case a.err != nil:
+		log.Debug("shim failed", "err", a.err)
+		return fmt.Errorf("%w: shim exited without a report (see %s): %w", ErrStart, s.ShimLogPath(name), a.err)
+	}
+	return ErrStart
+}

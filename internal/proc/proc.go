@@ -1,0 +1,146 @@
+// Package proc reads the little that ferry needs from /proc: a task's start
+// time (to tell a live pid from a reused one), its children, state and
+// resident memory.
+package proc
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// Root is the procfs mount point; tests may point it elsewhere.
+var Root = "/proc"
+
+// Stat is the part of /proc/PID/stat that ferry uses.
+type Stat struct {
+	PID       int
+	Comm      string
+	State     byte   // R, S, D, T, t, Z, X, I ...
+	PPID      int
+	StartTime uint64 // in clock ticks since boot: with PID, a task's identity
+}
+
+// ReadStat parses /proc/PID/stat. The command name may contain spaces and
+// parentheses, so the fields are split after the last ')'.
+func ReadStat(pid int) (*Stat, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/stat", Root, pid))
+	if err != nil {
+		return nil, err
+	}
+	return parseStat(pid, data)
+}
+
+func parseStat(pid int, data []byte) (*Stat, error) {
+	open := bytes.IndexByte(data, '(')
+	end := bytes.LastIndexByte(data, ')')
+	if open < 0 || end < open {
+		return nil, fmt.Errorf("parsing /proc/%d/stat: no command name", pid)
+	}
+	fields := strings.Fields(string(data[end+1:]))
+	// fields[0] is field 3 (state); start time is field 22.
+	if len(fields) < 20 {
+		return nil, fmt.Errorf("parsing /proc/%d/stat: %d fields", pid, len(fields)+2)
+	}
+	st := &Stat{PID: pid, Comm: string(data[open+1 : end]), State: fields[0][0]}
+	var err error
+	if st.PPID, err = strconv.Atoi(fields[1]); err != nil {
+		return nil, fmt.Errorf("parsing /proc/%d/stat ppid: %w", pid, err)
+	}
+	if st.StartTime, err = strconv.ParseUint(fields[19], 10, 64); err != nil {
+		return nil, fmt.Errorf("parsing /proc/%d/stat start time: %w", pid, err)
+	}
+	return st, nil
+}
+
+// Alive reports whether pid is still the task that started at start (a
+// value from ReadStat) and has not exited. A zombie counts as gone.
+func Alive(pid int, start uint64) bool {
+	if pid <= 0 {
+		return false
+	}
+	st, err := ReadStat(pid)
+	if err != nil {
+		return false
+	}
+	return st.StartTime == start && st.State != 'Z' && st.State != 'X'
+}
+
+// Children lists the children of process pid: of all its threads, since a
+// multi-threaded parent (ferry's init is a Go program) may fork from any.
+func Children(pid int) ([]int, error) {
+	tasks, err := os.ReadDir(fmt.Sprintf("%s/%d/task", Root, pid))
+	if err != nil {
+		return nil, err
+	}
+	var kids []int
+	for _, t := range tasks {
+		data, err := os.ReadFile(fmt.Sprintf("%s/%d/task/%s/children", Root, pid, t.Name()))
+		if err != nil {
+			continue // the thread exited meanwhile
+		}
+		for _, f := range strings.Fields(string(data)) {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				return nil, fmt.Errorf("parsing children of %d: %w", pid, err)
+			}
+			kids = append(kids, n)
+		}
+	}
+	slices.Sort(kids)
+	return kids, nil
+}
+
+// RSS returns the resident set size of pid in bytes (VmRSS). Kernel
+// threads and zombies have none and report 0.
+func RSS(pid int) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/status", Root, pid))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		rest, ok := strings.CutPrefix(line, "VmRSS:")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) < 1 {
+			break
+		}
+		kb, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("parsing VmRSS of %d: %w", pid, err)
+		}
+		return kb * 1024, nil
+	}
+	return 0, nil
+}
+
+// NSpid returns the pids of pid in each PID namespace it belongs to, the
+// host's first and its own namespace's last (the NSpid line of status).
+func NSpid(pid int) ([]int, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/status", Root, pid))
+	if err != nil {
+		return nil, err
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		rest, ok := strings.CutPrefix(line, "NSpid:")
+		if !ok {
+			continue
+		}
+		var pids []int
+		for _, f := range strings.Fields(rest) {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				return nil, fmt.Errorf("parsing NSpid of %d: %w", pid, err)
+			}
+			pids = append(pids, n)
+		}
+		return pids, nil
+	}
+	return nil, errors.New("no NSpid line in status")
+}

@@ -1,0 +1,78 @@
+package proc
+
+import (
+	"os"
+	"os/exec"
+	"slices"
+	"testing"
+)
+
+func TestParseStat(t *testing.T) {
+	tests := []struct {
+		name  string
+		in    string
+		comm  string
+		state byte
+		ppid  int
+		start uint64
+		bad   bool
+	}{
+		{name: "plain", in: "42 (sleep) S 1 42 42 0 -1 4194560 95 0 0 0 0 0 0 0 20 0 1 0 12345 2162688 128 18446744073709551615", comm: "sleep", state: 'S', ppid: 1, start: 12345},
+		{name: "parens and spaces in comm", in: "7 (a) b (c)) R 3 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 99 0 0 0", comm: "a) b (c)", state: 'R', ppid: 3, start: 99},
+		{name: "truncated", in: "7 (x) R 3 7", bad: true},
+		{name: "no comm", in: "7 x R", bad: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			st, err := parseStat(7, []byte(tc.in))
+			if tc.bad {
+				if err == nil {
+					t.Fatalf("parseStat(%q) = %+v, want error", tc.in, st)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Comm != tc.comm || st.State != tc.state || st.PPID != tc.ppid || st.StartTime != tc.start {
+				t.Fatalf("parseStat(%q) = %+v", tc.in, st)
+			}
+		})
+	}
+}
+
+func TestSelf(t *testing.T) {
+	st, err := ReadStat(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !Alive(os.Getpid(), st.StartTime) {
+		t.Fatal("Alive(self) = false")
+	}
+	if Alive(os.Getpid(), st.StartTime+1) {
+		t.Fatal("Alive(self, wrong start time) = true: pid reuse would go unnoticed")
+	}
+	rss, err := RSS(os.Getpid())
+	if err != nil || rss <= 0 {
+		t.Fatalf("RSS(self) = %d, %v", rss, err)
+	}
+	ns, err := NSpid(os.Getpid())
+	if err != nil || len(ns) == 0 || ns[0] != os.Getpid() {
+		t.Fatalf("NSpid(self) = %v, %v", ns, err)
+	}
+}
+
+func TestChildrenOfAnyThread(t *testing.T) {
+	cmd := exec.Command("sleep", "10")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	kids, err := Children(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(kids, cmd.Process.Pid) {
+		t.Fatalf("Children(self) = %v, want it to include %d", kids, cmd.Process.Pid)
+	}
+}

@@ -1,0 +1,355 @@
+// Command workload is the victim program of ferry's integration tests: each
+// mode keeps a kind of state that a checkpoint must carry, and prints lines
+// from which a test can tell whether that state survived a restore.
+//
+//	workload memory MIB      fill MIB of anonymous memory with a pattern;
+//	                         print "sum HEX" at start and "verify N HEX" each second
+//	workload pipes           a tree of 4 processes in a ring of pipes plus a
+//	                         socketpair, passing a sequence number; print "seq N"
+//	workload threads N       N OS threads each counting; print "threads T1 T2 ..."
+//	workload timer           an interval timer (10 ms) whose SIGALRM handler counts;
+//	                         print "ticks N"
+//	workload tcp PORT        a TCP server on 127.0.0.1:PORT that answers "pong N\n" to
+//	                         each "ping\n", and a client in the same process on an
+//	                         established connection; print "echo N"
+//	workload sysv            SysV shm, a semaphore set and a message queue in the
+//	                         job's IPC namespace; print "sysv ok N" while they hold
+//	workload file PATH       map PATH shared and read it at an offset; print
+//	                         "file N OFFSET BYTE"
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fatal("usage: workload MODE [ARGS]")
+	}
+	switch os.Args[1] {
+	case "memory":
+		memory(atoi(arg(2)))
+	case "pipes":
+		pipes()
+	case "pipe-stage":
+		pipeStage(atoi(arg(2)))
+	case "threads":
+		threads(atoi(arg(2)))
+	case "timer":
+		timer()
+	case "tcp":
+		tcp(arg(2))
+	case "sysv":
+		sysv()
+	case "file":
+		file(arg(2))
+	default:
+		fatal("unknown mode " + os.Args[1])
+	}
+}
+
+func arg(i int) string {
+	if len(os.Args) <= i {
+		fatal("missing argument")
+	}
+	return os.Args[i]
+}
+
+func atoi(s string) int {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		fatal(err.Error())
+	}
+	return n
+}
+
+func fatal(msg string) {
+	fmt.Fprintln(os.Stderr, "workload:", msg)
+	os.Exit(2)
+}
+
+// memory fills half the buffer with pseudo-random bytes and half with
+// text, then checks the whole every second.
+func memory(mib int) {
+	buf := make([]byte, mib<<20)
+	r := rand.New(rand.NewPCG(1, 2))
+	half := len(buf) / 2
+	for i := 0; i+8 <= half; i += 8 {
+		v := r.Uint64()
+		for j := range 8 {
+			buf[i+j] = byte(v >> (8 * j))
+		}
+	}
+	text := []byte("ferry carries a process across the water, page by page. ")
+	for i := half; i < len(buf); i++ {
+		buf[i] = text[(i-half)%len(text)]
+	}
+	sum := func() string { s := sha256.Sum256(buf); return hex.EncodeToString(s[:]) }
+	fmt.Printf("sum %s\n", sum())
+	for n := 1; ; n++ {
+		time.Sleep(time.Second)
+		fmt.Printf("verify %d %s\n", n, sum())
+	}
+}
+
+// pipes starts three stages; with the parent they form a ring:
+// parent -> s1 -> s2 (over a socketpair) -> s3 -> parent. The parent
+// injects 1, every stage passes n+1 on, the parent prints each number
+// coming back and sends it on incremented.
+func pipes() {
+	self, _ := os.Executable()
+	r0, w0, _ := os.Pipe() // parent -> s1
+	r1, w1, _ := os.Pipe() // s1 -> s2 (socketpair replaces below)
+	r1.Close()
+	w1.Close()
+	sp, _ := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	a := os.NewFile(uintptr(sp[0]), "sp0")
+	b := os.NewFile(uintptr(sp[1]), "sp1")
+	r2, w2, _ := os.Pipe() // s2 -> s3
+	r3, w3, _ := os.Pipe() // s3 -> parent
+	start := func(in, out *os.File, stage int) {
+		cmd := exec.Command(self, "pipe-stage", strconv.Itoa(stage))
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = in, out, os.Stderr
+		if err := cmd.Start(); err != nil {
+			fatal(err.Error())
+		}
+	}
+	start(r0, a, 1)
+	start(b, w2, 2)
+	start(r2, w3, 3)
+	for _, f := range []*os.File{r0, a, b, w2, r2, w3} {
+		f.Close()
+	}
+	in := bufio.NewReader(r3)
+	n := 0
+	fmt.Fprintf(w0, "%d\n", n)
+	for {
+		line, err := in.ReadString('\n')
+		if err != nil {
+			fatal("ring broken: " + err.Error())
+		}
+		got := atoi(strings.TrimSpace(line))
+		if got != n+3 {
+			fatal(fmt.Sprintf("ring lost state: sent %d, got %d back", n, got))
+		}
+		n = got + 1
+		fmt.Printf("seq %d\n", n)
+		time.Sleep(20 * time.Millisecond)
+		fmt.Fprintf(w0, "%d\n", n)
+	}
+}
+
+func pipeStage(stage int) {
+	in := bufio.NewReader(os.Stdin)
+	for {
+		line, err := in.ReadString('\n')
+		if err != nil {
+			if err == io.EOF {
+				os.Exit(0)
+			}
+			fatal(err.Error())
+		}
+		fmt.Printf("%d\n", atoi(strings.TrimSpace(line))+1)
+	}
+}
+
+func threads(n int) {
+	counts := make([]atomic.Int64, n)
+	for i := range n {
+		go func() {
+			runtime.LockOSThread()
+			for {
+				counts[i].Add(1)
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
+	for {
+		time.Sleep(100 * time.Millisecond)
+		var b strings.Builder
+		b.WriteString("threads")
+		for i := range counts {
+			fmt.Fprintf(&b, " %d", counts[i].Load())
+		}
+		fmt.Println(b.String())
+	}
+}
+
+func timer() {
+	ch := make(chan os.Signal, 64)
+	signal.Notify(ch, unix.SIGALRM)
+	it := unix.Itimerval{Interval: unix.Timeval{Usec: 10000}, Value: unix.Timeval{Usec: 10000}}
+	if _, err := unix.Setitimer(unix.ItimerReal, it); err != nil {
+		fatal(err.Error())
+	}
+	ticks := 0
+	for range ch {
+		ticks++
+		if ticks%10 == 0 {
+			fmt.Printf("ticks %d\n", ticks)
+		}
+	}
+}
+
+func tcp(port string) {
+	ln, err := net.Listen("tcp", "127.0.0.1:"+port)
+	if err != nil {
+		fatal(err.Error())
+	}
+	var served atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				fatal(err.Error())
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if strings.TrimSpace(line) == "ping" {
+						fmt.Fprintf(c, "pong %d\n", served.Add(1))
+					}
+				}
+			}()
+		}
+	}()
+	c, err := net.Dial("tcp", "127.0.0.1:"+port)
+	if err != nil {
+		fatal(err.Error())
+	}
+	r := bufio.NewReader(c)
+	for n := 1; ; n++ {
+		if _, err := fmt.Fprintf(c, "ping\n"); err != nil {
+			fatal("client write: " + err.Error())
+		}
+		line, err := r.ReadString('\n')
+		if err != nil {
+			fatal("client read: " + err.Error())
+		}
+		fmt.Printf("echo %d %s\n", n, strings.TrimSpace(line))
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+const ipcKey = 0x46525259 // "FRRY"
+
+func sysv() {
+	const shmSize = 1 << 20
+	shmid, err := unix.SysvShmGet(ipcKey, shmSize, unix.IPC_CREAT|0o600)
+	if err != nil {
+		fatal("shmget: " + err.Error())
+	}
+	mem, err := unix.SysvShmAttach(shmid, 0, 0)
+	if err != nil {
+		fatal("shmat: " + err.Error())
+	}
+	for i := range mem {
+		mem[i] = byte(i * 7)
+	}
+	semid, _, errno := syscall.Syscall(syscall.SYS_SEMGET, ipcKey, 3, unix.IPC_CREAT|0o600)
+	if errno != 0 {
+		fatal("semget: " + errno.Error())
+	}
+	const setval = 16
+	for i, v := range []int{5, 11, 42} {
+		if _, _, errno := syscall.Syscall6(syscall.SYS_SEMCTL, semid, uintptr(i), setval, uintptr(v), 0, 0); errno != 0 {
+			fatal("semctl: " + errno.Error())
+		}
+	}
+	msqid, _, errno := syscall.Syscall(syscall.SYS_MSGGET, ipcKey, unix.IPC_CREAT|0o600, 0)
+	if errno != 0 {
+		fatal("msgget: " + errno.Error())
+	}
+	type msg struct {
+		mtype int64
+		text  [32]byte
+	}
+	for i := 1; i <= 3; i++ {
+		m := msg{mtype: int64(i)}
+		copy(m.text[:], fmt.Sprintf("message %d", i))
+		if _, _, errno := syscall.Syscall6(syscall.SYS_MSGSND, msqid, uintptr(unsafe.Pointer(&m)), 32, 0, 0, 0); errno != 0 {
+			fatal("msgsnd: " + errno.Error())
+		}
+	}
+	const getval = 12
+	for n := 1; ; n++ {
+		for i := range mem {
+			if mem[i] != byte(i*7) {
+				fatal(fmt.Sprintf("shm byte %d changed", i))
+			}
+		}
+		for i, want := range []uintptr{5, 11, 42} {
+			v, _, errno := syscall.Syscall6(syscall.SYS_SEMCTL, semid, uintptr(i), getval, 0, 0, 0)
+			if errno != 0 || v != want {
+				fatal(fmt.Sprintf("semaphore %d = %d (%v), want %d", i, v, errno, want))
+			}
+		}
+		// Receive the oldest message and send it back, so the queue keeps
+		// all three in rotation.
+		var m msg
+		if _, _, errno := syscall.Syscall6(syscall.SYS_MSGRCV, msqid, uintptr(unsafe.Pointer(&m)), 32, 0, unix.IPC_NOWAIT, 0); errno != 0 {
+			fatal("msgrcv: " + errno.Error())
+		}
+		want := fmt.Sprintf("message %d", m.mtype)
+		if got := strings.TrimRight(string(m.text[:]), "\x00"); got != want {
+			fatal(fmt.Sprintf("message %q, want %q", got, want))
+		}
+		if _, _, errno := syscall.Syscall6(syscall.SYS_MSGSND, msqid, uintptr(unsafe.Pointer(&m)), 32, 0, 0, 0); errno != 0 {
+			fatal("msgsnd: " + errno.Error())
+		}
+		fmt.Printf("sysv ok %d\n", n)
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// file maps PATH shared and keeps an fd open at a moving offset.
+func file(path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		fatal(err.Error())
+	}
+	st, _ := f.Stat()
+	size := int(st.Size())
+	m, err := unix.Mmap(int(f.Fd()), 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		fatal(err.Error())
+	}
+	buf := make([]byte, 1)
+	for n := 1; ; n++ {
+		off, _ := f.Seek(0, io.SeekCurrent)
+		if _, err := f.Read(buf); err != nil {
+			if _, err := f.Seek(0, io.SeekStart); err != nil {
+				fatal(err.Error())
+			}
+			continue
+		}
+		if buf[0] != m[off] {
+			fatal(fmt.Sprintf("read %d at %d, mapping has %d", buf[0], off, m[off]))
+		}
+		fmt.Printf("file %d %d %d\n", n, off, buf[0])
+		time.Sleep(20 * time.Millisecond)
+	}
+}
