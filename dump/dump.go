@@ -180,6 +180,12 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 		ExtUnixSk:         proto.Bool(plan.ExtUnixSk),
 		ShellJob:          proto.Bool(plan.ShellJob),
 	}
+	netLock := ""
+	if plan.TCPEstablished {
+		m := networkLock(ctx, opts.Criu)
+		copts.NetworkLock = m.Enum()
+		netLock = strings.ToLower(m.String())
+	}
 	if deadline, ok := ctx.Deadline(); ok {
 		copts.Timeout = proto.Uint32(uint32(max(1, time.Until(deadline).Seconds())))
 	}
@@ -207,6 +213,7 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 		Dir:            rec.Dir,
 		OutputPipe:     outputPipe,
 		TCPEstablished: plan.TCPEstablished,
+		NetworkLock:    netLock,
 		FileLocks:      plan.FileLocks,
 		ExtUnixSk:      plan.ExtUnixSk,
 		Processes:      res.Processes,
@@ -339,4 +346,14 @@ func kernelRelease() string {
 		return ""
 	}
 	return unix.ByteSliceToString(u.Release[:])
+}
+
+// networkLock picks how CRIU keeps a tree's TCP peers quiet while it is
+// dumped: nftables where the kernel has it (it needs no iptables binary),
+// else iptables.
+func networkLock(ctx context.Context, b *criu.Binary) rpc.CriuNetworkLockMethod {
+	if ok, _ := b.HasFeature(ctx, "network_lock_nftables"); ok {
+		return rpc.CriuNetworkLockMethod_NFTABLES
+	}
+	return rpc.CriuNetworkLockMethod_IPTABLES
 }

@@ -93,6 +93,12 @@ func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 		FileLocks:         proto.Bool(m.FileLocks),
 		ExtUnixSk:         proto.Bool(m.ExtUnixSk),
 	}
+	switch m.NetworkLock {
+	case "nftables":
+		opts.NetworkLock = rpc.CriuNetworkLockMethod_NFTABLES.Enum()
+	case "iptables":
+		opts.NetworkLock = rpc.CriuNetworkLockMethod_IPTABLES.Enum()
+	}
 	var extra []*os.File
 	if m.OutputPipe != "" {
 		opts.InheritFd = append(opts.InheritFd, &rpc.InheritFd{Key: proto.String(m.OutputPipe), Fd: proto.Int32(criu.ExtraFD(len(extra)))})

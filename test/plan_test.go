@@ -107,7 +107,7 @@ func TestDryRunAndPlan(t *testing.T) {
 	if d.Inventory.IPC.Shm != 1 || d.Inventory.IPC.Sem != 1 || d.Inventory.IPC.Msg != 1 || !d.Inventory.OwnIPC {
 		t.Errorf("IPC inventory %+v own=%v, want one of each in the job's own namespace", d.Inventory.IPC, d.Inventory.OwnIPC)
 	}
-	if len(d.Inventory.Tasks) != 2 || d.Inventory.Tasks[0].NSPID != 1 || d.Inventory.Tasks[1].NSPID != 2 {
-		t.Errorf("tasks %+v, want init (1) and the workload (2)", d.Inventory.Tasks)
+	if len(d.Inventory.Tasks) != 2 || d.Inventory.Tasks[0].NSPID != 1 || d.Inventory.Tasks[1].NSPID <= 1 {
+		t.Errorf("tasks %+v, want init (1) and the workload", d.Inventory.Tasks)
 	}
 }

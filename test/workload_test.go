@@ -54,11 +54,18 @@ func (e *env) lines(name, prefix string) []string {
 // returns the number of matching log lines there were at the checkpoint.
 func (e *env) checkpointRestore(name, prefix string, flags ...string) int {
 	e.t.Helper()
+	return len(e.checkpointRestoreLines(name, prefix, flags...))
+}
+
+// checkpointRestoreLines is checkpointRestore returning the lines logged
+// up to the checkpoint.
+func (e *env) checkpointRestoreLines(name, prefix string, flags ...string) []string {
+	e.t.Helper()
 	ckpt := filepath.Join(e.t.TempDir(), name+".ckpt")
 	e.must(append(append([]string{"checkpoint", "-o", ckpt}, flags...), name)...)
-	n := len(e.lines(name, prefix))
+	lines := e.lines(name, prefix)
 	e.must("restore", ckpt)
-	return n
+	return lines
 }
 
 // waitLines waits until job name has logged at least n lines with prefix.
@@ -156,8 +163,9 @@ func TestWorkloadTimerSignals(t *testing.T) {
 	w := buildWorkload(t)
 	e.must("run", "--name", "tmr", "--", w, "timer")
 	e.waitLines("tmr", "ticks ", 5)
-	at := e.checkpointRestore("tmr", "ticks ")
-	last := e.lastInts("tmr", "ticks ")[0]
+	before := e.checkpointRestoreLines("tmr", "ticks ")
+	at := len(before)
+	last, _ := strconv.Atoi(before[at-1])
 	e.waitLines("tmr", "ticks ", at+5)
 	ticks := e.lines("tmr", "ticks ")
 	first, _ := strconv.Atoi(ticks[at])
@@ -191,8 +199,9 @@ func TestWorkloadFileMapping(t *testing.T) {
 	}
 	e.must("run", "--name", "fmap", "--", w, "file", path)
 	e.waitLines("fmap", "file ", 10)
-	at := e.checkpointRestore("fmap", "file ")
-	lastOff := e.lastInts("fmap", "file ")[1]
+	before := e.checkpointRestoreLines("fmap", "file ")
+	at := len(before)
+	lastOff, _ := strconv.Atoi(strings.Fields(before[at-1])[1])
 	e.waitLines("fmap", "file ", at+5)
 	next := e.lines("fmap", "file ")[at]
 	f := strings.Fields(next)

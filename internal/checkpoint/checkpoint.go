@@ -55,8 +55,11 @@ type Manifest struct {
 	OutputPipe string `json:"outputPipe,omitempty"`
 
 	TCPEstablished bool `json:"tcpEstablished,omitempty"`
-	FileLocks      bool `json:"fileLocks,omitempty"`
-	ExtUnixSk      bool `json:"extUnixSk,omitempty"`
+	// NetworkLock is CRIU's network locking method for TCP connections
+	// ("nftables" or "iptables"); restore must use the same one.
+	NetworkLock string `json:"networkLock,omitempty"`
+	FileLocks   bool   `json:"fileLocks,omitempty"`
+	ExtUnixSk   bool   `json:"extUnixSk,omitempty"`
 
 	Processes   int   `json:"processes"`
 	Threads     int   `json:"threads"`

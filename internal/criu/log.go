@@ -27,11 +27,14 @@ func LogErrors(path string) []string {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for i := 0; sc.Scan(); i++ {
 		line := sc.Text()
+		if strings.Contains(line, "RLIMIT_NOFILE") {
+			continue // noise on VMs without CAP_SYS_RESOURCE, never the cause
+		}
 		window = append(window, line)
 		if len(window) > 3 {
 			window = window[1:]
 		}
-		if !strings.Contains(line, "Error") || strings.Contains(line, "RLIMIT_NOFILE") {
+		if !strings.Contains(line, "Error") {
 			continue
 		}
 		start := i - len(window) + 1
@@ -58,6 +61,8 @@ var hints = []struct{ match, say string }{
 	{"Can't get 1:16 opt", "this CRIU cannot dump TCP sockets on this kernel; use CRIU >= 4.2 (make deps)"},
 	{"Connected TCP socket", "the tree has an established TCP connection; pass --tcp-established"},
 	{"External socket is used", "a unix socket of the tree is connected outside it; pass --ext-unix-sk"},
+	{"Unsupported proto 262", "an MPTCP socket, which CRIU cannot checkpoint (Go >= 1.24 listens with MPTCP by default: run the job with GODEBUG=multipathtcp=0)"},
+	{"iptables", "CRIU locks the network of a tree with TCP connections and could not run iptables; ferry uses nftables where the kernel has it"},
 	{"Found file lock", "the tree holds file locks; pass --file-locks"},
 }
 

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"time"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
@@ -138,7 +139,13 @@ func Do(ctx context.Context, path string, c Call) (*rpc.CriuResp, error) {
 			_ = cmd.Wait() // swrk exits once the socket closes; its status adds nothing
 			waited = true
 			if !resp.GetSuccess() {
-				return resp, &RPCError{Type: c.Type, Errno: resp.GetCrErrno(), Msg: resp.GetCrErrmsg(), Reason: notifyErr}
+				msg := resp.GetCrErrmsg()
+				if strings.Contains(msg, "RLIMIT_NOFILE") {
+					// CRIU reports its first logged error, which on VMs
+					// without CAP_SYS_RESOURCE is this harmless one.
+					msg = ""
+				}
+				return resp, &RPCError{Type: c.Type, Errno: resp.GetCrErrno(), Msg: strings.TrimSpace(msg), Reason: notifyErr}
 			}
 			return resp, nil
 		}
@@ -174,4 +181,3 @@ func closeReceivedFDs(oob []byte) {
 		}
 	}
 }
-

@@ -20,7 +20,7 @@ var Root = "/proc"
 type Stat struct {
 	PID       int
 	Comm      string
-	State     byte   // R, S, D, T, t, Z, X, I ...
+	State     byte // R, S, D, T, t, Z, X, I ...
 	PPID      int
 	StartTime uint64 // in clock ticks since boot: with PID, a task's identity
 }

@@ -20,6 +20,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -210,7 +211,11 @@ func timer() {
 }
 
 func tcp(port string) {
-	ln, err := net.Listen("tcp", "127.0.0.1:"+port)
+	// Plain TCP: Go >= 1.24 listens with MPTCP by default, which CRIU
+	// cannot checkpoint.
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:"+port)
 	if err != nil {
 		fatal(err.Error())
 	}
@@ -236,7 +241,9 @@ func tcp(port string) {
 			}()
 		}
 	}()
-	c, err := net.Dial("tcp", "127.0.0.1:"+port)
+	d := net.Dialer{}
+	d.SetMultipathTCP(false)
+	c, err := d.Dial("tcp", "127.0.0.1:"+port)
 	if err != nil {
 		fatal(err.Error())
 	}
