@@ -252,9 +252,9 @@ func checkOutput(out string, force bool) error {
 		return err
 	}
 	if st, err := os.Stat(filepath.Dir(out)); err != nil {
-		return fmt.Errorf("output directory %q: %w", filepath.Dir(out), err)
+		return fmt.Errorf("%w: directory %q does not exist", ErrBadOutput, filepath.Dir(out))
 	} else if !st.IsDir() {
-		return fmt.Errorf("output directory %q: not a directory", filepath.Dir(out))
+		return fmt.Errorf("%w: %q is not a directory", ErrBadOutput, filepath.Dir(out))
 	}
 	return nil
 }

@@ -37,6 +37,7 @@ const (
 	exitBadCheckpoint     = 14 // not a checkpoint, truncated, or an unsupported version
 	exitExists            = 15 // output exists and --force was not given
 	exitNotCheckpointable = 16 // the walk found state that cannot be checkpointed as asked
+	exitBadOutput         = 17 // the output path cannot be written (missing directory, not a directory)
 	exitInterrupted       = 130
 )
 
@@ -62,6 +63,7 @@ var exitCodes = []struct {
 	{checkpoint.ErrUnsupportedVersion, exitBadCheckpoint},
 	{fs.ErrExist, exitExists},
 	{dump.ErrNotCheckpointable, exitNotCheckpointable},
+	{dump.ErrBadOutput, exitBadOutput},
 }
 
 // codedError gives an error the exit status of the command it came from
@@ -85,8 +87,9 @@ func exitCode(err error) int {
 	if errors.As(err, &ue) {
 		return exitUsage
 	}
-	var ec cli.ExitCoder
-	if errors.As(err, &ec) {
+	// Only a deliberate cli.Exit at the top: wrapped errors may carry an
+	// *exec.ExitError of some child, which also has ExitCode.
+	if ec, ok := err.(cli.ExitCoder); ok {
 		return ec.ExitCode()
 	}
 	var ce codedError

@@ -107,12 +107,17 @@ func Explain(err error, logPath string) error {
 	return &Error{Err: err, Log: logPath, Lines: LogErrors(logPath)}
 }
 
-// trimLogPrefix drops the "(00.012345) " timestamp CRIU puts on log lines.
+// trimLogPrefix drops the "(00.012345) " timestamp and the "PID: " that
+// CRIU puts on log lines.
 func trimLogPrefix(l string) string {
 	if strings.HasPrefix(l, "(") {
 		if i := strings.Index(l, ") "); i > 0 {
-			return l[i+2:]
+			l = l[i+2:]
 		}
+	}
+	l = strings.TrimSpace(l)
+	if i := strings.Index(l, ": "); i > 0 && strings.Trim(l[:i], "0123456789") == "" {
+		l = l[i+2:]
 	}
 	return l
 }

@@ -171,10 +171,18 @@ func spawnShim(ctx context.Context, s *Store, name string, log *slog.Logger) err
 		if strings.HasPrefix(msg, "exec: ") {
 			return fmt.Errorf("%s: %w", strings.TrimPrefix(msg, "exec: "), ErrCommandNotFound)
 		}
-		return fmt.Errorf("%s: %w", msg, ErrStart)
+		return &startError{msg: msg}
 	case a.err != nil:
 		log.Debug("shim failed", "err", a.err)
 		return fmt.Errorf("%w: shim exited without a report (see %s): %w", ErrStart, s.ShimLogPath(name), a.err)
 	}
 	return ErrStart
 }
+
+// startError is the shim's own account of why a job did not start; it
+// reads as that account alone and matches ErrStart.
+type startError struct{ msg string }
+
+func (e *startError) Error() string { return e.msg }
+
+func (e *startError) Unwrap() error { return ErrStart }

@@ -1,0 +1,254 @@
+package test
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fakeCriu writes a script that passes ferry's version check and then
+// behaves as body says for every other command (swrk included).
+func fakeCriu(t *testing.T, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "criu")
+	script := "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'Version: 4.2.1'; exit 0; fi\n" + body + "\n"
+	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// treeHash hashes every file name, mode and content under dir.
+func treeHash(t *testing.T, dir string) string {
+	t.Helper()
+	h := sha256.New()
+	var names []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		names = append(names, p)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		st, _ := os.Lstat(n)
+		fmt.Fprintf(h, "%s %v %d\n", n, st.Mode(), st.Size())
+		if st.Mode().IsRegular() {
+			data, _ := os.ReadFile(n)
+			h.Write(data)
+		}
+	}
+	return fmt.Sprintf("%x", h.Sum(nil))
+}
+
+// TestCheckpointFailureKeepsJobRunning: CRIU fails after the job was
+// frozen; the job must be thawed, keep its state, and no output remain.
+func TestCheckpointFailureKeepsJobRunning(t *testing.T) {
+	e := newEnv(t)
+	e.must("run", "--name", "victim", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("victim") >= 10 })
+	out := filepath.Join(t.TempDir(), "victim.ckpt")
+	bad := fakeCriu(t, `echo "Error (criu/cr-dump.c:1): simulated failure" >&2; sleep 0.3; exit 1`)
+	r := e.ferry("--criu", bad, "checkpoint", "-o", out, "victim")
+	if r.code != 12 {
+		t.Fatalf("checkpoint with failing CRIU: %s, want exit 12", r)
+	}
+	if n := strings.Count(strings.TrimSpace(r.stderr), "\n"); n != 0 {
+		t.Errorf("error spans %d lines:\n%s", n+1, r.stderr)
+	}
+	if v := e.job("victim"); v.State != "running" {
+		t.Fatalf("job after failed checkpoint is %q, want running (thawed)", v.State)
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("failed checkpoint left %s", out)
+	}
+	if left, _ := filepath.Glob(filepath.Join(filepath.Dir(out), ".victim.ckpt.partial-*")); len(left) != 0 {
+		t.Errorf("failed checkpoint left partial output %v", left)
+	}
+	n := e.logLines("victim")
+	eventually(t, 10*time.Second, "count to continue", func() bool { return e.logLines("victim") > n+5 })
+	assertConsecutive(t, numbers(t, e.must("logs", "victim")))
+
+	// Interrupted by a deadline while CRIU works: same outcome.
+	slow := fakeCriu(t, `sleep 30`)
+	start := time.Now()
+	r = e.ferry("--criu", slow, "checkpoint", "--timeout", "1s", "-o", out, "victim")
+	if r.code == 0 || time.Since(start) > 15*time.Second {
+		t.Fatalf("checkpoint with a 1s deadline: %s after %s", r, time.Since(start))
+	}
+	if v := e.job("victim"); v.State != "running" {
+		t.Fatalf("job after timed-out checkpoint is %q, want running", v.State)
+	}
+	n = e.logLines("victim")
+	eventually(t, 10*time.Second, "count to continue", func() bool { return e.logLines("victim") > n+5 })
+}
+
+// TestRestoreFailureLeavesNothing: a restore that CRIU refuses leaves no
+// process, no cgroup, no record, and the checkpoint byte for byte as it was.
+func TestRestoreFailureLeavesNothing(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	w := buildWorkload(t)
+	data := filepath.Join(t.TempDir(), "data")
+	if err := os.WriteFile(data, []byte(strings.Repeat("x", 4096)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.must("run", "--name", "fm", "--", w, "file", data)
+	e.waitLines("fm", "file ", 3)
+	ckpt := filepath.Join(t.TempDir(), "fm.ckpt")
+	e.must("checkpoint", "-o", ckpt, "fm")
+	before := treeHash(t, ckpt)
+
+	// The file the job had open changes size: CRIU must refuse, and ferry
+	// must say which file.
+	if err := os.WriteFile(data, []byte("short"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := e.ferry("restore", "--name", "fm2", ckpt)
+	// CRIU names files relative to the root.
+	if r.code != 13 || !strings.Contains(r.stderr, strings.TrimPrefix(data, "/")+" has bad size") {
+		t.Fatalf("restore with a changed file: %s\nwant exit 13 naming %s", r, data)
+	}
+	if _, ok := e.list()["fm2"]; ok {
+		t.Errorf("failed restore left a job record")
+	}
+	if treeHash(t, ckpt) != before {
+		t.Errorf("failed restore changed the checkpoint")
+	}
+	assertNoJobCgroups(t, "fm2")
+
+	// Put the file back: the same checkpoint restores.
+	if err := os.WriteFile(data, []byte(strings.Repeat("x", 4096)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.must("restore", "--name", "fm2", ckpt)
+	n := len(e.lines("fm2", "file "))
+	e.waitLines("fm2", "file ", n+3)
+}
+
+// assertNoJobCgroups checks that no ferry cgroup of job name exists.
+func assertNoJobCgroups(t *testing.T, name string) {
+	t.Helper()
+	for _, base := range []string{"/sys/fs/cgroup/unified/ferry", "/sys/fs/cgroup/ferry", "/sys/fs/cgroup/freezer/ferry"} {
+		left, _ := filepath.Glob(filepath.Join(base, name+"-*"))
+		if len(left) != 0 {
+			t.Errorf("cgroups left behind: %v", left)
+		}
+	}
+}
+
+func TestCheckpointRestoreBadInput(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	e.must("run", "--name", "ok", "--", "sh", "-c", counter)
+	dir := t.TempDir()
+	existing := filepath.Join(dir, "exists")
+	if err := os.Mkdir(existing, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	notCkpt := filepath.Join(dir, "empty")
+	if err := os.Mkdir(notCkpt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"unknown job", []string{"checkpoint", "-o", filepath.Join(dir, "x"), "nope"}, 4, "no such job"},
+		{"missing output directory", []string{"checkpoint", "-o", "/no/such/dir/x.ckpt", "ok"}, 17, "/no/such/dir"},
+		{"output exists", []string{"checkpoint", "-o", existing, "ok"}, 15, "--force"},
+		{"criu missing", []string{"--criu", "/no/such/criu", "checkpoint", "-o", filepath.Join(dir, "y"), "ok"}, 7, "make deps"},
+		{"criu too old", []string{"--criu", fakeCriuOld(t), "checkpoint", "-o", filepath.Join(dir, "y"), "ok"}, 7, "too old"},
+		{"restore not a checkpoint", []string{"restore", notCkpt}, 14, "not a ferry checkpoint"},
+		{"restore missing", []string{"restore", filepath.Join(dir, "none")}, 14, "not a ferry checkpoint"},
+		{"restore over a running job", nil, 0, ""},
+	} {
+		if tc.args == nil {
+			continue
+		}
+		t.Run(tc.name, func(t *testing.T) {
+			r := e.ferry(tc.args...)
+			if r.code != tc.code || !strings.Contains(r.stderr, tc.want) {
+				t.Fatalf("%s\nwant exit %d and %q", r, tc.code, tc.want)
+			}
+			if n := strings.Count(strings.TrimSpace(r.stderr), "\n"); n != 0 {
+				t.Errorf("error spans %d lines", n+1)
+			}
+		})
+	}
+	if v := e.job("ok"); v.State != "running" {
+		t.Fatalf("job after bad checkpoint commands: %q", v.State)
+	}
+
+	// A real checkpoint, then damaged copies of it.
+	ckpt := filepath.Join(dir, "ok.ckpt")
+	e.must("checkpoint", "--leave-running", "-o", ckpt, "ok")
+	if v := e.job("ok"); v.State != "running" {
+		t.Fatalf("job after --leave-running checkpoint: %q", v.State)
+	}
+	if r := e.ferry("restore", ckpt); r.code != 5 || !strings.Contains(r.stderr, "already in use") {
+		t.Errorf("restore over the running job: %s, want exit 5", r)
+	}
+	// Without --force the checkpoint is not overwritten; with it, it is.
+	if r := e.ferry("checkpoint", "--leave-running", "-o", ckpt, "ok"); r.code != 15 {
+		t.Errorf("second checkpoint to the same path: %s, want exit 15", r)
+	}
+	e.must("checkpoint", "--leave-running", "--force", "-o", ckpt, "ok")
+
+	pages, _ := filepath.Glob(filepath.Join(ckpt, "pages-*.img"))
+	if len(pages) == 0 {
+		t.Fatal("checkpoint has no pages image")
+	}
+	truncated := copyDir(t, ckpt, filepath.Join(dir, "truncated"))
+	p := filepath.Join(truncated, filepath.Base(pages[0]))
+	st, _ := os.Stat(p)
+	if err := os.Truncate(p, st.Size()/2); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.ferry("restore", "--name", "t", truncated); r.code != 14 || !strings.Contains(r.stderr, "incomplete") {
+		t.Errorf("restore of a truncated checkpoint: %s, want exit 14", r)
+	}
+	future := copyDir(t, ckpt, filepath.Join(dir, "future"))
+	mf := filepath.Join(future, "ferry.json")
+	data, _ := os.ReadFile(mf)
+	if err := os.WriteFile(mf, []byte(strings.Replace(string(data), `"format": 1`, `"format": 99`, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.ferry("restore", "--name", "f", future); r.code != 14 || !strings.Contains(r.stderr, "format 99") {
+		t.Errorf("restore of a future-format checkpoint: %s, want exit 14", r)
+	}
+	for _, name := range []string{"t", "f"} {
+		if _, ok := e.list()[name]; ok {
+			t.Errorf("refused restore left job %s", name)
+		}
+	}
+}
+
+func fakeCriuOld(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "criu")
+	if err := os.WriteFile(path, []byte("#!/bin/sh\necho 'Version: 4.1.1'\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func copyDir(t *testing.T, src, dst string) string {
+	t.Helper()
+	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
+		t.Fatal(err)
+	}
+	return dst
+}
