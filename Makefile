@@ -28,6 +28,7 @@ unit-test: ## unit tests only (no root, no CRIU)
 	$(GO) test -short -race -count=1 ./...
 
 demo: deps build ## run the demo end to end on built-in defaults
+	CGO_ENABLED=0 $(GO) build -o bin/ferry-demo-workload ./test/workload
 	@bash scripts/demo.sh
 
 bench: deps build ## measure ferry against the CRIU reference (prints figures and ratios)

@@ -4,6 +4,7 @@
 //
 //	workload memory MIB      fill MIB of anonymous memory with a pattern;
 //	                         print "sum HEX" at start and "verify N HEX" each second
+//	workload demo MIB        a counter and MIB of memory; print "count N ... sha256 HEX" each second
 //	workload pipes           a tree of 4 processes in a ring of pipes plus a
 //	                         socketpair, passing a sequence number; print "seq N"
 //	workload threads N       N OS threads each counting; print "threads T1 T2 ..."
@@ -48,6 +49,8 @@ func main() {
 	switch os.Args[1] {
 	case "memory":
 		memory(atoi(arg(2)))
+	case "demo":
+		demo(atoi(arg(2)))
 	case "pipes":
 		pipes()
 	case "pipe-stage":
@@ -87,9 +90,31 @@ func fatal(msg string) {
 	os.Exit(2)
 }
 
+// demo keeps a counter and MIB of patterned memory; every second it
+// prints the counter and a checksum of the memory, recomputed each time.
+func demo(mib int) {
+	buf := fill(mib)
+	for n := 1; ; n++ {
+		s := sha256.Sum256(buf)
+		fmt.Printf("count %d memory %d MiB sha256 %s\n", n, mib, hex.EncodeToString(s[:8]))
+		time.Sleep(time.Second)
+	}
+}
+
 // memory fills half the buffer with pseudo-random bytes and half with
 // text, then checks the whole every second.
 func memory(mib int) {
+	buf := fill(mib)
+	sum := func() string { s := sha256.Sum256(buf); return hex.EncodeToString(s[:]) }
+	fmt.Printf("sum %s\n", sum())
+	for n := 1; ; n++ {
+		time.Sleep(time.Second)
+		fmt.Printf("verify %d %s\n", n, sum())
+	}
+}
+
+// fill allocates MIB of memory, half pseudo-random bytes, half text.
+func fill(mib int) []byte {
 	buf := make([]byte, mib<<20)
 	r := rand.New(rand.NewPCG(1, 2))
 	half := len(buf) / 2
@@ -103,12 +128,7 @@ func memory(mib int) {
 	for i := half; i < len(buf); i++ {
 		buf[i] = text[(i-half)%len(text)]
 	}
-	sum := func() string { s := sha256.Sum256(buf); return hex.EncodeToString(s[:]) }
-	fmt.Printf("sum %s\n", sum())
-	for n := 1; ; n++ {
-		time.Sleep(time.Second)
-		fmt.Printf("verify %d %s\n", n, sum())
-	}
+	return buf
 }
 
 // pipes starts three stages; with the parent they form a ring:
