@@ -1,0 +1,92 @@
+package dump
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestMakePlan(t *testing.T) {
+	base := func() *Inventory {
+		return &Inventory{Root: 10, OwnPIDNamespace: true, OwnIPCNamespace: true,
+			Tasks: []Task{{PID: 10, SID: 10, FDs: []FD{{Num: 0, Kind: "device", Target: "/dev/null"}}}}}
+	}
+	for _, tc := range []struct {
+		name    string
+		mod     func(*Inventory)
+		allow   Allowed
+		refused string // substring of the refusal, "" = checkpointable
+		check   func(*testing.T, *Plan)
+	}{
+		{name: "plain tree", mod: func(*Inventory) {}},
+		{name: "established TCP needs the flag", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, Family: "tcp", State: "established", Local: "127.0.0.1:1", Remote: "127.0.0.1:2"}}
+		}, refused: "--tcp-established"},
+		{name: "established TCP allowed", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, Family: "tcp", State: "established"}}
+		}, allow: Allowed{TCPEstablished: true}, check: func(t *testing.T, p *Plan) {
+			if !p.TCPEstablished {
+				t.Error("plan does not ask CRIU for tcp-established")
+			}
+		}},
+		{name: "listening TCP is fine", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, Family: "tcp", State: "listen"}}
+		}},
+		{name: "unix peer outside", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", State: "connected", PeerInode: 99}}
+		}, refused: "--ext-unix-sk"},
+		{name: "unix peer inside", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, Family: "unix", PeerInode: 99, PeerInTree: true}}
+		}},
+		{name: "file locks", mod: func(i *Inventory) { i.Locks = 2 }, refused: "--file-locks"},
+		{name: "io_uring", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "io_uring", Target: "anon_inode:[io_uring]"})
+		}, allow: Allowed{TCPEstablished: true, ExtUnixSk: true, FileLocks: true}, refused: "io_uring"},
+		{name: "device", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 6, Kind: "device", Target: "/dev/kvm"})
+		}, refused: "/dev/kvm"},
+		{name: "SysV IPC in the host namespace", mod: func(i *Inventory) {
+			i.OwnIPCNamespace = false
+			i.IPC.Shm = 1
+		}, refused: "IPC namespace"},
+		{name: "SysV IPC in its own namespace", mod: func(i *Inventory) { i.IPC = IPC{Shm: 1, Sem: 1, Msg: 1} }},
+		{name: "session leader outside a foreign tree", mod: func(i *Inventory) {
+			i.OwnPIDNamespace = false
+			i.Tasks[0].SID = 3
+		}, check: func(t *testing.T, p *Plan) {
+			if !p.ShellJob {
+				t.Error("plan does not ask for shell-job")
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			inv := base()
+			tc.mod(inv)
+			p := MakePlan(inv, tc.allow)
+			err := p.Refusal()
+			if tc.refused == "" && err != nil {
+				t.Fatalf("refused: %v", err)
+			}
+			if tc.refused != "" {
+				if !errors.Is(err, ErrNotCheckpointable) || !strings.Contains(err.Error(), tc.refused) {
+					t.Fatalf("Refusal = %v, want it to name %q", err, tc.refused)
+				}
+			}
+			if tc.check != nil {
+				tc.check(t, p)
+			}
+		})
+	}
+}
+
+func TestHexAddr(t *testing.T) {
+	for in, want := range map[string]string{
+		"0100007F:1F90":                         "127.0.0.1:8080",
+		"00000000:0016":                         "0.0.0.0:22",
+		"00000000000000000000000001000000:0050": "[::1]:80",
+	} {
+		if got := hexAddr(in); got != want {
+			t.Errorf("hexAddr(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

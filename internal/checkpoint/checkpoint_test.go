@@ -1,0 +1,76 @@
+package checkpoint
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func write(t *testing.T, dir string, m *Manifest, files map[string]string) {
+	t.Helper()
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	data, _ := json.Marshal(m)
+	if err := os.WriteFile(filepath.Join(dir, ManifestFile), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLoad(t *testing.T) {
+	good := func() *Manifest {
+		return &Manifest{Format: FormatVersion, Job: "j", Files: map[string]int64{"core-1.img": 4, "pages-1.img": 8}}
+	}
+	files := map[string]string{"core-1.img": "core", "pages-1.img": "pagesabc"}
+	for _, tc := range []struct {
+		name  string
+		setup func(t *testing.T, dir string)
+		want  error
+	}{
+		{"good", func(t *testing.T, dir string) { write(t, dir, good(), files) }, nil},
+		{"no manifest", func(t *testing.T, dir string) {}, ErrNotCheckpoint},
+		{"garbage manifest", func(t *testing.T, dir string) {
+			os.WriteFile(filepath.Join(dir, ManifestFile), []byte("{not json"), 0o600)
+		}, ErrNotCheckpoint},
+		{"future version", func(t *testing.T, dir string) {
+			m := good()
+			m.Format = 99
+			write(t, dir, m, files)
+		}, ErrUnsupportedVersion},
+		{"missing image", func(t *testing.T, dir string) {
+			write(t, dir, good(), map[string]string{"core-1.img": "core"})
+		}, ErrIncomplete},
+		{"truncated image", func(t *testing.T, dir string) {
+			write(t, dir, good(), map[string]string{"core-1.img": "core", "pages-1.img": "page"})
+		}, ErrIncomplete},
+		{"no images listed", func(t *testing.T, dir string) {
+			m := good()
+			m.Files = nil
+			write(t, dir, m, nil)
+		}, ErrIncomplete},
+		{"path in file name", func(t *testing.T, dir string) {
+			m := good()
+			m.Files = map[string]int64{"../etc/passwd": 1}
+			write(t, dir, m, nil)
+		}, ErrNotCheckpoint},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			tc.setup(t, dir)
+			m, err := Load(dir)
+			if tc.want == nil {
+				if err != nil || m.Job != "j" {
+					t.Fatalf("Load = %+v, %v", m, err)
+				}
+				return
+			}
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("Load = %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
