@@ -2,6 +2,8 @@ package test
 
 import (
 	"crypto/sha256"
+	"errors"
+	"os/exec"
 	"fmt"
 	"io/fs"
 	"os"
@@ -251,4 +253,45 @@ func copyDir(t *testing.T, src, dst string) string {
 		t.Fatal(err)
 	}
 	return dst
+}
+
+// TestCheckpointInterrupted: SIGINT to ferry while CRIU works thaws the job
+// and leaves no output.
+func TestCheckpointInterrupted(t *testing.T) {
+	e := newEnv(t)
+	e.must("run", "--name", "int", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("int") >= 5 })
+	out := filepath.Join(t.TempDir(), "int.ckpt")
+	slow := fakeCriu(t, `sleep 30`)
+	cmd := exec.Command(ferryBin, "--root", e.root, "--criu", slow, "checkpoint", "-o", out, "int")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the job is frozen: ferry is then inside the checkpoint.
+	eventually(t, 10*time.Second, "job frozen by the checkpoint", func() bool { return e.job("int").State == "frozen" })
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() == 0 {
+			t.Fatalf("interrupted checkpoint exited %v: %s", err, stderr.String())
+		}
+	case <-time.After(20 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("ferry did not stop within 20s of SIGINT")
+	}
+	if v := e.job("int"); v.State != "running" {
+		t.Fatalf("job after interrupted checkpoint is %q, want running", v.State)
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("interrupted checkpoint left %s", out)
+	}
+	n := e.logLines("int")
+	eventually(t, 10*time.Second, "count to continue", func() bool { return e.logLines("int") > n+5 })
 }

@@ -263,3 +263,28 @@ func TestBadInput(t *testing.T) {
 		t.Errorf("run without cgroups left a job directory")
 	}
 }
+
+func TestLogsFollowAndListAlias(t *testing.T) {
+	e := newEnv(t)
+	e.must("run", "--name", "short", "--", "sh", "-c", `for i in 1 2 3 4 5; do echo "line $i"; sleep 0.1; done`)
+	// logs -f returns by itself once the job has ended, with every line.
+	out := e.must("logs", "-f", "short")
+	for i := 1; i <= 5; i++ {
+		if !strings.Contains(out, fmt.Sprintf("line %d\n", i)) {
+			t.Fatalf("logs -f output lacks line %d:\n%s", i, out)
+		}
+	}
+	if !strings.Contains(e.must("ps"), "short") {
+		t.Error("ferry ps does not list the job")
+	}
+	// FERRY_ROOT selects the state directory like --root.
+	cmd := exec.Command(ferryBin, "list")
+	cmd.Env = append(os.Environ(), "FERRY_ROOT="+e.root)
+	if got, err := cmd.Output(); err != nil || !strings.Contains(string(got), "short") {
+		t.Errorf("list with FERRY_ROOT: %v %s", err, got)
+	}
+	e.must("rm", "short")
+	if _, ok := e.list()["short"]; ok {
+		t.Error("rm left the job")
+	}
+}
