@@ -221,6 +221,11 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 		MemoryBytes:    res.Memory,
 	}
 	m.Host, _ = os.Hostname()
+	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", rec.InitPID)); err == nil {
+		if m.Init, err = checkpoint.Identify(exe); err != nil {
+			return nil, fmt.Errorf("identifying the job's init binary: %w", err)
+		}
+	}
 	if res.Size, err = finish(tmp, out, m, opts.Force); err != nil {
 		return nil, err
 	}

@@ -47,6 +47,11 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 	if err != nil {
 		return nil, err
 	}
+	if m.Init != nil {
+		if err := m.Init.Check(); err != nil {
+			return nil, err
+		}
+	}
 	name := opts.Name
 	if name == "" {
 		name = m.Job

@@ -295,3 +295,57 @@ func TestCheckpointInterrupted(t *testing.T) {
 	n := e.logLines("int")
 	eventually(t, 10*time.Second, "count to continue", func() bool { return e.logLines("int") > n+5 })
 }
+
+// TestRestoreNeedsSameInit: a checkpoint's init is the ferry binary it was
+// taken with; restore says so plainly when that binary has changed.
+func TestRestoreNeedsSameInit(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	// A private copy of ferry, so the test can change it.
+	bin := filepath.Join(t.TempDir(), "ferry")
+	data, err := os.ReadFile(ferryBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	crPath, err := filepath.Abs("../.deps/bin/criu")
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) result {
+		cmd := exec.Command(bin, append([]string{"--root", e.root, "--criu", crPath}, args...)...)
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		r := result{stdout: out.String(), stderr: errb.String()}
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			r.code = ee.ExitCode()
+		}
+		return r
+	}
+	if r := run("run", "--name", "own", "--", "sh", "-c", counter); r.code != 0 {
+		t.Fatal(r)
+	}
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("own") >= 3 })
+	ckpt := filepath.Join(t.TempDir(), "own.ckpt")
+	if r := run("checkpoint", "-o", ckpt, "own"); r.code != 0 {
+		t.Fatal(r)
+	}
+	// "Rebuild" that ferry: same path, other content.
+	if err := os.WriteFile(bin+".new", append(data, 0), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(bin+".new", bin); err != nil {
+		t.Fatal(err)
+	}
+	r := run("restore", ckpt)
+	if r.code != 13 || !strings.Contains(r.stderr, "another build") {
+		t.Fatalf("restore after the init binary changed: %s", r)
+	}
+	if _, ok := e.list()["own"]; ok && e.job("own").State != "exited" {
+		t.Error("refused restore left the job running")
+	}
+}

@@ -61,6 +61,7 @@ var exitCodes = []struct {
 	{checkpoint.ErrNotCheckpoint, exitBadCheckpoint},
 	{checkpoint.ErrIncomplete, exitBadCheckpoint},
 	{checkpoint.ErrUnsupportedVersion, exitBadCheckpoint},
+	{checkpoint.ErrExecutableChanged, exitRestore},
 	{fs.ErrExist, exitExists},
 	{dump.ErrNotCheckpointable, exitNotCheckpointable},
 	{dump.ErrBadOutput, exitBadOutput},

@@ -10,9 +10,12 @@
 package checkpoint
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -61,12 +64,55 @@ type Manifest struct {
 	FileLocks   bool   `json:"fileLocks,omitempty"`
 	ExtUnixSk   bool   `json:"extUnixSk,omitempty"`
 
+	// Init is the ferry binary that runs as the tree's pid 1. CRIU checks
+	// that every executable is the same file at restore, so a restore
+	// needs this exact build at this path.
+	Init *Executable `json:"init,omitempty"`
+
 	Processes   int   `json:"processes"`
 	Threads     int   `json:"threads"`
 	MemoryBytes int64 `json:"memoryBytes"` // pages written by CRIU
 	// Files lists every file of the checkpoint with its size, so that a
 	// restore can tell a truncated checkpoint before touching anything.
 	Files map[string]int64 `json:"files"`
+}
+
+// Executable identifies a binary by path and content.
+type Executable struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+}
+
+// ErrExecutableChanged means a binary the checkpoint needs at restore is
+// missing or is not the one the checkpoint was taken with.
+var ErrExecutableChanged = errors.New("executable missing or changed since the checkpoint")
+
+// Identify reads path's size and SHA-256.
+func Identify(path string) (*Executable, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", path, err)
+	}
+	return &Executable{Path: path, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// Check verifies that the binary at e.Path is still the one recorded.
+func (e *Executable) Check() error {
+	now, err := Identify(e.Path)
+	if err != nil {
+		return fmt.Errorf("%s: %w (%w)", e.Path, ErrExecutableChanged, err)
+	}
+	if now.Size != e.Size || now.SHA256 != e.SHA256 {
+		return fmt.Errorf("%s: %w: it is another build now (the checkpoint needs sha256 %.12s, found %.12s); keep the ferry binary a checkpoint was taken with at its path", e.Path, ErrExecutableChanged, e.SHA256, now.SHA256)
+	}
+	return nil
 }
 
 // Load reads and validates the manifest of the checkpoint in dir, and
