@@ -349,3 +349,39 @@ func TestRestoreNeedsSameInit(t *testing.T) {
 		t.Error("refused restore left the job running")
 	}
 }
+
+// TestCheckpointDiskFull: the checkpoint does not fit; the job keeps
+// running with its memory intact and nothing partial is left.
+func TestCheckpointDiskFull(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	w := buildWorkload(t)
+	small := filepath.Join(t.TempDir(), "small")
+	if err := os.Mkdir(small, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", small).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", small).Run() })
+	e.must("run", "--name", "big", "--", w, "memory", "64")
+	e.waitLines("big", "sum ", 1)
+	sum := e.lines("big", "sum ")[0]
+	r := e.ferry("checkpoint", "-o", filepath.Join(small, "big.ckpt"), "big")
+	if r.code != 12 {
+		t.Fatalf("checkpoint into a full filesystem: %s, want exit 12", r)
+	}
+	if left, _ := os.ReadDir(small); len(left) != 0 {
+		t.Errorf("failed checkpoint left %v on the full filesystem", left)
+	}
+	if v := e.job("big"); v.State != "running" {
+		t.Fatalf("job after failed checkpoint: %q", v.State)
+	}
+	n := len(e.lines("big", "verify "))
+	e.waitLines("big", "verify ", n+2)
+	for _, l := range e.lines("big", "verify ")[n:] {
+		if !strings.HasSuffix(l, sum) {
+			t.Fatalf("memory changed after the failed checkpoint: %q, want %s", l, sum)
+		}
+	}
+}
