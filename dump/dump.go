@@ -13,7 +13,9 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -22,9 +24,11 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/internal/proc"
 )
 
 // Options says how to checkpoint. The zero value (plus Output and Criu) is
@@ -41,6 +45,8 @@ type Options struct {
 
 	FerryVersion string
 	Logger       *slog.Logger
+	// LogDir holds CRIU's logs for trees that are not jobs (--pid).
+	LogDir string
 }
 
 // Result describes a finished checkpoint.
@@ -75,19 +81,195 @@ func DryRun(s *job.Store, name string, allow Allowed) (*Inventory, *Plan, error)
 	return inv, MakePlan(inv, allow), nil
 }
 
-// Job checkpoints the running job name of store s into opts.Output.
-func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Result, retErr error) {
-	start := time.Now()
-	log := opts.Logger
-	if log == nil {
-		log = slog.Default()
+// target is what a checkpoint works on, whatever kind of tree it is.
+type target struct {
+	name     string
+	root     int      // host pid of the tree's root
+	criuPid  int      // the root's pid as CRIU sees it
+	wrapper  []string // run CRIU through this (nsenter into a foreign job)
+	byPath   bool     // pass the images directory by path: CRIU inside a job's namespaces cannot see our fds
+	freezeCg *cgroup.Cgroup
+	pidNS    uint64 // declare this PID namespace external (its init stays out of the checkpoint)
+	foreign  bool
+	command  []string
+	dir      string
+	workDir  string                                  // CRIU's log and statistics end up here
+	end      func(context.Context, *Inventory) error // end the tree once the checkpoint is durable
+	resume   func(context.Context, *Inventory) error // let the tree run again
+}
+
+// DryRunPid walks the tree rooted at pid and plans its checkpoint.
+func DryRunPid(pid int, allow Allowed) (*Inventory, *Plan, error) {
+	if err := checkPid(pid); err != nil {
+		return nil, nil, err
 	}
+	inv, err := Walk(pid)
+	if err != nil {
+		return nil, nil, err
+	}
+	return inv, MakePlan(inv, allow), nil
+}
+
+// Job checkpoints the running job name of store s into opts.Output.
+func Job(ctx context.Context, s *job.Store, name string, opts Options) (*Result, error) {
 	rec, err := s.Load(name)
 	if err != nil {
 		return nil, err
 	}
 	if !rec.InitAlive() {
 		return nil, &job.NameError{Name: name, Err: job.ErrNotRunning}
+	}
+	cg, err := rec.OpenCgroup()
+	if err != nil {
+		return nil, err
+	}
+	t := &target{
+		name: name, root: rec.InitPID, criuPid: rec.InitPID, freezeCg: cg,
+		command: rec.Command, dir: rec.Dir, workDir: s.Dir(name),
+		end:    func(ctx context.Context, _ *Inventory) error { return s.EndCheckpointed(ctx, name, opts.Logger) },
+		resume: func(ctx context.Context, _ *Inventory) error { return cg.Thaw(ctx) },
+	}
+	if rec.Foreign {
+		// The tree is the init's child, in namespaces the init made; CRIU
+		// works from inside them and leaves the init out.
+		if err := t.foreignJob(rec); err != nil {
+			return nil, err
+		}
+	}
+	return capture(ctx, t, opts)
+}
+
+func (t *target) foreignJob(rec *job.Record) error {
+	kids, err := proc.Children(rec.InitPID)
+	if err != nil || len(kids) == 0 {
+		return fmt.Errorf("job %q: its tree is gone: %w", rec.Name, job.ErrNotRunning)
+	}
+	ns, err := proc.NSpid(kids[0])
+	if err != nil {
+		return err
+	}
+	nsenter, err := exec.LookPath("nsenter")
+	if err != nil {
+		return fmt.Errorf("checkpointing a restored foreign tree needs nsenter (util-linux): %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/pid", kids[0]), &st); err != nil {
+		return err
+	}
+	t.root, t.criuPid = kids[0], ns[len(ns)-1]
+	t.wrapper = []string{nsenter, "-t", strconv.Itoa(rec.InitPID), "-p", "-m", "--"}
+	t.byPath, t.pidNS, t.foreign = true, st.Ino, true
+	// The cgroup also holds the init, which is not checkpointed: CRIU
+	// seizes the tree's tasks itself.
+	t.freezeCg = nil
+	t.resume = continueTree
+	return nil
+}
+
+// Process checkpoints a tree that ferry did not start, rooted at pid.
+func Process(ctx context.Context, pid int, opts Options) (*Result, error) {
+	if err := checkPid(pid); err != nil {
+		return nil, err
+	}
+	st, err := proc.ReadStat(pid)
+	if err != nil {
+		return nil, err
+	}
+	t := &target{
+		name: job.GenerateName(st.Comm), root: pid, criuPid: pid, foreign: true,
+		end: killTree, resume: continueTree,
+	}
+	t.command, _ = readCmdline(pid)
+	t.dir, _ = os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid))
+	t.workDir = filepath.Join(opts.LogDir, fmt.Sprintf("pid-%d", pid))
+	if err := os.MkdirAll(t.workDir, 0o700); err != nil {
+		return nil, err
+	}
+	return capture(ctx, t, opts)
+}
+
+// checkPid refuses pids that are not a tree ferry may checkpoint.
+func checkPid(pid int) error {
+	if pid <= 0 {
+		return fmt.Errorf("pid %d: %w", pid, ErrBadPid)
+	}
+	st, err := proc.ReadStat(pid)
+	if err != nil {
+		return fmt.Errorf("pid %d: %w", pid, ErrNoProcess)
+	}
+	switch {
+	case pid == 1:
+		return fmt.Errorf("pid 1 is the host's init: %w", ErrBadPid)
+	case st.Flags&proc.PFKthread != 0:
+		return fmt.Errorf("pid %d (%s) is a kernel thread: %w", pid, st.Comm, ErrBadPid)
+	}
+	// Neither ferry nor any of its ancestors: the tree would contain ferry.
+	for p, i := os.Getpid(), 0; p > 1 && i < 4096; i++ {
+		if p == pid {
+			return fmt.Errorf("pid %d is ferry itself or one of its ancestors: %w", pid, ErrBadPid)
+		}
+		ps, err := proc.ReadStat(p)
+		if err != nil {
+			break
+		}
+		p = ps.PPID
+	}
+	return nil
+}
+
+func readCmdline(pid int) ([]string, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return nil, err
+	}
+	return strings.Split(strings.TrimRight(string(data), "\x00"), "\x00"), nil
+}
+
+// continueTree sends SIGCONT to every task of a tree CRIU left stopped.
+func continueTree(_ context.Context, inv *Inventory) error {
+	return signalTree(inv, unix.SIGCONT)
+}
+
+// killTree ends a foreign tree that CRIU left stopped.
+func killTree(_ context.Context, inv *Inventory) error {
+	return signalTree(inv, unix.SIGKILL)
+}
+
+// signalTree signals every task of the tree rooted at inv.Root as it is
+// now (CRIU left it stopped, so it cannot change under us; the walk may be
+// older than the tree's newest tasks). The root must still be the task
+// that was walked, so that a reused pid is never hit.
+func signalTree(inv *Inventory, sig unix.Signal) error {
+	var rootStart uint64
+	for _, task := range inv.Tasks {
+		if task.PID == inv.Root {
+			rootStart = task.StartTime
+		}
+	}
+	if !proc.Alive(inv.Root, rootStart) {
+		return nil // gone already
+	}
+	pids, err := tree(inv.Root)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pid := range pids {
+		if err := unix.Kill(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("signalling %d: %w", pid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// capture is the checkpoint itself: walk, plan, stop the tree, CRIU,
+// make it durable, then end or resume the tree. Any failure lets the tree
+// run on and removes partial output.
+func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr error) {
+	start := time.Now()
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
 	}
 	out, err := filepath.Abs(opts.Output)
 	if err != nil {
@@ -96,24 +278,24 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 	if err := checkOutput(out, opts.Force); err != nil {
 		return nil, err
 	}
-	// Walk and plan before freezing anything: a tree that cannot be
+	// Walk and plan before stopping anything: a tree that cannot be
 	// checkpointed as asked is refused while it runs on untouched.
-	inv, err := Walk(rec.InitPID)
+	inv, err := Walk(t.root)
 	if err != nil {
-		return nil, fmt.Errorf("walking job %q: %w", name, err)
+		return nil, fmt.Errorf("walking %s: %w", t.name, err)
 	}
 	plan := MakePlan(inv, Allowed{TCPEstablished: opts.TCPEstablished, ExtUnixSk: opts.ExtUnixSk, FileLocks: opts.FileLocks})
 	if err := plan.Refusal(); err != nil {
-		return nil, fmt.Errorf("job %q: %w", name, err)
+		return nil, fmt.Errorf("%s: %w", t.name, err)
 	}
-	cg, err := rec.OpenCgroup()
-	if err != nil {
-		return nil, err
+	pipeKey := func(fd int) string {
+		l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", t.root, fd))
+		if strings.HasPrefix(l, "pipe:[") {
+			return l
+		}
+		return ""
 	}
-	outputPipe, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/1", rec.InitPID))
-	if !strings.HasPrefix(outputPipe, "pipe:[") {
-		outputPipe = ""
-	}
+	outPipe, errPipe := pipeKey(1), pipeKey(2)
 
 	tmp, err := os.MkdirTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-")
 	if err != nil {
@@ -132,53 +314,67 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 		return nil, err
 	}
 	defer imgDir.Close()
-
-	// Freeze first, so the job stands still from the first CRIU look to
-	// the last; CRIU sees the cgroup frozen and leaves it frozen.
-	freezeStart := time.Now()
-	if err := cg.Freeze(ctx); err != nil {
-		return nil, fmt.Errorf("freezing job %q: %w", name, err)
-	}
-	thawed := false
-	thaw := func() {
-		if thawed {
-			return
-		}
-		thawed = true
-		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		defer cancel()
-		if err := cg.Thaw(tctx); err != nil {
-			log.Error("thawing job after failed checkpoint", "job", name, "err", err)
-			retErr = errors.Join(retErr, fmt.Errorf("thawing job %q: %w", name, err))
-		}
-	}
-	defer func() {
-		if retErr != nil {
-			thaw()
-		}
-	}()
-
-	// CRIU's log and statistics go to the job's directory, so a failed
-	// checkpoint leaves its log behind while its partial images vanish.
-	workDir, err := os.Open(s.Dir(name))
+	workDir, err := os.Open(t.workDir)
 	if err != nil {
 		return nil, err
 	}
 	defer workDir.Close()
-	logPath := filepath.Join(s.Dir(name), "dump.log")
+	logPath := filepath.Join(t.workDir, "dump.log")
+
+	// Stop the tree: freeze its cgroup (CRIU sees it frozen and leaves it
+	// frozen), or let CRIU seize the tasks and leave them stopped.
+	freezeStart := time.Now()
+	if t.freezeCg != nil {
+		if err := t.freezeCg.Freeze(ctx); err != nil {
+			return nil, fmt.Errorf("freezing %s: %w", t.name, err)
+		}
+	}
+	stopped := t.freezeCg != nil
+	resumed := false
+	resume := func() {
+		if resumed {
+			return
+		}
+		resumed = true
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if err := t.resume(rctx, inv); err != nil {
+			log.Error("resuming the tree after a failed checkpoint", "tree", t.name, "err", err)
+			retErr = errors.Join(retErr, fmt.Errorf("resuming %s: %w", t.name, err))
+		}
+	}
+	defer func() {
+		if retErr != nil && stopped {
+			resume()
+		}
+	}()
+
 	copts := &rpc.CriuOpts{
-		ImagesDirFd:       proto.Int32(int32(imgDir.Fd())),
-		WorkDirFd:         proto.Int32(int32(workDir.Fd())),
-		Pid:               proto.Int32(int32(rec.InitPID)),
+		Pid:               proto.Int32(int32(t.criuPid)),
 		LogLevel:          proto.Int32(4),
 		LogFile:           proto.String("dump.log"),
-		LeaveRunning:      proto.Bool(true), // ferry ends the job itself, once the checkpoint is durable
-		FreezeCgroup:      proto.String(cg.Path),
 		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
 		TcpEstablished:    proto.Bool(plan.TCPEstablished),
 		FileLocks:         proto.Bool(plan.FileLocks),
 		ExtUnixSk:         proto.Bool(plan.ExtUnixSk),
 		ShellJob:          proto.Bool(plan.ShellJob),
+	}
+	if t.byPath {
+		// CRIU inside the job's namespaces cannot reopen our fds through
+		// /proc; it writes its log and statistics beside the images.
+		copts.ImagesDirFd, copts.ImagesDir = proto.Int32(-1), proto.String(tmp)
+	} else {
+		copts.ImagesDirFd = proto.Int32(int32(imgDir.Fd()))
+		copts.WorkDirFd = proto.Int32(int32(workDir.Fd()))
+	}
+	if t.freezeCg != nil {
+		copts.FreezeCgroup = proto.String(t.freezeCg.Path)
+		copts.LeaveRunning = proto.Bool(true) // ferry ends the job itself, once the checkpoint is durable
+	} else {
+		copts.LeaveStopped = proto.Bool(true)
+	}
+	if t.pidNS != 0 {
+		copts.External = append(copts.External, fmt.Sprintf("pid[%d]:%s", t.pidNS, checkpoint.PidNSKey))
 	}
 	netLock := ""
 	if plan.TCPEstablished {
@@ -189,14 +385,21 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 	if deadline, ok := ctx.Deadline(); ok {
 		copts.Timeout = proto.Uint32(uint32(max(1, time.Until(deadline).Seconds())))
 	}
-	if _, err := criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts}); err != nil {
-		return nil, fmt.Errorf("checkpointing job %q: %w", name, criu.Explain(err, logPath))
+	_, err = criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts, Wrapper: t.wrapper})
+	if t.byPath {
+		for _, f := range []string{"dump.log", "stats-dump"} {
+			_ = os.Rename(filepath.Join(tmp, f), filepath.Join(t.workDir, f))
+		}
+	}
+	stopped = true // from here on the tree is stopped until ended or resumed
+	if err != nil {
+		return nil, fmt.Errorf("checkpointing %s: %w", t.name, criu.Explain(err, logPath))
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 
-	res := &Result{Job: name, Output: out, Inventory: inv, Plan: plan}
+	res := &Result{Job: t.name, Output: out, Inventory: inv, Plan: plan}
 	if st, err := stats.CriuGetDumpStats(workDir); err == nil {
 		res.CriuStats = st
 		res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())
@@ -208,10 +411,14 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 		CriuVersion:    opts.Criu.Version.String(),
 		Kernel:         kernelRelease(),
 		Created:        time.Now().UTC(),
-		Job:            name,
-		Command:        rec.Command,
-		Dir:            rec.Dir,
-		OutputPipe:     outputPipe,
+		Job:            t.name,
+		Command:        t.command,
+		Dir:            t.dir,
+		Foreign:        t.foreign,
+		ExternalPidNS:  t.pidNS != 0,
+		ShellJob:       plan.ShellJob,
+		OutputPipe:     outPipe,
+		ErrorPipe:      errPipe,
 		TCPEstablished: plan.TCPEstablished,
 		NetworkLock:    netLock,
 		FileLocks:      plan.FileLocks,
@@ -221,9 +428,12 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 		MemoryBytes:    res.Memory,
 	}
 	m.Host, _ = os.Hostname()
-	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", rec.InitPID)); err == nil {
-		if m.Init, err = checkpoint.Identify(exe); err != nil {
-			return nil, fmt.Errorf("identifying the job's init binary: %w", err)
+	if !t.foreign {
+		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", t.root))
+		if err == nil {
+			if m.Init, err = checkpoint.Identify(exe); err != nil {
+				return nil, fmt.Errorf("identifying the job's init binary: %w", err)
+			}
 		}
 	}
 	if res.Size, err = finish(tmp, out, m, opts.Force); err != nil {
@@ -232,14 +442,16 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (_ *Resul
 	res.Frozen = time.Since(freezeStart)
 
 	if opts.LeaveRunning {
-		thaw()
+		resume()
 		if retErr != nil {
 			return res, retErr
 		}
 	} else {
-		// The checkpoint is durable: now, and only now, end the job.
-		if err := s.EndCheckpointed(ctx, name, log); err != nil {
-			return res, fmt.Errorf("checkpoint written to %s, but ending the job: %w", out, err)
+		// The checkpoint is durable: now, and only now, end the tree.
+		ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+		defer cancel()
+		if err := t.end(ectx, inv); err != nil {
+			return res, fmt.Errorf("checkpoint written to %s, but ending %s: %w", out, t.name, err)
 		}
 		res.JobEnded = true
 	}

@@ -8,3 +8,9 @@ var ErrNotCheckpointable = errors.New("tree cannot be checkpointed as asked")
 
 // ErrBadOutput means the checkpoint cannot be written where asked.
 var ErrBadOutput = errors.New("cannot write the checkpoint there")
+
+// ErrNoProcess means --pid names no process.
+var ErrNoProcess = errors.New("no such process")
+
+// ErrBadPid means --pid names a process ferry must not checkpoint.
+var ErrBadPid = errors.New("not a process tree ferry can checkpoint")

@@ -102,9 +102,9 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 			p.Notes = append(p.Notes, fmt.Sprintf("pid %d runs as uid %d; on hosts without CAP_SYS_RESOURCE CRIU cannot dump it", t.PID, t.UID))
 		}
 	}
-	if inv.OwnPIDNamespace {
-		// ferry's init is the session leader inside: nothing outside.
-	} else if rootSID != 0 && rootSID != inv.Root {
+	if rootSID != 0 && rootSID != inv.Root {
+		// A ferry job's init leads its own session; a foreign tree
+		// started from a shell usually does not.
 		p.ShellJob = true
 		p.Notes = append(p.Notes, "the tree's session leader is outside it: checkpointing as a shell job")
 	}

@@ -35,19 +35,22 @@ type Inventory struct {
 
 // Task is one process of the tree.
 type Task struct {
-	PID     int       `json:"pid"`
-	NSPID   int       `json:"nspid"` // pid inside the tree's own PID namespace
-	PPID    int       `json:"ppid"`
-	PGID    int       `json:"pgid"`
-	SID     int       `json:"sid"`
-	Threads int       `json:"threads"`
-	Cmdline []string  `json:"cmdline"`
-	Exe     string    `json:"exe"`
-	Cwd     string    `json:"cwd"`
-	UID     int       `json:"uid"`
-	Memory  MemTotals `json:"memory"`
-	Maps    []Mapping `json:"maps,omitempty"`
-	FDs     []FD      `json:"fds"`
+	PID     int      `json:"pid"`
+	NSPID   int      `json:"nspid"` // pid inside the tree's own PID namespace
+	PPID    int      `json:"ppid"`
+	PGID    int      `json:"pgid"`
+	SID     int      `json:"sid"`
+	Threads int      `json:"threads"`
+	Cmdline []string `json:"cmdline"`
+	Exe     string   `json:"exe"`
+	Cwd     string   `json:"cwd"`
+	UID     int      `json:"uid"`
+	// StartTime (clock ticks since boot) tells this task from a later one
+	// that reuses its pid.
+	StartTime uint64    `json:"startTime"`
+	Memory    MemTotals `json:"memory"`
+	Maps      []Mapping `json:"maps,omitempty"`
+	FDs       []FD      `json:"fds"`
 }
 
 // MemTotals sums a task's (or the tree's) memory by kind, in bytes.
@@ -164,7 +167,7 @@ func readTask(pid int) (*Task, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &Task{PID: pid, PPID: st.PPID}
+	t := &Task{PID: pid, PPID: st.PPID, StartTime: st.StartTime}
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return nil, err

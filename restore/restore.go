@@ -62,27 +62,38 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 		Criu:       opts.Criu.Path,
 		Command:    m.Command,
 		Dir:        m.Dir,
+		Foreign:    m.Foreign,
 		CgroupRoot: opts.CgroupRoot,
 		Logger:     opts.Logger,
 	})
 }
 
-// Restorer is the job.Restorer the shim uses: it runs CRIU's restore of
-// req.Record.RestoreFrom with CRIU inside the job's cgroup.
+// Restorer is the job.Restorer the shim uses for ferry's own jobs: it runs
+// CRIU's restore of req.Record.RestoreFrom with CRIU inside the job's
+// cgroup; CRIU recreates the job's namespaces, init included.
 func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
-	rec := req.Record
-	m, err := checkpoint.Load(rec.RestoreFrom)
+	return run(ctx, req.Record.RestoreCriu, req.Record.RestoreFrom, req.WorkDir, req.Output, req.Cgroup.AddProc)
+}
+
+// InitRestorer is the job.InitRestorer ferry's init uses for foreign
+// trees: CRIU runs inside the new job's namespaces, as the init's child.
+func InitRestorer(ctx context.Context, req job.InitRestoreRequest) (int, error) {
+	return run(ctx, req.Criu, req.Checkpoint, req.WorkDir, req.Output, nil)
+}
+
+func run(ctx context.Context, criuPath, dir, workDirPath string, output *os.File, started func(int) error) (int, error) {
+	m, err := checkpoint.Load(dir)
 	if err != nil {
 		return 0, err
 	}
-	imgDir, err := os.Open(rec.RestoreFrom)
+	imgDir, err := os.Open(dir)
 	if err != nil {
 		return 0, err
 	}
 	defer imgDir.Close()
-	workDir, err := os.Open(req.WorkDir)
+	workDir, err := os.Open(workDirPath)
 	if err != nil {
 		return 0, err
 	}
@@ -97,6 +108,7 @@ func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 		TcpEstablished:    proto.Bool(m.TCPEstablished),
 		FileLocks:         proto.Bool(m.FileLocks),
 		ExtUnixSk:         proto.Bool(m.ExtUnixSk),
+		ShellJob:          proto.Bool(m.ShellJob),
 	}
 	switch m.NetworkLock {
 	case "nftables":
@@ -105,19 +117,31 @@ func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 		opts.NetworkLock = rpc.CriuNetworkLockMethod_IPTABLES.Enum()
 	}
 	var extra []*os.File
-	if m.OutputPipe != "" {
-		opts.InheritFd = append(opts.InheritFd, &rpc.InheritFd{Key: proto.String(m.OutputPipe), Fd: proto.Int32(criu.ExtraFD(len(extra)))})
-		extra = append(extra, req.Output)
+	inherit := func(key string, f *os.File) {
+		opts.InheritFd = append(opts.InheritFd, &rpc.InheritFd{Key: proto.String(key), Fd: proto.Int32(criu.ExtraFD(len(extra)))})
+		extra = append(extra, f)
 	}
-	resp, err := criu.Do(ctx, rec.RestoreCriu, criu.Call{
+	for _, key := range m.OutputPipes() {
+		inherit(key, output)
+	}
+	if m.ExternalPidNS {
+		// The tree's PID namespace is the one we run in (the new init's).
+		ns, err := os.Open("/proc/self/ns/pid")
+		if err != nil {
+			return 0, err
+		}
+		defer ns.Close()
+		inherit(checkpoint.PidNSKey, ns)
+	}
+	resp, err := criu.Do(ctx, criuPath, criu.Call{
 		Type:       rpc.CriuReqType_RESTORE,
 		Opts:       opts,
 		ExtraFiles: extra,
 		// Restored tasks are forked by CRIU and so start in CRIU's cgroup.
-		Started: req.Cgroup.AddProc,
+		Started: started,
 	})
 	if err != nil {
-		return 0, fmt.Errorf("restoring %s: %w", rec.RestoreFrom, criu.Explain(err, filepath.Join(req.WorkDir, "restore.log")))
+		return 0, fmt.Errorf("restoring %s: %w", dir, criu.Explain(err, filepath.Join(workDirPath, "restore.log")))
 	}
 	pid := int(resp.GetRestore().GetPid())
 	if pid <= 0 {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -17,17 +18,22 @@ import (
 
 	"github.com/ferry-cr/ferry/dump"
 	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/job"
 )
 
 var checkpointCommand = &cli.Command{
 	Name:      "checkpoint",
 	Usage:     "checkpoint a running job",
-	ArgsUsage: "JOB",
+	ArgsUsage: "JOB | --pid PID",
 	Description: `Freezes the job, captures it with CRIU into the checkpoint directory given
 by -o, makes the checkpoint durable, and only then ends the job (or thaws it,
-with --leave-running). If anything fails the job is thawed and keeps running.`,
+with --leave-running). If anything fails the job is thawed and keeps running.
+With --pid, checkpoints a tree that ferry did not start (CRIU seizes its
+tasks); "ferry restore" brings it back as a job under a new ferry init, with
+its original pids inside a fresh PID namespace.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "checkpoint to create (default: JOB.ckpt)"},
+		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "checkpoint to create (default: JOB.ckpt, or pid-PID.ckpt)"},
+		&cli.IntFlag{Name: "pid", Usage: "checkpoint the process tree rooted at `PID` instead of a job"},
 		&cli.BoolFlag{Name: "force", Usage: "replace the output if it exists"},
 		&cli.BoolFlag{Name: "leave-running", Usage: "keep the job running after the checkpoint"},
 		&cli.BoolFlag{Name: "tcp-established", Usage: "checkpoint established TCP connections"},
@@ -38,16 +44,37 @@ with --leave-running). If anything fails the job is thawed and keeps running.`,
 		&cli.BoolFlag{Name: "dry-run", Usage: "print the inventory of the tree and the checkpoint plan; freeze nothing"},
 	},
 	Action: func(c *cli.Context) error {
-		s, name, err := jobArg(c)
-		if err != nil {
+		pid := c.Int("pid")
+		if c.IsSet("pid") && c.NArg() != 0 {
+			return usageError{fmt.Errorf("checkpoint: give a JOB or --pid, not both")}
+		}
+		var s *job.Store
+		var name string
+		var err error
+		if c.IsSet("pid") {
+			if err = requireRoot(); err != nil {
+				return err
+			}
+			if s, err = store(c); err != nil {
+				return err
+			}
+			name = fmt.Sprintf("pid-%d", pid)
+		} else if s, name, err = jobArg(c); err != nil {
 			return err
 		}
 		if c.Bool("dry-run") {
-			inv, plan, err := dump.DryRun(s, name, dump.Allowed{
+			allow := dump.Allowed{
 				TCPEstablished: c.Bool("tcp-established"),
 				ExtUnixSk:      c.Bool("ext-unix-sk"),
 				FileLocks:      c.Bool("file-locks"),
-			})
+			}
+			var inv *dump.Inventory
+			var plan *dump.Plan
+			if c.IsSet("pid") {
+				inv, plan, err = dump.DryRunPid(pid, allow)
+			} else {
+				inv, plan, err = dump.DryRun(s, name, allow)
+			}
 			if err != nil {
 				return err
 			}
@@ -71,7 +98,7 @@ with --leave-running). If anything fails the job is thawed and keeps running.`,
 			ctx, cancel = context.WithTimeout(ctx, d)
 			defer cancel()
 		}
-		res, err := dump.Job(ctx, s, name, dump.Options{
+		opts := dump.Options{
 			Criu:           bin,
 			Output:         out,
 			Force:          c.Bool("force"),
@@ -81,7 +108,14 @@ with --leave-running). If anything fails the job is thawed and keeps running.`,
 			ExtUnixSk:      c.Bool("ext-unix-sk"),
 			FerryVersion:   versionString(),
 			Logger:         slog.Default(),
-		})
+			LogDir:         filepath.Join(s.Root, "logs"),
+		}
+		var res *dump.Result
+		if c.IsSet("pid") {
+			res, err = dump.Process(ctx, pid, opts)
+		} else {
+			res, err = dump.Job(ctx, s, name, opts)
+		}
 		if err != nil {
 			return withCode(err, exitCheckpoint)
 		}

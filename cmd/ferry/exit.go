@@ -38,6 +38,7 @@ const (
 	exitExists            = 15 // output exists and --force was not given
 	exitNotCheckpointable = 16 // the walk found state that cannot be checkpointed as asked
 	exitBadOutput         = 17 // the output path cannot be written (missing directory, not a directory)
+	exitBadPid            = 18 // --pid names pid 1, ferry itself or an ancestor, or a kernel thread
 	exitInterrupted       = 130
 )
 
@@ -65,6 +66,8 @@ var exitCodes = []struct {
 	{fs.ErrExist, exitExists},
 	{dump.ErrNotCheckpointable, exitNotCheckpointable},
 	{dump.ErrBadOutput, exitBadOutput},
+	{dump.ErrNoProcess, exitNoJob},
+	{dump.ErrBadPid, exitBadPid},
 }
 
 // codedError gives an error the exit status of the command it came from

@@ -29,7 +29,7 @@ func main() {
 			}
 			os.Exit(job.ShimMain(os.Args[2], os.Args[3], restore.Restorer))
 		case job.InitArg:
-			job.InitMain(os.Args[2:])
+			job.InitMain(os.Args[2:], restore.InitRestorer)
 		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGINT, unix.SIGTERM)

@@ -50,12 +50,22 @@ type Manifest struct {
 	Job     string   `json:"job"`
 	Command []string `json:"command"`
 	Dir     string   `json:"dir"`
-	Foreign bool     `json:"foreign,omitempty"` // a tree ferry did not start (--pid)
+	// Foreign is set for a tree that ferry did not start (--pid) and for
+	// such a tree after ferry restored it: it comes back under a new ferry
+	// init, in fresh PID, IPC and mount namespaces, with its own pids.
+	Foreign bool `json:"foreign,omitempty"`
+	// ExternalPidNS says the tree's PID namespace was declared external at
+	// dump (its init is not part of the checkpoint): restore hands CRIU the
+	// new namespace under the key extRootPidNS.
+	ExternalPidNS bool `json:"externalPidNs,omitempty"`
+	ShellJob      bool `json:"shellJob,omitempty"`
 
 	// OutputPipe is the inode key ("pipe:[N]") of the pipe that carried
 	// the job's stdout and stderr to its shim: restore hands CRIU a fresh
 	// pipe under this key.
 	OutputPipe string `json:"outputPipe,omitempty"`
+	// ErrorPipe is the same for stderr when it is another pipe.
+	ErrorPipe string `json:"errorPipe,omitempty"`
 
 	TCPEstablished bool `json:"tcpEstablished,omitempty"`
 	// NetworkLock is CRIU's network locking method for TCP connections
@@ -75,6 +85,21 @@ type Manifest struct {
 	// Files lists every file of the checkpoint with its size, so that a
 	// restore can tell a truncated checkpoint before touching anything.
 	Files map[string]int64 `json:"files"`
+}
+
+// PidNSKey names the tree's PID namespace when it was dumped as external.
+const PidNSKey = "extRootPidNS"
+
+// OutputPipes lists the inherit-fd keys of the pipes that carried the
+// tree's stdout and stderr: restore gives each the job's fresh log pipe.
+func (m *Manifest) OutputPipes() []string {
+	var keys []string
+	for _, k := range []string{m.OutputPipe, m.ErrorPipe} {
+		if k != "" && (len(keys) == 0 || keys[0] != k) {
+			keys = append(keys, k)
+		}
+	}
+	return keys
 }
 
 // Executable identifies a binary by path and content.

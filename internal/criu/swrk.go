@@ -24,6 +24,9 @@ const maxRPCMessage = 1 << 20
 type Call struct {
 	Type rpc.CriuReqType
 	Opts *rpc.CriuOpts
+	// Wrapper is put before CRIU's command line, e.g. nsenter to run CRIU
+	// inside a job's namespaces.
+	Wrapper []string
 	// ExtraFiles are inherited by CRIU at fds 4, 5, ... (fd 3 is the RPC
 	// socket); InheritFd entries refer to them by those numbers.
 	ExtraFiles []*os.File
@@ -81,7 +84,8 @@ func Do(ctx context.Context, path string, c Call) (*rpc.CriuResp, error) {
 	defer conn.Close()
 	uconn := conn.(*net.UnixConn)
 
-	cmd := exec.CommandContext(ctx, path, "swrk", "3")
+	argv := append(append([]string{}, c.Wrapper...), path, "swrk", "3")
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.ExtraFiles = append([]*os.File{server}, c.ExtraFiles...)
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {

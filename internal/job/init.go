@@ -2,15 +2,42 @@ package job
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// initRestoreArg makes the init restore a foreign tree instead of
+// starting a command: __init --restore CRIU CHECKPOINT WORKDIR.
+const initRestoreArg = "--restore"
+
+// initRestoreTimeout bounds the init's CRIU restore.
+const initRestoreTimeout = 10 * time.Minute
+
+// initRestore prepares the init's mount namespace (private, with a /proc
+// of the job's PID namespace, which CRIU needs to restore pids there) and
+// has restorer bring the tree back as the init's child.
+func initRestore(args []string, restorer InitRestorer) (int, error) {
+	if len(args) != 3 || restorer == nil {
+		return 0, errors.New("init: bad restore request")
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return 0, fmt.Errorf("making the job's mounts private: %w", err)
+	}
+	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return 0, fmt.Errorf("mounting /proc for the job: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), initRestoreTimeout)
+	defer cancel()
+	return restorer(ctx, InitRestoreRequest{Criu: args[0], Checkpoint: args[1], WorkDir: args[2], Output: os.Stdout})
+}
 
 // forwarded are the signals ferry's init passes on to the job's main
 // process; everything else that reaches pid 1 of the namespace is ignored
@@ -23,7 +50,7 @@ var forwarded = []os.Signal{unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGUSR1
 // on fd 4, forwards signals to the command, reaps every orphan of the
 // namespace and exits with the command's status (128+signal when the
 // command was killed by one). It never returns.
-func InitMain(args []string) {
+func InitMain(args []string, restorer InitRestorer) {
 	if len(args) < 1 {
 		fmt.Fprintln(os.Stderr, "ferry-init: no command")
 		os.Exit(127)
@@ -38,14 +65,24 @@ func InitMain(args []string) {
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, forwarded...)
 
-	argv := args
-	pid, err := syscall.ForkExec(argv[0], argv, &syscall.ProcAttr{
-		Env:   os.Environ(),
-		Files: []uintptr{0, 1, 2},
-	})
-	if err != nil {
-		fmt.Fprintf(okPipe, "error: exec: %q: %s\n", argv[0], err)
-		os.Exit(127)
+	var pid int
+	if args[0] == initRestoreArg {
+		var err error
+		if pid, err = initRestore(args[1:], restorer); err != nil {
+			fmt.Fprintf(okPipe, "error: %s\n", strings.ReplaceAll(err.Error(), "\n", " "))
+			os.Exit(127)
+		}
+	} else {
+		argv := args
+		var err error
+		pid, err = syscall.ForkExec(argv[0], argv, &syscall.ProcAttr{
+			Env:   os.Environ(),
+			Files: []uintptr{0, 1, 2},
+		})
+		if err != nil {
+			fmt.Fprintf(okPipe, "error: exec: %q: %s\n", argv[0], err)
+			os.Exit(127)
+		}
 	}
 	fmt.Fprintln(okPipe, "ok")
 	okPipe.Close()

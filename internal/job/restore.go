@@ -30,6 +30,7 @@ type RestoreSpec struct {
 	Name       string // required
 	Checkpoint string // absolute path of the checkpoint
 	Criu       string // CRIU binary the shim restores with
+	Foreign    bool   // a tree ferry did not start: restored by a new init
 	Command    []string
 	Dir        string
 	CgroupRoot string
@@ -69,6 +70,7 @@ func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (_ *Record, 
 		Status:      Starting,
 		RestoreFrom: spec.Checkpoint,
 		RestoreCriu: spec.Criu,
+		Foreign:     spec.Foreign,
 	}
 	if old != nil {
 		// The job ended (typically: checkpointed). Its directory and log
@@ -112,4 +114,18 @@ func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (_ *Record, 
 		return nil, err
 	}
 	return s.Load(spec.Name)
+}
+
+// InitRestorer restores a foreign tree from inside a new job's namespaces,
+// run by ferry's init (pid 1 there): CRIU must run where the tree will
+// live, with a /proc of that PID namespace, and the restored root becomes
+// the init's child (CRIU's RstSibling). It returns the root's pid.
+type InitRestorer func(ctx context.Context, req InitRestoreRequest) (int, error)
+
+// InitRestoreRequest is what an InitRestorer gets.
+type InitRestoreRequest struct {
+	Criu       string
+	Checkpoint string
+	WorkDir    string
+	Output     *os.File // the init's stdout: the pipe to the shim
 }

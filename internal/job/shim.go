@@ -57,7 +57,7 @@ func ShimMain(root, name string, restorer Restorer) int {
 	}
 	var initPID int
 	var outR *os.File
-	if rec.RestoreFrom != "" {
+	if rec.RestoreFrom != "" && !rec.Foreign {
 		initPID, outR, err = restoreInit(s, rec, restorer, log)
 	} else {
 		initPID, outR, err = startInit(s, rec, log)
@@ -112,6 +112,13 @@ func startInit(s *Store, rec *Record, log *slog.Logger) (initPID int, outR *os.F
 	defer okW.Close()
 
 	argv := append([]string{"ferry-init", InitArg}, rec.Command...)
+	flags := uintptr(syscall.CLONE_NEWPID | syscall.CLONE_NEWIPC)
+	if rec.Foreign && rec.RestoreFrom != "" {
+		// The init restores the tree itself, in a mount namespace of its
+		// own where it mounts a /proc of the new PID namespace.
+		argv = []string{"ferry-init", InitArg, initRestoreArg, rec.RestoreCriu, rec.RestoreFrom, s.Dir(rec.Name)}
+		flags |= syscall.CLONE_NEWNS
+	}
 	// syscall.ForkExec rather than os/exec: it does not hold a pidfd, and
 	// it lets us ask for the new namespaces with plain clone flags.
 	pid, err := syscall.ForkExec(self, argv, &syscall.ProcAttr{
@@ -120,7 +127,7 @@ func startInit(s *Store, rec *Record, log *slog.Logger) (initPID int, outR *os.F
 		Files: []uintptr{devnull.Fd(), outW.Fd(), outW.Fd(), goR.Fd(), okW.Fd()},
 		Sys: &syscall.SysProcAttr{
 			Setsid:     true,
-			Cloneflags: syscall.CLONE_NEWPID | syscall.CLONE_NEWIPC,
+			Cloneflags: flags,
 		},
 	})
 	if err != nil {

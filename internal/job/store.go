@@ -78,6 +78,10 @@ type Record struct {
 	RestoreFrom string `json:"restoreFrom,omitempty"`
 	// RestoreCriu is the CRIU binary the shim restores with.
 	RestoreCriu string `json:"restoreCriu,omitempty"`
+	// Foreign marks a job whose tree ferry did not start: it runs as a
+	// child of ferry's init in private PID, IPC and mount namespaces, and
+	// CRIU works on it from inside those namespaces.
+	Foreign bool `json:"foreign,omitempty"`
 }
 
 // ExitStatus says how a job ended.

@@ -22,8 +22,12 @@ type Stat struct {
 	Comm      string
 	State     byte // R, S, D, T, t, Z, X, I ...
 	PPID      int
+	Flags     uint64 // PF_* flags
 	StartTime uint64 // in clock ticks since boot: with PID, a task's identity
 }
+
+// PFKthread is the task flag of kernel threads.
+const PFKthread = 0x00200000
 
 // ReadStat parses /proc/PID/stat. The command name may contain spaces and
 // parentheses, so the fields are split after the last ')'.
@@ -50,6 +54,9 @@ func parseStat(pid int, data []byte) (*Stat, error) {
 	var err error
 	if st.PPID, err = strconv.Atoi(fields[1]); err != nil {
 		return nil, fmt.Errorf("parsing /proc/%d/stat ppid: %w", pid, err)
+	}
+	if st.Flags, err = strconv.ParseUint(fields[6], 10, 64); err != nil {
+		return nil, fmt.Errorf("parsing /proc/%d/stat flags: %w", pid, err)
 	}
 	if st.StartTime, err = strconv.ParseUint(fields[19], 10, 64); err != nil {
 		return nil, fmt.Errorf("parsing /proc/%d/stat start time: %w", pid, err)
