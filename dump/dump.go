@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -47,6 +48,8 @@ type Options struct {
 	Logger       *slog.Logger
 	// LogDir holds CRIU's logs for trees that are not jobs (--pid).
 	LogDir string
+	// CgroupRoot is the cgroupfs mount point (default /sys/fs/cgroup).
+	CgroupRoot string
 }
 
 // Result describes a finished checkpoint.
@@ -60,6 +63,7 @@ type Result struct {
 	Frozen    time.Duration         `json:"frozenNs"`
 	Total     time.Duration         `json:"totalNs"`
 	JobEnded  bool                  `json:"jobEnded"`
+	StoppedBy string                `json:"stoppedBy"` // "cgroup freezer" or "criu" (ptrace)
 	CriuStats *stats.DumpStatsEntry `json:"criuStats,omitempty"`
 	Inventory *Inventory            `json:"inventory,omitempty"`
 	Plan      *Plan                 `json:"plan,omitempty"`
@@ -181,11 +185,70 @@ func Process(ctx context.Context, pid int, opts Options) (*Result, error) {
 	}
 	t.command, _ = readCmdline(pid)
 	t.dir, _ = os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid))
+	if cg := exactCgroup(pid, opts.CgroupRoot); cg != nil {
+		// The tree is exactly its cgroup: freeze that, as for a job.
+		t.freezeCg = cg
+		t.resume = func(ctx context.Context, _ *Inventory) error { return cg.Thaw(ctx) }
+		t.end = func(ctx context.Context, inv *Inventory) error {
+			// Frozen v1 tasks take SIGKILL only once thawed.
+			return errors.Join(killTree(ctx, inv), cg.Thaw(ctx))
+		}
+	}
 	t.workDir = filepath.Join(opts.LogDir, fmt.Sprintf("pid-%d", pid))
 	if err := os.MkdirAll(t.workDir, 0o700); err != nil {
 		return nil, err
 	}
 	return capture(ctx, t, opts)
+}
+
+// exactCgroup returns the cgroup of pid when its members are exactly the
+// tree rooted at pid (not the root cgroup), else nil.
+func exactCgroup(pid int, root string) *cgroup.Cgroup {
+	if root == "" {
+		root = cgroup.DefaultRoot
+	}
+	layout, err := cgroup.DetectLayout(root)
+	if err != nil {
+		return nil
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return nil
+	}
+	var dir string
+	for line := range strings.SplitSeq(strings.TrimSpace(string(data)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 || parts[2] == "/" {
+			continue
+		}
+		switch {
+		case parts[0] == "0" && parts[1] == "" && layout.V2 != "":
+			dir = filepath.Join(layout.V2, parts[2])
+		case slices.Contains(strings.Split(parts[1], ","), "freezer") && layout.V1Freezer != "" && dir == "":
+			dir = filepath.Join(layout.V1Freezer, parts[2])
+		}
+	}
+	if dir == "" {
+		return nil
+	}
+	cg, err := cgroup.Open(dir)
+	if err != nil {
+		return nil
+	}
+	members, err := cg.Procs()
+	if err != nil {
+		return nil
+	}
+	pids, err := tree(pid)
+	if err != nil || len(pids) != len(members) {
+		return nil
+	}
+	slices.Sort(pids)
+	slices.Sort(members)
+	if !slices.Equal(pids, members) {
+		return nil
+	}
+	return cg
 }
 
 // checkPid refuses pids that are not a tree ferry may checkpoint.
@@ -399,7 +462,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		return nil, err
 	}
 
-	res := &Result{Job: t.name, Output: out, Inventory: inv, Plan: plan}
+	res := &Result{Job: t.name, Output: out, Inventory: inv, Plan: plan, StoppedBy: "criu"}
+	if t.freezeCg != nil {
+		res.StoppedBy = "cgroup freezer"
+	}
 	if st, err := stats.CriuGetDumpStats(workDir); err == nil {
 		res.CriuStats = st
 		res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())

@@ -18,9 +18,18 @@ import (
 // own, its output on a pipe this test reads. It returns the pid and a
 // function giving the numbers read so far.
 func foreignTree(t *testing.T) (int, func() []int) {
+	return foreignTreeIn(t, nil)
+}
+
+// foreignTreeIn is foreignTree started inside the cgroup open as cg.
+func foreignTreeIn(t *testing.T, cg *os.File) (int, func() []int) {
 	t.Helper()
 	cmd := exec.Command("sh", "-c", counter)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if cg != nil {
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = int(cg.Fd())
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -154,4 +163,60 @@ func TestCheckpointBadPid(t *testing.T) {
 	if r := e.ferry("checkpoint", "--pid", "5", "somejob"); r.code != 2 {
 		t.Errorf("JOB and --pid together: %s, want exit 2", r)
 	}
+}
+
+// TestForeignTreeInItsOwnCgroup: a foreign tree that is exactly its
+// cgroup is stopped with the cgroup freezer, not by CRIU's ptrace.
+func TestForeignTreeInItsOwnCgroup(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	base := "/sys/fs/cgroup/unified"
+	if _, err := os.Stat(filepath.Join(base, "cgroup.procs")); err != nil {
+		base = "/sys/fs/cgroup"
+	}
+	if _, err := os.Stat(filepath.Join(base, "cgroup.subtree_control")); err != nil {
+		t.Skip("needs cgroup v2")
+	}
+	dir := filepath.Join(base, fmt.Sprintf("ferry-test-%d", os.Getpid()))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for range 50 {
+			if err := os.Remove(dir); err == nil || os.IsNotExist(err) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Errorf("could not remove test cgroup %s", dir)
+	})
+	cg, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	pid, read := foreignTreeIn(t, cg)
+	eventually(t, 10*time.Second, "foreign counter", func() bool { return len(read()) >= 5 })
+	ckpt := filepath.Join(t.TempDir(), "cg.ckpt")
+	out := e.must("checkpoint", "--pid", strconv.Itoa(pid), "--leave-running", "--json", "-o", ckpt)
+	if !strings.Contains(out, `"stoppedBy": "cgroup freezer"`) {
+		t.Fatalf("checkpoint of a tree that is its whole cgroup did not use the freezer:\n%s", out)
+	}
+	if st, _ := os.ReadFile(filepath.Join(dir, "cgroup.freeze")); strings.TrimSpace(string(st)) != "0" {
+		t.Fatalf("cgroup left frozen after --leave-running: %q", st)
+	}
+	n := len(read())
+	eventually(t, 10*time.Second, "original to go on", func() bool { return len(read()) > n+5 })
+	e.must("restore", "--name", "cgcopy", ckpt)
+	eventually(t, 10*time.Second, "copy to count", func() bool { return e.logLines("cgcopy") >= 5 })
+	assertConsecutive(t, numbers(t, e.must("logs", "cgcopy")))
+	// The same tree seen as part of a larger cgroup is seized by CRIU.
+	pid2, read2 := foreignTree(t)
+	eventually(t, 10*time.Second, "second counter", func() bool { return len(read2()) >= 5 })
+	out = e.must("checkpoint", "--pid", strconv.Itoa(pid2), "--leave-running", "--json", "-o", filepath.Join(t.TempDir(), "x.ckpt"))
+	if !strings.Contains(out, `"stoppedBy": "criu"`) {
+		t.Fatalf("checkpoint of a tree sharing its cgroup did not let CRIU seize it:\n%s", out)
+	}
+	n = len(read2())
+	eventually(t, 10*time.Second, "second original to go on", func() bool { return len(read2()) > n+5 })
 }

@@ -109,6 +109,7 @@ its original pids inside a fresh PID namespace.`,
 			FerryVersion:   versionString(),
 			Logger:         slog.Default(),
 			LogDir:         filepath.Join(s.Root, "logs"),
+			CgroupRoot:     c.String("cgroup-root"),
 		}
 		var res *dump.Result
 		if c.IsSet("pid") {
