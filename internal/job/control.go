@@ -29,7 +29,7 @@ func (r *Record) InitAlive() bool {
 	return r.Status == Running && proc.Alive(r.InitPID, r.InitStart)
 }
 
-// Cgroup opens the job's cgroup.
+// OpenCgroup opens the job's cgroup.
 func (r *Record) OpenCgroup() (*cgroup.Cgroup, error) {
 	if r.Cgroup == "" {
 		return nil, fmt.Errorf("job %q has no cgroup", r.Name)
@@ -51,19 +51,16 @@ func (s *Store) running(name string) (*Record, error) {
 
 // Freeze freezes every task of a running job through its cgroup.
 func (s *Store) Freeze(ctx context.Context, name string) error {
-	rec, err := s.running(name)
-	if err != nil {
-		return err
-	}
-	cg, err := rec.OpenCgroup()
-	if err != nil {
-		return err
-	}
-	return cg.Freeze(ctx)
+	return s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Freeze(ctx) })
 }
 
 // Thaw resumes a frozen job.
 func (s *Store) Thaw(ctx context.Context, name string) error {
+	return s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) })
+}
+
+// onCgroup runs fn on the cgroup of running job name.
+func (s *Store) onCgroup(name string, fn func(*cgroup.Cgroup) error) error {
 	rec, err := s.running(name)
 	if err != nil {
 		return err
@@ -72,7 +69,7 @@ func (s *Store) Thaw(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	return cg.Thaw(ctx)
+	return fn(cg)
 }
 
 // Kill ends a job: SIGTERM to its init (which forwards it to the command),

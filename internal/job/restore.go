@@ -2,7 +2,6 @@ package job
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"os"
 	"time"
@@ -41,7 +40,7 @@ type RestoreSpec struct {
 // from a checkpoint and has a shim restore it (the shim must be the
 // restored tree's parent). A record of that name that has exited is
 // replaced; a live one is not.
-func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (_ *Record, retErr error) {
+func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (*Record, error) {
 	log := spec.Logger
 	if log == nil {
 		log = slog.Default()
@@ -53,13 +52,8 @@ func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (_ *Record, 
 	if err == nil && (old.Status != Exited || old.InitAlive()) {
 		return nil, &NameError{Name: spec.Name, Err: ErrExists}
 	}
-	root := spec.CgroupRoot
-	if root == "" {
-		root = cgroup.DefaultRoot
-	}
-	layout, err := cgroup.DetectLayout(root)
 	if err != nil {
-		return nil, err
+		old = nil // no such job: a new one
 	}
 	rec := &Record{
 		Name:        spec.Name,
@@ -72,48 +66,7 @@ func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (_ *Record, 
 		RestoreCriu: spec.Criu,
 		Foreign:     spec.Foreign,
 	}
-	if old != nil {
-		// The job ended (typically: checkpointed). Its directory and log
-		// carry on; only the record is replaced, and put back on failure.
-		if err := s.Save(rec); err != nil {
-			return nil, err
-		}
-	} else if err := s.Create(rec); err != nil {
-		return nil, err
-	}
-	defer func() {
-		if retErr == nil {
-			return
-		}
-		var err error
-		if old != nil {
-			err = s.Save(old)
-		} else {
-			err = s.Remove(spec.Name)
-		}
-		if err != nil {
-			log.Warn("undoing job record after failed restore", "job", spec.Name, "err", err)
-		}
-	}()
-	cg, err := cgroup.Create(layout, "ferry/"+spec.Name+"-"+rec.ID[:8])
-	if err != nil {
-		return nil, fmt.Errorf("creating cgroup for job %q: %w", spec.Name, err)
-	}
-	defer func() {
-		if retErr != nil {
-			removeCgroup(cg.Path, log)
-		}
-	}()
-	if _, err := s.Update(spec.Name, func(r *Record) error {
-		r.Cgroup, r.CgroupVersion = cg.Path, cg.Version
-		return nil
-	}); err != nil {
-		return nil, err
-	}
-	if err := spawnShim(ctx, s, spec.Name, log); err != nil {
-		return nil, err
-	}
-	return s.Load(spec.Name)
+	return launch(ctx, s, rec, old, spec.CgroupRoot, log)
 }
 
 // InitRestorer restores a foreign tree from inside a new job's namespaces,

@@ -144,17 +144,7 @@ func startInit(s *Store, rec *Record, log *slog.Logger) (initPID int, outR *os.F
 	if err := cg.AddProc(pid); err != nil {
 		return fail(fmt.Errorf("moving init into cgroup: %w", err))
 	}
-	st, err := proc.ReadStat(pid)
-	if err != nil {
-		return fail(fmt.Errorf("reading init's start time: %w", err))
-	}
-	if _, err := s.Update(rec.Name, func(r *Record) error {
-		r.Status = Running
-		r.ShimPID = os.Getpid()
-		r.InitPID = pid
-		r.InitStart = st.StartTime
-		return nil
-	}); err != nil {
+	if err := s.markRunning(rec.Name, pid); err != nil {
 		return fail(err)
 	}
 	if _, err := goW.Write([]byte("go\n")); err != nil {
@@ -200,21 +190,29 @@ func restoreInit(s *Store, rec *Record, restorer Restorer, log *slog.Logger) (in
 		outR.Close()
 		return 0, nil, err
 	}
+	if err := s.markRunning(rec.Name, pid); err != nil {
+		return fail(err)
+	}
+	log.Info("job restored", "init", pid, "from", rec.RestoreFrom)
+	return pid, outR, nil
+}
+
+// markRunning records that this shim supervises init pid of job name,
+// with the pid's start time, which guards every later signal against pid
+// reuse.
+func (s *Store) markRunning(name string, pid int) error {
 	st, err := proc.ReadStat(pid)
 	if err != nil {
-		return fail(fmt.Errorf("reading restored init's start time: %w", err))
+		return fmt.Errorf("reading init's start time: %w", err)
 	}
-	if _, err := s.Update(rec.Name, func(r *Record) error {
+	_, err = s.Update(name, func(r *Record) error {
 		r.Status = Running
 		r.ShimPID = os.Getpid()
 		r.InitPID = pid
 		r.InitStart = st.StartTime
 		return nil
-	}); err != nil {
-		return fail(err)
-	}
-	log.Info("job restored", "init", pid, "from", rec.RestoreFrom)
-	return pid, outR, nil
+	})
+	return err
 }
 
 // supervise copies the job's output into its log until the init exits,

@@ -3,7 +3,6 @@ package job
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -39,7 +38,7 @@ type Spec struct {
 // Start starts a job: a cgroup of its own, a detached shim that supervises
 // it, and ferry's init as pid 1 of fresh PID and IPC namespaces running the
 // command. It returns once the command runs, or undoes everything it did.
-func Start(ctx context.Context, s *Store, spec Spec) (_ *Record, retErr error) {
+func Start(ctx context.Context, s *Store, spec Spec) (*Record, error) {
 	log := spec.Logger
 	if log == nil {
 		log = slog.Default()
@@ -67,14 +66,6 @@ func Start(ctx context.Context, s *Store, spec Spec) (_ *Record, retErr error) {
 			return nil, fmt.Errorf("working directory: %w", err)
 		}
 	}
-	root := spec.CgroupRoot
-	if root == "" {
-		root = cgroup.DefaultRoot
-	}
-	layout, err := cgroup.DetectLayout(root)
-	if err != nil {
-		return nil, err
-	}
 	rec := &Record{
 		Name:    name,
 		ID:      NewID(),
@@ -83,39 +74,64 @@ func Start(ctx context.Context, s *Store, spec Spec) (_ *Record, retErr error) {
 		Created: time.Now().UTC(),
 		Status:  Starting,
 	}
-	if err := s.Create(rec); err != nil {
+	return launch(ctx, s, rec, nil, spec.CgroupRoot, log)
+}
+
+// launch is what starting and restoring a job share: write the record
+// (replacing old, the record of an ended job of that name, if any), give
+// the job a cgroup, and have a shim bring it up. Every step is undone if a
+// later one fails; old is put back.
+func launch(ctx context.Context, s *Store, rec *Record, old *Record, cgroupRoot string, log *slog.Logger) (_ *Record, retErr error) {
+	if cgroupRoot == "" {
+		cgroupRoot = cgroup.DefaultRoot
+	}
+	layout, err := cgroup.DetectLayout(cgroupRoot)
+	if err != nil {
+		return nil, err
+	}
+	if old != nil {
+		// The job ended (typically: checkpointed). Its directory and log
+		// carry on; only the record is replaced.
+		err = s.Save(rec)
+	} else {
+		err = s.Create(rec)
+	}
+	if err != nil {
 		return nil, err
 	}
 	defer func() {
-		if retErr != nil {
-			if err := s.Remove(name); err != nil {
-				log.Warn("removing job directory after failed start", "job", name, "err", err)
-			}
+		if retErr == nil {
+			return
+		}
+		var err error
+		if old != nil {
+			err = s.Save(old)
+		} else {
+			err = s.Remove(rec.Name)
+		}
+		if err != nil {
+			log.Warn("undoing job record after failed start", "job", rec.Name, "err", err)
 		}
 	}()
-	cg, err := cgroup.Create(layout, "ferry/"+name+"-"+rec.ID[:8])
+	cg, err := cgroup.Create(layout, "ferry/"+rec.Name+"-"+rec.ID[:8])
 	if err != nil {
-		return nil, fmt.Errorf("creating cgroup for job %q: %w", name, err)
+		return nil, fmt.Errorf("creating cgroup for job %q: %w", rec.Name, err)
 	}
 	defer func() {
 		if retErr != nil {
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-			defer cancel()
-			if err := errors.Join(cg.Kill(cctx), cg.Remove(cctx)); err != nil {
-				log.Warn("removing cgroup after failed start", "cgroup", cg.Path, "err", err)
-			}
+			removeCgroup(cg.Path, log)
 		}
 	}()
-	if _, err := s.Update(name, func(r *Record) error {
+	if _, err := s.Update(rec.Name, func(r *Record) error {
 		r.Cgroup, r.CgroupVersion = cg.Path, cg.Version
 		return nil
 	}); err != nil {
 		return nil, err
 	}
-	if err := spawnShim(ctx, s, name, log); err != nil {
+	if err := spawnShim(ctx, s, rec.Name, log); err != nil {
 		return nil, err
 	}
-	return s.Load(name)
+	return s.Load(rec.Name)
 }
 
 // spawnShim starts `ferry __shim ROOT NAME` in a session of its own and
