@@ -3,10 +3,10 @@ package test
 import (
 	"crypto/sha256"
 	"errors"
-	"os/exec"
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"

@@ -288,3 +288,12 @@ func TestLogsFollowAndListAlias(t *testing.T) {
 		t.Error("rm left the job")
 	}
 }
+
+func TestUsageErrors(t *testing.T) {
+	e := newEnv(t)
+	for _, args := range [][]string{{"bogus"}, {"list", "--bogus"}, {"logs"}, {"--log-format", "xml", "list"}} {
+		if r := e.ferry(args...); r.code != 2 {
+			t.Errorf("ferry %v: %s, want exit 2", args, r)
+		}
+	}
+}

@@ -19,13 +19,19 @@ func newApp() *cli.App {
 		Version: versionString(),
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "root", Value: job.DefaultRoot, EnvVars: []string{"FERRY_ROOT"}, Usage: "state directory"},
-			&cli.StringFlag{Name: "criu", Usage: "CRIU binary (default: $FERRY_CRIU, the copy `make deps` provisioned, then PATH)"},
+			&cli.StringFlag{Name: "criu", Usage: "CRIU `BINARY` (default: $FERRY_CRIU, the copy that make deps provisioned, then PATH)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log debug messages"},
 			&cli.StringFlag{Name: "log", Usage: "write logs to `FILE` instead of stderr"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 			&cli.StringFlag{Name: "cgroup-root", Value: "/sys/fs/cgroup", EnvVars: []string{"FERRY_CGROUP_ROOT"}, Usage: "cgroupfs mount point", Hidden: true},
 		},
-		Before:                    setupLogging,
+		Before: setupLogging,
+		Action: func(c *cli.Context) error {
+			if c.NArg() > 0 {
+				return usageError{fmt.Errorf("unknown command %q (ferry --help lists them)", c.Args().First())}
+			}
+			return cli.ShowAppHelp(c)
+		},
 		DisableSliceFlagSeparator: true,
 		HideHelpCommand:           true,
 		Commands: []*cli.Command{
