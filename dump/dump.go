@@ -6,6 +6,7 @@
 package dump
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -46,6 +47,9 @@ type Options struct {
 
 	FerryVersion string
 	Logger       *slog.Logger
+	// CriuLogLevel is CRIU's log level (0: 2, warnings and errors; 4
+	// doubles the time of a dump).
+	CriuLogLevel int
 	// LogDir holds CRIU's logs for trees that are not jobs (--pid).
 	LogDir string
 	// CgroupRoot is the cgroupfs mount point (default /sys/fs/cgroup).
@@ -386,13 +390,19 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 
 	// Stop the tree: freeze its cgroup (CRIU sees it frozen and leaves it
 	// frozen), or let CRIU seize the tasks and leave them stopped.
+	// With --leave-running the job may run on as soon as CRIU has its
+	// snapshot, so CRIU freezes the cgroup itself, after its own start-up,
+	// and thaws it when done: the job stands still only as long as CRIU
+	// needs. Otherwise ferry freezes first and the job stays frozen until
+	// the checkpoint is durable and the job is ended.
+	preFreeze := t.freezeCg != nil && !opts.LeaveRunning
 	freezeStart := time.Now()
-	if t.freezeCg != nil {
+	if preFreeze {
 		if err := t.freezeCg.Freeze(ctx); err != nil {
 			return nil, fmt.Errorf("freezing %s: %w", t.name, err)
 		}
 	}
-	stopped := t.freezeCg != nil
+	stopped := preFreeze
 	resumed := false
 	resume := func() {
 		if resumed {
@@ -414,7 +424,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 
 	copts := &rpc.CriuOpts{
 		Pid:               proto.Int32(int32(t.criuPid)),
-		LogLevel:          proto.Int32(4),
+		LogLevel:          proto.Int32(int32(cmp.Or(opts.CriuLogLevel, 2))),
 		LogFile:           proto.String("dump.log"),
 		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
 		TcpEstablished:    proto.Bool(plan.TCPEstablished),
@@ -432,7 +442,9 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	}
 	if t.freezeCg != nil {
 		copts.FreezeCgroup = proto.String(t.freezeCg.Path)
-		copts.LeaveRunning = proto.Bool(true) // ferry ends the job itself, once the checkpoint is durable
+		// CRIU leaves the cgroup as it found it: frozen by ferry (which
+		// ends the job once the checkpoint is durable), or thawed.
+		copts.LeaveRunning = proto.Bool(true)
 	} else {
 		copts.LeaveStopped = proto.Bool(true)
 	}
@@ -506,6 +518,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		return nil, err
 	}
 	res.Frozen = time.Since(freezeStart)
+	if !preFreeze && t.freezeCg != nil && res.CriuStats != nil {
+		// CRIU froze and thawed the cgroup itself: its figure is the truth.
+		res.Frozen = time.Duration(res.CriuStats.GetFrozenTime()) * time.Microsecond
+	}
 
 	if opts.LeaveRunning {
 		resume()

@@ -101,7 +101,7 @@ func run(ctx context.Context, criuPath, dir, workDirPath string, output *os.File
 	opts := &rpc.CriuOpts{
 		ImagesDirFd:       proto.Int32(int32(imgDir.Fd())),
 		WorkDirFd:         proto.Int32(int32(workDir.Fd())),
-		LogLevel:          proto.Int32(4),
+		LogLevel:          proto.Int32(2),
 		LogFile:           proto.String("restore.log"),
 		RstSibling:        proto.Bool(true),
 		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),

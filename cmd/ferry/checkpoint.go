@@ -110,6 +110,7 @@ its original pids inside a fresh PID namespace.`,
 			Logger:         slog.Default(),
 			LogDir:         filepath.Join(s.Root, "logs"),
 			CgroupRoot:     c.String("cgroup-root"),
+			CriuLogLevel:   criuLogLevel(c),
 		}
 		var res *dump.Result
 		if c.IsSet("pid") {
@@ -201,4 +202,12 @@ func printInventory(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
 	} else {
 		fmt.Fprintln(w, "checkpointable: no")
 	}
+}
+
+// criuLogLevel is 4 (everything) with --debug, else CRIU's default.
+func criuLogLevel(c *cli.Context) int {
+	if c.Bool("debug") {
+		return 4
+	}
+	return 2
 }
