@@ -105,41 +105,9 @@ func main() {
 	fmt.Printf("ferry bench: %d MiB workload (half random, half text), %d repetitions, medians\n", *mib, *reps)
 	fmt.Printf("criu: %s\n\n", criu)
 
-	// The reference workload, started directly.
+	// The reference workload, started directly, and the same workload as
+	// a ferry job.
 	ref := startWorkload(workload)
-	refDump := &row{name: "criu dump -> tmpfs (reference)"}
-	var keep string
-	for i := range *reps {
-		dir := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-ref-%d-%d", os.Getpid(), i))
-		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
-		s := criuDump(criu, ref, dir)
-		refDump.samples = append(refDump.samples, s)
-		if i == 0 {
-			keep = dir
-		} else {
-			os.RemoveAll(dir)
-		}
-	}
-	podman := &row{name: "podman-style: dump to disk + tar|zstd -1 -T0"}
-	for i := range *reps {
-		dir := filepath.Join(*diskDir, fmt.Sprintf("ferry-bench-podman-%d-%d", os.Getpid(), i))
-		archive := dir + ".tar.zst"
-		cleanups = append(cleanups, func() { os.RemoveAll(dir); os.Remove(archive) })
-		start := time.Now()
-		s := criuDump(criu, ref, dir)
-		run("sh", "-c", fmt.Sprintf("tar -C %q -cf - . | zstd -q -1 -T0 -o %q", dir, archive))
-		s.wall = time.Since(start)
-		s.size = fileSize(archive)
-		podman.samples = append(podman.samples, s)
-		os.RemoveAll(dir)
-		os.Remove(archive)
-	}
-	refRestore := &row{name: "criu restore from tmpfs, fresh pid ns (reference)"}
-	for range *reps {
-		refRestore.samples = append(refRestore.samples, criuRestore(criu, keep))
-	}
-
-	// ferry: the same workload as a job.
 	root := filepath.Join(tmp, "root")
 	ferry := func(args ...string) string {
 		return run(*ferryBin, append([]string{"--root", root, "--criu", criu}, args...)...)
@@ -149,33 +117,67 @@ func main() {
 	waitFor(func() bool { return strings.Contains(ferry("logs", "bench"), "sum ") }, 5*time.Minute, "workload to fill its memory")
 	sum := strings.Fields(strings.SplitN(strings.SplitN(ferry("logs", "bench"), "sum ", 2)[1], "\n", 2)[0])[0]
 
-	ferryCkpt := func(name, base string) (*row, string) {
-		r := &row{name: name}
-		var last string
-		for i := range *reps {
-			dir := filepath.Join(base, fmt.Sprintf("ferry-bench-ferry-%d-%s-%d", os.Getpid(), filepath.Base(base), i))
-			cleanups = append(cleanups, func() { os.RemoveAll(dir) })
-			start := time.Now()
-			out := ferry("checkpoint", "--json", "--leave-running", "-o", dir, "bench")
-			wall := time.Since(start)
-			var res struct {
-				Frozen int64 `json:"frozenNs"`
-				Size   int64 `json:"sizeBytes"`
-			}
-			if err := json.Unmarshal([]byte(out), &res); err != nil {
-				fatal("ferry checkpoint --json: %v", err)
-			}
-			r.samples = append(r.samples, sample{wall: wall, frozen: time.Duration(res.Frozen), size: res.Size})
-			if last != "" {
-				os.RemoveAll(last)
-			}
-			last = dir
+	refDump := &row{name: "criu dump -> tmpfs (reference)"}
+	podman := &row{name: "podman-style: dump to disk + tar|zstd -1 -T0"}
+	ferryDisk := &row{name: "ferry checkpoint -> disk (directory, fsynced)"}
+	ferryShm := &row{name: "ferry checkpoint -> tmpfs"}
+	ferryCkpt := func(r *row, dir string) {
+		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
+		start := time.Now()
+		out := ferry("checkpoint", "--json", "--leave-running", "-o", dir, "bench")
+		wall := time.Since(start)
+		var res struct {
+			Frozen int64 `json:"frozenNs"`
+			Size   int64 `json:"sizeBytes"`
 		}
-		return r, last
+		if err := json.Unmarshal([]byte(out), &res); err != nil {
+			fatal("ferry checkpoint --json: %v", err)
+		}
+		r.samples = append(r.samples, sample{wall: wall, frozen: time.Duration(res.Frozen), size: res.Size})
 	}
-	ferryDisk, ckpt := ferryCkpt("ferry checkpoint -> disk (directory, fsynced)", *diskDir)
-	ferryShm, shmCkpt := ferryCkpt("ferry checkpoint -> tmpfs", *shmDir)
-	os.RemoveAll(shmCkpt)
+	// One untimed dump first (page cache and tmpfs warm), then every
+	// method once per round, so that drift on a noisy machine hits all.
+	warm := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-warm-%d", os.Getpid()))
+	cleanups = append(cleanups, func() { os.RemoveAll(warm) })
+	criuDump(criu, ref, warm)
+	os.RemoveAll(warm)
+	var keep, ckpt string
+	for i := range *reps {
+		dir := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-ref-%d-%d", os.Getpid(), i))
+		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
+		refDump.samples = append(refDump.samples, criuDump(criu, ref, dir))
+		if keep == "" {
+			keep = dir
+		} else {
+			os.RemoveAll(dir)
+		}
+
+		pdir := filepath.Join(*diskDir, fmt.Sprintf("ferry-bench-podman-%d-%d", os.Getpid(), i))
+		archive := pdir + ".tar.zst"
+		cleanups = append(cleanups, func() { os.RemoveAll(pdir); os.Remove(archive) })
+		start := time.Now()
+		s := criuDump(criu, ref, pdir)
+		run("sh", "-c", fmt.Sprintf("tar -C %q -cf - . | zstd -q -1 -T0 -o %q", pdir, archive))
+		s.wall = time.Since(start)
+		s.size = fileSize(archive)
+		podman.samples = append(podman.samples, s)
+		os.RemoveAll(pdir)
+		os.Remove(archive)
+
+		fdir := filepath.Join(*diskDir, fmt.Sprintf("ferry-bench-ferry-%d-%d", os.Getpid(), i))
+		ferryCkpt(ferryDisk, fdir)
+		if ckpt != "" {
+			os.RemoveAll(ckpt)
+		}
+		ckpt = fdir
+		sdir := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-ferry-%d-%d", os.Getpid(), i))
+		ferryCkpt(ferryShm, sdir)
+		os.RemoveAll(sdir)
+	}
+	refRestore := &row{name: "criu restore from tmpfs, fresh pid ns (reference)"}
+	for range *reps {
+		refRestore.samples = append(refRestore.samples, criuRestore(criu, keep))
+	}
 
 	ferryRestore := &row{name: "ferry restore (from disk)"}
 	verified := 0
