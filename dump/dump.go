@@ -431,6 +431,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		FileLocks:         proto.Bool(plan.FileLocks),
 		ExtUnixSk:         proto.Bool(plan.ExtUnixSk),
 		ShellJob:          proto.Bool(plan.ShellJob),
+		LinkRemap:         proto.Bool(plan.LinkRemap),
+	}
+	if plan.GhostLimit > 0 {
+		copts.GhostLimit = proto.Uint32(plan.GhostLimit)
 	}
 	if t.byPath {
 		// CRIU inside the job's namespaces cannot reopen our fds through
@@ -577,6 +581,10 @@ func finish(tmp, out string, m *checkpoint.Manifest, force bool) (int64, error) 
 			return 0, err
 		}
 		st, err := f.Stat()
+		if err == nil {
+			// CRIU creates images 0644; they hold process memory.
+			err = f.Chmod(0o600)
+		}
 		if err == nil {
 			err = f.Sync()
 		}

@@ -12,8 +12,10 @@ type Plan struct {
 	ExtUnixSk      bool      `json:"extUnixSk"`
 	FileLocks      bool      `json:"fileLocks"`
 	ShellJob       bool      `json:"shellJob"`
-	Needs          []Finding `json:"needs,omitempty"`    // allowed by a flag the user did not give
-	Blockers       []Finding `json:"blockers,omitempty"` // cannot be checkpointed at all
+	LinkRemap      bool      `json:"linkRemap"`
+	GhostLimit     uint32    `json:"ghostLimit,omitempty"` // bytes; 0: CRIU's default (1 MiB)
+	Needs          []Finding `json:"needs,omitempty"`      // allowed by a flag the user did not give
+	Blockers       []Finding `json:"blockers,omitempty"`   // cannot be checkpointed at all
 	Notes          []string  `json:"notes,omitempty"`
 }
 
@@ -94,6 +96,8 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
 						Reason: "device files other than null, zero, random and full hold kernel state CRIU cannot carry"})
 				}
+			case "deleted":
+				p.deletedFile(t.PID, fd)
 			case "tty":
 				p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d is a terminal (%s); the restored tree gets it back only if it exists", t.PID, fd.Num, fd.Target))
 			}
@@ -109,6 +113,32 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 		p.Notes = append(p.Notes, "the tree's session leader is outside it: checkpointing as a shell job")
 	}
 	return p
+}
+
+// defaultGhostLimit is CRIU's own limit on deleted files it carries in
+// the images; maxGhostLimit is how far ferry raises it on its own.
+const (
+	defaultGhostLimit = 1 << 20
+	maxGhostLimit     = 1 << 30
+)
+
+// deletedFile plans for an open file whose path was removed: CRIU carries
+// its content in the checkpoint (a "ghost" file) up to the ghost limit, or
+// relinks it when it still has links elsewhere (link-remap).
+func (p *Plan) deletedFile(pid int, fd FD) {
+	switch {
+	case fd.Links > 0:
+		p.LinkRemap = true
+		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) was unlinked but has other links: CRIU relinks it (link-remap)", pid, fd.Num, fd.Target))
+	case fd.Size > maxGhostLimit:
+		p.Blockers = append(p.Blockers, Finding{PID: pid, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+			Reason: fmt.Sprintf("a deleted file of %d bytes; ferry carries deleted files of up to %d bytes in a checkpoint", fd.Size, maxGhostLimit)})
+	case fd.Size > defaultGhostLimit:
+		// CRIU counts the space the file takes (blocks), a little over its
+		// size: leave a MiB of room, in whole MiB.
+		p.GhostLimit = max(p.GhostLimit, uint32((fd.Size+2<<20-1)&^(1<<20-1)))
+		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) is a deleted file of %d bytes: it travels inside the checkpoint", pid, fd.Num, fd.Target, fd.Size))
+	}
 }
 
 // Refusal says why a checkpoint was refused before anything was frozen.

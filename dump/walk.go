@@ -79,6 +79,8 @@ type FD struct {
 	Pos    int64  `json:"pos,omitempty"`
 	Flags  string `json:"flags,omitempty"`
 	Inode  uint64 `json:"inode,omitempty"`
+	Size   int64  `json:"size,omitempty"`  // regular and deleted files
+	Links  uint64 `json:"links,omitempty"` // link count of a deleted file
 }
 
 // Socket is a socket held by the tree, with its peer when known.
@@ -315,9 +317,13 @@ func readFDs(pid int) []FD {
 				}
 			}
 		}
-		if fd.Kind == "file" || fd.Kind == "dir" || fd.Kind == "fifo" || fd.Kind == "device" || fd.Kind == "tty" {
+		if fd.Kind == "file" || fd.Kind == "dir" || fd.Kind == "fifo" || fd.Kind == "device" || fd.Kind == "tty" || fd.Kind == "deleted" {
 			var st unix.Stat_t
 			if unix.Stat(filepath.Join(dir, e.Name()), &st) == nil {
+				fd.Size = st.Size
+				if fd.Kind == "deleted" {
+					fd.Links = st.Nlink
+				}
 				switch st.Mode & unix.S_IFMT {
 				case unix.S_IFIFO:
 					fd.Kind = "fifo"
@@ -417,6 +423,21 @@ func describeSockets(root int, socks map[uint64]*Socket) {
 			}
 			if len(fl) >= 8 {
 				s.Local = fl[7]
+			}
+		}
+		f.Close()
+	}
+	if f, err := os.Open(fmt.Sprintf("/proc/%d/net/netlink", root)); err == nil {
+		sc := bufio.NewScanner(f)
+		sc.Scan()
+		for sc.Scan() {
+			fl := strings.Fields(sc.Text())
+			if len(fl) < 10 {
+				continue
+			}
+			ino, _ := strconv.ParseUint(fl[len(fl)-1], 10, 64)
+			if s, ok := socks[ino]; ok {
+				s.Family, s.State = "netlink", "protocol "+fl[1]
 			}
 		}
 		f.Close()

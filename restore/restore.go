@@ -47,6 +47,10 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 	if err != nil {
 		return nil, err
 	}
+	if v, err := criu.ParseVersion("Version: " + m.CriuVersion); err == nil && !opts.Criu.Version.AtLeast(v) {
+		return nil, fmt.Errorf("%s was taken with CRIU %s, this CRIU is %s: restore with CRIU >= %s: %w",
+			dir, m.CriuVersion, opts.Criu.Version, m.CriuVersion, checkpoint.ErrUnsupportedVersion)
+	}
 	if m.Init != nil {
 		if err := m.Init.Check(); err != nil {
 			return nil, err

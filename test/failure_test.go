@@ -385,3 +385,63 @@ func TestCheckpointDiskFull(t *testing.T) {
 		}
 	}
 }
+
+// TestDeletedFileAndCheckpointFiles: a job holding a deleted 4 MiB file
+// (over CRIU's default ghost limit) is checkpointed with the file inside
+// the checkpoint, whose files are all 0600; damaged manifests and a CRIU
+// older than the checkpoint's are refused.
+func TestDeletedFileAndCheckpointFiles(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	big := filepath.Join(t.TempDir(), "big")
+	if err := os.WriteFile(big, []byte(strings.Repeat("ferry!\n", 600000)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.must("run", "--name", "ghost", "--", "sh", "-c", `exec 3<"$0"; rm "$0"; while :; do echo tick; sleep 0.05; done`, big)
+	eventually(t, 10*time.Second, "job to delete its file", func() bool { _, err := os.Stat(big); return os.IsNotExist(err) })
+	ckpt := filepath.Join(t.TempDir(), "ghost.ckpt")
+	out := e.must("checkpoint", "--json", "-o", ckpt, "ghost")
+	if !strings.Contains(out, `"ghostLimit": 6291456`) {
+		t.Errorf("plan did not raise the ghost limit for the 4.2 MB deleted file:\n%.2000s", out)
+	}
+	entries, err := os.ReadDir(ckpt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, en := range entries {
+		fi, _ := en.Info()
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", en.Name(), fi.Mode().Perm())
+		}
+	}
+	e.must("restore", ckpt)
+	v := e.job("ghost")
+	eventually(t, 5*time.Second, "main", func() bool { v = e.job("ghost"); return v.MainPID > 0 })
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/fd/3", v.MainPID))
+	if err != nil || len(data) != 4200000 {
+		t.Fatalf("restored job's deleted file: %d bytes, %v; want 4200000", len(data), err)
+	}
+
+	// A damaged manifest, and one from a newer CRIU, are refused.
+	for _, tc := range []struct{ name, from, to, want string }{
+		{"garbage", `"format"`, `garbage`, "not a ferry checkpoint"},
+		{"newer criu", `"criuVersion": "`, `"criuVersion": "99.0.0`, "CRIU 99.0.0"},
+	} {
+		bad := copyDir(t, ckpt, filepath.Join(t.TempDir(), tc.name))
+		mf := filepath.Join(bad, "ferry.json")
+		data, _ := os.ReadFile(mf)
+		edited := strings.Replace(string(data), tc.from, tc.to, 1)
+		if tc.name == "newer criu" {
+			// keep it valid JSON: drop the old version string's tail
+			i := strings.Index(edited, "99.0.0")
+			j := strings.Index(edited[i:], `"`)
+			edited = edited[:i+6] + edited[i+j:]
+		}
+		if err := os.WriteFile(mf, []byte(edited), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if r := e.ferry("restore", "--name", "bad-"+strings.ReplaceAll(tc.name, " ", "-"), bad); r.code != 14 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("restore with a %s manifest: %s", tc.name, r)
+		}
+	}
+}
