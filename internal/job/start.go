@@ -189,8 +189,15 @@ func spawnShim(ctx context.Context, s *Store, name string, log *slog.Logger) err
 		}
 		return &startError{msg: msg}
 	case a.err != nil:
+		// The job directory, shim log included, is removed by the caller's
+		// undo: quote the shim's last words now.
+		last := ""
+		if data, err := os.ReadFile(s.ShimLogPath(name)); err == nil {
+			lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+			last = ": " + lines[len(lines)-1]
+		}
 		log.Debug("shim failed", "err", a.err)
-		return fmt.Errorf("%w: shim exited without a report (see %s): %w", ErrStart, s.ShimLogPath(name), a.err)
+		return fmt.Errorf("%w: the shim exited without a report (%w)%s", ErrStart, a.err, last)
 	}
 	return ErrStart
 }
