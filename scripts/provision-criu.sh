@@ -67,14 +67,19 @@ apt_opts=(
 )
 apt-get "${apt_opts[@]}" -qq update
 
-# criu's runtime closure on a Debian system of this age (ENGINE.md); names a
-# suite lacks are skipped, criu itself is required.
-pkgs=(criu libcompel1 libc6 libgnutls30t64 libnftables1 libnl-3-200 libprotobuf-c1
+# criu's runtime closure, asked from the suite itself (so a newer criu with
+# new libraries still works), plus the libraries ENGINE.md found enough on
+# this OS in case the resolver leaves one out; names a suite lacks are
+# skipped, criu itself is required.
+mapfile -t closure < <(apt-cache "${apt_opts[@]}" depends --recurse --no-recommends --no-suggests \
+  --no-conflicts --no-breaks --no-replaces --no-enhances criu 2>/dev/null | grep -v '^ ' | grep -v '[<>]' | sort -u)
+known=(criu libcompel1 libc6 libgnutls30t64 libnftables1 libnl-3-200 libprotobuf-c1
   libbsd0 libnet9 libuuid1 libmd0 libnftnl11 libmnl0 libjansson4 libxtables12
   libidn2-0 libunistring5 libtasn1-6 libnettle8t64 libhogweed6t64 libgmp10
   libp11-kit0 libffi8 libgcc-s1 libedit2 libtinfo6 libbpf1 libelf1t64 zlib1g libzstd1)
 want=()
-for p in "${pkgs[@]}"; do
+while read -r p; do
+  [ -n "$p" ] || continue
   policy=$(apt-cache "${apt_opts[@]}" policy "$p" 2>/dev/null || true)
   if [[ $policy == *"Candidate: "[0-9]* ]]; then
     want+=("$p")
@@ -82,7 +87,7 @@ for p in "${pkgs[@]}"; do
     echo "provision-criu: Debian $suite has no criu package" >&2
     exit 1
   fi
-done
+done < <(printf '%s\n' "${closure[@]}" "${known[@]}" | sort -u)
 (cd "$work/debs" && apt-get "${apt_opts[@]}" -qq download "${want[@]}")
 for deb in "$work"/debs/*.deb; do
   dpkg-deb -x "$deb" "$work/root"
