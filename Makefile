@@ -11,7 +11,7 @@ GOFLAGS_BUILD := -trimpath -ldflags "$(LDFLAGS)"
 TEST_TIMEOUT ?= 15m
 
 .DEFAULT_GOAL := build
-.PHONY: all build deps test unit-test integration demo bench lint fmt clean help
+.PHONY: all build deps test unit-test integration demo bench lint fmt clean help proto check-proto
 
 all: build ## same as build
 
@@ -21,8 +21,9 @@ build: ## build bin/ferry (static, no cgo)
 deps: ## provision CRIU >= 4.2 into .deps/ when the system has none (changes nothing else)
 	@bash scripts/provision-criu.sh
 
-test: deps build ## run unit and integration tests (as root: real CRIU, cgroups, namespaces)
+test: deps build ## run unit and integration tests (as root: real CRIU, cgroups, namespaces), then a short fuzz run
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=5000x -parallel=1 ./image/
 
 unit-test: ## unit tests only (no root, no CRIU)
 	$(GO) test -short -race -count=1 ./...
@@ -38,6 +39,14 @@ lint: ## gofmt, go vet, shellcheck (when installed)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
 	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh .ci/run; else echo "shellcheck not installed: skipped"; fi
+
+proto: ## regenerate proto/*.pb.go (protoc from Debian's protobuf-compiler, protoc-gen-go pinned in go.mod)
+	@command -v protoc >/dev/null || { echo "protoc missing: apt-get install protobuf-compiler" >&2; exit 1; }
+	$(GO) build -o bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+	protoc --plugin=protoc-gen-go=bin/protoc-gen-go --go_out=. --go_opt=paths=source_relative proto/*.proto
+
+check-proto: proto ## fail if the generated protobuf code is not current
+	@git diff --exit-code -- proto/ || { echo "proto/*.pb.go is stale: run make proto and commit" >&2; exit 1; }
 
 fmt: ## format the Go sources
 	gofmt -w $$(git ls-files '*.go' | grep -v '\.pb\.go$$')

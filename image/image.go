@@ -1,0 +1,80 @@
+// Package image is ferry's checkpoint format: one self-describing stream
+// that can be written and read strictly front to back (a pipe, a socket)
+// and still be checked byte for byte.
+//
+// Byte layout:
+//
+//	+-----------------------------------------------------------------+
+//	| header, 16 bytes                                                |
+//	|   magic "FERRYIMG" | u16 LE version | u16 LE flags | u32 zero   |
+//	+-----------------------------------------------------------------+
+//	| record: MANIFEST  (ferry/CRIU versions, kernel, host, CPU, job, |
+//	|                    the walk and the plan, CRIU's options)       |
+//	| record: FILE      (file 0 is "inventory.img")                   |
+//	| record: CHUNK     (file 0, offset 0, zstd payload)              |
+//	| record: FILE      (file 1 is "pages-1.img")                     |
+//	| record: CHUNK     (file 1, ...)   files may interleave, as CRIU |
+//	| record: CHUNK     (file 0, ...)   writes several at once        |
+//	| record: FILE_END  (file 0, size)                                |
+//	| ...                                                             |
+//	| record: TRAILER   (index: file -> size, chunks, SHA-256;        |
+//	|                    SHA-256 of every byte before this record)    |
+//	+-----------------------------------------------------------------+
+//	| footer, 20 bytes                                                |
+//	|   u64 LE offset of the TRAILER record | u32 LE its length |     |
+//	|   magic "FERRYEND"                                              |
+//	+-----------------------------------------------------------------+
+//
+//	record := u32 LE n | u32 LE CRC-32C of the next n bytes |
+//	          RecordHeader (protobuf, n bytes) | payload (payload_len bytes)
+//
+// The RecordHeader (proto/image.proto) carries the kind, the file index,
+// the offset and raw length of a chunk, its compression and the CRC-32C of
+// its stored payload. Each chunk (up to 4 MiB of raw data by default) is
+// compressed on its own with zstd, so writers and readers use every core.
+//
+// What is detected, before any of it is used: a wrong magic or unknown
+// version (ErrUnsupportedVersion) or flags; a length over its named limit
+// (ErrRecordTooLarge); a flipped bit in any header, payload, trailer or
+// footer (ErrCorrupt); a stream that ends early, at a record boundary or
+// inside one (ErrTruncated); chunks out of order or overlapping; files
+// whose size or SHA-256 disagree with the trailer.
+package image
+
+import (
+	"errors"
+	"hash/crc32"
+)
+
+// Format constants.
+const (
+	Magic         = "FERRYIMG"
+	FooterMagic   = "FERRYEND"
+	Version       = 1
+	HeaderSize    = 16
+	FooterSize    = 20
+	frameSize     = 8 // record length + CRC-32C
+	flagsKnown    = 0
+	maxHeaderLen  = 64 << 10 // a RecordHeader is tens of bytes
+	maxChunkRaw   = 64 << 20 // raw bytes in one chunk
+	maxPayloadLen = maxChunkRaw + maxChunkRaw/64 + 1<<16
+	maxMetaLen    = 64 << 20 // manifest and trailer payloads
+	maxFiles      = 1 << 20
+	// DefaultChunkSize is the raw size of a chunk: large enough for zstd
+	// to work well and to keep the records' cost negligible, small enough
+	// to keep memory bounded (Concurrency chunks in flight).
+	DefaultChunkSize = 4 << 20
+)
+
+// Errors a reader tells apart with errors.Is.
+var (
+	ErrBadMagic           = errors.New("not a ferry image (bad magic)")
+	ErrUnsupportedVersion = errors.New("unsupported ferry image version")
+	ErrTruncated          = errors.New("ferry image is truncated")
+	ErrCorrupt            = errors.New("ferry image is corrupt")
+	ErrRecordTooLarge     = errors.New("ferry image record exceeds its size limit")
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }

@@ -1,0 +1,258 @@
+package image
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+type file struct {
+	name string
+	data []byte
+}
+
+func testFiles(seed uint64, big int) []file {
+	r := rand.New(rand.NewPCG(seed, 7))
+	random := make([]byte, big)
+	for i := range random {
+		random[i] = byte(r.Uint32())
+	}
+	text := bytes.Repeat([]byte("ferry carries a process across the water. "), big/40+1)[:big]
+	return []file{
+		{"inventory.img", []byte("inventory")},
+		{"empty.img", nil},
+		{"pages-1.img", random},
+		{"pages-2.img", text},
+		{"core-1.img", []byte("core")},
+	}
+}
+
+// write makes a stream of files, written concurrently (as CRIU does).
+func write(t testing.TB, files []file, opts WriterOptions) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	w, err := NewWriter(&buf, &pb.Manifest{Job: "j", CriuVersion: "4.2.1"}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(files))
+	for _, f := range files {
+		fw, err := w.Create(f.name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() {
+			// Odd write sizes cross chunk boundaries.
+			for p := f.data; len(p) > 0; {
+				n := min(len(p), 7777)
+				if _, err := fw.Write(p[:n]); err != nil {
+					errs <- err
+					return
+				}
+				p = p[n:]
+			}
+			errs <- fw.Close()
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// readAll reads a stream back into files.
+func readAll(data []byte) (map[string][]byte, *Reader, error) {
+	rd, err := NewReader(bytes.NewReader(data))
+	if err != nil {
+		return nil, nil, err
+	}
+	defer rd.Close()
+	out := map[string][]byte{}
+	for {
+		c, err := rd.Next()
+		if errors.Is(err, io.EOF) {
+			return out, rd, nil
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		if uint64(len(out[c.File])) != c.Offset {
+			return nil, nil, fmt.Errorf("chunk of %s at %d after %d bytes", c.File, c.Offset, len(out[c.File]))
+		}
+		out[c.File] = append(out[c.File], c.Data...)
+	}
+}
+
+func TestRoundTrip(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts WriterOptions
+	}{
+		{"zstd", WriterOptions{ChunkSize: 64 << 10}},
+		{"zstd level 3, one core", WriterOptions{ChunkSize: 100000, Level: 3, Concurrency: 1}},
+		{"none", WriterOptions{ChunkSize: 64 << 10, NoCompress: true}},
+		{"defaults", WriterOptions{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			files := testFiles(1, 1<<20)
+			data := write(t, files, tc.opts)
+			got, rd, err := readAll(data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range files {
+				if !bytes.Equal(got[f.name], f.data) {
+					t.Errorf("%s: %d bytes back, want %d", f.name, len(got[f.name]), len(f.data))
+				}
+			}
+			if rd.Manifest().GetJob() != "j" {
+				t.Errorf("manifest %v", rd.Manifest())
+			}
+			tr := rd.Trailer()
+			if len(tr.GetFiles()) != len(files) {
+				t.Fatalf("trailer lists %d files", len(tr.GetFiles()))
+			}
+			for i, fi := range tr.GetFiles() {
+				sum := sha256.Sum256(files[i].data)
+				if fi.GetName() != files[i].name || fi.GetSize() != uint64(len(files[i].data)) || !bytes.Equal(fi.GetSha256(), sum[:]) {
+					t.Errorf("index entry %d: %v", i, fi)
+				}
+			}
+			if !tc.opts.NoCompress && tr.GetStoredBytes() >= tr.GetRawBytes() {
+				t.Errorf("zstd stored %d of %d raw bytes", tr.GetStoredBytes(), tr.GetRawBytes())
+			}
+		})
+	}
+}
+
+// small is a stream small enough to damage at every byte.
+func small(t testing.TB) []byte {
+	return write(t, testFiles(2, 3000), WriterOptions{ChunkSize: 1000})
+}
+
+func TestTruncationAtEveryByte(t *testing.T) {
+	data := small(t)
+	for n := range len(data) {
+		_, _, err := readAll(data[:n])
+		if !errors.Is(err, ErrTruncated) {
+			t.Fatalf("stream cut at %d of %d bytes: %v, want ErrTruncated", n, len(data), err)
+		}
+	}
+}
+
+func TestFlippedByteEverywhere(t *testing.T) {
+	data := small(t)
+	for i := range data {
+		bad := bytes.Clone(data)
+		bad[i] ^= 0x20
+		_, _, err := readAll(bad)
+		if err == nil {
+			t.Fatalf("flipped byte %d of %d went unnoticed", i, len(data))
+		}
+		if !errors.Is(err, ErrCorrupt) && !errors.Is(err, ErrBadMagic) && !errors.Is(err, ErrUnsupportedVersion) &&
+			!errors.Is(err, ErrRecordTooLarge) && !errors.Is(err, ErrTruncated) {
+			t.Fatalf("flipped byte %d: unexpected error %v", i, err)
+		}
+	}
+}
+
+func TestHeaderChecks(t *testing.T) {
+	data := small(t)
+	future := bytes.Clone(data)
+	binary.LittleEndian.PutUint16(future[8:], Version+1)
+	if _, err := NewReader(bytes.NewReader(future)); !errors.Is(err, ErrUnsupportedVersion) {
+		t.Errorf("future version: %v", err)
+	}
+	if _, err := NewReader(bytes.NewReader([]byte("PK\x03\x04 not an image at all"))); !errors.Is(err, ErrBadMagic) {
+		t.Errorf("zip file: %v", err)
+	}
+	if _, err := NewReader(bytes.NewReader(nil)); !errors.Is(err, ErrTruncated) {
+		t.Errorf("empty input: %v", err)
+	}
+	huge := bytes.Clone(data)
+	binary.LittleEndian.PutUint32(huge[HeaderSize:], maxHeaderLen+1)
+	if _, err := NewReader(bytes.NewReader(huge)); !errors.Is(err, ErrRecordTooLarge) {
+		t.Errorf("oversized record header: %v", err)
+	}
+	extra := append(bytes.Clone(data), 0)
+	if _, _, err := readAll(extra); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("byte after the footer: %v", err)
+	}
+}
+
+func TestWriterMisuse(t *testing.T) {
+	var buf bytes.Buffer
+	w, err := NewWriter(&buf, &pb.Manifest{}, WriterOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Create("open.img"); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err == nil {
+		t.Error("Close with an unclosed file succeeded")
+	}
+	if _, err := NewWriter(&buf, &pb.Manifest{}, WriterOptions{ChunkSize: maxChunkRaw + 1}); !errors.Is(err, ErrRecordTooLarge) {
+		t.Errorf("oversized chunk size: %v", err)
+	}
+}
+
+// TestWriteSeedCorpus keeps testdata/fuzz in step with the format; run
+// with FERRY_WRITE_CORPUS=1 to regenerate.
+func TestWriteSeedCorpus(t *testing.T) {
+	if os.Getenv("FERRY_WRITE_CORPUS") == "" {
+		t.Skip("set FERRY_WRITE_CORPUS=1 to regenerate the fuzz seed corpus")
+	}
+	dir := filepath.Join("testdata", "fuzz", "FuzzReader")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, data := range map[string][]byte{
+		"small-zstd": small(t),
+		"small-none": write(t, testFiles(3, 2000), WriterOptions{ChunkSize: 700, NoCompress: true}),
+	} {
+		content := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", data)
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// FuzzReader: no input may crash the reader, allocate past the limits, or
+// be accepted unless it is a well-formed stream that reads back the same.
+func FuzzReader(f *testing.F) {
+	f.Add(small(f))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		files, _, err := readAll(data)
+		if err != nil {
+			return
+		}
+		// Accepted: writing the same files again must give a stream that
+		// reads back equal.
+		var total int
+		for _, d := range files {
+			total += len(d)
+		}
+		if total > 1<<26 {
+			t.Fatalf("accepted %d bytes of file data from %d bytes of input", total, len(data))
+		}
+	})
+}

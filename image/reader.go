@@ -1,0 +1,290 @@
+package image
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+
+	"github.com/klauspost/compress/zstd"
+	gproto "google.golang.org/protobuf/proto"
+
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// Chunk is a piece of one file, checked and decompressed.
+type Chunk struct {
+	File   string
+	Offset uint64
+	Data   []byte
+}
+
+// Reader reads an image stream front to back, checking every record
+// before handing out its data, and the trailer and footer at the end.
+type Reader struct {
+	r        *bufio.Reader
+	off      uint64
+	digest   hash.Hash
+	manifest *pb.Manifest
+	trailer  *pb.Trailer
+	files    []*readFile
+	dec      *zstd.Decoder
+	done     bool
+}
+
+type readFile struct {
+	name   string
+	size   uint64
+	ended  bool
+	chunks uint32
+	sum    hash.Hash
+	start  uint64
+}
+
+// NewReader checks the header and reads the manifest.
+func NewReader(r io.Reader) (*Reader, error) {
+	rd := &Reader{r: bufio.NewReaderSize(r, 64<<10), digest: sha256.New()}
+	var hdr [HeaderSize]byte
+	if err := rd.read(hdr[:]); err != nil {
+		return nil, err
+	}
+	if string(hdr[:8]) != Magic {
+		return nil, ErrBadMagic
+	}
+	if v := binary.LittleEndian.Uint16(hdr[8:]); v != Version {
+		return nil, fmt.Errorf("version %d, this ferry reads %d: %w", v, Version, ErrUnsupportedVersion)
+	}
+	if f := binary.LittleEndian.Uint16(hdr[10:]); f&^flagsKnown != 0 || binary.LittleEndian.Uint32(hdr[12:]) != 0 {
+		return nil, fmt.Errorf("unknown header flags %#x: %w", f, ErrCorrupt)
+	}
+	h, payload, err := rd.record()
+	if err != nil {
+		return nil, err
+	}
+	if h.GetKind() != pb.RecordHeader_MANIFEST {
+		return nil, fmt.Errorf("first record is %s, not the manifest: %w", h.GetKind(), ErrCorrupt)
+	}
+	rd.manifest = &pb.Manifest{}
+	if err := gproto.Unmarshal(payload, rd.manifest); err != nil {
+		return nil, fmt.Errorf("manifest: %w: %w", ErrCorrupt, err)
+	}
+	return rd, nil
+}
+
+// Manifest is the stream's manifest.
+func (rd *Reader) Manifest() *pb.Manifest { return rd.manifest }
+
+// Trailer is the stream's index; it is known once Next returned io.EOF.
+func (rd *Reader) Trailer() *pb.Trailer { return rd.trailer }
+
+// Close releases the decoder.
+func (rd *Reader) Close() {
+	if rd.dec != nil {
+		rd.dec.Close()
+	}
+}
+
+// read fills b from the stream, hashing and counting it; an early end is
+// ErrTruncated.
+func (rd *Reader) read(b []byte) error {
+	if _, err := io.ReadFull(rd.r, b); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return fmt.Errorf("at byte %d: %w", rd.off, ErrTruncated)
+		}
+		return fmt.Errorf("reading image: %w", err)
+	}
+	rd.digest.Write(b)
+	rd.off += uint64(len(b))
+	return nil
+}
+
+// readN reads n bytes, growing its buffer only as data arrives, so that a
+// lying length costs no more memory than the stream really holds.
+func (rd *Reader) readN(n int) ([]byte, error) {
+	const step = 1 << 20
+	buf := make([]byte, 0, min(n, step))
+	for len(buf) < n {
+		k := min(n-len(buf), step)
+		buf = append(buf, make([]byte, k)...)
+		if err := rd.read(buf[len(buf)-k:]); err != nil {
+			return nil, err
+		}
+	}
+	return buf, nil
+}
+
+// record reads and checks one record.
+func (rd *Reader) record() (*pb.RecordHeader, []byte, error) {
+	at := rd.off
+	var fr [frameSize]byte
+	if err := rd.read(fr[:]); err != nil {
+		return nil, nil, err
+	}
+	n := binary.LittleEndian.Uint32(fr[0:])
+	if n == 0 || n > maxHeaderLen {
+		return nil, nil, fmt.Errorf("record header of %d bytes at byte %d (limit %d): %w", n, at, maxHeaderLen, ErrRecordTooLarge)
+	}
+	hb := make([]byte, n)
+	if err := rd.read(hb); err != nil {
+		return nil, nil, err
+	}
+	if crc(hb) != binary.LittleEndian.Uint32(fr[4:]) {
+		return nil, nil, fmt.Errorf("record header at byte %d fails its checksum: %w", at, ErrCorrupt)
+	}
+	h := &pb.RecordHeader{}
+	if err := gproto.Unmarshal(hb, h); err != nil {
+		return nil, nil, fmt.Errorf("record header at byte %d: %w: %w", at, ErrCorrupt, err)
+	}
+	limit := uint32(maxPayloadLen)
+	if k := h.GetKind(); k == pb.RecordHeader_MANIFEST || k == pb.RecordHeader_TRAILER {
+		limit = maxMetaLen
+	}
+	if h.GetPayloadLen() > limit {
+		return nil, nil, fmt.Errorf("payload of %d bytes at byte %d (limit %d): %w", h.GetPayloadLen(), at, limit, ErrRecordTooLarge)
+	}
+	var payload []byte
+	if h.GetPayloadLen() > 0 {
+		var err error
+		if payload, err = rd.readN(int(h.GetPayloadLen())); err != nil {
+			return nil, nil, err
+		}
+		if crc(payload) != h.GetPayloadCrc32C() {
+			return nil, nil, fmt.Errorf("payload at byte %d fails its checksum: %w", at, ErrCorrupt)
+		}
+	}
+	return h, payload, nil
+}
+
+// Next returns the next chunk of file data, in stream order, or io.EOF
+// once the trailer and footer have been read and every check passed.
+func (rd *Reader) Next() (*Chunk, error) {
+	for !rd.done {
+		at := rd.off
+		before := rd.digest.Sum(nil)
+		h, payload, err := rd.record()
+		if err != nil {
+			return nil, err
+		}
+		switch h.GetKind() {
+		case pb.RecordHeader_FILE:
+			if int(h.GetFile()) != len(rd.files) || len(rd.files) >= maxFiles {
+				return nil, fmt.Errorf("file %d declared out of order at byte %d: %w", h.GetFile(), at, ErrCorrupt)
+			}
+			rd.files = append(rd.files, &readFile{name: h.GetName(), sum: sha256.New(), start: at})
+		case pb.RecordHeader_CHUNK:
+			f, err := rd.file(h, at)
+			if err != nil {
+				return nil, err
+			}
+			if h.GetOffset() != f.size {
+				return nil, fmt.Errorf("chunk of %q at offset %d, expected %d: %w", f.name, h.GetOffset(), f.size, ErrCorrupt)
+			}
+			data, err := rd.decode(h, payload)
+			if err != nil {
+				return nil, fmt.Errorf("chunk of %q at byte %d: %w", f.name, at, err)
+			}
+			f.size += uint64(len(data))
+			f.chunks++
+			f.sum.Write(data)
+			return &Chunk{File: f.name, Offset: h.GetOffset(), Data: data}, nil
+		case pb.RecordHeader_FILE_END:
+			f, err := rd.file(h, at)
+			if err != nil {
+				return nil, err
+			}
+			if h.GetOffset() != f.size {
+				return nil, fmt.Errorf("%q ends at %d, its chunks hold %d bytes: %w", f.name, h.GetOffset(), f.size, ErrCorrupt)
+			}
+			f.ended = true
+		case pb.RecordHeader_TRAILER:
+			if err := rd.finish(at, before, payload); err != nil {
+				return nil, err
+			}
+			rd.done = true
+		default:
+			return nil, fmt.Errorf("record of kind %s at byte %d: %w", h.GetKind(), at, ErrCorrupt)
+		}
+	}
+	return nil, io.EOF
+}
+
+func (rd *Reader) file(h *pb.RecordHeader, at uint64) (*readFile, error) {
+	i := int(h.GetFile())
+	if i >= len(rd.files) {
+		return nil, fmt.Errorf("record at byte %d names undeclared file %d: %w", at, i, ErrCorrupt)
+	}
+	f := rd.files[i]
+	if f.ended {
+		return nil, fmt.Errorf("record at byte %d for %q after its end: %w", at, f.name, ErrCorrupt)
+	}
+	return f, nil
+}
+
+func (rd *Reader) decode(h *pb.RecordHeader, payload []byte) ([]byte, error) {
+	if h.GetRawLen() > maxChunkRaw {
+		return nil, fmt.Errorf("chunk of %d raw bytes: %w", h.GetRawLen(), ErrRecordTooLarge)
+	}
+	var data []byte
+	switch h.GetCompression() {
+	case pb.Compression_COMPRESSION_NONE:
+		data = payload
+	case pb.Compression_COMPRESSION_ZSTD:
+		if rd.dec == nil {
+			dec, err := zstd.NewReader(nil, zstd.WithDecoderMaxMemory(maxChunkRaw), zstd.WithDecoderConcurrency(1))
+			if err != nil {
+				return nil, err
+			}
+			rd.dec = dec
+		}
+		var err error
+		data, err = rd.dec.DecodeAll(payload, make([]byte, 0, h.GetRawLen()))
+		if err != nil {
+			return nil, fmt.Errorf("%w: zstd: %w", ErrCorrupt, err)
+		}
+	default:
+		return nil, fmt.Errorf("compression %d: %w", h.GetCompression(), ErrCorrupt)
+	}
+	if uint32(len(data)) != h.GetRawLen() {
+		return nil, fmt.Errorf("%d bytes, header says %d: %w", len(data), h.GetRawLen(), ErrCorrupt)
+	}
+	return data, nil
+}
+
+// finish checks the trailer against what was read, then the footer, and
+// that nothing follows.
+func (rd *Reader) finish(at uint64, digest, payload []byte) error {
+	t := &pb.Trailer{}
+	if err := gproto.Unmarshal(payload, t); err != nil {
+		return fmt.Errorf("trailer: %w: %w", ErrCorrupt, err)
+	}
+	if !bytes.Equal(t.GetStreamSha256(), digest) {
+		return fmt.Errorf("stream digest does not match the trailer's: %w", ErrCorrupt)
+	}
+	if len(t.GetFiles()) != len(rd.files) {
+		return fmt.Errorf("trailer lists %d files, the stream has %d: %w", len(t.GetFiles()), len(rd.files), ErrCorrupt)
+	}
+	for i, fi := range t.GetFiles() {
+		f := rd.files[i]
+		if !f.ended || fi.GetName() != f.name || fi.GetSize() != f.size || fi.GetChunks() != f.chunks ||
+			fi.GetFirstRecord() != f.start || !bytes.Equal(fi.GetSha256(), f.sum.Sum(nil)) {
+			return fmt.Errorf("file %q disagrees with the trailer's index: %w", f.name, ErrCorrupt)
+		}
+	}
+	recLen := rd.off - at
+	var foot [FooterSize]byte
+	if err := rd.read(foot[:]); err != nil {
+		return err
+	}
+	if string(foot[12:]) != FooterMagic || binary.LittleEndian.Uint64(foot[0:]) != at || uint64(binary.LittleEndian.Uint32(foot[8:])) != recLen {
+		return fmt.Errorf("footer does not point at the trailer: %w", ErrCorrupt)
+	}
+	if _, err := rd.r.ReadByte(); !errors.Is(err, io.EOF) {
+		return fmt.Errorf("data after the footer: %w", ErrCorrupt)
+	}
+	rd.trailer = t
+	return nil
+}

@@ -1,0 +1,367 @@
+package image
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"github.com/klauspost/compress/zstd"
+	gproto "google.golang.org/protobuf/proto"
+
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// WriterOptions says how to write. The zero value compresses with zstd's
+// fastest level on every core in 4 MiB chunks.
+type WriterOptions struct {
+	Compression pb.Compression // COMPRESSION_ZSTD (default) or COMPRESSION_NONE
+	NoCompress  bool           // shorthand for COMPRESSION_NONE
+	Level       int            // zstd level 1 (fastest, default) to 4 (best)
+	Concurrency int            // chunks compressed at once; default GOMAXPROCS
+	ChunkSize   int            // raw bytes per chunk; default DefaultChunkSize
+}
+
+// Writer writes one image stream. Files may be written from several
+// goroutines at once; records reach the stream in the order they were
+// submitted, each chunk compressed in parallel with the others.
+type Writer struct {
+	out   io.Writer
+	opts  WriterOptions
+	enc   *zstd.Encoder
+	queue chan *pending
+	sem   chan struct{}
+	done  chan error
+
+	mu      sync.Mutex
+	files   []*FileWriter
+	closed  bool
+	failed  error
+	written uint64 // set by the writing goroutine only
+	stored  uint64 // likewise
+	raw     atomic.Uint64
+	digest  hash.Hash
+}
+
+// pending is one record on its way to the stream.
+type pending struct {
+	ready  chan struct{}
+	record []byte
+	err    error
+	file   *FileWriter // for FILE records: where the file starts
+	stored uint64      // for CHUNK records: payload bytes
+}
+
+// NewWriter writes the header and the manifest to w and returns a Writer
+// for the files.
+func NewWriter(w io.Writer, m *pb.Manifest, opts WriterOptions) (*Writer, error) {
+	if opts.NoCompress {
+		opts.Compression = pb.Compression_COMPRESSION_NONE
+	} else if opts.Compression == pb.Compression_COMPRESSION_NONE {
+		opts.Compression = pb.Compression_COMPRESSION_ZSTD
+	}
+	if opts.Concurrency <= 0 {
+		opts.Concurrency = runtime.GOMAXPROCS(0)
+	}
+	if opts.ChunkSize <= 0 {
+		opts.ChunkSize = DefaultChunkSize
+	}
+	if opts.ChunkSize > maxChunkRaw {
+		return nil, fmt.Errorf("chunk size %d over %d: %w", opts.ChunkSize, maxChunkRaw, ErrRecordTooLarge)
+	}
+	wr := &Writer{
+		out:    w,
+		opts:   opts,
+		queue:  make(chan *pending, 2*opts.Concurrency),
+		sem:    make(chan struct{}, opts.Concurrency),
+		done:   make(chan error, 1),
+		digest: sha256.New(),
+	}
+	if opts.Compression == pb.Compression_COMPRESSION_ZSTD {
+		level := zstd.SpeedFastest
+		if opts.Level > 1 {
+			level = zstd.EncoderLevelFromZstd(opts.Level)
+		}
+		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(opts.Concurrency))
+		if err != nil {
+			return nil, fmt.Errorf("zstd: %w", err)
+		}
+		wr.enc = enc
+	}
+	var hdr [HeaderSize]byte
+	copy(hdr[:], Magic)
+	binary.LittleEndian.PutUint16(hdr[8:], Version)
+	binary.LittleEndian.PutUint16(hdr[10:], flagsKnown)
+	if err := wr.emit(hdr[:]); err != nil {
+		return nil, err
+	}
+	payload, err := gproto.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("encoding manifest: %w", err)
+	}
+	if len(payload) > maxMetaLen {
+		return nil, fmt.Errorf("manifest of %d bytes: %w", len(payload), ErrRecordTooLarge)
+	}
+	rec, err := frame(&pb.RecordHeader{Kind: pb.RecordHeader_MANIFEST}, payload)
+	if err != nil {
+		return nil, err
+	}
+	if err := wr.emit(rec); err != nil {
+		return nil, err
+	}
+	go wr.drain()
+	return wr, nil
+}
+
+// emit writes b, counting and hashing it.
+func (wr *Writer) emit(b []byte) error {
+	if _, err := wr.out.Write(b); err != nil {
+		return fmt.Errorf("writing image: %w", err)
+	}
+	wr.digest.Write(b)
+	wr.written += uint64(len(b))
+	return nil
+}
+
+// drain writes records in submission order as they become ready.
+func (wr *Writer) drain() {
+	var err error
+	for p := range wr.queue {
+		<-p.ready
+		if err != nil {
+			continue // keep receiving so submitters never block
+		}
+		if p.err != nil {
+			err = p.err
+			continue
+		}
+		if p.file != nil {
+			p.file.firstRecord = wr.written
+		}
+		wr.stored += p.stored
+		err = wr.emit(p.record)
+	}
+	wr.done <- err
+}
+
+// submit queues a record; work, if any, runs concurrently and fills it.
+func (wr *Writer) submit(p *pending, work func(*pending)) error {
+	wr.mu.Lock()
+	defer wr.mu.Unlock()
+	if wr.closed {
+		return errors.New("image writer is closed")
+	}
+	if wr.failed != nil {
+		return wr.failed
+	}
+	wr.queue <- p
+	if work == nil {
+		close(p.ready)
+		return nil
+	}
+	wr.sem <- struct{}{}
+	go func() {
+		defer func() { <-wr.sem }()
+		work(p)
+		close(p.ready)
+	}()
+	return nil
+}
+
+// frame encodes one record: length, CRC of the header, header, payload.
+func frame(h *pb.RecordHeader, payload []byte) ([]byte, error) {
+	h.PayloadLen = uint32(len(payload))
+	if len(payload) > 0 {
+		h.PayloadCrc32C = crc(payload)
+	}
+	hb, err := gproto.Marshal(h)
+	if err != nil {
+		return nil, fmt.Errorf("encoding record header: %w", err)
+	}
+	rec := make([]byte, frameSize, frameSize+len(hb)+len(payload))
+	binary.LittleEndian.PutUint32(rec[0:], uint32(len(hb)))
+	binary.LittleEndian.PutUint32(rec[4:], crc(hb))
+	rec = append(rec, hb...)
+	return append(rec, payload...), nil
+}
+
+// FileWriter writes one file of the image; it is an io.WriteCloser.
+type FileWriter struct {
+	wr          *Writer
+	index       uint32
+	name        string
+	buf         []byte
+	size        uint64
+	chunks      uint32
+	sum         hash.Hash
+	closed      bool
+	firstRecord uint64
+	storedBytes atomic.Uint64
+	mu          sync.Mutex
+}
+
+// Create starts a file named name.
+func (wr *Writer) Create(name string) (*FileWriter, error) {
+	wr.mu.Lock()
+	n := len(wr.files)
+	wr.mu.Unlock()
+	if n >= maxFiles {
+		return nil, fmt.Errorf("more than %d files: %w", maxFiles, ErrRecordTooLarge)
+	}
+	fw := &FileWriter{wr: wr, name: name, sum: sha256.New()}
+	wr.mu.Lock()
+	fw.index = uint32(len(wr.files))
+	wr.files = append(wr.files, fw)
+	wr.mu.Unlock()
+	rec, err := frame(&pb.RecordHeader{Kind: pb.RecordHeader_FILE, File: fw.index, Name: name}, nil)
+	if err != nil {
+		return nil, err
+	}
+	return fw, wr.submit(&pending{ready: make(chan struct{}), record: rec, file: fw}, nil)
+}
+
+// Write buffers p and submits every full chunk.
+func (fw *FileWriter) Write(p []byte) (int, error) {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.closed {
+		return 0, fmt.Errorf("image file %q is closed", fw.name)
+	}
+	n := len(p)
+	cs := fw.wr.opts.ChunkSize
+	for len(p) > 0 {
+		if fw.buf == nil {
+			fw.buf = make([]byte, 0, cs)
+		}
+		take := min(cs-len(fw.buf), len(p))
+		fw.buf = append(fw.buf, p[:take]...)
+		p = p[take:]
+		if len(fw.buf) == cs {
+			if err := fw.flush(); err != nil {
+				return n - len(p), err
+			}
+		}
+	}
+	return n, nil
+}
+
+// ReadFrom lets io.Copy fill chunks directly.
+func (fw *FileWriter) ReadFrom(r io.Reader) (int64, error) {
+	var total int64
+	buf := make([]byte, 1<<20)
+	for {
+		k, err := r.Read(buf)
+		if k > 0 {
+			if _, werr := fw.Write(buf[:k]); werr != nil {
+				return total, werr
+			}
+			total += int64(k)
+		}
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// flush submits the buffered bytes as one chunk.
+func (fw *FileWriter) flush() error {
+	if len(fw.buf) == 0 {
+		return nil
+	}
+	data := fw.buf
+	fw.buf = nil
+	fw.sum.Write(data)
+	offset := fw.size
+	fw.size += uint64(len(data))
+	fw.chunks++
+	fw.wr.raw.Add(uint64(len(data)))
+	wr := fw.wr
+	return wr.submit(&pending{ready: make(chan struct{})}, func(p *pending) {
+		h := &pb.RecordHeader{Kind: pb.RecordHeader_CHUNK, File: fw.index, Offset: offset, RawLen: uint32(len(data)), Compression: wr.opts.Compression}
+		payload := data
+		if wr.enc != nil {
+			payload = wr.enc.EncodeAll(data, make([]byte, 0, len(data)/2))
+		}
+		p.stored = uint64(len(payload))
+		fw.storedBytes.Add(uint64(len(payload)))
+		p.record, p.err = frame(h, payload)
+	})
+}
+
+// Close submits the last chunk and the file's end.
+func (fw *FileWriter) Close() error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.closed {
+		return nil
+	}
+	if err := fw.flush(); err != nil {
+		return err
+	}
+	fw.closed = true
+	rec, err := frame(&pb.RecordHeader{Kind: pb.RecordHeader_FILE_END, File: fw.index, Offset: fw.size}, nil)
+	if err != nil {
+		return err
+	}
+	return fw.wr.submit(&pending{ready: make(chan struct{}), record: rec}, nil)
+}
+
+// Close waits for every record, then writes the trailer and the footer.
+// Every file must have been closed. The stream is complete only when
+// Close returns nil.
+func (wr *Writer) Close() error {
+	wr.mu.Lock()
+	if wr.closed {
+		wr.mu.Unlock()
+		return nil
+	}
+	wr.closed = true
+	files := append([]*FileWriter(nil), wr.files...)
+	wr.mu.Unlock()
+	close(wr.queue)
+	err := <-wr.done
+	if wr.enc != nil {
+		wr.enc.Close()
+	}
+	if err != nil {
+		return err
+	}
+	t := &pb.Trailer{RawBytes: wr.raw.Load(), StoredBytes: wr.stored, StreamSha256: wr.digest.Sum(nil)}
+	for _, fw := range files {
+		if !fw.closed {
+			return fmt.Errorf("image file %q was not closed", fw.name)
+		}
+		t.Files = append(t.Files, &pb.FileIndex{
+			File: fw.index, Name: fw.name, Size: fw.size, Stored: fw.storedBytes.Load(),
+			Chunks: fw.chunks, FirstRecord: fw.firstRecord, Sha256: fw.sum.Sum(nil),
+		})
+	}
+	payload, err := gproto.Marshal(t)
+	if err != nil {
+		return fmt.Errorf("encoding trailer: %w", err)
+	}
+	if len(payload) > maxMetaLen {
+		return fmt.Errorf("trailer of %d bytes: %w", len(payload), ErrRecordTooLarge)
+	}
+	rec, err := frame(&pb.RecordHeader{Kind: pb.RecordHeader_TRAILER}, payload)
+	if err != nil {
+		return err
+	}
+	at := wr.written
+	if err := wr.emit(rec); err != nil {
+		return err
+	}
+	var foot [FooterSize]byte
+	binary.LittleEndian.PutUint64(foot[0:], at)
+	binary.LittleEndian.PutUint32(foot[8:], uint32(len(rec)))
+	copy(foot[12:], FooterMagic)
+	return wr.emit(foot[:])
+}
