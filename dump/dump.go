@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -26,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
@@ -54,6 +56,11 @@ type Options struct {
 	LogDir string
 	// CgroupRoot is the cgroupfs mount point (default /sys/fs/cgroup).
 	CgroupRoot string
+	// Stream writes the checkpoint as one image stream (a .ferry file, or
+	// StreamTo when Output is "-") instead of a directory.
+	Stream   bool
+	StreamTo io.Writer
+	Image    image.WriterOptions
 }
 
 // Result describes a finished checkpoint.
@@ -338,12 +345,16 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if log == nil {
 		log = slog.Default()
 	}
-	out, err := filepath.Abs(opts.Output)
-	if err != nil {
-		return nil, err
-	}
-	if err := checkOutput(out, opts.Force); err != nil {
-		return nil, err
+	toPipe := opts.Output == "-"
+	out := opts.Output
+	if !toPipe {
+		var err error
+		if out, err = filepath.Abs(opts.Output); err != nil {
+			return nil, err
+		}
+		if err := checkOutput(out, opts.Force); err != nil {
+			return nil, err
+		}
 	}
 	// Walk and plan before stopping anything: a tree that cannot be
 	// checkpointed as asked is refused while it runs on untouched.
@@ -364,7 +375,11 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	}
 	outPipe, errPipe := pipeKey(1), pipeKey(2)
 
-	tmp, err := os.MkdirTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-")
+	tmpBase := filepath.Dir(out)
+	if toPipe {
+		tmpBase = ""
+	}
+	tmp, err := os.MkdirTemp(tmpBase, "."+filepath.Base(out)+".partial-")
 	if err != nil {
 		return nil, fmt.Errorf("creating checkpoint directory: %w", err)
 	}
@@ -518,7 +533,18 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			}
 		}
 	}
-	if res.Size, err = finish(tmp, out, m, opts.Force); err != nil {
+	m.Inventory, _ = json.Marshal(inv)
+	m.Plan, _ = json.Marshal(plan)
+	if res.CriuStats != nil {
+		m.CriuStats, _ = json.Marshal(res.CriuStats)
+	}
+	if opts.Stream {
+		res.Size, err = finishStream(tmp, out, m, opts)
+		os.RemoveAll(tmp)
+	} else {
+		res.Size, err = finish(tmp, out, m, opts.Force)
+	}
+	if err != nil {
 		return nil, err
 	}
 	res.Frozen = time.Since(freezeStart)
@@ -565,6 +591,83 @@ func checkOutput(out string, force bool) error {
 // finish fsyncs every image, writes the manifest, and moves the
 // checkpoint into place: after it returns, the checkpoint survives a crash.
 func finish(tmp, out string, m *checkpoint.Manifest, force bool) (int64, error) {
+	total, err := seal(tmp, m, true)
+	if err != nil {
+		return 0, err
+	}
+	if err := syncDir(tmp); err != nil {
+		return 0, err
+	}
+	if force {
+		if err := os.RemoveAll(out); err != nil {
+			return 0, fmt.Errorf("replacing %q: %w", out, err)
+		}
+	}
+	if err := os.Rename(tmp, out); err != nil {
+		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
+	}
+	return total, syncDir(filepath.Dir(out))
+}
+
+// finishStream packs the checkpoint in tmp into one image stream: to
+// opts.StreamTo for "-", else to a file created beside out, fsynced and
+// renamed into place. It returns the stream's size.
+func finishStream(tmp, out string, m *checkpoint.Manifest, opts Options) (int64, error) {
+	if _, err := seal(tmp, m, false); err != nil {
+		return 0, err
+	}
+	if out == "-" {
+		cw := &countingWriter{w: opts.StreamTo}
+		if _, _, err := checkpoint.Pack(tmp, cw, m, opts.Image); err != nil {
+			return 0, fmt.Errorf("writing the checkpoint to standard output: %w", err)
+		}
+		return cw.n, nil
+	}
+	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-*")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(f.Name()) // no-op once renamed
+	defer f.Close()
+	if err := f.Chmod(0o600); err != nil {
+		return 0, err
+	}
+	cw := &countingWriter{w: f}
+	if _, _, err := checkpoint.Pack(tmp, cw, m, opts.Image); err != nil {
+		return 0, fmt.Errorf("writing %s: %w", out, err)
+	}
+	if err := f.Sync(); err != nil {
+		return 0, fmt.Errorf("syncing %s: %w", out, err)
+	}
+	if err := f.Close(); err != nil {
+		return 0, err
+	}
+	if opts.Force {
+		if err := os.RemoveAll(out); err != nil {
+			return 0, fmt.Errorf("replacing %q: %w", out, err)
+		}
+	}
+	if err := os.Rename(f.Name(), out); err != nil {
+		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
+	}
+	return cw.n, syncDir(filepath.Dir(out))
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// seal makes the images 0600 (CRIU creates them 0644; they hold process
+// memory), records their sizes in m, writes the manifest beside them, and
+// with sync fsyncs it all. It returns the bytes of the checkpoint.
+func seal(tmp string, m *checkpoint.Manifest, sync bool) (int64, error) {
 	entries, err := os.ReadDir(tmp)
 	if err != nil {
 		return 0, err
@@ -582,10 +685,9 @@ func finish(tmp, out string, m *checkpoint.Manifest, force bool) (int64, error) 
 		}
 		st, err := f.Stat()
 		if err == nil {
-			// CRIU creates images 0644; they hold process memory.
 			err = f.Chmod(0o600)
 		}
-		if err == nil {
+		if err == nil && sync {
 			err = f.Sync()
 		}
 		f.Close()
@@ -603,7 +705,7 @@ func finish(tmp, out string, m *checkpoint.Manifest, force bool) (int64, error) 
 	if err != nil {
 		return 0, err
 	}
-	if _, err := mf.Write(append(data, '\n')); err == nil {
+	if _, err := mf.Write(append(data, '\n')); err == nil && sync {
 		err = mf.Sync()
 	}
 	if cerr := mf.Close(); err == nil {
@@ -612,19 +714,7 @@ func finish(tmp, out string, m *checkpoint.Manifest, force bool) (int64, error) 
 	if err != nil {
 		return 0, fmt.Errorf("writing manifest: %w", err)
 	}
-	total += int64(len(data) + 1)
-	if err := syncDir(tmp); err != nil {
-		return 0, err
-	}
-	if force {
-		if err := os.RemoveAll(out); err != nil {
-			return 0, fmt.Errorf("replacing %q: %w", out, err)
-		}
-	}
-	if err := os.Rename(tmp, out); err != nil {
-		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
-	}
-	return total, syncDir(filepath.Dir(out))
+	return total + int64(len(data)+1), nil
 }
 
 func syncDir(dir string) error {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"os"
 
 	"github.com/klauspost/compress/zstd"
 	gproto "google.golang.org/protobuf/proto"
@@ -287,4 +288,62 @@ func (rd *Reader) finish(at uint64, digest, payload []byte) error {
 	}
 	rd.trailer = t
 	return nil
+}
+
+// ReadIndex reads only the manifest (at the start) and the trailer (found
+// through the footer at the end) of a stream in a file, checking both
+// records' checksums: enough to describe a checkpoint without reading it.
+func ReadIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, error) {
+	size, err := sizeOf(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	rd, err := NewReader(io.NewSectionReader(f, 0, size))
+	if err != nil {
+		return nil, nil, err
+	}
+	defer rd.Close()
+	if size < HeaderSize+FooterSize {
+		return nil, nil, ErrTruncated
+	}
+	var foot [FooterSize]byte
+	if _, err := f.ReadAt(foot[:], size-FooterSize); err != nil {
+		return nil, nil, fmt.Errorf("reading footer: %w", err)
+	}
+	if string(foot[12:]) != FooterMagic {
+		return nil, nil, fmt.Errorf("no footer (the stream may be truncated): %w", ErrTruncated)
+	}
+	at := binary.LittleEndian.Uint64(foot[0:])
+	n := binary.LittleEndian.Uint32(foot[8:])
+	if n > maxMetaLen+maxHeaderLen+frameSize || at+uint64(n)+FooterSize != uint64(size) {
+		return nil, nil, fmt.Errorf("footer points outside the stream: %w", ErrCorrupt)
+	}
+	tr := &Reader{r: bufio.NewReader(io.NewSectionReader(f, int64(at), int64(n))), digest: sha256.New(), off: at}
+	h, payload, err := tr.record()
+	if err != nil {
+		return nil, nil, err
+	}
+	if h.GetKind() != pb.RecordHeader_TRAILER {
+		return nil, nil, fmt.Errorf("footer does not point at the trailer: %w", ErrCorrupt)
+	}
+	t := &pb.Trailer{}
+	if err := gproto.Unmarshal(payload, t); err != nil {
+		return nil, nil, fmt.Errorf("trailer: %w: %w", ErrCorrupt, err)
+	}
+	return rd.Manifest(), t, nil
+}
+
+func sizeOf(f io.ReaderAt) (int64, error) {
+	type stater interface{ Stat() (os.FileInfo, error) }
+	if s, ok := f.(stater); ok {
+		st, err := s.Stat()
+		if err != nil {
+			return 0, err
+		}
+		return st.Size(), nil
+	}
+	if s, ok := f.(interface{ Size() int64 }); ok {
+		return s.Size(), nil
+	}
+	return 0, errors.New("cannot tell the stream's size")
 }

@@ -314,6 +314,13 @@ func (fw *FileWriter) Close() error {
 	return fw.wr.submit(&pending{ready: make(chan struct{}), record: rec}, nil)
 }
 
+// RawBytes is the total of the files' bytes; valid after Close.
+func (wr *Writer) RawBytes() uint64 { return wr.raw.Load() }
+
+// StoredBytes is what the chunks' payloads take in the stream; valid
+// after Close.
+func (wr *Writer) StoredBytes() uint64 { return wr.stored }
+
 // Close waits for every record, then writes the trailer and the footer.
 // Every file must have been closed. The stream is complete only when
 // Close returns nil.

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -30,7 +31,11 @@ const restoreTimeout = 5 * time.Minute
 // Options says how to restore. Name defaults to the checkpointed job's.
 type Options struct {
 	Criu       *criu.Binary
-	Checkpoint string
+	Checkpoint string    // a directory, a .ferry file, or "-" for Stdin
+	Stdin      io.Reader // the stream when Checkpoint is "-"
+	// UnpackDir is where a streamed checkpoint is unpacked (and checked,
+	// every chunk) before CRIU sees any of it; removed afterwards.
+	UnpackDir  string
 	Name       string
 	CgroupRoot string
 	Logger     *slog.Logger
@@ -42,6 +47,14 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 	dir, err := filepath.Abs(opts.Checkpoint)
 	if err != nil {
 		return nil, err
+	}
+	if checkpoint.IsStream(opts.Checkpoint) {
+		tmp, err := unpack(opts)
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(tmp)
+		dir = tmp
 	}
 	m, err := checkpoint.Load(dir)
 	if err != nil {
@@ -70,6 +83,32 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 		CgroupRoot: opts.CgroupRoot,
 		Logger:     opts.Logger,
 	})
+}
+
+// unpack checks and unpacks a streamed checkpoint into a new directory.
+func unpack(opts Options) (string, error) {
+	var r io.Reader = opts.Stdin
+	name := "standard input"
+	if opts.Checkpoint != "-" {
+		f, err := os.Open(opts.Checkpoint)
+		if err != nil {
+			return "", fmt.Errorf("%q: %w: %w", opts.Checkpoint, checkpoint.ErrNotCheckpoint, err)
+		}
+		defer f.Close()
+		r, name = f, opts.Checkpoint
+	}
+	if err := os.MkdirAll(opts.UnpackDir, 0o700); err != nil {
+		return "", err
+	}
+	tmp, err := os.MkdirTemp(opts.UnpackDir, "restore-")
+	if err != nil {
+		return "", err
+	}
+	if _, err := checkpoint.Unpack(r, tmp); err != nil {
+		os.RemoveAll(tmp)
+		return "", fmt.Errorf("reading checkpoint from %s: %w", name, err)
+	}
+	return tmp, nil
 }
 
 // Restorer is the job.Restorer the shim uses for ferry's own jobs: it runs

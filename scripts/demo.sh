@@ -11,7 +11,7 @@ MIB="${DEMO_MIB:-256}"
 TMP=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 export FERRY_ROOT="$TMP/state"
 JOB=demo
-CKPT="$TMP/demo.ckpt"
+CKPT="$TMP/demo.ferry"
 
 cleanup() {
   "$FERRY" kill --grace 1s "$JOB" >/dev/null 2>&1 || true
@@ -45,11 +45,15 @@ echo "count when frozen: $a, 1.5 s later: $b"
 "$FERRY" thaw "$JOB"
 wait_count "$b"
 
-step "checkpoint it to $CKPT (the job ends once the checkpoint is durable)"
+step "checkpoint it to $CKPT: one compressed, checksummed file (the job ends once it is durable)"
 "$FERRY" checkpoint -o "$CKPT" "$JOB"
 at=$(last_count)
 "$FERRY" list
-du -sh "$CKPT"
+ls -l "$CKPT"
+
+step "verify and inspect the checkpoint"
+"$FERRY" verify "$CKPT"
+"$FERRY" inspect "$CKPT" | sed -n 1,12p
 
 step "restore it: fresh PID namespace, same pids inside, same memory"
 "$FERRY" restore "$CKPT"

@@ -44,6 +44,8 @@ func newApp() *cli.App {
 			thawCommand,
 			checkpointCommand,
 			restoreCommand,
+			inspectCommand,
+			verifyCommand,
 			doctorCommand,
 		},
 		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {

@@ -17,6 +17,8 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 )
@@ -32,7 +34,10 @@ With --pid, checkpoints a tree that ferry did not start (CRIU seizes its
 tasks); "ferry restore" brings it back as a job under a new ferry init, with
 its original pids inside a fresh PID namespace.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "checkpoint to create (default: JOB.ckpt, or pid-PID.ckpt)"},
+		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "checkpoint to create: a .ferry file, - for standard output, or a directory (default: JOB.ferry, or pid-PID.ferry)"},
+		&cli.StringFlag{Name: "format", Value: "auto", Usage: "stream (one compressed, checksummed file), dir (CRIU's images in a directory), or auto (stream for .ferry and -)"},
+		&cli.StringFlag{Name: "compress", Value: "zstd", Usage: "compression of a stream: zstd or none"},
+		&cli.IntFlag{Name: "level", Value: 1, Usage: "zstd level, 1 (fastest) to 4"},
 		&cli.IntFlag{Name: "pid", Usage: "checkpoint the process tree rooted at `PID` instead of a job"},
 		&cli.BoolFlag{Name: "force", Usage: "replace the output if it exists"},
 		&cli.BoolFlag{Name: "leave-running", Usage: "keep the job running after the checkpoint"},
@@ -90,7 +95,11 @@ its original pids inside a fresh PID namespace.`,
 		}
 		out := c.String("output")
 		if out == "" {
-			out = name + ".ckpt"
+			out = name + checkpoint.StreamSuffix
+		}
+		stream, err := streamFormat(c, out)
+		if err != nil {
+			return err
 		}
 		ctx := c.Context
 		if d := c.Duration("timeout"); d > 0 {
@@ -111,6 +120,12 @@ its original pids inside a fresh PID namespace.`,
 			LogDir:         filepath.Join(s.Root, "logs"),
 			CgroupRoot:     c.String("cgroup-root"),
 			CriuLogLevel:   criuLogLevel(c),
+			Stream:         stream,
+			StreamTo:       c.App.Writer,
+			Image: image.WriterOptions{
+				NoCompress: c.String("compress") == "none",
+				Level:      c.Int("level"),
+			},
 		}
 		var res *dump.Result
 		if c.IsSet("pid") {
@@ -121,14 +136,21 @@ its original pids inside a fresh PID namespace.`,
 		if err != nil {
 			return withCode(err, exitCheckpoint)
 		}
+		// With -o - the checkpoint itself is on standard output.
+		summary := c.App.Writer
+		if out == "-" {
+			summary = c.App.ErrWriter
+		}
 		if c.Bool("json") {
-			return writeJSON(c, res)
+			enc := json.NewEncoder(summary)
+			enc.SetIndent("", "  ")
+			return enc.Encode(res)
 		}
 		ended := "ended"
 		if !res.JobEnded {
 			ended = "still running"
 		}
-		fmt.Fprintf(c.App.Writer, "checkpointed %s to %s: %d processes, %d threads, %s memory, %s on disk; frozen %s, total %s; job %s\n",
+		fmt.Fprintf(summary, "checkpointed %s to %s: %d processes, %d threads, %s memory, %s written; frozen %s, total %s; job %s\n",
 			res.Job, res.Output, res.Processes, res.Threads, humanBytes(res.Memory), humanBytes(res.Size),
 			res.Frozen.Round(time.Millisecond), res.Total.Round(time.Millisecond), ended)
 		return nil
@@ -210,4 +232,28 @@ func criuLogLevel(c *cli.Context) int {
 		return 4
 	}
 	return 2
+}
+
+// streamFormat decides between a stream and a directory checkpoint.
+func streamFormat(c *cli.Context, out string) (bool, error) {
+	switch c.String("compress") {
+	case "zstd", "none":
+	default:
+		return false, usageError{fmt.Errorf("unknown --compress %q (zstd or none)", c.String("compress"))}
+	}
+	if l := c.Int("level"); l < 1 || l > 4 {
+		return false, usageError{fmt.Errorf("--level %d out of range 1 to 4", l)}
+	}
+	switch c.String("format") {
+	case "stream":
+		return true, nil
+	case "dir":
+		if out == "-" {
+			return false, usageError{fmt.Errorf("a directory checkpoint cannot go to standard output")}
+		}
+		return false, nil
+	case "auto":
+		return out == "-" || strings.HasSuffix(out, checkpoint.StreamSuffix), nil
+	}
+	return false, usageError{fmt.Errorf("unknown --format %q (stream, dir or auto)", c.String("format"))}
 }

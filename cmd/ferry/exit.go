@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferry-cr/ferry/dump"
 	"github.com/ferry-cr/ferry/freezer"
+	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
@@ -63,6 +64,11 @@ var exitCodes = []struct {
 	{checkpoint.ErrIncomplete, exitBadCheckpoint},
 	{checkpoint.ErrUnsupportedVersion, exitBadCheckpoint},
 	{checkpoint.ErrExecutableChanged, exitRestore},
+	{image.ErrBadMagic, exitBadCheckpoint},
+	{image.ErrUnsupportedVersion, exitBadCheckpoint},
+	{image.ErrTruncated, exitBadCheckpoint},
+	{image.ErrCorrupt, exitBadCheckpoint},
+	{image.ErrRecordTooLarge, exitBadCheckpoint},
 	{fs.ErrExist, exitExists},
 	{dump.ErrNotCheckpointable, exitNotCheckpointable},
 	{dump.ErrBadOutput, exitBadOutput},

@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 
 	"github.com/urfave/cli/v2"
 
@@ -12,10 +14,12 @@ import (
 var restoreCommand = &cli.Command{
 	Name:      "restore",
 	Usage:     "bring a checkpoint back as a running job",
-	ArgsUsage: "CHECKPOINT",
+	ArgsUsage: "CHECKPOINT | -",
 	Description: `Restores the checkpoint into fresh PID and IPC namespaces, so its original
 pids never clash with the host's and one checkpoint can be restored twice
-side by side (give the second a --name). Prints the job's name.`,
+side by side (give the second a --name). CHECKPOINT is a .ferry file, "-"
+for standard input, or a checkpoint directory; a stream is checked whole
+before anything is restored. Prints the job's name.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "name", Usage: "job name (default: the checkpointed job's)"},
 	},
@@ -37,6 +41,8 @@ side by side (give the second a --name). Prints the job's name.`,
 		rec, err := restore.Job(c.Context, s, restore.Options{
 			Criu:       bin,
 			Checkpoint: c.Args().First(),
+			Stdin:      os.Stdin,
+			UnpackDir:  filepath.Join(s.Root, "unpack"),
 			Name:       c.String("name"),
 			CgroupRoot: c.String("cgroup-root"),
 			Logger:     slog.Default(),

@@ -82,6 +82,13 @@ type Manifest struct {
 	Processes   int   `json:"processes"`
 	Threads     int   `json:"threads"`
 	MemoryBytes int64 `json:"memoryBytes"` // pages written by CRIU
+	// Inventory and Plan are the walk and the plan of the dump (dump.Inventory
+	// and dump.Plan as JSON), CriuStats CRIU's own dump statistics: what
+	// `ferry inspect` shows without reading any image.
+	Inventory json.RawMessage `json:"inventory,omitempty"`
+	Plan      json.RawMessage `json:"plan,omitempty"`
+	CriuStats json.RawMessage `json:"criuStats,omitempty"`
+
 	// Files lists every file of the checkpoint with its size, so that a
 	// restore can tell a truncated checkpoint before touching anything.
 	Files map[string]int64 `json:"files"`

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/checkpoint"
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+var inspectCommand = &cli.Command{
+	Name:      "inspect",
+	Usage:     "show what a checkpoint holds: tree, memory, files, sockets, IPC, sizes",
+	ArgsUsage: "CHECKPOINT",
+	Description: `Reads only the manifest and, for a .ferry file, the index at its end
+(use "ferry verify" to check every chunk).`,
+	Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+	Action: func(c *cli.Context) error {
+		if err := exactArgs(c, 1, "CHECKPOINT"); err != nil {
+			return err
+		}
+		path := c.Args().First()
+		var m *checkpoint.Manifest
+		var files []*pb.FileIndex
+		var raw, stored uint64
+		if checkpoint.IsStream(path) {
+			f, err := os.Open(path)
+			if err != nil {
+				return fmt.Errorf("%q: %w: %w", path, checkpoint.ErrNotCheckpoint, err)
+			}
+			defer f.Close()
+			pm, t, err := image.ReadIndex(f)
+			if err != nil {
+				return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
+			}
+			m, files, raw, stored = checkpoint.FromProto(pm), t.GetFiles(), t.GetRawBytes(), t.GetStoredBytes()
+		} else {
+			var err error
+			if m, err = checkpoint.Load(path); err != nil {
+				return err
+			}
+			for name, size := range m.Files {
+				files = append(files, &pb.FileIndex{Name: name, Size: uint64(size), Stored: uint64(size)})
+				raw += uint64(size)
+			}
+			stored = raw
+		}
+		if c.Bool("json") {
+			return writeJSON(c, map[string]any{"manifest": m, "files": files, "rawBytes": raw, "storedBytes": stored})
+		}
+		w := c.App.Writer
+		fmt.Fprintf(w, "job %s: %s\n", m.Job, joinCmd(m.Command))
+		fmt.Fprintf(w, "taken %s on %s (kernel %s) by ferry %s with CRIU %s\n",
+			m.Created.Format(time.RFC3339), m.Host, m.Kernel, m.FerryVersion, m.CriuVersion)
+		fmt.Fprintf(w, "%d processes, %d threads, %s of memory; %s raw, %s stored",
+			m.Processes, m.Threads, humanBytes(m.MemoryBytes), humanBytes(int64(raw)), humanBytes(int64(stored)))
+		if raw > 0 && stored < raw {
+			fmt.Fprintf(w, " (%.0f%%)", 100*float64(stored)/float64(raw))
+		}
+		fmt.Fprintln(w)
+		if len(m.Inventory) > 0 {
+			var inv dump.Inventory
+			var plan dump.Plan
+			if json.Unmarshal(m.Inventory, &inv) == nil && json.Unmarshal(m.Plan, &plan) == nil {
+				printInventory(w, &inv, &plan)
+			}
+		}
+		printCriuStats(w, m.CriuStats)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "FILE\tSIZE\tSTORED")
+		for _, f := range files {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", f.GetName(), humanBytes(int64(f.GetSize())), humanBytes(int64(f.GetStored())))
+		}
+		return tw.Flush()
+	},
+}
+
+var verifyCommand = &cli.Command{
+	Name:      "verify",
+	Usage:     "check every chunk of a checkpoint file; exit 0 only if all match",
+	ArgsUsage: "CHECKPOINT | -",
+	Action: func(c *cli.Context) error {
+		if err := exactArgs(c, 1, "CHECKPOINT"); err != nil {
+			return err
+		}
+		path := c.Args().First()
+		if !checkpoint.IsStream(path) {
+			if _, err := checkpoint.Load(path); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.App.Writer, "%s: directory complete (file sizes match; directories carry no checksums)\n", path)
+			return nil
+		}
+		var r io.Reader = os.Stdin
+		if path != "-" {
+			f, err := os.Open(path)
+			if err != nil {
+				return fmt.Errorf("%q: %w: %w", path, checkpoint.ErrNotCheckpoint, err)
+			}
+			defer f.Close()
+			r = f
+		}
+		_, t, err := checkpoint.Verify(r)
+		if err != nil {
+			return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
+		}
+		fmt.Fprintf(c.App.Writer, "%s: ok, %d files, %s raw, %s stored, every chunk and the stream digest match\n",
+			path, len(t.GetFiles()), humanBytes(int64(t.GetRawBytes())), humanBytes(int64(t.GetStoredBytes())))
+		return nil
+	},
+}
+
+func printCriuStats(w io.Writer, raw json.RawMessage) {
+	if len(raw) == 0 {
+		return
+	}
+	var st struct {
+		// go-criu's stats.DumpStatsEntry, as encoding/json writes it.
+		FreezingTime uint32 `json:"freezing_time"`
+		FrozenTime   uint32 `json:"frozen_time"`
+		MemdumpTime  uint32 `json:"memdump_time"`
+		MemwriteTime uint32 `json:"memwrite_time"`
+		PagesScanned uint64 `json:"pages_scanned"`
+		PagesWritten uint64 `json:"pages_written"`
+	}
+	if json.Unmarshal(raw, &st) != nil {
+		return
+	}
+	fmt.Fprintf(w, "CRIU: frozen %dms (freezing %dms, memdump %dms, memwrite %dms), pages scanned %d, written %d\n",
+		st.FrozenTime/1000, st.FreezingTime/1000, st.MemdumpTime/1000, st.MemwriteTime/1000, st.PagesScanned, st.PagesWritten)
+}
+
+func joinCmd(cmd []string) string {
+	s := ""
+	for i, a := range cmd {
+		if i > 0 {
+			s += " "
+		}
+		s += a
+	}
+	return s
+}

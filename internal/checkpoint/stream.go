@@ -1,0 +1,213 @@
+package checkpoint
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-cr/ferry/image"
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// A checkpoint travels as a single image stream (package image): its
+// directory's files, ferry.json first, each compressed and checksummed.
+// Until CRIU's images are streamed straight from CRIU (--stream), a
+// checkpoint is dumped into a directory first and packed, and unpacked into
+// a directory before a restore.
+
+// StreamSuffix marks a checkpoint file (rather than a directory).
+const StreamSuffix = ".ferry"
+
+// IsStream reports whether path names a checkpoint file: "-" (a pipe), a
+// name ending in .ferry, or an existing regular file.
+func IsStream(path string) bool {
+	if path == "-" || strings.HasSuffix(path, StreamSuffix) {
+		return true
+	}
+	st, err := os.Stat(path)
+	return err == nil && st.Mode().IsRegular()
+}
+
+// Pack writes the checkpoint directory dir to w as an image stream and
+// returns the stream's trailer figures (raw and stored bytes).
+func Pack(dir string, w io.Writer, m *Manifest, opts image.WriterOptions) (raw, stored uint64, err error) {
+	names := make([]string, 0, len(m.Files)+1)
+	for name := range m.Files {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	names = append([]string{ManifestFile}, names...)
+	iw, err := image.NewWriter(w, toProto(m), opts)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, name := range names {
+		if err := packFile(iw, filepath.Join(dir, name), name); err != nil {
+			_ = iw.Close()
+			return 0, 0, err
+		}
+	}
+	if err := iw.Close(); err != nil {
+		return 0, 0, err
+	}
+	return iw.RawBytes(), iw.StoredBytes(), nil
+}
+
+func packFile(iw *image.Writer, path, name string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fw, err := iw.Create(name)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(fw, f); err != nil {
+		return fmt.Errorf("packing %s: %w", name, err)
+	}
+	return fw.Close()
+}
+
+// Unpack reads an image stream from r into the directory dir (which must
+// exist and be empty), checking every chunk, the trailer and the footer.
+// Only a stream that passes every check leaves its files behind; the
+// caller removes dir on error.
+func Unpack(r io.Reader, dir string) (*pb.Manifest, error) {
+	rd, err := image.NewReader(r)
+	if err != nil {
+		return nil, err
+	}
+	defer rd.Close()
+	files := map[string]*os.File{}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	for {
+		c, err := rd.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		f, ok := files[c.File]
+		if !ok {
+			if c.File != filepath.Base(c.File) || c.File == "." || c.File == ".." || strings.ContainsRune(c.File, 0) {
+				return nil, fmt.Errorf("file name %q in the stream: %w", c.File, image.ErrCorrupt)
+			}
+			f, err = os.OpenFile(filepath.Join(dir, c.File), os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+			if err != nil {
+				return nil, err
+			}
+			files[c.File] = f
+		}
+		if _, err := f.Write(c.Data); err != nil {
+			return nil, err
+		}
+	}
+	// Files without chunks (empty ones) exist too.
+	for _, fi := range rd.Trailer().GetFiles() {
+		if _, ok := files[fi.GetName()]; !ok {
+			if fi.GetName() != filepath.Base(fi.GetName()) {
+				return nil, fmt.Errorf("file name %q in the stream: %w", fi.GetName(), image.ErrCorrupt)
+			}
+			f, err := os.OpenFile(filepath.Join(dir, fi.GetName()), os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+			if err != nil {
+				return nil, err
+			}
+			files[fi.GetName()] = f
+		}
+	}
+	return rd.Manifest(), nil
+}
+
+// Verify reads a whole stream and reports the first problem, if any.
+func Verify(r io.Reader) (*pb.Manifest, *pb.Trailer, error) {
+	rd, err := image.NewReader(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer rd.Close()
+	for {
+		if _, err := rd.Next(); errors.Is(err, io.EOF) {
+			return rd.Manifest(), rd.Trailer(), nil
+		} else if err != nil {
+			return rd.Manifest(), nil, err
+		}
+	}
+}
+
+// toProto is the stream's manifest: what inspect shows without reading
+// the files.
+func toProto(m *Manifest) *pb.Manifest {
+	p := &pb.Manifest{
+		FerryVersion: m.FerryVersion, CriuVersion: m.CriuVersion, Kernel: m.Kernel, Host: m.Host,
+		CreatedUnixNano: m.Created.UnixNano(), Job: m.Job, Command: m.Command, Dir: m.Dir,
+		Foreign: m.Foreign, ExternalPidNs: m.ExternalPidNS, ShellJob: m.ShellJob,
+		OutputPipe: m.OutputPipe, ErrorPipe: m.ErrorPipe, TcpEstablished: m.TCPEstablished,
+		NetworkLock: m.NetworkLock, FileLocks: m.FileLocks, ExtUnixSk: m.ExtUnixSk,
+		Processes: int32(m.Processes), Threads: int32(m.Threads), MemoryBytes: m.MemoryBytes,
+		InventoryJson: m.Inventory, PlanJson: m.Plan, CriuStats: m.CriuStats,
+	}
+	p.CpuModel, p.CpuFlags = cpuInfo()
+	if m.Init != nil {
+		p.Init = &pb.Executable{Path: m.Init.Path, Size: m.Init.Size, Sha256: m.Init.SHA256}
+	}
+	return p
+}
+
+// FromProto reads back the manifest ferry.json carries, from a stream's
+// manifest record (for inspect, which reads no file).
+func FromProto(p *pb.Manifest) *Manifest {
+	m := &Manifest{
+		Format: FormatVersion, FerryVersion: p.GetFerryVersion(), CriuVersion: p.GetCriuVersion(),
+		Kernel: p.GetKernel(), Host: p.GetHost(), Job: p.GetJob(), Command: p.GetCommand(), Dir: p.GetDir(),
+		Foreign: p.GetForeign(), ExternalPidNS: p.GetExternalPidNs(), ShellJob: p.GetShellJob(),
+		TCPEstablished: p.GetTcpEstablished(), NetworkLock: p.GetNetworkLock(), FileLocks: p.GetFileLocks(),
+		ExtUnixSk: p.GetExtUnixSk(), Processes: int(p.GetProcesses()), Threads: int(p.GetThreads()),
+		MemoryBytes: p.GetMemoryBytes(), Inventory: p.GetInventoryJson(), Plan: p.GetPlanJson(), CriuStats: p.GetCriuStats(),
+		Created: time.Unix(0, p.GetCreatedUnixNano()).UTC(),
+	}
+	return m
+}
+
+// cpuInfo reads the CPU model and flags, which decide whether a
+// checkpoint can run on another host's CPU.
+func cpuInfo() (string, []string) {
+	data, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "", nil
+	}
+	var model string
+	var flags []string
+	for line := range strings.SplitSeq(string(data), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		switch strings.TrimSpace(k) {
+		case "model name":
+			if model == "" {
+				model = strings.TrimSpace(v)
+			}
+		case "flags":
+			if flags == nil {
+				flags = strings.Fields(v)
+			}
+		}
+		if model != "" && flags != nil {
+			break
+		}
+	}
+	return model, flags
+}

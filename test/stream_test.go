@@ -1,0 +1,116 @@
+package test
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestStreamCheckpoint: the single-file checkpoint, through a file and
+// through a pipe, with inspect and verify, and damaged files refused.
+func TestStreamCheckpoint(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	w := buildWorkload(t)
+	e.must("run", "--name", "mem", "--", w, "memory", "64")
+	e.waitLines("mem", "sum ", 1)
+	sum := e.lines("mem", "sum ")[0]
+
+	file := filepath.Join(t.TempDir(), "mem.ferry")
+	e.must("checkpoint", "--leave-running", "-o", file, "mem")
+	st, err := os.Stat(file)
+	if err != nil || !st.Mode().IsRegular() || st.Mode().Perm() != 0o600 {
+		t.Fatalf("checkpoint file: %v %v, want a 0600 file", err, st)
+	}
+	if !strings.Contains(e.must("verify", file), "ok") {
+		t.Fatal("verify of a good checkpoint did not say ok")
+	}
+	var info struct {
+		Manifest struct {
+			Job       string          `json:"job"`
+			Processes int             `json:"processes"`
+			Inventory json.RawMessage `json:"inventory"`
+		} `json:"manifest"`
+		RawBytes    uint64 `json:"rawBytes"`
+		StoredBytes uint64 `json:"storedBytes"`
+	}
+	if err := json.Unmarshal([]byte(e.must("inspect", "--json", file)), &info); err != nil {
+		t.Fatal(err)
+	}
+	if info.Manifest.Job != "mem" || info.Manifest.Processes < 2 || len(info.Manifest.Inventory) == 0 {
+		t.Errorf("inspect: %+v", info.Manifest)
+	}
+	// Half the workload is text: zstd must shrink the stream well below raw.
+	if info.StoredBytes == 0 || info.StoredBytes > info.RawBytes*3/4 {
+		t.Errorf("stored %d of %d raw bytes: not compressed", info.StoredBytes, info.RawBytes)
+	}
+	if text := e.must("inspect", file); !strings.Contains(text, "job mem") || !strings.Contains(text, "pages-") {
+		t.Errorf("inspect output:\n%s", text)
+	}
+
+	// Restore from the file: memory intact.
+	e.must("restore", "--name", "fromfile", file)
+	e.waitLines("fromfile", "verify ", len(e.lines("fromfile", "verify "))+1)
+	for _, l := range e.lines("fromfile", "verify ") {
+		if !strings.HasSuffix(l, sum) {
+			t.Fatalf("restored from file: %q, want sum %s", l, sum)
+		}
+	}
+
+	// Through a pipe: ferry checkpoint -o - | ferry restore -.
+	pipe := exec.Command("sh", "-c", `"$0" --root "$1" checkpoint --leave-running -o - mem | "$0" --root "$1" restore --name frompipe -`, ferryBin, e.root)
+	if out, err := pipe.CombinedOutput(); err != nil || !strings.Contains(string(out), "frompipe") {
+		t.Fatalf("checkpoint | restore: %v\n%s", err, out)
+	}
+	e.waitLines("frompipe", "verify ", len(e.lines("frompipe", "verify "))+1)
+	for _, l := range e.lines("frompipe", "verify ") {
+		if !strings.HasSuffix(l, sum) {
+			t.Fatalf("restored through a pipe: %q, want sum %s", l, sum)
+		}
+	}
+
+	// Damaged copies: a flipped byte in the middle, a truncated tail. Both
+	// are refused by verify and restore, before anything runs.
+	data, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flipped := filepath.Join(t.TempDir(), "flipped.ferry")
+	bad := append([]byte(nil), data...)
+	bad[len(bad)/2] ^= 0x01
+	if err := os.WriteFile(flipped, bad, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	truncated := filepath.Join(t.TempDir(), "truncated.ferry")
+	if err := os.WriteFile(truncated, data[:len(data)*2/3], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, path, want string }{
+		{"flipped", flipped, "corrupt"},
+		{"truncated", truncated, "truncated"},
+	} {
+		if r := e.ferry("verify", tc.path); r.code != 14 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("verify %s: %s", tc.name, r)
+		}
+		before, _ := os.ReadFile(tc.path)
+		if r := e.ferry("restore", "--name", "bad-"+tc.name, tc.path); r.code != 14 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("restore %s: %s", tc.name, r)
+		}
+		if after, _ := os.ReadFile(tc.path); string(after) != string(before) {
+			t.Errorf("restore changed the %s checkpoint", tc.name)
+		}
+		if _, ok := e.list()["bad-"+tc.name]; ok {
+			t.Errorf("refused restore of %s left a job", tc.name)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(e.root, "unpack")); len(entries) != 0 {
+		t.Errorf("restores left unpacked checkpoints: %v", entries)
+	}
+	// A stream to standard output is refused for a directory format.
+	if r := e.ferry("checkpoint", "--format", "dir", "-o", "-", "mem"); r.code != 2 {
+		t.Errorf("--format dir -o -: %s", r)
+	}
+}
