@@ -376,8 +376,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	outPipe, errPipe := pipeKey(1), pipeKey(2)
 
 	tmpBase := filepath.Dir(out)
-	if toPipe {
-		tmpBase = ""
+	if opts.Stream {
+		// CRIU's images only pass through on their way into the stream:
+		// keep them in memory when there is room.
+		tmpBase = scratchDir(inv.Memory.RSS, tmpBase, toPipe)
 	}
 	tmp, err := os.MkdirTemp(tmpBase, "."+filepath.Base(out)+".partial-")
 	if err != nil {
@@ -753,4 +755,19 @@ func networkLock(ctx context.Context, b *criu.Binary) rpc.CriuNetworkLockMethod 
 		return rpc.CriuNetworkLockMethod_NFTABLES
 	}
 	return rpc.CriuNetworkLockMethod_IPTABLES
+}
+
+// scratchDir picks where CRIU's images wait to be packed: tmpfs when it
+// has room for twice the tree's resident memory, else beside the output
+// (or the system's temporary directory for a pipe).
+func scratchDir(rss int64, besideOutput string, toPipe bool) string {
+	const shm = "/dev/shm"
+	var st unix.Statfs_t
+	if unix.Statfs(shm, &st) == nil && int64(st.Bavail)*int64(st.Bsize) > 2*rss+64<<20 {
+		return shm
+	}
+	if toPipe {
+		return os.TempDir()
+	}
+	return besideOutput
 }

@@ -38,6 +38,7 @@ type Writer struct {
 	sem   chan struct{}
 	done  chan error
 
+	bufs    sync.Pool
 	mu      sync.Mutex
 	files   []*FileWriter
 	closed  bool
@@ -50,9 +51,11 @@ type Writer struct {
 
 // pending is one record on its way to the stream.
 type pending struct {
-	ready  chan struct{}
-	record []byte
-	err    error
+	ready   chan struct{}
+	record  []byte // frame and header (and payload, for small records)
+	payload []byte // a chunk's payload, written after record, then recycled
+	recycle func()
+	err     error
 	file   *FileWriter // for FILE records: where the file starts
 	stored uint64      // for CHUNK records: payload bytes
 }
@@ -145,6 +148,12 @@ func (wr *Writer) drain() {
 		}
 		wr.stored += p.stored
 		err = wr.emit(p.record)
+		if err == nil && len(p.payload) > 0 {
+			err = wr.emit(p.payload)
+		}
+		if p.recycle != nil {
+			p.recycle()
+		}
 	}
 	wr.done <- err
 }
@@ -171,6 +180,23 @@ func (wr *Writer) submit(p *pending, work func(*pending)) error {
 		close(p.ready)
 	}()
 	return nil
+}
+
+// frameHead encodes a record's frame and header for payload, which the
+// caller writes right after it.
+func frameHead(h *pb.RecordHeader, payload []byte) ([]byte, error) {
+	h.PayloadLen = uint32(len(payload))
+	if len(payload) > 0 {
+		h.PayloadCrc32C = crc(payload)
+	}
+	hb, err := gproto.Marshal(h)
+	if err != nil {
+		return nil, fmt.Errorf("encoding record header: %w", err)
+	}
+	rec := make([]byte, frameSize, frameSize+len(hb))
+	binary.LittleEndian.PutUint32(rec[0:], uint32(len(hb)))
+	binary.LittleEndian.PutUint32(rec[4:], crc(hb))
+	return append(rec, hb...), nil
 }
 
 // frame encodes one record: length, CRC of the header, header, payload.
@@ -236,7 +262,7 @@ func (fw *FileWriter) Write(p []byte) (int, error) {
 	cs := fw.wr.opts.ChunkSize
 	for len(p) > 0 {
 		if fw.buf == nil {
-			fw.buf = make([]byte, 0, cs)
+			fw.buf = fw.wr.getBuf()
 		}
 		take := min(cs-len(fw.buf), len(p))
 		fw.buf = append(fw.buf, p[:take]...)
@@ -250,17 +276,26 @@ func (fw *FileWriter) Write(p []byte) (int, error) {
 	return n, nil
 }
 
-// ReadFrom lets io.Copy fill chunks directly.
+// ReadFrom lets io.Copy read straight into chunk buffers.
 func (fw *FileWriter) ReadFrom(r io.Reader) (int64, error) {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.closed {
+		return 0, fmt.Errorf("image file %q is closed", fw.name)
+	}
+	cs := fw.wr.opts.ChunkSize
 	var total int64
-	buf := make([]byte, 1<<20)
 	for {
-		k, err := r.Read(buf)
-		if k > 0 {
-			if _, werr := fw.Write(buf[:k]); werr != nil {
-				return total, werr
+		if fw.buf == nil {
+			fw.buf = fw.wr.getBuf()
+		}
+		k, err := r.Read(fw.buf[len(fw.buf):cs])
+		fw.buf = fw.buf[:len(fw.buf)+k]
+		total += int64(k)
+		if len(fw.buf) == cs {
+			if ferr := fw.flush(); ferr != nil {
+				return total, ferr
 			}
-			total += int64(k)
 		}
 		if errors.Is(err, io.EOF) {
 			return total, nil
@@ -268,6 +303,21 @@ func (fw *FileWriter) ReadFrom(r io.Reader) (int64, error) {
 		if err != nil {
 			return total, err
 		}
+	}
+}
+
+// getBuf and putBuf recycle chunk buffers: a checkpoint moves gigabytes
+// through a handful of them.
+func (wr *Writer) getBuf() []byte {
+	if b, ok := wr.bufs.Get().(*[]byte); ok {
+		return (*b)[:0]
+	}
+	return make([]byte, 0, wr.opts.ChunkSize)
+}
+
+func (wr *Writer) putBuf(b []byte) {
+	if cap(b) == wr.opts.ChunkSize {
+		wr.bufs.Put(&b)
 	}
 }
 
@@ -287,12 +337,23 @@ func (fw *FileWriter) flush() error {
 	return wr.submit(&pending{ready: make(chan struct{})}, func(p *pending) {
 		h := &pb.RecordHeader{Kind: pb.RecordHeader_CHUNK, File: fw.index, Offset: offset, RawLen: uint32(len(data)), Compression: wr.opts.Compression}
 		payload := data
+		p.recycle = func() { wr.putBuf(data) }
 		if wr.enc != nil {
-			payload = wr.enc.EncodeAll(data, make([]byte, 0, len(data)/2))
+			out := wr.getBuf()
+			if enc := wr.enc.EncodeAll(data, out); len(enc) < len(data) {
+				payload = enc
+				wr.putBuf(data) // done with the raw bytes
+				p.recycle = func() { wr.putBuf(out) }
+			} else {
+				// Incompressible (random) data is stored as it is.
+				h.Compression = pb.Compression_COMPRESSION_NONE
+				wr.putBuf(out)
+			}
 		}
 		p.stored = uint64(len(payload))
 		fw.storedBytes.Add(uint64(len(payload)))
-		p.record, p.err = frame(h, payload)
+		p.payload = payload
+		p.record, p.err = frameHead(h, payload)
 	})
 }
 

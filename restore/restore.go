@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/ferry-cr/ferry/internal/checkpoint"
@@ -97,10 +98,11 @@ func unpack(opts Options) (string, error) {
 		defer f.Close()
 		r, name = f, opts.Checkpoint
 	}
-	if err := os.MkdirAll(opts.UnpackDir, 0o700); err != nil {
+	base := unpackBase(opts)
+	if err := os.MkdirAll(base, 0o700); err != nil {
 		return "", err
 	}
-	tmp, err := os.MkdirTemp(opts.UnpackDir, "restore-")
+	tmp, err := os.MkdirTemp(base, "restore-")
 	if err != nil {
 		return "", err
 	}
@@ -109,6 +111,24 @@ func unpack(opts Options) (string, error) {
 		return "", fmt.Errorf("reading checkpoint from %s: %w", name, err)
 	}
 	return tmp, nil
+}
+
+// unpackBase is where a stream is unpacked: tmpfs when it surely has room
+// (four times the file, which covers zstd's usual ratio on process
+// memory; 4 GiB for a pipe of unknown length), else opts.UnpackDir.
+func unpackBase(opts Options) string {
+	const shm = "/dev/shm/ferry-unpack"
+	need := int64(4 << 30)
+	if opts.Checkpoint != "-" {
+		if st, err := os.Stat(opts.Checkpoint); err == nil {
+			need = 4*st.Size() + 64<<20
+		}
+	}
+	var st unix.Statfs_t
+	if unix.Statfs("/dev/shm", &st) == nil && int64(st.Bavail)*int64(st.Bsize) > need {
+		return shm
+	}
+	return opts.UnpackDir
 }
 
 // Restorer is the job.Restorer the shim uses for ferry's own jobs: it runs

@@ -106,8 +106,10 @@ func TestStreamCheckpoint(t *testing.T) {
 			t.Errorf("refused restore of %s left a job", tc.name)
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(e.root, "unpack")); len(entries) != 0 {
-		t.Errorf("restores left unpacked checkpoints: %v", entries)
+	for _, dir := range []string{filepath.Join(e.root, "unpack"), "/dev/shm/ferry-unpack"} {
+		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+			t.Errorf("restores left unpacked checkpoints in %s: %v", dir, entries)
+		}
 	}
 	// A stream to standard output is refused for a directory format.
 	if r := e.ferry("checkpoint", "--format", "dir", "-o", "-", "mem"); r.code != 2 {
