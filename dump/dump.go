@@ -412,7 +412,11 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	// and thaws it when done: the job stands still only as long as CRIU
 	// needs. Otherwise ferry freezes first and the job stays frozen until
 	// the checkpoint is durable and the job is ended.
-	preFreeze := t.freezeCg != nil && !opts.LeaveRunning
+	// Streamed images must not change while they drain from CRIU's pipes
+	// (CRIU gifts pages to the pipe without copying): the tree stays
+	// stopped until the stream is complete, whatever --leave-running says.
+	streaming := opts.Stream && opts.Criu.HasStream(ctx)
+	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming)
 	freezeStart := time.Now()
 	if preFreeze {
 		if err := t.freezeCg.Freeze(ctx); err != nil {
@@ -481,7 +485,32 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if deadline, ok := ctx.Deadline(); ok {
 		copts.Timeout = proto.Uint32(uint32(max(1, time.Until(deadline).Seconds())))
 	}
-	_, err = criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts, Wrapper: t.wrapper})
+	var (
+		sk    *sink
+		iw    *image.Writer
+		sizes map[string]int64
+	)
+	if streaming {
+		if sk, err = openSink(out, opts); err != nil {
+			return nil, err
+		}
+		defer sk.abort()
+		head := &checkpoint.Manifest{Format: checkpoint.FormatVersion, FerryVersion: opts.FerryVersion,
+			CriuVersion: opts.Criu.Version.String(), Kernel: kernelRelease(), Created: time.Now().UTC(),
+			Job: t.name, Command: t.command, Dir: t.dir, Foreign: t.foreign}
+		head.Host, _ = os.Hostname()
+		head.Inventory, _ = json.Marshal(inv)
+		head.Plan, _ = json.Marshal(plan)
+		if iw, err = image.NewWriter(sk, checkpoint.ToProto(head), opts.Image); err != nil {
+			return nil, err
+		}
+		sizes, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw)
+		if err != nil {
+			_ = iw.Close()
+		}
+	} else {
+		_, err = criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts, Wrapper: t.wrapper})
+	}
 	if t.byPath {
 		for _, f := range []string{"dump.log", "stats-dump"} {
 			_ = os.Rename(filepath.Join(tmp, f), filepath.Join(t.workDir, f))
@@ -503,7 +532,11 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		res.CriuStats = st
 		res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())
 	}
-	res.Processes, res.Threads = countTasks(tmp)
+	if streaming {
+		res.Processes, res.Threads = countNames(sizes)
+	} else {
+		res.Processes, res.Threads = countTasks(tmp)
+	}
 	m := &checkpoint.Manifest{
 		Format:         checkpoint.FormatVersion,
 		FerryVersion:   opts.FerryVersion,
@@ -540,10 +573,14 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if res.CriuStats != nil {
 		m.CriuStats, _ = json.Marshal(res.CriuStats)
 	}
-	if opts.Stream {
+	switch {
+	case streaming:
+		res.Size, err = finishStreamed(iw, sk, m, sizes)
+		os.RemoveAll(tmp)
+	case opts.Stream:
 		res.Size, err = finishStream(tmp, out, m, opts)
 		os.RemoveAll(tmp)
-	} else {
+	default:
 		res.Size, err = finish(tmp, out, m, opts.Force)
 	}
 	if err != nil {
@@ -729,6 +766,19 @@ func syncDir(dir string) error {
 		return fmt.Errorf("syncing %q: %w", dir, err)
 	}
 	return nil
+}
+
+// countNames is countTasks for streamed images, from their names.
+func countNames(sizes map[string]int64) (procs, threads int) {
+	for name := range sizes {
+		switch {
+		case strings.HasPrefix(name, "mm-"):
+			procs++
+		case strings.HasPrefix(name, "core-"):
+			threads++
+		}
+	}
+	return procs, threads
 }
 
 // countTasks counts processes (core-*.img per thread, pstree per

@@ -56,8 +56,8 @@ type pending struct {
 	payload []byte // a chunk's payload, written after record, then recycled
 	recycle func()
 	err     error
-	file   *FileWriter // for FILE records: where the file starts
-	stored uint64      // for CHUNK records: payload bytes
+	file    *FileWriter // for FILE records: where the file starts
+	stored  uint64      // for CHUNK records: payload bytes
 }
 
 // NewWriter writes the header and the manifest to w and returns a Writer
@@ -385,7 +385,11 @@ func (wr *Writer) StoredBytes() uint64 { return wr.stored }
 // Close waits for every record, then writes the trailer and the footer.
 // Every file must have been closed. The stream is complete only when
 // Close returns nil.
-func (wr *Writer) Close() error {
+func (wr *Writer) Close() error { return wr.CloseWith(nil) }
+
+// CloseWith is Close that also records final, the manifest as it stands
+// at the end, in the trailer.
+func (wr *Writer) CloseWith(final *pb.Manifest) error {
 	wr.mu.Lock()
 	if wr.closed {
 		wr.mu.Unlock()
@@ -402,7 +406,7 @@ func (wr *Writer) Close() error {
 	if err != nil {
 		return err
 	}
-	t := &pb.Trailer{RawBytes: wr.raw.Load(), StoredBytes: wr.stored, StreamSha256: wr.digest.Sum(nil)}
+	t := &pb.Trailer{RawBytes: wr.raw.Load(), StoredBytes: wr.stored, StreamSha256: wr.digest.Sum(nil), FinalManifest: final}
 	for _, fw := range files {
 		if !fw.closed {
 			return fmt.Errorf("image file %q was not closed", fw.name)

@@ -630,11 +630,15 @@ func (x *FileIndex) GetSha256() []byte {
 
 // Trailer closes the stream: an index and a digest of all that precedes it.
 type Trailer struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Files         []*FileIndex           `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
-	RawBytes      uint64                 `protobuf:"varint,2,opt,name=raw_bytes,json=rawBytes,proto3" json:"raw_bytes,omitempty"`
-	StoredBytes   uint64                 `protobuf:"varint,3,opt,name=stored_bytes,json=storedBytes,proto3" json:"stored_bytes,omitempty"`
-	StreamSha256  []byte                 `protobuf:"bytes,4,opt,name=stream_sha256,json=streamSha256,proto3" json:"stream_sha256,omitempty"` // SHA-256 of every byte before the TRAILER record
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Files        []*FileIndex           `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
+	RawBytes     uint64                 `protobuf:"varint,2,opt,name=raw_bytes,json=rawBytes,proto3" json:"raw_bytes,omitempty"`
+	StoredBytes  uint64                 `protobuf:"varint,3,opt,name=stored_bytes,json=storedBytes,proto3" json:"stored_bytes,omitempty"`
+	StreamSha256 []byte                 `protobuf:"bytes,4,opt,name=stream_sha256,json=streamSha256,proto3" json:"stream_sha256,omitempty"` // SHA-256 of every byte before the TRAILER record
+	// The manifest as it stands once the dump is over (process counts,
+	// memory, CRIU's statistics), when the stream was written while CRIU
+	// dumped and the first record could not know them yet.
+	FinalManifest *Manifest `protobuf:"bytes,5,opt,name=final_manifest,json=finalManifest,proto3" json:"final_manifest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -693,6 +697,13 @@ func (x *Trailer) GetStoredBytes() uint64 {
 func (x *Trailer) GetStreamSha256() []byte {
 	if x != nil {
 		return x.StreamSha256
+	}
+	return nil
+}
+
+func (x *Trailer) GetFinalManifest() *Manifest {
+	if x != nil {
+		return x.FinalManifest
 	}
 	return nil
 }
@@ -763,12 +774,13 @@ const file_proto_image_proto_rawDesc = "" +
 	"\x06stored\x18\x04 \x01(\x04R\x06stored\x12\x16\n" +
 	"\x06chunks\x18\x05 \x01(\rR\x06chunks\x12!\n" +
 	"\ffirst_record\x18\x06 \x01(\x04R\vfirstRecord\x12\x16\n" +
-	"\x06sha256\x18\a \x01(\fR\x06sha256\"\x9f\x01\n" +
+	"\x06sha256\x18\a \x01(\fR\x06sha256\"\xe0\x01\n" +
 	"\aTrailer\x12/\n" +
 	"\x05files\x18\x01 \x03(\v2\x19.ferry.image.v1.FileIndexR\x05files\x12\x1b\n" +
 	"\traw_bytes\x18\x02 \x01(\x04R\brawBytes\x12!\n" +
 	"\fstored_bytes\x18\x03 \x01(\x04R\vstoredBytes\x12#\n" +
-	"\rstream_sha256\x18\x04 \x01(\fR\fstreamSha256*9\n" +
+	"\rstream_sha256\x18\x04 \x01(\fR\fstreamSha256\x12?\n" +
+	"\x0efinal_manifest\x18\x05 \x01(\v2\x18.ferry.image.v1.ManifestR\rfinalManifest*9\n" +
 	"\vCompression\x12\x14\n" +
 	"\x10COMPRESSION_NONE\x10\x00\x12\x14\n" +
 	"\x10COMPRESSION_ZSTD\x10\x01B'Z%github.com/ferry-cr/ferry/proto;protob\x06proto3"
@@ -801,11 +813,12 @@ var file_proto_image_proto_depIdxs = []int32{
 	0, // 1: ferry.image.v1.RecordHeader.compression:type_name -> ferry.image.v1.Compression
 	3, // 2: ferry.image.v1.Manifest.init:type_name -> ferry.image.v1.Executable
 	5, // 3: ferry.image.v1.Trailer.files:type_name -> ferry.image.v1.FileIndex
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	4, // 4: ferry.image.v1.Trailer.final_manifest:type_name -> ferry.image.v1.Manifest
+	5, // [5:5] is the sub-list for method output_type
+	5, // [5:5] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_proto_image_proto_init() }

@@ -108,7 +108,7 @@ func TestForeignTree(t *testing.T) {
 	// it), restore again, and it counts on.
 	e.must("freeze", "copy")
 	e.must("thaw", "copy")
-	ckpt2 := filepath.Join(t.TempDir(), "copy.ckpt")
+	ckpt2 := filepath.Join(t.TempDir(), "copy.ferry") // streamed, CRIU inside the job's namespaces
 	e.must("checkpoint", "-o", ckpt2, "copy")
 	at := e.logLines("copy")
 	e.must("restore", ckpt2)

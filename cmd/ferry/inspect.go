@@ -41,6 +41,9 @@ var inspectCommand = &cli.Command{
 			if err != nil {
 				return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
 			}
+			if fm := t.GetFinalManifest(); fm != nil {
+				pm = fm // written at the end of a streamed dump, complete
+			}
 			m, files, raw, stored = checkpoint.FromProto(pm), t.GetFiles(), t.GetRawBytes(), t.GetStoredBytes()
 		} else {
 			var err error

@@ -44,7 +44,7 @@ func Pack(dir string, w io.Writer, m *Manifest, opts image.WriterOptions) (raw, 
 	}
 	slices.Sort(names)
 	names = append([]string{ManifestFile}, names...)
-	iw, err := image.NewWriter(w, toProto(m), opts)
+	iw, err := image.NewWriter(w, ToProto(m), opts)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -147,9 +147,9 @@ func Verify(r io.Reader) (*pb.Manifest, *pb.Trailer, error) {
 	}
 }
 
-// toProto is the stream's manifest: what inspect shows without reading
+// ToProto is the stream's manifest: what inspect shows without reading
 // the files.
-func toProto(m *Manifest) *pb.Manifest {
+func ToProto(m *Manifest) *pb.Manifest {
 	p := &pb.Manifest{
 		FerryVersion: m.FerryVersion, CriuVersion: m.CriuVersion, Kernel: m.Kernel, Host: m.Host,
 		CreatedUnixNano: m.Created.UnixNano(), Job: m.Job, Command: m.Command, Dir: m.Dir,

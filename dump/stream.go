@@ -1,0 +1,177 @@
+package dump
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
+
+	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/checkpoint"
+	"github.com/ferry-cr/ferry/internal/criu"
+)
+
+// Streaming: CRIU's images go from CRIU's pipes straight into the image
+// writer (compressed in parallel, checksummed) and out to the file or
+// pipe, with no directory of images anywhere. CRIU streams only from its
+// command line, so the RPC options are spelled as flags here.
+
+// streamDump runs `criu dump --stream` with the options of copts and
+// captures every image it sends into iw. dir holds only CRIU's socket.
+func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer) (map[string]int64, error) {
+	capture, err := criu.ListenCapture(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer capture.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	criuErr := make(chan error, 1)
+	go func() {
+		err := criu.RunCLI(ctx, criuPath, wrapper, cliArgs(copts, dir, workDir))
+		if err != nil {
+			cancel() // CRIU is gone: stop waiting for it to connect
+		}
+		criuErr <- err
+	}()
+	sizes, serveErr := capture.Serve(ctx, func(name string) (io.WriteCloser, error) { return iw.Create(name) })
+	if err := <-criuErr; err != nil {
+		return nil, err
+	}
+	if serveErr != nil {
+		return nil, serveErr
+	}
+	return sizes, nil
+}
+
+// cliArgs spells the dump options of o as criu's command line.
+func cliArgs(o *rpc.CriuOpts, dir, workDir string) []string {
+	a := []string{"dump", "-t", strconv.Itoa(int(o.GetPid())), "-D", dir, "-W", workDir, "--stream",
+		"-o", o.GetLogFile(), "-v" + strconv.Itoa(int(o.GetLogLevel())), "--manage-cgroups=ignore"}
+	flag := func(on bool, name string) {
+		if on {
+			a = append(a, name)
+		}
+	}
+	flag(o.GetLeaveRunning(), "--leave-running")
+	flag(o.GetLeaveStopped(), "--leave-stopped")
+	flag(o.GetTcpEstablished(), "--tcp-established")
+	flag(o.GetFileLocks(), "--file-locks")
+	flag(o.GetExtUnixSk(), "--ext-unix-sk")
+	flag(o.GetShellJob(), "--shell-job")
+	flag(o.GetLinkRemap(), "--link-remap")
+	if p := o.GetFreezeCgroup(); p != "" {
+		a = append(a, "--freeze-cgroup="+p)
+	}
+	if o.GhostLimit != nil {
+		a = append(a, "--ghost-limit", strconv.FormatUint(uint64(o.GetGhostLimit()), 10))
+	}
+	switch o.GetNetworkLock() {
+	case rpc.CriuNetworkLockMethod_NFTABLES:
+		if o.NetworkLock != nil {
+			a = append(a, "--network-lock", "nftables")
+		}
+	case rpc.CriuNetworkLockMethod_SKIP:
+		a = append(a, "--network-lock", "skip")
+	}
+	for _, e := range o.GetExternal() {
+		a = append(a, "--external", e)
+	}
+	if o.Timeout != nil {
+		a = append(a, "--timeout", strconv.FormatUint(uint64(o.GetTimeout()), 10))
+	}
+	return a
+}
+
+// sink is where a stream goes: a temporary file beside the output, moved
+// into place once complete and durable, or a pipe.
+type sink struct {
+	w     io.Writer
+	f     *os.File
+	n     int64
+	out   string
+	force bool
+}
+
+func openSink(out string, opts Options) (*sink, error) {
+	if out == "-" {
+		return &sink{w: opts.StreamTo, out: out}, nil
+	}
+	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-*")
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, err
+	}
+	return &sink{w: f, f: f, out: out, force: opts.Force}, nil
+}
+
+func (s *sink) Write(p []byte) (int, error) {
+	n, err := s.w.Write(p)
+	s.n += int64(n)
+	return n, err
+}
+
+// commit makes the stream durable and puts it in place.
+func (s *sink) commit() (int64, error) {
+	if s.f == nil {
+		return s.n, nil
+	}
+	if err := s.f.Sync(); err != nil {
+		return 0, fmt.Errorf("syncing %s: %w", s.out, err)
+	}
+	if err := s.f.Close(); err != nil {
+		return 0, err
+	}
+	if s.force {
+		if err := os.RemoveAll(s.out); err != nil {
+			return 0, fmt.Errorf("replacing %q: %w", s.out, err)
+		}
+	}
+	if err := os.Rename(s.f.Name(), s.out); err != nil {
+		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
+	}
+	s.f = nil
+	return s.n, syncDir(filepath.Dir(s.out))
+}
+
+// abort removes an unfinished stream file.
+func (s *sink) abort() {
+	if s.f != nil {
+		s.f.Close()
+		os.Remove(s.f.Name())
+		s.f = nil
+	}
+}
+
+// finishStreamed adds the manifest to the stream as ferry.json (with the
+// sizes of the files CRIU streamed) and in the trailer, then commits.
+func finishStreamed(iw *image.Writer, sk *sink, m *checkpoint.Manifest, sizes map[string]int64) (int64, error) {
+	m.Files = sizes
+	data, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return 0, err
+	}
+	fw, err := iw.Create(checkpoint.ManifestFile)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := fw.Write(append(data, '\n')); err != nil {
+		return 0, err
+	}
+	if err := fw.Close(); err != nil {
+		return 0, err
+	}
+	if err := iw.CloseWith(checkpoint.ToProto(m)); err != nil {
+		return 0, err
+	}
+	return sk.commit()
+}
