@@ -17,7 +17,8 @@ import (
 	pb "github.com/ferry-cr/ferry/proto"
 )
 
-// Chunk is a piece of one file, checked and decompressed.
+// Chunk is a piece of one file, checked and decompressed. Its Data is
+// valid until the next call of Next.
 type Chunk struct {
 	File   string
 	Offset uint64
@@ -35,6 +36,8 @@ type Reader struct {
 	files    []*readFile
 	dec      *zstd.Decoder
 	done     bool
+	payload  []byte // reused by readN
+	data     []byte // reused by decode
 }
 
 type readFile struct {
@@ -103,11 +106,22 @@ func (rd *Reader) read(b []byte) error {
 	return nil
 }
 
-// readN reads n bytes, growing its buffer only as data arrives, so that a
-// lying length costs no more memory than the stream really holds.
+// readN reads n bytes into a buffer it reuses from call to call; past
+// 8 MiB it grows the buffer only as data arrives, so that a lying length
+// costs no more memory than the stream really holds.
 func (rd *Reader) readN(n int) ([]byte, error) {
-	const step = 1 << 20
-	buf := make([]byte, 0, min(n, step))
+	const direct, step = 8 << 20, 1 << 20
+	if n <= direct {
+		if cap(rd.payload) < n {
+			rd.payload = make([]byte, n)
+		}
+		buf := rd.payload[:n]
+		if err := rd.read(buf); err != nil {
+			return nil, err
+		}
+		return buf, nil
+	}
+	buf := make([]byte, 0, step)
 	for len(buf) < n {
 		k := min(n-len(buf), step)
 		buf = append(buf, make([]byte, k)...)
@@ -242,7 +256,13 @@ func (rd *Reader) decode(h *pb.RecordHeader, payload []byte) ([]byte, error) {
 			rd.dec = dec
 		}
 		var err error
-		data, err = rd.dec.DecodeAll(payload, make([]byte, 0, h.GetRawLen()))
+		if cap(rd.data) < int(h.GetRawLen()) {
+			rd.data = make([]byte, 0, h.GetRawLen())
+		}
+		data, err = rd.dec.DecodeAll(payload, rd.data[:0])
+		if cap(data) > cap(rd.data) {
+			rd.data = data[:0]
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%w: zstd: %w", ErrCorrupt, err)
 		}

@@ -239,8 +239,10 @@ func main() {
 	ratio("ferry .ferry size / podman-style archive size", float64(ff.size)/float64(max(1, pm.size)), "<= 1", ff.size <= pm.size)
 	ratio("ferry restore (directory) / reference restore: wall", div(fr.wall, rr.wall), "<= 1.2", div(fr.wall, rr.wall) <= 1.2)
 	ratio("ferry restore (.ferry file) / reference restore: wall", div(frf.wall, rr.wall), "<= 1.2", div(frf.wall, rr.wall) <= 1.2)
-	fmt.Println("\nNote: CRIU still dumps into a directory that ferry then packs into the .ferry stream")
-	fmt.Println("(and a restore unpacks it first); streaming straight from and to CRIU is the next step.")
+	fmt.Println("\nNotes: the .ferry row streams from CRIU (criu dump --stream) through zstd into the file;")
+	fmt.Println("the job stays frozen until the whole stream is written, so frozen time follows compression")
+	fmt.Println("throughput (2 cores here). A .ferry restore checks and unpacks the stream to tmpfs, then")
+	fmt.Println("restores; serving CRIU's restore straight from the stream is not done yet.")
 }
 
 func div(a, b time.Duration) float64 { return float64(a) / float64(max(1, b)) }
