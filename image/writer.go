@@ -199,21 +199,13 @@ func frameHead(h *pb.RecordHeader, payload []byte) ([]byte, error) {
 	return append(rec, hb...), nil
 }
 
-// frame encodes one record: length, CRC of the header, header, payload.
+// frame encodes one whole record: frameHead followed by the payload.
 func frame(h *pb.RecordHeader, payload []byte) ([]byte, error) {
-	h.PayloadLen = uint32(len(payload))
-	if len(payload) > 0 {
-		h.PayloadCrc32C = crc(payload)
-	}
-	hb, err := gproto.Marshal(h)
+	head, err := frameHead(h, payload)
 	if err != nil {
-		return nil, fmt.Errorf("encoding record header: %w", err)
+		return nil, err
 	}
-	rec := make([]byte, frameSize, frameSize+len(hb)+len(payload))
-	binary.LittleEndian.PutUint32(rec[0:], uint32(len(hb)))
-	binary.LittleEndian.PutUint32(rec[4:], crc(hb))
-	rec = append(rec, hb...)
-	return append(rec, payload...), nil
+	return append(head, payload...), nil
 }
 
 // FileWriter writes one file of the image; it is an io.WriteCloser.
