@@ -415,7 +415,13 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	// Streamed images must not change while they drain from CRIU's pipes
 	// (CRIU gifts pages to the pipe without copying): the tree stays
 	// stopped until the stream is complete, whatever --leave-running says.
-	streaming := opts.Stream && opts.Criu.HasStream(ctx)
+	//
+	// So with --leave-running, when tmpfs has room, CRIU dumps to tmpfs
+	// instead and ferry packs the stream once the job runs again: the job
+	// pauses only as long as CRIU needs (CRIU's own frozen time), not as
+	// long as compression takes.
+	spool := opts.LeaveRunning && scratchDir(inv.Memory.RSS, "", false) == shmDir
+	streaming := opts.Stream && !spool && opts.Criu.HasStream(ctx)
 	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming)
 	freezeStart := time.Now()
 	if preFreeze {
@@ -469,6 +475,9 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		copts.FreezeCgroup = proto.String(t.freezeCg.Path)
 		// CRIU leaves the cgroup as it found it: frozen by ferry (which
 		// ends the job once the checkpoint is durable), or thawed.
+		copts.LeaveRunning = proto.Bool(true)
+	} else if opts.LeaveRunning && !streaming {
+		// Images land in files, not pipes: the tree may run on at once.
 		copts.LeaveRunning = proto.Bool(true)
 	} else {
 		copts.LeaveStopped = proto.Bool(true)
@@ -587,8 +596,8 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		return nil, err
 	}
 	res.Frozen = time.Since(freezeStart)
-	if !preFreeze && t.freezeCg != nil && res.CriuStats != nil {
-		// CRIU froze and thawed the cgroup itself: its figure is the truth.
+	if opts.LeaveRunning && !streaming && res.CriuStats != nil {
+		// CRIU stopped and resumed the tree itself: its figure is the truth.
 		res.Frozen = time.Duration(res.CriuStats.GetFrozenTime()) * time.Microsecond
 	}
 
@@ -807,14 +816,16 @@ func networkLock(ctx context.Context, b *criu.Binary) rpc.CriuNetworkLockMethod 
 	return rpc.CriuNetworkLockMethod_IPTABLES
 }
 
+// shmDir is the tmpfs ferry uses for scratch space.
+const shmDir = "/dev/shm"
+
 // scratchDir picks where CRIU's images wait to be packed: tmpfs when it
 // has room for twice the tree's resident memory, else beside the output
 // (or the system's temporary directory for a pipe).
 func scratchDir(rss int64, besideOutput string, toPipe bool) string {
-	const shm = "/dev/shm"
 	var st unix.Statfs_t
-	if unix.Statfs(shm, &st) == nil && int64(st.Bavail)*int64(st.Bsize) > 2*rss+64<<20 {
-		return shm
+	if unix.Statfs(shmDir, &st) == nil && int64(st.Bavail)*int64(st.Bsize) > 2*rss+64<<20 {
+		return shmDir
 	}
 	if toPipe {
 		return os.TempDir()

@@ -111,6 +111,23 @@ func TestStreamCheckpoint(t *testing.T) {
 			t.Errorf("restores left unpacked checkpoints in %s: %v", dir, entries)
 		}
 	}
+	// Without --leave-running the images stream straight from CRIU into
+	// the file (no scratch copy); the job ends once the file is durable.
+	direct := filepath.Join(t.TempDir(), "direct.ferry")
+	e.must("checkpoint", "-o", direct, "mem")
+	if v := e.job("mem"); v.State != "exited" {
+		t.Fatalf("job after a streamed checkpoint: %s", v.State)
+	}
+	e.must("verify", direct)
+	e.must("restore", direct)
+	n := len(e.lines("mem", "verify "))
+	e.waitLines("mem", "verify ", n+1)
+	for _, l := range e.lines("mem", "verify ")[n:] {
+		if !strings.HasSuffix(l, sum) {
+			t.Fatalf("restored from a streamed checkpoint: %q, want sum %s", l, sum)
+		}
+	}
+
 	// A stream to standard output is refused for a directory format.
 	if r := e.ferry("checkpoint", "--format", "dir", "-o", "-", "mem"); r.code != 2 {
 		t.Errorf("--format dir -o -: %s", r)
