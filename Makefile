@@ -40,10 +40,9 @@ lint: ## gofmt, go vet, shellcheck (when installed)
 	$(GO) vet ./...
 	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh .ci/run; else echo "shellcheck not installed: skipped"; fi
 
-proto: ## regenerate proto/*.pb.go (protoc from Debian's protobuf-compiler, protoc-gen-go pinned in go.mod)
-	@command -v protoc >/dev/null || { echo "protoc missing: apt-get install protobuf-compiler" >&2; exit 1; }
+proto: ## regenerate proto/*.pb.go (protoc from Debian's protobuf-compiler, installed if missing; protoc-gen-go pinned in go.mod)
 	$(GO) build -o bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
-	protoc --plugin=protoc-gen-go=bin/protoc-gen-go --go_out=. --go_opt=paths=source_relative proto/*.proto
+	bash scripts/protoc.sh --plugin=protoc-gen-go=bin/protoc-gen-go --go_out=. --go_opt=paths=source_relative proto/*.proto
 
 check-proto: proto ## fail if the generated protobuf code is not current
 	@git diff --exit-code -- proto/ || { echo "proto/*.pb.go is stale: run make proto and commit" >&2; exit 1; }

@@ -33,6 +33,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/internal/proc"
+	"github.com/ferry-cr/ferry/internal/progress"
 )
 
 // Options says how to checkpoint. The zero value (plus Output and Criu) is
@@ -61,6 +62,14 @@ type Options struct {
 	Stream   bool
 	StreamTo io.Writer
 	Image    image.WriterOptions
+	// Progress is told the phase and counts the checkpoint's bytes as
+	// they are written; nil for none.
+	Progress *progress.Meter
+	// Handover, when set (and not LeaveRunning), runs once the checkpoint
+	// is completely written, while the tree is still stopped: the tree is
+	// ended only if it returns nil, and resumed if it fails. Migration
+	// uses it to end the source only once the destination holds the job.
+	Handover func(ctx context.Context) error
 }
 
 // Result describes a finished checkpoint.
@@ -72,6 +81,7 @@ type Result struct {
 	Memory    int64                 `json:"memoryBytes"`
 	Size      int64                 `json:"sizeBytes"`
 	Frozen    time.Duration         `json:"frozenNs"`
+	FrozenAt  time.Time             `json:"frozenAt"`
 	Total     time.Duration         `json:"totalNs"`
 	JobEnded  bool                  `json:"jobEnded"`
 	StoppedBy string                `json:"stoppedBy"` // "cgroup freezer" or "criu" (ptrace)
@@ -214,6 +224,15 @@ func Process(ctx context.Context, pid int, opts Options) (*Result, error) {
 
 // exactCgroup returns the cgroup of pid when its members are exactly the
 // tree rooted at pid (not the root cgroup), else nil.
+//
+// The tree may fork and reap while we look (a shell loop starts a child
+// every few milliseconds), so two listings taken one after the other
+// never compare reliably. The check is instead made of two inclusions
+// that forks and exits cannot break: every member of the cgroup
+// descends from pid, and every process of the tree lives in the cgroup.
+// Children inherit their parent's cgroup, so both stay true until the
+// freeze unless something moves a task on purpose. A process that ends
+// while we look is simply skipped.
 func exactCgroup(pid int, root string) *cgroup.Cgroup {
 	if root == "" {
 		root = cgroup.DefaultRoot
@@ -222,11 +241,43 @@ func exactCgroup(pid int, root string) *cgroup.Cgroup {
 	if err != nil {
 		return nil
 	}
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	dir, ok := cgroupDirOf(pid, layout)
+	if !ok || dir == "" {
+		return nil
+	}
+	cg, err := cgroup.Open(dir)
 	if err != nil {
 		return nil
 	}
-	var dir string
+	members, err := cg.Procs()
+	if err != nil || !slices.Contains(members, pid) {
+		return nil
+	}
+	for _, m := range members {
+		if !descendsFrom(m, pid) {
+			return nil
+		}
+	}
+	pids, err := tree(pid)
+	if err != nil {
+		return nil
+	}
+	for _, p := range pids {
+		if d, ok := cgroupDirOf(p, layout); ok && d != dir {
+			return nil
+		}
+	}
+	return cg
+}
+
+// cgroupDirOf is the directory of pid's cgroup: the v2 one when the
+// layout has v2, else the v1 freezer's. ok is false when pid is gone;
+// dir is "" for the root cgroup.
+func cgroupDirOf(pid int, layout *cgroup.Layout) (dir string, ok bool) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", false
+	}
 	for line := range strings.SplitSeq(strings.TrimSpace(string(data)), "\n") {
 		parts := strings.SplitN(line, ":", 3)
 		if len(parts) != 3 || parts[2] == "/" {
@@ -239,27 +290,26 @@ func exactCgroup(pid int, root string) *cgroup.Cgroup {
 			dir = filepath.Join(layout.V1Freezer, parts[2])
 		}
 	}
-	if dir == "" {
-		return nil
+	return dir, true
+}
+
+// descendsFrom reports whether p is root or one of its descendants; a
+// process that ends while we climb counts as one (it no longer matters).
+func descendsFrom(p, root int) bool {
+	for range 1 << 15 { // pid_max bounds any real chain
+		if p == root {
+			return true
+		}
+		if p <= 1 {
+			return false
+		}
+		st, err := proc.ReadStat(p)
+		if err != nil {
+			return true
+		}
+		p = st.PPID
 	}
-	cg, err := cgroup.Open(dir)
-	if err != nil {
-		return nil
-	}
-	members, err := cg.Procs()
-	if err != nil {
-		return nil
-	}
-	pids, err := tree(pid)
-	if err != nil || len(pids) != len(members) {
-		return nil
-	}
-	slices.Sort(pids)
-	slices.Sort(members)
-	if !slices.Equal(pids, members) {
-		return nil
-	}
-	return cg
+	return false
 }
 
 // checkPid refuses pids that are not a tree ferry may checkpoint.
@@ -424,6 +474,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	streaming := opts.Stream && !spool && opts.Criu.HasStream(ctx)
 	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming)
 	freezeStart := time.Now()
+	opts.Progress.SetPhase("freezing")
 	if preFreeze {
 		if err := t.freezeCg.Freeze(ctx); err != nil {
 			return nil, fmt.Errorf("freezing %s: %w", t.name, err)
@@ -499,6 +550,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		iw    *image.Writer
 		sizes map[string]int64
 	)
+	opts.Progress.SetPhase("dumping")
 	if streaming {
 		if sk, err = openSink(out, opts); err != nil {
 			return nil, err
@@ -601,6 +653,13 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		res.Frozen = time.Duration(res.CriuStats.GetFrozenTime()) * time.Microsecond
 	}
 
+	res.FrozenAt = freezeStart
+	if opts.Handover != nil && !opts.LeaveRunning {
+		opts.Progress.SetPhase("handing over")
+		if err := opts.Handover(ctx); err != nil {
+			return nil, err // the deferred resume lets the tree run on
+		}
+	}
 	if opts.LeaveRunning {
 		resume()
 		if retErr != nil {
@@ -661,11 +720,12 @@ func finish(tmp, out string, m *checkpoint.Manifest, force bool) (int64, error) 
 // opts.StreamTo for "-", else to a file created beside out, fsynced and
 // renamed into place. It returns the stream's size.
 func finishStream(tmp, out string, m *checkpoint.Manifest, opts Options) (int64, error) {
+	opts.Progress.SetPhase("packing")
 	if _, err := seal(tmp, m, false); err != nil {
 		return 0, err
 	}
 	if out == "-" {
-		cw := &countingWriter{w: opts.StreamTo}
+		cw := &countingWriter{w: opts.StreamTo, meter: opts.Progress}
 		if _, _, err := checkpoint.Pack(tmp, cw, m, opts.Image); err != nil {
 			return 0, fmt.Errorf("writing the checkpoint to standard output: %w", err)
 		}
@@ -680,7 +740,7 @@ func finishStream(tmp, out string, m *checkpoint.Manifest, opts Options) (int64,
 	if err := f.Chmod(0o600); err != nil {
 		return 0, err
 	}
-	cw := &countingWriter{w: f}
+	cw := &countingWriter{w: f, meter: opts.Progress}
 	if _, _, err := checkpoint.Pack(tmp, cw, m, opts.Image); err != nil {
 		return 0, fmt.Errorf("writing %s: %w", out, err)
 	}
@@ -702,13 +762,15 @@ func finishStream(tmp, out string, m *checkpoint.Manifest, opts Options) (int64,
 }
 
 type countingWriter struct {
-	w io.Writer
-	n int64
+	w     io.Writer
+	n     int64
+	meter *progress.Meter
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n += int64(n)
+	c.meter.Add(int64(n))
 	return n, err
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/progress"
 )
 
 // Streaming: CRIU's images go from CRIU's pipes straight into the image
@@ -96,11 +97,12 @@ type sink struct {
 	n     int64
 	out   string
 	force bool
+	meter *progress.Meter
 }
 
 func openSink(out string, opts Options) (*sink, error) {
 	if out == "-" {
-		return &sink{w: opts.StreamTo, out: out}, nil
+		return &sink{w: opts.StreamTo, out: out, meter: opts.Progress}, nil
 	}
 	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-*")
 	if err != nil {
@@ -111,12 +113,13 @@ func openSink(out string, opts Options) (*sink, error) {
 		os.Remove(f.Name())
 		return nil, err
 	}
-	return &sink{w: f, f: f, out: out, force: opts.Force}, nil
+	return &sink{w: f, f: f, out: out, force: opts.Force, meter: opts.Progress}, nil
 }
 
 func (s *sink) Write(p []byte) (int, error) {
 	n, err := s.w.Write(p)
 	s.n += int64(n)
+	s.meter.Add(int64(n))
 	return n, err
 }
 

@@ -36,8 +36,9 @@ type Reader struct {
 	files    []*readFile
 	dec      *zstd.Decoder
 	done     bool
-	payload  []byte // reused by readN
-	data     []byte // reused by decode
+	payload  []byte   // reused by readN
+	data     []byte   // reused by decode
+	keep     *Archive // ReadArchive: keep chunks compressed instead of handing them out
 }
 
 type readFile struct {
@@ -198,6 +199,15 @@ func (rd *Reader) Next() (*Chunk, error) {
 			if h.GetOffset() != f.size {
 				return nil, fmt.Errorf("chunk of %q at offset %d, expected %d: %w", f.name, h.GetOffset(), f.size, ErrCorrupt)
 			}
+			if rd.keep != nil {
+				if h.GetRawLen() > maxChunkRaw {
+					return nil, fmt.Errorf("chunk of %d raw bytes: %w", h.GetRawLen(), ErrRecordTooLarge)
+				}
+				rd.keep.keepChunk(f.name, h, payload)
+				f.size += uint64(h.GetRawLen())
+				f.chunks++
+				continue
+			}
 			data, err := rd.decode(h, payload)
 			if err != nil {
 				return nil, fmt.Errorf("chunk of %q at byte %d: %w", f.name, at, err)
@@ -290,8 +300,10 @@ func (rd *Reader) finish(at uint64, digest, payload []byte) error {
 	}
 	for i, fi := range t.GetFiles() {
 		f := rd.files[i]
+		// Kept chunks were not decoded: Archive.WriteTo checks their sum.
+		sumOK := rd.keep != nil || bytes.Equal(fi.GetSha256(), f.sum.Sum(nil))
 		if !f.ended || fi.GetName() != f.name || fi.GetSize() != f.size || fi.GetChunks() != f.chunks ||
-			fi.GetFirstRecord() != f.start || !bytes.Equal(fi.GetSha256(), f.sum.Sum(nil)) {
+			fi.GetFirstRecord() != f.start || !sumOK {
 			return fmt.Errorf("file %q disagrees with the trailer's index: %w", f.name, ErrCorrupt)
 		}
 	}
@@ -314,43 +326,49 @@ func (rd *Reader) finish(at uint64, digest, payload []byte) error {
 // through the footer at the end) of a stream in a file, checking both
 // records' checksums: enough to describe a checkpoint without reading it.
 func ReadIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, error) {
+	m, t, _, err := readIndex(f)
+	return m, t, err
+}
+
+// readIndex is ReadIndex that also returns the trailer record's offset.
+func readIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, uint64, error) {
 	size, err := sizeOf(f)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	rd, err := NewReader(io.NewSectionReader(f, 0, size))
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	defer rd.Close()
 	if size < HeaderSize+FooterSize {
-		return nil, nil, ErrTruncated
+		return nil, nil, 0, ErrTruncated
 	}
 	var foot [FooterSize]byte
 	if _, err := f.ReadAt(foot[:], size-FooterSize); err != nil {
-		return nil, nil, fmt.Errorf("reading footer: %w", err)
+		return nil, nil, 0, fmt.Errorf("reading footer: %w", err)
 	}
 	if string(foot[12:]) != FooterMagic {
-		return nil, nil, fmt.Errorf("no footer (the stream may be truncated): %w", ErrTruncated)
+		return nil, nil, 0, fmt.Errorf("no footer (the stream may be truncated): %w", ErrTruncated)
 	}
 	at := binary.LittleEndian.Uint64(foot[0:])
 	n := binary.LittleEndian.Uint32(foot[8:])
 	if n > maxMetaLen+maxHeaderLen+frameSize || at+uint64(n)+FooterSize != uint64(size) {
-		return nil, nil, fmt.Errorf("footer points outside the stream: %w", ErrCorrupt)
+		return nil, nil, 0, fmt.Errorf("footer points outside the stream: %w", ErrCorrupt)
 	}
 	tr := &Reader{r: bufio.NewReader(io.NewSectionReader(f, int64(at), int64(n))), digest: sha256.New(), off: at}
 	h, payload, err := tr.record()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	if h.GetKind() != pb.RecordHeader_TRAILER {
-		return nil, nil, fmt.Errorf("footer does not point at the trailer: %w", ErrCorrupt)
+		return nil, nil, 0, fmt.Errorf("footer does not point at the trailer: %w", ErrCorrupt)
 	}
 	t := &pb.Trailer{}
 	if err := gproto.Unmarshal(payload, t); err != nil {
-		return nil, nil, fmt.Errorf("trailer: %w: %w", ErrCorrupt, err)
+		return nil, nil, 0, fmt.Errorf("trailer: %w: %w", ErrCorrupt, err)
 	}
-	return rd.Manifest(), t, nil
+	return rd.Manifest(), t, at, nil
 }
 
 func sizeOf(f io.ReaderAt) (int64, error) {

@@ -9,21 +9,20 @@ package restore
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
-	"github.com/checkpoint-restore/go-criu/v7/rpc"
-	"golang.org/x/sys/unix"
-	"google.golang.org/protobuf/proto"
-
+	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/internal/progress"
 )
 
 // restoreTimeout bounds one CRIU restore run by the shim.
@@ -34,42 +33,65 @@ type Options struct {
 	Criu       *criu.Binary
 	Checkpoint string    // a directory, a .ferry file, or "-" for Stdin
 	Stdin      io.Reader // the stream when Checkpoint is "-"
-	// UnpackDir is where a streamed checkpoint is unpacked (and checked,
-	// every chunk) before CRIU sees any of it; removed afterwards.
-	UnpackDir  string
+	// ServeDir is where the directory CRIU is pointed at while a .ferry
+	// stream is served to it (the manifest and CRIU's serve socket, no
+	// images) is made; removed afterwards.
+	ServeDir   string
 	Name       string
 	CgroupRoot string
 	Logger     *slog.Logger
+	// Progress counts the image bytes handed to CRIU; nil for none.
+	Progress *progress.Meter
+	// Stopped leaves the restored job frozen; thawing it starts it.
+	Stopped bool
 }
+
+// maxManifest bounds ferry.json read from a stream.
+const maxManifest = 64 << 20
+
+// maxSocketPath is the room for a unix socket's path (sun_path less the
+// NUL), and shortServeDir the served directory's home when ServeDir is
+// too deep for it.
+const (
+	maxSocketPath = 107
+	shortServeDir = "/run/ferry-serve"
+)
 
 // Job restores the checkpoint opts.Checkpoint as a job of store s and
 // returns its record once the restored tree runs.
 func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+	if checkpoint.IsStream(opts.Checkpoint) {
+		return fromStream(ctx, s, opts)
+	}
 	dir, err := filepath.Abs(opts.Checkpoint)
 	if err != nil {
 		return nil, err
-	}
-	if checkpoint.IsStream(opts.Checkpoint) {
-		tmp, err := unpack(opts)
-		if err != nil {
-			return nil, err
-		}
-		defer os.RemoveAll(tmp)
-		dir = tmp
 	}
 	m, err := checkpoint.Load(dir)
 	if err != nil {
 		return nil, err
 	}
+	if err := check(m, dir, opts); err != nil {
+		return nil, err
+	}
+	return start(ctx, s, m, dir, opts)
+}
+
+// check says whether this host can restore m at all.
+func check(m *checkpoint.Manifest, from string, opts Options) error {
 	if v, err := criu.ParseVersion("Version: " + m.CriuVersion); err == nil && !opts.Criu.Version.AtLeast(v) {
-		return nil, fmt.Errorf("%s was taken with CRIU %s, this CRIU is %s: restore with CRIU >= %s: %w",
-			dir, m.CriuVersion, opts.Criu.Version, m.CriuVersion, checkpoint.ErrUnsupportedVersion)
+		return fmt.Errorf("%s was taken with CRIU %s, this CRIU is %s: restore with CRIU >= %s: %w",
+			from, m.CriuVersion, opts.Criu.Version, m.CriuVersion, checkpoint.ErrUnsupportedVersion)
 	}
 	if m.Init != nil {
 		if err := m.Init.Check(); err != nil {
-			return nil, err
+			return err
 		}
 	}
+	return nil
+}
+
+func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string, opts Options) (*job.Record, error) {
 	name := opts.Name
 	if name == "" {
 		name = m.Job
@@ -81,54 +103,103 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 		Command:    m.Command,
 		Dir:        m.Dir,
 		Foreign:    m.Foreign,
+		Stopped:    opts.Stopped,
 		CgroupRoot: opts.CgroupRoot,
 		Logger:     opts.Logger,
 	})
 }
 
-// unpack checks and unpacks a streamed checkpoint into a new directory.
-func unpack(opts Options) (string, error) {
-	var r io.Reader = opts.Stdin
-	name := "standard input"
-	if opts.Checkpoint != "-" {
-		f, err := os.Open(opts.Checkpoint)
-		if err != nil {
-			return "", fmt.Errorf("%q: %w: %w", opts.Checkpoint, checkpoint.ErrNotCheckpoint, err)
-		}
-		defer f.Close()
-		r, name = f, opts.Checkpoint
-	}
-	base := unpackBase(opts)
-	if err := os.MkdirAll(base, 0o700); err != nil {
-		return "", err
-	}
-	tmp, err := os.MkdirTemp(base, "restore-")
+// fromStream restores a .ferry stream without unpacking it: CRIU is
+// pointed at a directory that holds only the manifest and the serve
+// socket, and this process hands CRIU each image as it asks, checked and
+// decompressed on the fly (CRIU's --stream). A file is indexed by its
+// record headers; a pipe is read whole and checked first (see
+// image.Archive). A chunk that fails its check cuts CRIU's pipe, which
+// fails the restore, and the shim leaves nothing behind.
+func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+	a, from, closeSrc, err := openArchive(opts)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
-	if _, err := checkpoint.Unpack(r, tmp); err != nil {
-		os.RemoveAll(tmp)
-		return "", fmt.Errorf("reading checkpoint from %s: %w", name, err)
+	defer closeSrc()
+	raw, err := a.ReadFile(checkpoint.ManifestFile, maxManifest)
+	if err != nil {
+		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
 	}
-	return tmp, nil
+	base := opts.ServeDir
+	if len(base)+len("/restore-1234567890/"+criu.ServeSocket) >= maxSocketPath {
+		// A unix socket's path is limited (108 bytes with the NUL).
+		base = shortServeDir
+	}
+	if err := os.MkdirAll(base, 0o700); err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp(base, "restore-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	if err := os.WriteFile(filepath.Join(dir, checkpoint.ManifestFile), raw, 0o600); err != nil {
+		return nil, err
+	}
+	m, err := checkpoint.LoadManifest(dir)
+	if err != nil {
+		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
+	}
+	for name, size := range m.Files {
+		if got, ok := a.Size(name); !ok || got != uint64(size) {
+			return nil, fmt.Errorf("%s: %s is missing or has the wrong size in the stream: %w", from, name, checkpoint.ErrIncomplete)
+		}
+	}
+	if err := check(m, from, opts); err != nil {
+		return nil, err
+	}
+	opts.Progress.SetTotal(int64(a.Trailer().GetRawBytes()))
+	srv, err := criu.ListenServe(dir)
+	if err != nil {
+		return nil, err
+	}
+	served := make(chan error, 1)
+	go func() {
+		served <- srv.Serve(ctx, func(name string) (func(io.Writer) error, bool) {
+			if _, ok := a.Size(name); !ok || name == checkpoint.ManifestFile {
+				return nil, false
+			}
+			return func(w io.Writer) error {
+				_, err := a.WriteTo(name, opts.Progress.Writer(w))
+				return err
+			}, true
+		})
+	}()
+	rec, err := start(ctx, s, m, dir, opts)
+	srv.Close()
+	if serr := <-served; serr != nil && err != nil {
+		// The stream's fault is the one to report: CRIU failed because
+		// an image was cut short.
+		return nil, fmt.Errorf("reading checkpoint from %s: %w (the restore was aborted and nothing of it is left)", from, serr)
+	}
+	return rec, err
 }
 
-// unpackBase is where a stream is unpacked: tmpfs when it surely has room
-// (four times the file, which covers zstd's usual ratio on process
-// memory; 4 GiB for a pipe of unknown length), else opts.UnpackDir.
-func unpackBase(opts Options) string {
-	const shm = "/dev/shm/ferry-unpack"
-	need := int64(4 << 30)
-	if opts.Checkpoint != "-" {
-		if st, err := os.Stat(opts.Checkpoint); err == nil {
-			need = 4*st.Size() + 64<<20
+// openArchive indexes a .ferry file, or reads a whole stream from stdin.
+func openArchive(opts Options) (*image.Archive, string, func(), error) {
+	if opts.Checkpoint == "-" {
+		a, err := image.ReadArchive(opts.Progress.Reader(opts.Stdin))
+		if err != nil {
+			return nil, "", nil, fmt.Errorf("reading checkpoint from standard input: %w", err)
 		}
+		return a, "standard input", func() {}, nil
 	}
-	var st unix.Statfs_t
-	if unix.Statfs("/dev/shm", &st) == nil && int64(st.Bavail)*int64(st.Bsize) > need {
-		return shm
+	f, err := os.Open(opts.Checkpoint)
+	if err != nil {
+		return nil, "", nil, fmt.Errorf("%q: %w: %w", opts.Checkpoint, checkpoint.ErrNotCheckpoint, err)
 	}
-	return opts.UnpackDir
+	a, err := image.OpenArchive(f)
+	if err != nil {
+		f.Close()
+		return nil, "", nil, fmt.Errorf("reading checkpoint from %s: %w", opts.Checkpoint, err)
+	}
+	return a, opts.Checkpoint, func() { f.Close() }, nil
 }
 
 // Restorer is the job.Restorer the shim uses for ferry's own jobs: it runs
@@ -137,51 +208,53 @@ func unpackBase(opts Options) string {
 func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
-	return run(ctx, req.Record.RestoreCriu, req.Record.RestoreFrom, req.WorkDir, req.Output, req.Cgroup.AddProc)
+	return run(ctx, req.Record.RestoreCriu, req.Record.RestoreFrom, req.WorkDir, req.Record.RestoreStopped, req.Output, req.Cgroup.AddProc)
 }
 
 // InitRestorer is the job.InitRestorer ferry's init uses for foreign
 // trees: CRIU runs inside the new job's namespaces, as the init's child.
 func InitRestorer(ctx context.Context, req job.InitRestoreRequest) (int, error) {
-	return run(ctx, req.Criu, req.Checkpoint, req.WorkDir, req.Output, nil)
+	return run(ctx, req.Criu, req.Checkpoint, req.WorkDir, req.Stopped, req.Output, nil)
 }
 
-func run(ctx context.Context, criuPath, dir, workDirPath string, output *os.File, started func(int) error) (int, error) {
-	m, err := checkpoint.Load(dir)
+// run has CRIU restore the checkpoint in dir (a directory of images, or
+// a served one whose images stream from a ferry process) as a sibling of
+// itself, that is a child of the caller, and returns the root's pid.
+func run(ctx context.Context, criuPath, dir, workDir string, stopped bool, output *os.File, started func(int) error) (int, error) {
+	served := isServed(dir)
+	load := checkpoint.Load
+	if served {
+		load = checkpoint.LoadManifest
+	}
+	m, err := load(dir)
 	if err != nil {
 		return 0, err
 	}
-	imgDir, err := os.Open(dir)
-	if err != nil {
-		return 0, err
+	pidfile := filepath.Join(workDir, "restore.pid")
+	_ = os.Remove(pidfile)
+	defer os.Remove(pidfile)
+	args := []string{"restore", "--images-dir", dir, "--work-dir", workDir, "--log-file", "restore.log", "-v2",
+		"--restore-detached", "--restore-sibling", "--pidfile", pidfile, "--manage-cgroups=ignore"}
+	if served {
+		args = append(args, "--stream")
 	}
-	defer imgDir.Close()
-	workDir, err := os.Open(workDirPath)
-	if err != nil {
-		return 0, err
+	if stopped {
+		args = append(args, "--leave-stopped")
 	}
-	defer workDir.Close()
-	opts := &rpc.CriuOpts{
-		ImagesDirFd:       proto.Int32(int32(imgDir.Fd())),
-		WorkDirFd:         proto.Int32(int32(workDir.Fd())),
-		LogLevel:          proto.Int32(2),
-		LogFile:           proto.String("restore.log"),
-		RstSibling:        proto.Bool(true),
-		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
-		TcpEstablished:    proto.Bool(m.TCPEstablished),
-		FileLocks:         proto.Bool(m.FileLocks),
-		ExtUnixSk:         proto.Bool(m.ExtUnixSk),
-		ShellJob:          proto.Bool(m.ShellJob),
+	for _, o := range []struct {
+		flag string
+		on   bool
+	}{{"--tcp-established", m.TCPEstablished}, {"--file-locks", m.FileLocks}, {"--ext-unix-sk", m.ExtUnixSk}, {"--shell-job", m.ShellJob}} {
+		if o.on {
+			args = append(args, o.flag)
+		}
 	}
-	switch m.NetworkLock {
-	case "nftables":
-		opts.NetworkLock = rpc.CriuNetworkLockMethod_NFTABLES.Enum()
-	case "iptables":
-		opts.NetworkLock = rpc.CriuNetworkLockMethod_IPTABLES.Enum()
+	if m.NetworkLock != "" {
+		args = append(args, "--network-lock", m.NetworkLock)
 	}
 	var extra []*os.File
 	inherit := func(key string, f *os.File) {
-		opts.InheritFd = append(opts.InheritFd, &rpc.InheritFd{Key: proto.String(key), Fd: proto.Int32(criu.ExtraFD(len(extra)))})
+		args = append(args, "--inherit-fd", fmt.Sprintf("fd[%d]:%s", criu.ExtraFD(len(extra)), key))
 		extra = append(extra, f)
 	}
 	for _, key := range m.OutputPipes() {
@@ -196,19 +269,30 @@ func run(ctx context.Context, criuPath, dir, workDirPath string, output *os.File
 		defer ns.Close()
 		inherit(checkpoint.PidNSKey, ns)
 	}
-	resp, err := criu.Do(ctx, criuPath, criu.Call{
-		Type:       rpc.CriuReqType_RESTORE,
-		Opts:       opts,
+	err = criu.Command{
+		Path:       criuPath,
+		Args:       args,
 		ExtraFiles: extra,
 		// Restored tasks are forked by CRIU and so start in CRIU's cgroup.
 		Started: started,
-	})
+	}.Run(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("restoring %s: %w", dir, criu.Explain(err, filepath.Join(workDirPath, "restore.log")))
+		return 0, fmt.Errorf("restoring %s: %w", dir, criu.Explain(err, filepath.Join(workDir, "restore.log")))
 	}
-	pid := int(resp.GetRestore().GetPid())
-	if pid <= 0 {
-		return 0, errors.New("criu restored no process")
+	b, err := os.ReadFile(pidfile)
+	if err != nil {
+		return 0, fmt.Errorf("criu restored but wrote no pid: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("criu restored but wrote pid %q", b)
 	}
 	return pid, nil
+}
+
+// isServed reports whether dir is a served checkpoint directory: the
+// manifest beside the socket of a ferry process streaming the images.
+func isServed(dir string) bool {
+	st, err := os.Stat(filepath.Join(dir, criu.ServeSocket))
+	return err == nil && st.Mode()&os.ModeSocket != 0
 }

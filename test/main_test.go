@@ -86,7 +86,14 @@ func (e *env) ferry(args ...string) result {
 
 func (e *env) ferryEnv(extraEnv []string, args ...string) result {
 	e.t.Helper()
-	cmd := exec.Command(ferryBin, append([]string{"--root", e.root}, args...)...)
+	return e.runFerry(nil, extraEnv, args...)
+}
+
+// runFerry runs the binary behind wrapper (e.g. nsenter), if any.
+func (e *env) runFerry(wrapper, extraEnv []string, args ...string) result {
+	e.t.Helper()
+	argv := append(append(append([]string{}, wrapper...), ferryBin, "--root", e.root), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), extraEnv...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb

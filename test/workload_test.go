@@ -61,7 +61,8 @@ func (e *env) checkpointRestore(name, prefix string, flags ...string) int {
 // up to the checkpoint.
 func (e *env) checkpointRestoreLines(name, prefix string, flags ...string) []string {
 	e.t.Helper()
-	ckpt := filepath.Join(e.t.TempDir(), name+".ckpt")
+	// The main format: CRIU streams into a .ferry, restore serves it back.
+	ckpt := filepath.Join(e.t.TempDir(), name+".ferry")
 	e.must(append(append([]string{"checkpoint", "-o", ckpt}, flags...), name)...)
 	lines := e.lines(name, prefix)
 	e.must("restore", ckpt)

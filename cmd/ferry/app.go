@@ -47,6 +47,8 @@ func newApp() *cli.App {
 			inspectCommand,
 			verifyCommand,
 			doctorCommand,
+			serveCommand,
+			migrateCommand,
 		},
 		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
 			return usageError{err}

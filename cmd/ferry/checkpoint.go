@@ -21,6 +21,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/internal/progress"
 )
 
 var checkpointCommand = &cli.Command{
@@ -46,6 +47,7 @@ its original pids inside a fresh PID namespace.`,
 		&cli.BoolFlag{Name: "ext-unix-sk", Usage: "allow unix sockets connected outside the tree"},
 		&cli.DurationFlag{Name: "timeout", Usage: "give up (and thaw the job) after this long"},
 		&cli.BoolFlag{Name: "json", Usage: "print the summary as JSON"},
+		progressFlag,
 		&cli.BoolFlag{Name: "dry-run", Usage: "print the inventory of the tree and the checkpoint plan; freeze nothing"},
 	},
 	Action: func(c *cli.Context) error {
@@ -107,7 +109,12 @@ its original pids inside a fresh PID namespace.`,
 			ctx, cancel = context.WithTimeout(ctx, d)
 			defer cancel()
 		}
+		meter, err := newMeter(c, "checkpoint")
+		if err != nil {
+			return err
+		}
 		opts := dump.Options{
+			Progress:       meter,
 			Criu:           bin,
 			Output:         out,
 			Force:          c.Bool("force"),
@@ -133,6 +140,7 @@ its original pids inside a fresh PID namespace.`,
 		} else {
 			res, err = dump.Job(ctx, s, name, opts)
 		}
+		meter.Done(err)
 		if err != nil {
 			return withCode(err, exitCheckpoint)
 		}
@@ -256,4 +264,16 @@ func streamFormat(c *cli.Context, out string) (bool, error) {
 		return out == "-" || strings.HasSuffix(out, checkpoint.StreamSuffix), nil
 	}
 	return false, usageError{fmt.Errorf("unknown --format %q (stream, dir or auto)", c.String("format"))}
+}
+
+// progressFlag is --progress of checkpoint and restore.
+var progressFlag = &cli.StringFlag{Name: "progress", Value: "auto", Usage: "progress on stderr: auto (a live line on a terminal, else nothing), line, json (one object per line), or off"}
+
+// newMeter starts the progress meter --progress asks for (nil for none).
+func newMeter(c *cli.Context, op string) (*progress.Meter, error) {
+	mode, err := progress.ParseMode(c.String("progress"))
+	if err != nil {
+		return nil, usageError{err}
+	}
+	return progress.New(c.App.ErrWriter, mode, op, 0), nil
 }

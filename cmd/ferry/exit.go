@@ -16,6 +16,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/migrate"
 )
 
 // Exit statuses, one per kind of failure, so scripts can tell them apart.
@@ -40,6 +41,11 @@ const (
 	exitNotCheckpointable = 16 // the walk found state that cannot be checkpointed as asked
 	exitBadOutput         = 17 // the output path cannot be written (missing directory, not a directory)
 	exitBadPid            = 18 // --pid names pid 1, ferry itself or an ancestor, or a kernel thread
+	exitMigrate           = 19 // migration failed; the job keeps running on the source
+	exitAuth              = 20 // the migration peer refused the token (nothing of the job was sent)
+	exitRefused           = 21 // the destination refused the job (e.g. its name is taken there)
+	exitInDoubt           = 22 // migration outcome in doubt: one frozen copy kept, see ferry list
+	exitModeUnavailable   = 23 // the migration mode cannot run here
 	exitInterrupted       = 130
 )
 
@@ -74,6 +80,10 @@ var exitCodes = []struct {
 	{dump.ErrBadOutput, exitBadOutput},
 	{dump.ErrNoProcess, exitNoJob},
 	{dump.ErrBadPid, exitBadPid},
+	{migrate.ErrAuth, exitAuth},
+	{migrate.ErrRefused, exitRefused},
+	{migrate.ErrInDoubt, exitInDoubt},
+	{migrate.ErrUnsupportedMode, exitModeUnavailable},
 }
 
 // codedError gives an error the exit status of the command it came from

@@ -48,11 +48,22 @@ var listCommand = &cli.Command{
 			if v.Exit != nil && v.State == "exited" {
 				state = "exited (" + v.Exit.String() + ")"
 			}
+			if v.Migration != nil {
+				state += ", migration in doubt"
+			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, state,
 				pidOrDash(v.InitPID, v.State), pidOrDash(v.MainPID, v.State),
 				humanBytes(v.RSS), humanAge(now.Sub(v.Created)), strings.Join(v.Command, " "))
 		}
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		for _, v := range views {
+			if m := v.Migration; m != nil {
+				fmt.Fprintf(c.App.Writer, "%s: %s; to settle: %s\n", v.Name, m.Note, m.Resolve)
+			}
+		}
+		return nil
 	},
 }
 

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/restore"
 )
@@ -20,7 +21,8 @@ var (
 )
 
 func main() {
-	// A job's shim and init are this same binary, re-executed.
+	// A job's shim and init, and the gate CRIU starts behind, are this
+	// same binary, re-executed.
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case job.ShimArg:
@@ -30,10 +32,13 @@ func main() {
 			os.Exit(job.ShimMain(os.Args[2], os.Args[3], restore.Restorer))
 		case job.InitArg:
 			job.InitMain(os.Args[2:], restore.InitRestorer)
+		case criu.GateArg:
+			criu.GateMain(os.Args[2:])
 		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGINT, unix.SIGTERM)
-	err := newApp().RunContext(ctx, os.Args)
+	app := newApp()
+	err := app.RunContext(ctx, interspersed(app, os.Args))
 	stop()
 	if err != nil {
 		code := exitCode(err)

@@ -18,10 +18,13 @@ var restoreCommand = &cli.Command{
 	Description: `Restores the checkpoint into fresh PID and IPC namespaces, so its original
 pids never clash with the host's and one checkpoint can be restored twice
 side by side (give the second a --name). CHECKPOINT is a .ferry file, "-"
-for standard input, or a checkpoint directory; a stream is checked whole
-before anything is restored. Prints the job's name.`,
+for standard input, or a checkpoint directory. A stream is served to CRIU
+as it asks (no unpacked copy), every chunk checked on the way; from a pipe
+it is read and checked whole before CRIU starts. A bad chunk aborts the
+restore and leaves nothing running. Prints the job's name.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "name", Usage: "job name (default: the checkpointed job's)"},
+		progressFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := exactArgs(c, 1, "CHECKPOINT"); err != nil {
@@ -38,15 +41,22 @@ before anything is restored. Prints the job's name.`,
 		if err != nil {
 			return err
 		}
+		meter, err := newMeter(c, "restore")
+		if err != nil {
+			return err
+		}
+		meter.SetPhase("restoring")
 		rec, err := restore.Job(c.Context, s, restore.Options{
+			Progress:   meter,
 			Criu:       bin,
 			Checkpoint: c.Args().First(),
 			Stdin:      os.Stdin,
-			UnpackDir:  filepath.Join(s.Root, "unpack"),
+			ServeDir:   filepath.Join(s.Root, "serve"),
 			Name:       c.String("name"),
 			CgroupRoot: c.String("cgroup-root"),
 			Logger:     slog.Default(),
 		})
+		meter.Done(err)
 		if err != nil {
 			return withCode(err, exitRestore)
 		}

@@ -150,6 +150,25 @@ func (e *Executable) Check() error {
 // Load reads and validates the manifest of the checkpoint in dir, and
 // checks that every file it lists is present with its recorded size.
 func Load(dir string) (*Manifest, error) {
+	m, err := LoadManifest(dir)
+	if err != nil {
+		return nil, err
+	}
+	for name, size := range m.Files {
+		st, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			return nil, fmt.Errorf("%q: %s: %w", dir, name, ErrIncomplete)
+		}
+		if st.Size() != size {
+			return nil, fmt.Errorf("%q: %s has %d bytes, manifest says %d: %w", dir, name, st.Size(), size, ErrIncomplete)
+		}
+	}
+	return m, nil
+}
+
+// LoadManifest is Load without looking for the image files: for a
+// directory whose images are streamed to CRIU from elsewhere.
+func LoadManifest(dir string) (*Manifest, error) {
 	f, err := os.Open(filepath.Join(dir, ManifestFile))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -176,15 +195,8 @@ func Load(dir string) (*Manifest, error) {
 		return nil, fmt.Errorf("%q: manifest lists no image files: %w", dir, ErrIncomplete)
 	}
 	for name, size := range m.Files {
-		if name != filepath.Base(name) {
-			return nil, fmt.Errorf("%q: file name %q in manifest: %w", dir, name, ErrNotCheckpoint)
-		}
-		st, err := os.Stat(filepath.Join(dir, name))
-		if err != nil {
-			return nil, fmt.Errorf("%q: %s: %w", dir, name, ErrIncomplete)
-		}
-		if st.Size() != size {
-			return nil, fmt.Errorf("%q: %s has %d bytes, manifest says %d: %w", dir, name, st.Size(), size, ErrIncomplete)
+		if name != filepath.Base(name) || size < 0 {
+			return nil, fmt.Errorf("%q: file %q of %d bytes in manifest: %w", dir, name, size, ErrNotCheckpoint)
 		}
 	}
 	return &m, nil

@@ -10,17 +10,15 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ferry-cr/ferry/image"
 	pb "github.com/ferry-cr/ferry/proto"
 )
 
 // A checkpoint travels as a single image stream (package image): its
-// directory's files, ferry.json first, each compressed and checksummed.
-// Until CRIU's images are streamed straight from CRIU (--stream), a
-// checkpoint is dumped into a directory first and packed, and unpacked into
-// a directory before a restore.
+// directory's files, ferry.json among them, each compressed and
+// checksummed. Usually CRIU's images stream straight into it (dump's
+// --stream); Pack covers a checkpoint that was dumped into a directory
+// first (--leave-running spools to tmpfs; a CRIU without --stream).
 
 // StreamSuffix marks a checkpoint file (rather than a directory).
 const StreamSuffix = ".ferry"
@@ -74,61 +72,6 @@ func packFile(iw *image.Writer, path, name string) error {
 		return fmt.Errorf("packing %s: %w", name, err)
 	}
 	return fw.Close()
-}
-
-// Unpack reads an image stream from r into the directory dir (which must
-// exist and be empty), checking every chunk, the trailer and the footer.
-// Only a stream that passes every check leaves its files behind; the
-// caller removes dir on error.
-func Unpack(r io.Reader, dir string) (*pb.Manifest, error) {
-	rd, err := image.NewReader(r)
-	if err != nil {
-		return nil, err
-	}
-	defer rd.Close()
-	files := map[string]*os.File{}
-	defer func() {
-		for _, f := range files {
-			f.Close()
-		}
-	}()
-	for {
-		c, err := rd.Next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return nil, err
-		}
-		f, ok := files[c.File]
-		if !ok {
-			if c.File != filepath.Base(c.File) || c.File == "." || c.File == ".." || strings.ContainsRune(c.File, 0) {
-				return nil, fmt.Errorf("file name %q in the stream: %w", c.File, image.ErrCorrupt)
-			}
-			f, err = os.OpenFile(filepath.Join(dir, c.File), os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
-			if err != nil {
-				return nil, err
-			}
-			files[c.File] = f
-		}
-		if _, err := f.Write(c.Data); err != nil {
-			return nil, err
-		}
-	}
-	// Files without chunks (empty ones) exist too.
-	for _, fi := range rd.Trailer().GetFiles() {
-		if _, ok := files[fi.GetName()]; !ok {
-			if fi.GetName() != filepath.Base(fi.GetName()) {
-				return nil, fmt.Errorf("file name %q in the stream: %w", fi.GetName(), image.ErrCorrupt)
-			}
-			f, err := os.OpenFile(filepath.Join(dir, fi.GetName()), os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
-			if err != nil {
-				return nil, err
-			}
-			files[fi.GetName()] = f
-		}
-	}
-	return rd.Manifest(), nil
 }
 
 // Verify reads a whole stream and reports the first problem, if any.

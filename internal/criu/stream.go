@@ -40,12 +40,22 @@ type Capture struct {
 
 // ListenCapture listens on dir's capture socket; start CRIU after it.
 func ListenCapture(dir string) (*Capture, error) {
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(dir, CaptureSocket), Net: "unix"})
+	ln, err := listenIn(dir, CaptureSocket, "criu's image stream")
 	if err != nil {
-		return nil, fmt.Errorf("listening for criu's image stream: %w", err)
+		return nil, err
+	}
+	return &Capture{ln: ln}, nil
+}
+
+// listenIn listens on socket name in dir, for CRIU to connect to; the
+// socket file goes when the listener is closed.
+func listenIn(dir, name, what string) (*net.UnixListener, error) {
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(dir, name), Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listening for %s: %w", what, err)
 	}
 	ln.SetUnlinkOnClose(true)
-	return &Capture{ln: ln}, nil
+	return ln, nil
 }
 
 // Close stops listening.
@@ -148,33 +158,53 @@ func (r *fdReader) fill() error {
 
 // next returns the next file name and its pipe; io.EOF when CRIU is done.
 func (r *fdReader) next() (string, *os.File, error) {
+	name, err := r.request()
+	if err != nil {
+		return "", nil, err
+	}
+	pipe, err := r.pipe(name)
+	return name, pipe, err
+}
+
+// request reads the next file name CRIU asks for; io.EOF when CRIU is done.
+func (r *fdReader) request() (string, error) {
 	for len(r.buf) < 4 {
 		if err := r.fill(); err != nil {
 			if errors.Is(err, io.EOF) && len(r.buf) == 0 {
-				return "", nil, io.EOF
+				return "", io.EOF
 			}
-			return "", nil, fmt.Errorf("reading criu's stream request: %w", err)
+			return "", fmt.Errorf("reading criu's stream request: %w", err)
 		}
 	}
 	n := binary.LittleEndian.Uint32(r.buf)
 	if n > maxStreamName {
-		return "", nil, fmt.Errorf("criu stream request of %d bytes", n)
+		return "", fmt.Errorf("criu stream request of %d bytes", n)
 	}
-	// The message, then the dummy byte that carries the fd.
-	for uint32(len(r.buf)) < 4+n+1 || len(r.fds) == 0 {
+	for uint32(len(r.buf)) < 4+n {
 		if err := r.fill(); err != nil {
-			return "", nil, fmt.Errorf("reading criu's stream request: %w", err)
+			return "", fmt.Errorf("reading criu's stream request: %w", err)
 		}
 	}
 	var req imgstreamer.ImgStreamerRequestEntry
 	if err := proto.Unmarshal(r.buf[4:4+n], &req); err != nil {
-		return "", nil, fmt.Errorf("decoding criu's stream request: %w", err)
+		return "", fmt.Errorf("decoding criu's stream request: %w", err)
 	}
-	r.buf = r.buf[4+n+1:]
+	r.buf = r.buf[4+n:]
+	return req.GetFilename(), nil
+}
+
+// pipe receives the pipe end CRIU sends (with one dummy byte) for name.
+func (r *fdReader) pipe(name string) (*os.File, error) {
+	for len(r.buf) < 1 || len(r.fds) == 0 {
+		if err := r.fill(); err != nil {
+			return nil, fmt.Errorf("receiving criu's pipe for %s: %w", name, err)
+		}
+	}
+	r.buf = r.buf[1:]
 	fd := r.fds[0]
 	r.fds = r.fds[1:]
 	unix.CloseOnExec(fd)
-	return req.GetFilename(), os.NewFile(uintptr(fd), req.GetFilename()), nil
+	return os.NewFile(uintptr(fd), name), nil
 }
 
 func (r *fdReader) closeAll() {

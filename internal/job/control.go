@@ -54,9 +54,13 @@ func (s *Store) Freeze(ctx context.Context, name string) error {
 	return s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Freeze(ctx) })
 }
 
-// Thaw resumes a frozen job.
+// Thaw resumes a frozen job; that settles a migration in doubt.
 func (s *Store) Thaw(ctx context.Context, name string) error {
-	return s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) })
+	if err := s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) }); err != nil {
+		return err
+	}
+	_, err := s.Update(name, func(r *Record) error { r.Migration = nil; return nil })
+	return err
 }
 
 // onCgroup runs fn on the cgroup of running job name.
@@ -218,11 +222,21 @@ func (s *Store) Inspect(rec *Record) *View {
 // instruction that the checkpoint does not have. The record says
 // "checkpointed".
 func (s *Store) EndCheckpointed(ctx context.Context, name string, log *slog.Logger) error {
+	return s.endFrozen(ctx, name, "checkpointed", log)
+}
+
+// Discard ends a frozen job that must never run again (a migration's
+// destination copy whose source resumed): SIGKILL without a thaw.
+func (s *Store) Discard(ctx context.Context, name string, log *slog.Logger) error {
+	return s.endFrozen(ctx, name, "discarded", log)
+}
+
+func (s *Store) endFrozen(ctx context.Context, name, reason string, log *slog.Logger) error {
 	rec, err := s.Update(name, func(r *Record) error {
 		if r.Exit == nil {
 			r.Exit = &ExitStatus{}
 		}
-		r.Exit.Reason = "checkpointed"
+		r.Exit.Reason = reason
 		return nil
 	})
 	if err != nil {
@@ -237,5 +251,5 @@ func (s *Store) EndCheckpointed(ctx context.Context, name string, log *slog.Logg
 	if err := cg.Kill(kctx); err != nil {
 		return fmt.Errorf("ending job %q: %w", name, err)
 	}
-	return s.markGone(kctx, rec, "checkpointed", log)
+	return s.markGone(kctx, rec, reason, log)
 }

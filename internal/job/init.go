@@ -15,7 +15,7 @@ import (
 )
 
 // initRestoreArg makes the init restore a foreign tree instead of
-// starting a command: __init --restore CRIU CHECKPOINT WORKDIR.
+// starting a command: __init --restore CRIU CHECKPOINT WORKDIR STOPPED.
 const initRestoreArg = "--restore"
 
 // initRestoreTimeout bounds the init's CRIU restore.
@@ -25,7 +25,7 @@ const initRestoreTimeout = 10 * time.Minute
 // of the job's PID namespace, which CRIU needs to restore pids there) and
 // has restorer bring the tree back as the init's child.
 func initRestore(args []string, restorer InitRestorer) (int, error) {
-	if len(args) != 3 || restorer == nil {
+	if len(args) != 4 || restorer == nil {
 		return 0, errors.New("init: bad restore request")
 	}
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
@@ -36,7 +36,7 @@ func initRestore(args []string, restorer InitRestorer) (int, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), initRestoreTimeout)
 	defer cancel()
-	return restorer(ctx, InitRestoreRequest{Criu: args[0], Checkpoint: args[1], WorkDir: args[2], Output: os.Stdout})
+	return restorer(ctx, InitRestoreRequest{Criu: args[0], Checkpoint: args[1], WorkDir: args[2], Stopped: args[3] == "true", Output: os.Stdout})
 }
 
 // forwarded are the signals ferry's init passes on to the job's main

@@ -30,6 +30,7 @@ type RestoreSpec struct {
 	Checkpoint string // absolute path of the checkpoint
 	Criu       string // CRIU binary the shim restores with
 	Foreign    bool   // a tree ferry did not start: restored by a new init
+	Stopped    bool   // leave the restored tree frozen (Thaw starts it)
 	Command    []string
 	Dir        string
 	CgroupRoot string
@@ -65,6 +66,8 @@ func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (*Record, er
 		RestoreFrom: spec.Checkpoint,
 		RestoreCriu: spec.Criu,
 		Foreign:     spec.Foreign,
+
+		RestoreStopped: spec.Stopped,
 	}
 	return launch(ctx, s, rec, old, spec.CgroupRoot, log)
 }
@@ -80,5 +83,6 @@ type InitRestoreRequest struct {
 	Criu       string
 	Checkpoint string
 	WorkDir    string
+	Stopped    bool     // leave the tree stopped (the shim freezes it)
 	Output     *os.File // the init's stdout: the pipe to the shim
 }

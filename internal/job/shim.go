@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -61,6 +62,13 @@ func ShimMain(root, name string, restorer Restorer) int {
 		initPID, outR, err = restoreInit(s, rec, restorer, log)
 	} else {
 		initPID, outR, err = startInit(s, rec, log)
+	}
+	if err == nil && rec.RestoreStopped {
+		if err = holdFrozen(rec); err != nil {
+			_ = unix.Kill(initPID, unix.SIGKILL)
+			var ws unix.WaitStatus
+			_, _ = wait4(initPID, &ws)
+		}
 	}
 	if err != nil {
 		log.Error("starting job", "err", err)
@@ -116,7 +124,7 @@ func startInit(s *Store, rec *Record, log *slog.Logger) (initPID int, outR *os.F
 	if rec.Foreign && rec.RestoreFrom != "" {
 		// The init restores the tree itself, in a mount namespace of its
 		// own where it mounts a /proc of the new PID namespace.
-		argv = []string{"ferry-init", InitArg, initRestoreArg, rec.RestoreCriu, rec.RestoreFrom, s.Dir(rec.Name)}
+		argv = []string{"ferry-init", InitArg, initRestoreArg, rec.RestoreCriu, rec.RestoreFrom, s.Dir(rec.Name), strconv.FormatBool(rec.RestoreStopped)}
 		flags |= syscall.CLONE_NEWNS
 	}
 	// syscall.ForkExec rather than os/exec: it does not hold a pidfd, and
@@ -303,4 +311,27 @@ func wait4(pid int, ws *unix.WaitStatus) (int, error) {
 		}
 		return wpid, err
 	}
+}
+
+// holdFrozen turns a tree CRIU restored stopped (--leave-stopped, every
+// task SIGSTOPped) into a frozen job: freeze the cgroup, then SIGCONT
+// every task, which takes effect only at the thaw. Thaw starts the job.
+func holdFrozen(rec *Record) error {
+	cg, err := cgroup.Open(rec.Cgroup)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := cg.Freeze(ctx); err != nil {
+		return fmt.Errorf("freezing the restored job: %w", err)
+	}
+	pids, err := cg.Procs()
+	if err != nil {
+		return err
+	}
+	for _, pid := range pids {
+		_ = unix.Kill(pid, unix.SIGCONT)
+	}
+	return nil
 }

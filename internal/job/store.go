@@ -82,6 +82,21 @@ type Record struct {
 	// child of ferry's init in private PID, IPC and mount namespaces, and
 	// CRIU works on it from inside those namespaces.
 	Foreign bool `json:"foreign,omitempty"`
+	// RestoreStopped has the shim leave the restored tree frozen (a
+	// migration's destination copy waits so until the source's is gone).
+	RestoreStopped bool `json:"restoreStopped,omitempty"`
+	// Migration, when set, says that the job is part of a migration whose
+	// outcome ferry could not settle, and how the operator settles it.
+	Migration *MigrationNote `json:"migration,omitempty"`
+}
+
+// MigrationNote records a migration in doubt on one side.
+type MigrationNote struct {
+	Peer    string    `json:"peer"`
+	Role    string    `json:"role"` // "source" or "destination"
+	Time    time.Time `json:"time"`
+	Note    string    `json:"note"`    // what is known
+	Resolve string    `json:"resolve"` // the command that settles it
 }
 
 // ExitStatus says how a job ended.

@@ -1,0 +1,137 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/migrate"
+	"github.com/ferry-cr/ferry/restore"
+)
+
+var serveCommand = &cli.Command{
+	Name:      "serve",
+	Usage:     "receive migrated jobs from peers that hold the shared token",
+	ArgsUsage: " ",
+	Description: `Listens for ferry migrate. A peer must prove it holds the token in
+--token-file (HMAC of a fresh nonce, compared in constant time) before any
+job data is accepted; refusals are logged with the peer's address. Each
+incoming job is restored as a job of this ferry's --root, held frozen until
+the source confirms its copy is gone, then started.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "listen", Required: true, Usage: "`ADDR:PORT` to listen on"},
+		&cli.StringFlag{Name: "token-file", Required: true, Usage: "file holding the shared secret (mode 0600, at least 16 bytes)"},
+	},
+	Action: func(c *cli.Context) error {
+		if err := exactArgs(c, 0, ""); err != nil {
+			return err
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		token, err := migrate.ReadToken(c.String("token-file"))
+		if err != nil {
+			return usageError{err}
+		}
+		s, err := store(c)
+		if err != nil {
+			return err
+		}
+		bin, err := findCriu(c)
+		if err != nil {
+			return err
+		}
+		ln, err := net.Listen("tcp", c.String("listen"))
+		if err != nil {
+			return withCode(err, exitMigrate)
+		}
+		slog.Info("serving migrations", "listen", ln.Addr().String(), "root", s.Root)
+		sv := &migrate.Server{
+			Store: s, Token: token, Logger: slog.Default(),
+			Restore: restore.Options{Criu: bin, ServeDir: filepath.Join(s.Root, "serve"), CgroupRoot: c.String("cgroup-root"), Logger: slog.Default()},
+		}
+		return sv.Serve(c.Context, ln)
+	},
+}
+
+var migrateCommand = &cli.Command{
+	Name:      "migrate",
+	Usage:     "move a running job to another host (ferry serve there)",
+	ArgsUsage: "JOB",
+	Description: `Moves JOB to the ferry serve at --to. The job runs in at most one place at
+any moment: it is frozen and checkpointed straight into the connection (no
+file on either side), ended here only once the destination holds it, and
+started there only once it is gone here. On any failure before that, it
+keeps running here. If the last confirmation is lost, the copy that exists
+is held frozen and ferry list says so, with the command that settles it.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "to", Required: true, Usage: "destination `ADDR:PORT`"},
+		&cli.StringFlag{Name: "token-file", Required: true, Usage: "file holding the shared secret"},
+		&cli.StringFlag{Name: "mode", Value: "auto", Usage: "auto, stop-copy, post-copy or pre-copy"},
+		&cli.DurationFlag{Name: "max-downtime", Usage: "longest acceptable pause of the job (auto weighs it)"},
+		&cli.BoolFlag{Name: "tcp-established", Usage: "carry established TCP connections (move the address to the destination)"},
+		&cli.BoolFlag{Name: "file-locks", Usage: "carry file locks"},
+		&cli.BoolFlag{Name: "ext-unix-sk", Usage: "allow unix sockets connected outside the tree"},
+		&cli.IntFlag{Name: "level", Value: 1, Usage: "zstd level, 1 (fastest) to 4"},
+		&cli.DurationFlag{Name: "timeout", Usage: "give up (the job keeps running here) after this long"},
+		&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
+		progressFlag,
+	},
+	Action: func(c *cli.Context) error {
+		s, name, err := jobArg(c)
+		if err != nil {
+			return err
+		}
+		mode, err := migrate.ParseMode(c.String("mode"))
+		if err != nil {
+			return usageError{err}
+		}
+		token, err := migrate.ReadToken(c.String("token-file"))
+		if err != nil {
+			return usageError{err}
+		}
+		bin, err := findCriu(c)
+		if err != nil {
+			return err
+		}
+		meter, err := newMeter(c, "migrate")
+		if err != nil {
+			return err
+		}
+		ctx := c.Context
+		if d := c.Duration("timeout"); d > 0 {
+			var cancel func()
+			ctx, cancel = context.WithTimeout(ctx, d)
+			defer cancel()
+		}
+		rep, err := migrate.Migrate(ctx, s, name, migrate.Options{
+			To: c.String("to"), Token: token, Mode: mode, MaxDowntime: c.Duration("max-downtime"),
+			Source: migrate.CapabilitiesFromFeatures(bin.Features(ctx, "mem_dirty_track", "uffd", "uffd-noncoop")),
+			Logger: slog.Default(),
+			Dump: dump.Options{
+				Criu: bin, FerryVersion: versionString(), Logger: slog.Default(),
+				LogDir: filepath.Join(s.Root, "logs"), CgroupRoot: c.String("cgroup-root"), CriuLogLevel: criuLogLevel(c),
+				TCPEstablished: c.Bool("tcp-established"), FileLocks: c.Bool("file-locks"), ExtUnixSk: c.Bool("ext-unix-sk"),
+				Image: image.WriterOptions{Level: c.Int("level")}, Progress: meter,
+			},
+		})
+		meter.Done(err)
+		if err != nil {
+			return withCode(err, exitMigrate)
+		}
+		if c.Bool("json") {
+			return writeJSON(c, rep)
+		}
+		fmt.Fprintf(c.App.Writer, "migrated %s to %s as %s (%s): %s sent in %s (%s/s), downtime %s\n%s\n",
+			rep.Job, rep.To, rep.RemoteName, rep.Mode, humanBytes(rep.BytesSent), rep.Total.Round(time.Millisecond),
+			humanBytes(int64(rep.Throughput)), rep.Downtime.Round(time.Millisecond), rep.Reason)
+		return nil
+	},
+}

@@ -1,0 +1,188 @@
+package migrate
+
+import (
+	"bufio"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	gproto "google.golang.org/protobuf/proto"
+
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// ProtocolVersion is the version of the conversation below; a peer that
+// speaks another is refused with a clear reason.
+const ProtocolVersion = 1
+
+// Limits and deadlines of the conversation. Every step has a deadline,
+// so a silent peer or a cut cable ends the migration instead of hanging it.
+const (
+	maxMessage     = 4 << 20 // a Data message carries at most dataChunk bytes
+	dataChunk      = 1 << 20
+	stepTimeout    = 30 * time.Second // handshake, answers, confirmations
+	dataTimeout    = 60 * time.Second // the longest pause within the image stream
+	restoreTimeout = 10 * time.Minute // the destination's restore of a received stream
+	minTokenLen    = 16
+)
+
+// ErrAuth is a refused handshake: wrong or missing token.
+var ErrAuth = errors.New("migration peer refused: authentication failed")
+
+// ErrRefused is a destination that refused the job.
+var ErrRefused = errors.New("destination refused the job")
+
+// conn frames Envelopes over a byte stream (TCP today; a tls.Conn fits
+// the same net.Conn).
+type conn struct {
+	c  net.Conn
+	r  *bufio.Reader
+	rx int64 // bytes received
+	tx int64 // bytes sent
+}
+
+func newConn(c net.Conn) *conn { return &conn{c: c, r: bufio.NewReaderSize(c, 256<<10)} }
+
+func (c *conn) send(m *pb.Envelope, d time.Duration) error {
+	b, err := gproto.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_ = c.c.SetWriteDeadline(time.Now().Add(d))
+	frame := binary.LittleEndian.AppendUint32(make([]byte, 0, 4+len(b)), uint32(len(b)))
+	n, err := c.c.Write(append(frame, b...))
+	c.tx += int64(n)
+	return err
+}
+
+func (c *conn) recv(d time.Duration) (*pb.Envelope, error) {
+	_ = c.c.SetReadDeadline(time.Now().Add(d))
+	var hdr [4]byte
+	if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.LittleEndian.Uint32(hdr[:])
+	if n > maxMessage {
+		return nil, fmt.Errorf("peer sent a message of %d bytes (limit %d)", n, maxMessage)
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(c.r, b); err != nil {
+		return nil, err
+	}
+	c.rx += int64(4 + n)
+	m := &pb.Envelope{}
+	if err := gproto.Unmarshal(b, m); err != nil {
+		return nil, fmt.Errorf("bad message from peer: %w", err)
+	}
+	if a := m.GetAbort(); a != nil {
+		return nil, &abortError{reason: a.GetReason()}
+	}
+	return m, nil
+}
+
+// abortError is the peer's Abort.
+type abortError struct{ reason string }
+
+func (e *abortError) Error() string { return "peer aborted: " + e.reason }
+
+func (c *conn) abort(reason string) {
+	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Abort{Abort: &pb.Abort{Reason: reason}}}, 5*time.Second)
+}
+
+// dataWriter sends what is written to it as Data messages.
+type dataWriter struct {
+	c *conn
+	n uint64
+}
+
+func (w *dataWriter) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		k := min(len(p), dataChunk)
+		if err := w.c.send(&pb.Envelope{Msg: &pb.Envelope_Data{Data: &pb.Data{Bytes: p[:k]}}}, dataTimeout); err != nil {
+			return written, fmt.Errorf("sending to the destination: %w", err)
+		}
+		written += k
+		w.n += uint64(k)
+		p = p[k:]
+	}
+	return written, nil
+}
+
+func (w *dataWriter) close() error {
+	return w.c.send(&pb.Envelope{Msg: &pb.Envelope_DataEnd{DataEnd: &pb.DataEnd{Bytes: w.n}}}, stepTimeout)
+}
+
+// dataReader reads the image stream back out of Data messages; io.EOF at
+// DataEnd, after checking the byte count.
+type dataReader struct {
+	c    *conn
+	buf  []byte
+	n    uint64
+	done bool
+}
+
+func (r *dataReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		if r.done {
+			return 0, io.EOF
+		}
+		m, err := r.c.recv(dataTimeout)
+		if err != nil {
+			return 0, fmt.Errorf("receiving the checkpoint: %w", err)
+		}
+		switch {
+		case m.GetData() != nil:
+			r.buf = m.GetData().GetBytes()
+			r.n += uint64(len(r.buf))
+		case m.GetDataEnd() != nil:
+			if m.GetDataEnd().GetBytes() != r.n {
+				return 0, fmt.Errorf("source sent %d bytes but says %d", r.n, m.GetDataEnd().GetBytes())
+			}
+			r.done = true
+		default:
+			return 0, fmt.Errorf("unexpected message in the checkpoint stream: %T", m.GetMsg())
+		}
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
+}
+
+// ReadToken reads a shared secret from path: the file's content without
+// surrounding white space, at least 16 bytes. A token file readable by
+// others is refused: it is as good as root on every peer.
+func ReadToken(path string) ([]byte, error) {
+	if path == "" {
+		return nil, errors.New("no --token-file given: migration needs a shared secret")
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("token file: %w", err)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("token file %s is readable by others (mode %04o): chmod 600 it", path, st.Mode().Perm())
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("token file: %w", err)
+	}
+	tok := []byte(strings.TrimSpace(string(b)))
+	if len(tok) < minTokenLen {
+		return nil, fmt.Errorf("token in %s is %d bytes; use at least %d (e.g. head -c 32 /dev/urandom | base64 > %s)", path, len(tok), minTokenLen, path)
+	}
+	return tok, nil
+}
+
+func mac(token, nonce []byte) []byte {
+	h := hmac.New(sha256.New, token)
+	h.Write(nonce)
+	return h.Sum(nil)
+}

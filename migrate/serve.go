@@ -1,0 +1,197 @@
+package migrate
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/ferry-cr/ferry/internal/job"
+	pb "github.com/ferry-cr/ferry/proto"
+	"github.com/ferry-cr/ferry/restore"
+)
+
+// Server is the destination side: `ferry serve`. Each accepted migration
+// is restored as a job of Store, held frozen until the source's copy is
+// gone, then thawed.
+type Server struct {
+	Store   *job.Store
+	Token   []byte
+	Restore restore.Options // template: CRIU, ServeDir, CgroupRoot
+	Logger  *slog.Logger
+}
+
+// Serve accepts migrations on ln until ctx ends, each in a goroutine of
+// its own, and waits for those in flight before returning.
+func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
+	log := sv.log()
+	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
+	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		wg.Go(func() {
+			defer nc.Close()
+			peer := nc.RemoteAddr().String()
+			if err := sv.handle(ctx, nc); err != nil {
+				log.Error("migration failed", "peer", peer, "err", err)
+			}
+		})
+	}
+}
+
+func (sv *Server) log() *slog.Logger {
+	if sv.Logger != nil {
+		return sv.Logger
+	}
+	return slog.Default()
+}
+
+// handle runs one migration: authenticate, accept the offer, restore the
+// stream held frozen, report, and thaw once the source's copy is gone.
+func (sv *Server) handle(ctx context.Context, nc net.Conn) error {
+	log := sv.log().With("peer", nc.RemoteAddr().String())
+	stopConn := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
+	defer stopConn()
+	c := newConn(nc)
+	if err := sv.authenticate(c); err != nil {
+		log.Warn("refused a migration", "reason", err, "bytes", c.rx)
+		return nil
+	}
+	m, err := c.recv(stepTimeout)
+	if err != nil {
+		return fmt.Errorf("waiting for an offer: %w", err)
+	}
+	offer := m.GetOffer()
+	if offer == nil {
+		return fmt.Errorf("peer sent %T instead of an offer", m.GetMsg())
+	}
+	name := offer.GetJob()
+	if err := job.ValidateName(name); err != nil {
+		sv.answer(c, false, err.Error(), "")
+		return err
+	}
+	if old, err := sv.Store.Load(name); err == nil && (old.Status != job.Exited || old.InitAlive()) {
+		reason := fmt.Sprintf("a job named %q already exists here", name)
+		sv.answer(c, false, reason, "")
+		return errors.New(reason)
+	}
+	sv.answer(c, true, "", name)
+	log = log.With("job", name)
+	log.Info("receiving a migration", "mode", offer.GetMode(), "memory", offer.GetMemoryBytes())
+
+	ropts := sv.Restore
+	ropts.Checkpoint, ropts.Stdin, ropts.Name, ropts.Stopped = "-", &dataReader{c: c}, name, true
+	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	t0 := time.Now()
+	rec, err := restore.Job(rctx, sv.Store, ropts)
+	cancel()
+	if err != nil {
+		c.abort("restore failed on the destination: " + err.Error())
+		return fmt.Errorf("restoring: %w", err)
+	}
+	// Until the source says gone, this copy is only a candidate: should
+	// this process die now, the record still says what it is.
+	sv.note(rec.Name, nc, "restored from %s and held frozen until the source confirms its copy is gone")
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: rec.Name, RestoreNs: int64(time.Since(t0))}}}, stepTimeout); err != nil {
+		return sv.inDoubt(rec.Name, nc, fmt.Errorf("reporting the restore: %w", err))
+	}
+	m, err = c.recv(stepTimeout)
+	var ab *abortError
+	switch {
+	case errors.As(err, &ab):
+		// The source resumed its copy: ours must never run.
+		sv.drop(ctx, rec.Name, log)
+		return fmt.Errorf("source aborted after our restore (%s); dropped our copy", ab.reason)
+	case err != nil:
+		return sv.inDoubt(rec.Name, nc, fmt.Errorf("waiting for the source to end its copy: %w", err))
+	case m.GetGone() == nil:
+		return sv.inDoubt(rec.Name, nc, fmt.Errorf("source sent %T instead of gone", m.GetMsg()))
+	}
+	if err := sv.Store.Thaw(ctx, rec.Name); err != nil {
+		return fmt.Errorf("starting the migrated job: %w", err)
+	}
+	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: rec.Name}}}, stepTimeout)
+	log.Info("migration done", "received", c.rx)
+	return nil
+}
+
+// authenticate sends a fresh nonce and checks the source's HMAC of it in
+// constant time, before anything of a job is accepted.
+func (sv *Server) authenticate(c *conn) error {
+	nonce := make([]byte, 32)
+	if _, err := rand.Read(nonce); err != nil {
+		return err
+	}
+	host, _ := os.Hostname()
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Nonce: nonce, Host: host}}}, stepTimeout); err != nil {
+		return err
+	}
+	m, err := c.recv(stepTimeout)
+	if err != nil {
+		return err
+	}
+	a := m.GetAuth()
+	switch {
+	case a == nil:
+		sv.answer(c, false, "authentication required", "")
+		return fmt.Errorf("peer sent %T instead of auth", m.GetMsg())
+	case a.GetVersion() != ProtocolVersion:
+		sv.answer(c, false, fmt.Sprintf("protocol version %d, this destination speaks %d", a.GetVersion(), ProtocolVersion), "")
+		return fmt.Errorf("protocol version %d", a.GetVersion())
+	case !hmac.Equal(a.GetMac(), mac(sv.Token, nonce)):
+		sv.answer(c, false, "authentication failed (wrong token)", "")
+		return errors.New("wrong token")
+	}
+	sv.answer(c, true, "", "")
+	return nil
+}
+
+func (sv *Server) answer(c *conn, ok bool, reason, name string) {
+	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Answer{Answer: &pb.Answer{Ok: ok, Reason: reason, Name: name}}}, stepTimeout)
+}
+
+// drop ends our held copy and forgets it.
+func (sv *Server) drop(ctx context.Context, name string, log *slog.Logger) {
+	if err := sv.Store.Discard(ctx, name, log); err != nil {
+		log.Error("dropping the held copy", "err", err)
+		return
+	}
+	if err := sv.Store.Remove(name); err != nil {
+		log.Error("removing the held copy's record", "err", err)
+	}
+}
+
+// inDoubt keeps our copy frozen, since the source may or may not have
+// ended its own, and says so in the job's record for `ferry list`.
+func (sv *Server) inDoubt(name string, nc net.Conn, cause error) error {
+	note := sv.note(name, nc, "restored from %s and held frozen; whether the source ended its copy is unknown")
+	return fmt.Errorf("%w: %w; %s held frozen here (%s)", ErrInDoubt, cause, name, note.Resolve)
+}
+
+// note records in job name's record why it is held frozen (format takes
+// the peer) and how to settle it; Thaw clears it.
+func (sv *Server) note(name string, nc net.Conn, format string) *job.MigrationNote {
+	peer := nc.RemoteAddr().String()
+	note := &job.MigrationNote{Peer: peer, Role: "destination", Time: time.Now().UTC(),
+		Note:    fmt.Sprintf(format, peer),
+		Resolve: fmt.Sprintf("if %s no longer runs on %s: ferry thaw %s; if it does: ferry kill %s", name, peer, name, name)}
+	_, _ = sv.Store.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
+	return note
+}

@@ -1,0 +1,203 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/internal/job"
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// Options says how to migrate a job.
+type Options struct {
+	To          string // ADDR:PORT of a `ferry serve`
+	Token       []byte
+	Mode        Mode
+	MaxDowntime time.Duration
+	// Dump is how the job is checkpointed (CRIU, logger, compression,
+	// progress); Output, Stream, StreamTo, LeaveRunning and Handover are
+	// set by Migrate.
+	Dump   dump.Options
+	Source Capabilities // what this host can do
+	Logger *slog.Logger
+}
+
+// Report describes a finished migration.
+type Report struct {
+	Job        string        `json:"job"`
+	To         string        `json:"to"`
+	RemoteName string        `json:"remoteName"`
+	Mode       Mode          `json:"mode"`
+	Reason     string        `json:"reason"`
+	Total      time.Duration `json:"totalNs"`
+	Downtime   time.Duration `json:"downtimeNs"` // source frozen until the destination runs
+	BytesSent  int64         `json:"bytesSent"`
+	Throughput float64       `json:"bytesPerSec"`
+	LazyPages  int64         `json:"lazyPages"`
+	Memory     int64         `json:"memoryBytes"`
+}
+
+// ErrInDoubt is a migration whose last step could not be confirmed: the
+// job is held frozen on one side and the operator settles it.
+var ErrInDoubt = errors.New("migration outcome in doubt")
+
+// Migrate moves job name of store s to the destination in opts.To.
+//
+// The job runs in at most one place at any moment and a complete copy
+// always exists: the source is frozen and checkpointed straight into the
+// connection; it is ended only once the destination reports its copy
+// restored (and held frozen); the destination thaws its copy only once the
+// source reports its own gone. Any failure before that point thaws the
+// source and has the destination drop its copy.
+func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Report, error) {
+	start := time.Now()
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	rec, err := s.Load(name)
+	if err != nil {
+		return nil, err
+	}
+	v := s.Inspect(rec)
+	if v.State != "running" && v.State != "frozen" {
+		return nil, fmt.Errorf("job %q is %s: only a running job can be migrated", name, v.State)
+	}
+	dec, err := chooseFor(opts, v.RSS)
+	if err != nil {
+		return nil, err
+	}
+	rep := &Report{Job: name, To: opts.To, Mode: dec.Mode, Reason: dec.Reason, Memory: v.RSS}
+
+	d := net.Dialer{Timeout: stepTimeout}
+	nc, err := d.DialContext(ctx, "tcp", opts.To)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %s: %w", opts.To, err)
+	}
+	defer nc.Close()
+	stopConn := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
+	defer stopConn()
+	c := newConn(nc)
+	if err := handshake(c, opts.Token); err != nil {
+		return nil, err
+	}
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Offer{Offer: &pb.Offer{
+		Job: name, Mode: string(dec.Mode), MemoryBytes: v.RSS, FerryVersion: opts.Dump.FerryVersion,
+		CriuVersion: opts.Dump.Criu.Version.String(),
+	}}}, stepTimeout); err != nil {
+		return nil, fmt.Errorf("offering the job: %w", err)
+	}
+	m, err := c.recv(stepTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("waiting for the destination's answer: %w", err)
+	}
+	if a := m.GetAnswer(); a == nil || !a.GetOk() {
+		return nil, fmt.Errorf("%w: %s", ErrRefused, m.GetAnswer().GetReason())
+	}
+
+	// Stop-copy: freeze, stream the checkpoint into the connection, and
+	// hand over once the destination holds the job.
+	dw := &dataWriter{c: c}
+	dopts := opts.Dump
+	dopts.Output, dopts.Stream, dopts.StreamTo, dopts.LeaveRunning = "-", true, dw, false
+	dopts.Handover = func(ctx context.Context) error {
+		if err := dw.close(); err != nil {
+			return fmt.Errorf("sending the checkpoint: %w", err)
+		}
+		m, err := c.recv(restoreTimeout)
+		if err != nil {
+			return fmt.Errorf("waiting for the destination to restore: %w", err)
+		}
+		r := m.GetRestored()
+		if r == nil {
+			return fmt.Errorf("destination answered %T instead of restored", m.GetMsg())
+		}
+		rep.RemoteName = r.GetName()
+		return nil
+	}
+	res, err := dump.Job(ctx, s, name, dopts)
+	if err != nil {
+		// The job runs on here; make sure the destination drops its copy.
+		c.abort("the source failed and keeps the job: " + err.Error())
+		return nil, fmt.Errorf("migration failed, %s keeps running here: %w", name, err)
+	}
+	rep.BytesSent = int64(dw.n)
+
+	// The source copy is gone: let the destination run its own.
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout); err == nil {
+		m, err = c.recv(stepTimeout)
+		if err == nil && m.GetRunning() != nil {
+			rep.Downtime = time.Since(res.FrozenAt)
+			rep.Total = time.Since(start)
+			if secs := rep.Total.Seconds(); secs > 0 {
+				rep.Throughput = float64(rep.BytesSent) / secs
+			}
+			return rep, nil
+		}
+		if err == nil {
+			err = fmt.Errorf("destination answered %T instead of running", m.GetMsg())
+		}
+	}
+	note := &job.MigrationNote{Peer: opts.To, Role: "source", Time: time.Now().UTC(),
+		Note:    "ended here after " + opts.To + " restored it; its start there was not confirmed",
+		Resolve: fmt.Sprintf("on %s: ferry thaw %s (it is held frozen there)", opts.To, rep.RemoteName)}
+	_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
+	log.Error("migration in doubt", "job", name, "to", opts.To, "err", err)
+	return rep, fmt.Errorf("%w: %s was ended here and restored on %s, but its start there was not confirmed (%v); settle it with: %s",
+		ErrInDoubt, name, opts.To, err, note.Resolve)
+}
+
+// chooseFor resolves the requested mode for a job of rss bytes.
+func chooseFor(opts Options, rss int64) (Decision, error) {
+	if opts.Mode == ModePostCopy {
+		return Decision{}, fmt.Errorf("%w: post-copy (lazy pages) is not implemented in this ferry yet; use --mode stop-copy", ErrUnsupportedMode)
+	}
+	sit := Situation{Source: opts.Source, Dest: Capabilities{}, MemoryBytes: rss, MaxDowntime: opts.MaxDowntime}
+	// Post-copy is not built yet: auto must not pick it.
+	sit.Source.LazyPages = false
+	d, err := Choose(opts.Mode, sit)
+	if err != nil {
+		return Decision{}, fmt.Errorf("%w: %w", ErrUnsupportedMode, err)
+	}
+	if d.Mode == ModePreCopy {
+		return Decision{}, fmt.Errorf("%w: pre-copy is not implemented in this ferry yet; use --mode stop-copy", ErrUnsupportedMode)
+	}
+	return d, nil
+}
+
+// ErrUnsupportedMode is a mode this host or this ferry cannot run.
+var ErrUnsupportedMode = errors.New("migration mode unavailable")
+
+// handshake answers the destination's Hello with proof of the token.
+func handshake(c *conn, token []byte) error {
+	m, err := c.recv(stepTimeout)
+	if err != nil {
+		return fmt.Errorf("waiting for the destination's hello: %w", err)
+	}
+	h := m.GetHello()
+	if h == nil {
+		return errors.New("destination did not open with hello: is it a ferry serve?")
+	}
+	if h.GetVersion() != ProtocolVersion {
+		c.abort(fmt.Sprintf("protocol version %d, this source speaks %d", h.GetVersion(), ProtocolVersion))
+		return fmt.Errorf("destination speaks migration protocol %d, this ferry %d: use the same ferry on both hosts", h.GetVersion(), ProtocolVersion)
+	}
+	host, _ := os.Hostname()
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Auth{Auth: &pb.Auth{Version: ProtocolVersion, Mac: mac(token, h.GetNonce()), Host: host}}}, stepTimeout); err != nil {
+		return fmt.Errorf("authenticating: %w", err)
+	}
+	m, err = c.recv(stepTimeout)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrAuth, err)
+	}
+	if a := m.GetAnswer(); a == nil || !a.GetOk() {
+		return fmt.Errorf("%w: %s", ErrAuth, m.GetAnswer().GetReason())
+	}
+	return nil
+}

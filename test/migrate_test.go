@@ -1,0 +1,304 @@
+package test
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// hosts are two test hosts on one machine: network namespaces joined by a
+// veth pair, with addresses from the benchmarking range 198.18.0.0/15.
+type hosts struct {
+	a, b         string // namespace names
+	addrA, addrB string
+}
+
+var hostSeq int
+
+func newHosts(t *testing.T) *hosts {
+	t.Helper()
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("ip (iproute2) not installed")
+	}
+	hostSeq++
+	n := os.Getpid()%200 + hostSeq
+	tag := fmt.Sprintf("ft%d-%d", os.Getpid(), hostSeq)
+	h := &hosts{a: tag + "a", b: tag + "b", addrA: fmt.Sprintf("198.18.%d.1", n), addrB: fmt.Sprintf("198.18.%d.2", n)}
+	va, vb := "v"+tag+"a", "v"+tag+"b"
+	t.Cleanup(func() {
+		// Deleting the namespaces removes the veth pair with them.
+		_ = exec.Command("ip", "netns", "del", h.a).Run()
+		_ = exec.Command("ip", "netns", "del", h.b).Run()
+	})
+	for _, args := range [][]string{
+		{"netns", "add", h.a}, {"netns", "add", h.b},
+		{"link", "add", va, "type", "veth", "peer", "name", vb},
+		{"link", "set", va, "netns", h.a}, {"link", "set", vb, "netns", h.b},
+		{"-n", h.a, "addr", "add", h.addrA + "/24", "dev", va}, {"-n", h.b, "addr", "add", h.addrB + "/24", "dev", vb},
+		{"-n", h.a, "link", "set", va, "up"}, {"-n", h.b, "link", "set", vb, "up"},
+		{"-n", h.a, "link", "set", "lo", "up"}, {"-n", h.b, "link", "set", "lo", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	return h
+}
+
+// ferryIn runs ferry with e's root inside network namespace ns (nsenter
+// switches only the network namespace: `ip netns exec` would also give
+// ferry a mount namespace of its own, which CRIU cannot work across).
+func (e *env) ferryIn(ns string, args ...string) result {
+	e.t.Helper()
+	return e.runFerry([]string{"nsenter", "--net=/run/netns/" + ns}, nil, args...)
+}
+
+// server is a `ferry serve` this test started (and stops).
+type server struct {
+	log string
+}
+
+func (s *server) text() string { b, _ := os.ReadFile(s.log); return string(b) }
+
+func (e *env) serve(ns, listen, token string, extraEnv ...string) *server {
+	e.t.Helper()
+	s := &server{log: filepath.Join(e.t.TempDir(), "serve.log")}
+	f, err := os.Create(s.log)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer f.Close()
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+ns, ferryBin, "--root", e.root, "serve", "--listen", listen, "--token-file", token)
+	cmd.Env = append(os.Environ(), extraEnv...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	eventually(e.t, 10*time.Second, "ferry serve to listen", func() bool { return strings.Contains(s.text(), "serving migrations") })
+	return s
+}
+
+func writeToken(t *testing.T, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(p, []byte(text+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// verifyLines parses the workload's "verify N SUM" lines of job name.
+func (e *env) verifyLines(name string) (ns []int, sums []string) {
+	for _, l := range e.lines(name, "verify ") {
+		n, sum, _ := strings.Cut(l, " ")
+		k, _ := strconv.Atoi(n)
+		ns, sums = append(ns, k), append(sums, sum)
+	}
+	return ns, sums
+}
+
+// assertContinues waits until job name of e has logged more verify lines
+// and checks they carry sum and, if after > 0, numbers past after.
+func (e *env) assertContinues(name, sum string, after int) {
+	e.t.Helper()
+	var ns []int
+	var sums []string
+	eventually(e.t, 15*time.Second, name+" to log on", func() bool {
+		ns, sums = e.verifyLines(name)
+		return len(ns) > 0 && ns[len(ns)-1] > after
+	})
+	for i := range ns {
+		if sums[i] != sum {
+			e.t.Fatalf("%s: verify %d has sum %s, want %s", name, ns[i], sums[i], sum)
+		}
+	}
+}
+
+func TestMigrate(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7070")
+	srv := dst.serve(h.b, listen, token)
+
+	if r := src.ferryIn(h.a, "run", "--name", "mj", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("mj", "verify ", 1)
+	sum := src.lines("mj", "sum ")[0]
+
+	t.Run("wrong token is refused before any job data", func(t *testing.T) {
+		bad := writeToken(t, "not the token, but long enough")
+		r := src.ferryIn(h.a, "migrate", "mj", "--to", listen, "--token-file", bad)
+		if r.code != 20 || !strings.Contains(r.stderr, "authentication failed") {
+			t.Fatalf("migrate with a wrong token: %s", r)
+		}
+		if v := src.job("mj"); v.State != "running" {
+			t.Fatalf("source job after a refused migration: %s", v.State)
+		}
+		if len(dst.list()) != 0 {
+			t.Fatalf("destination has jobs after a refused migration: %v", dst.list())
+		}
+		eventually(t, 5*time.Second, "the refusal in the serve log", func() bool {
+			return strings.Contains(srv.text(), "refused a migration") && strings.Contains(srv.text(), h.addrA)
+		})
+		if r := src.ferryIn(h.a, "migrate", "mj", "--to", listen, "--token-file", filepath.Join(t.TempDir(), "none")); r.code != 2 {
+			t.Fatalf("migrate without a token file: %s", r)
+		}
+	})
+
+	t.Run("a failed restore on the destination leaves the job running here", func(t *testing.T) {
+		// A CRIU on the destination that fails every restore.
+		realCriu := strings.TrimSpace(src.must("doctor", "--json"))
+		var doc struct {
+			Criu struct {
+				Path string `json:"path"`
+			} `json:"criu"`
+		}
+		_ = json.Unmarshal([]byte(realCriu), &doc)
+		if doc.Criu.Path == "" {
+			t.Skip("cannot tell the CRIU path from ferry doctor --json")
+		}
+		broken := filepath.Join(t.TempDir(), "criu")
+		script := "#!/bin/sh\n[ \"$1\" = restore ] && { echo 'Error (injected): restore refused' >&2; exit 1; }\nexec " + doc.Criu.Path + " \"$@\"\n"
+		if err := os.WriteFile(broken, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		other := newEnv(t)
+		listen2 := net.JoinHostPort(h.addrB, "7071")
+		other.serve(h.b, listen2, token, "FERRY_CRIU="+broken)
+		before, _ := src.verifyLines("mj")
+		r := src.ferryIn(h.a, "migrate", "mj", "--to", listen2, "--token-file", token)
+		if r.code != 19 || !strings.Contains(r.stderr, "keeps running here") || !strings.Contains(r.stderr, "injected") {
+			t.Fatalf("migrate to a failing destination: %s", r)
+		}
+		t.Log(r.stderr)
+		if v := src.job("mj"); v.State != "running" {
+			t.Fatalf("source job after a failed migration: %s", v.State)
+		}
+		src.assertContinues("mj", sum, before[len(before)-1]+1)
+		for name, v := range other.list() {
+			if v.State != "exited" {
+				t.Fatalf("failed destination left job %s %s", name, v.State)
+			}
+		}
+	})
+
+	t.Run("a connection cut mid-transfer leaves the job running here", func(t *testing.T) {
+		cut := net.JoinHostPort(h.addrB, "7072")
+		stop := cuttingProxy(t, h.b, cut, listen, 1<<20)
+		defer stop()
+		before, _ := src.verifyLines("mj")
+		r := src.ferryIn(h.a, "migrate", "mj", "--to", cut, "--token-file", token)
+		if r.code != 19 {
+			t.Fatalf("migrate over a cut connection: %s", r)
+		}
+		t.Log(r.stderr)
+		if v := src.job("mj"); v.State != "running" {
+			t.Fatalf("source job after a cut migration: %s", v.State)
+		}
+		src.assertContinues("mj", sum, before[len(before)-1]+1)
+		eventually(t, 10*time.Second, "the destination to drop the partial job", func() bool {
+			v, ok := dst.list()["mj"]
+			return !ok || v.State == "exited"
+		})
+	})
+
+	t.Run("stop-copy moves the job and its state", func(t *testing.T) {
+		before, _ := src.verifyLines("mj")
+		r := src.ferryIn(h.a, "migrate", "mj", "--to", listen, "--token-file", token, "--mode", "stop-copy", "--json")
+		if r.code != 0 {
+			t.Fatalf("migrate: %s", r)
+		}
+		var rep struct {
+			Mode       string `json:"mode"`
+			RemoteName string `json:"remoteName"`
+			BytesSent  int64  `json:"bytesSent"`
+			Downtime   int64  `json:"downtimeNs"`
+			Total      int64  `json:"totalNs"`
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+			t.Fatalf("report: %v\n%s", err, r.stdout)
+		}
+		if rep.Mode != "stop-copy" || rep.RemoteName != "mj" || rep.BytesSent < 1<<20 || rep.Downtime <= 0 || rep.Downtime > rep.Total {
+			t.Errorf("report %+v", rep)
+		}
+		if v := src.job("mj"); v.State != "exited" {
+			t.Errorf("source job after migration: %s", v.State)
+		}
+		if v := dst.job("mj"); v.State != "running" {
+			t.Fatalf("destination job after migration: %s", v.State)
+		}
+		// The destination's copy continues the count with the same memory;
+		// a fresh start would print "sum" and count from 1.
+		dst.assertContinues("mj", sum, before[len(before)-1])
+		if len(dst.lines("mj", "sum ")) != 0 {
+			t.Fatal("the destination started the workload afresh")
+		}
+	})
+}
+
+// cuttingProxy forwards connections on listen (in namespace ns) to target
+// and cuts each once limit bytes have gone from client to target. Its
+// sockets are made on a thread of its own moved into ns.
+func cuttingProxy(t *testing.T, ns, listen, target string, limit int64) func() {
+	t.Helper()
+	ready := make(chan error, 1)
+	var ln net.Listener
+	var wg sync.WaitGroup
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with this goroutine
+		f, err := os.Open("/run/netns/" + ns)
+		if err != nil {
+			ready <- err
+			return
+		}
+		err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+		f.Close()
+		if err != nil {
+			ready <- err
+			return
+		}
+		ln, err = net.Listen("tcp", listen)
+		ready <- err
+		if err != nil {
+			return
+		}
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			d, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			wg.Go(func() {
+				go func() { _, _ = io.Copy(c, d) }()
+				_, _ = io.CopyN(d, c, limit)
+				c.Close()
+				d.Close()
+			})
+		}
+	}()
+	if err := <-ready; err != nil {
+		t.Fatalf("proxy: %v", err)
+	}
+	return func() { ln.Close(); wg.Wait() }
+}
