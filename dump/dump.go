@@ -70,7 +70,40 @@ type Options struct {
 	// ended only if it returns nil, and resumed if it fails. Migration
 	// uses it to end the source only once the destination holds the job.
 	Handover func(ctx context.Context) error
+	// PostCopy, when set (with Stream, Output "-" and Handover), dumps
+	// everything but the tree's private memory, which CRIU then serves to
+	// the destination's lazy-pages daemon (see PostCopy).
+	PostCopy *PostCopy
+	// EndReason is what an ended job's record gives as the reason
+	// ("checkpointed" unless set; migration says "migrated").
+	EndReason string
 }
+
+// PostCopy is the source side of a post-copy migration.
+//
+// The checkpoint stream carries every image but the tree's private
+// anonymous memory; CRIU keeps that memory and, once the images are
+// written, serves it over Pages. After Handover succeeds, Serve runs
+// while CRIU serves: it lets the destination run its copy and follows
+// the transfer until served yields CRIU's exit (nil once the destination
+// holds every page). Serve's result decides the tree's fate: nil ends it
+// (the job lives on at the destination); an error wrapping
+// ErrKeepStopped leaves it frozen (the outcome is in doubt); any other
+// error resumes it (the destination confirmed its copy is gone).
+//
+// The tree must be frozen by its cgroup: CRIU resumes the tasks it
+// seized when a page transfer fails, which must never happen while the
+// destination's copy may run. Under a frozen cgroup they stay frozen
+// until ferry decides.
+type PostCopy struct {
+	// Pages is a connected socket to the destination (CRIU's --ps-socket).
+	Pages *os.File
+	Serve func(ctx context.Context, served <-chan error) error
+}
+
+// ErrKeepStopped is a Handover or PostCopy.Serve verdict: neither end nor
+// resume the tree; it stays frozen for the operator to settle.
+var ErrKeepStopped = errors.New("tree kept frozen")
 
 // Result describes a finished checkpoint.
 type Result struct {
@@ -84,7 +117,8 @@ type Result struct {
 	FrozenAt  time.Time             `json:"frozenAt"`
 	Total     time.Duration         `json:"totalNs"`
 	JobEnded  bool                  `json:"jobEnded"`
-	StoppedBy string                `json:"stoppedBy"` // "cgroup freezer" or "criu" (ptrace)
+	StoppedBy string                `json:"stoppedBy"`           // "cgroup freezer" or "criu" (ptrace)
+	LazyPages int64                 `json:"lazyPages,omitempty"` // post-copy: pages left for the destination to fetch
 	CriuStats *stats.DumpStatsEntry `json:"criuStats,omitempty"`
 	Inventory *Inventory            `json:"inventory,omitempty"`
 	Plan      *Plan                 `json:"plan,omitempty"`
@@ -151,7 +185,9 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (*Result,
 	t := &target{
 		name: name, root: rec.InitPID, criuPid: rec.InitPID, freezeCg: cg,
 		command: rec.Command, dir: rec.Dir, workDir: s.Dir(name),
-		end:    func(ctx context.Context, _ *Inventory) error { return s.EndCheckpointed(ctx, name, opts.Logger) },
+		end: func(ctx context.Context, _ *Inventory) error {
+			return s.EndAs(ctx, name, cmp.Or(opts.EndReason, "checkpointed"), opts.Logger)
+		},
 		resume: func(ctx context.Context, _ *Inventory) error { return cg.Thaw(ctx) },
 	}
 	if rec.Foreign {
@@ -426,6 +462,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	outPipe, errPipe := pipeKey(1), pipeKey(2)
 
 	tmpBase := filepath.Dir(out)
+	var res0Memory int64
 	if opts.Stream {
 		// CRIU's images only pass through on their way into the stream:
 		// keep them in memory when there is room.
@@ -470,8 +507,12 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	// instead and ferry packs the stream once the job runs again: the job
 	// pauses only as long as CRIU needs (CRIU's own frozen time), not as
 	// long as compression takes.
+	postCopy := opts.PostCopy != nil
+	if postCopy && (t.freezeCg == nil || opts.LeaveRunning || !opts.Stream || !toPipe) {
+		return nil, fmt.Errorf("%s: %w", t.name, ErrNoPostCopy)
+	}
 	spool := opts.LeaveRunning && scratchDir(inv.Memory.RSS, "", false) == shmDir
-	streaming := opts.Stream && !spool && opts.Criu.HasStream(ctx)
+	streaming := opts.Stream && !spool && !postCopy && opts.Criu.HasStream(ctx)
 	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming)
 	freezeStart := time.Now()
 	opts.Progress.SetPhase("freezing")
@@ -551,7 +592,30 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		sizes map[string]int64
 	)
 	opts.Progress.SetPhase("dumping")
-	if streaming {
+	var lazy *criu.Daemon
+	if postCopy {
+		_ = os.Remove(filepath.Join(t.workDir, "stats-dump")) // CRIU writes it once the pages have gone
+		release, err := criu.RaisePipeMax(criu.LazyPipeSize)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+		lazy, err = criu.Command{Path: opts.Criu.Path, ExtraFiles: []*os.File{opts.PostCopy.Pages},
+			Args: append(cliArgs(copts, tmp, t.workDir, false), "--lazy-pages", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0))))}.StartReady(ctx)
+		if lazy != nil {
+			// Whatever happens next, CRIU stops serving (a closed link
+			// fails its page server, and with it the destination's
+			// daemon) before the tree is ended or resumed.
+			defer func() {
+				select {
+				case <-lazy.Done():
+				default:
+					_ = unix.Shutdown(int(opts.PostCopy.Pages.Fd()), unix.SHUT_RDWR)
+					_ = lazy.Wait()
+				}
+			}()
+		}
+	} else if streaming {
 		if sk, err = openSink(out, opts); err != nil {
 			return nil, err
 		}
@@ -572,6 +636,11 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	} else {
 		_, err = criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts, Wrapper: t.wrapper})
 	}
+	if postCopy && err == nil {
+		// CRIU's statistics come when the pages have gone; till then the
+		// walk's figure for resident memory stands in.
+		res0Memory = inv.Memory.RSS
+	}
 	if t.byPath {
 		for _, f := range []string{"dump.log", "stats-dump"} {
 			_ = os.Rename(filepath.Join(tmp, f), filepath.Join(t.workDir, f))
@@ -589,7 +658,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if t.freezeCg != nil {
 		res.StoppedBy = "cgroup freezer"
 	}
-	if st, err := stats.CriuGetDumpStats(workDir); err == nil {
+	if postCopy {
+		res.Memory = res0Memory
+		res.LazyPages = lazyPages(tmp)
+	} else if st, err := stats.CriuGetDumpStats(workDir); err == nil {
 		res.CriuStats = st
 		res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())
 	}
@@ -657,6 +729,34 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if opts.Handover != nil && !opts.LeaveRunning {
 		opts.Progress.SetPhase("handing over")
 		if err := opts.Handover(ctx); err != nil {
+			if errors.Is(err, ErrKeepStopped) {
+				stopped = false
+				return res, err
+			}
+			return nil, err // the deferred resume lets the tree run on
+		}
+	}
+	if lazy != nil {
+		opts.Progress.SetPhase("serving pages")
+		served := make(chan error, 1)
+		go func() {
+			if err := lazy.Wait(); err != nil {
+				served <- criu.Explain(err, logPath)
+				return
+			}
+			served <- nil
+		}()
+		err := opts.PostCopy.Serve(ctx, served)
+		if err == nil {
+			if st, serr := stats.CriuGetDumpStats(workDir); serr == nil {
+				res.CriuStats = st
+			}
+		}
+		if err != nil {
+			if errors.Is(err, ErrKeepStopped) {
+				stopped = false
+				return res, err
+			}
 			return nil, err // the deferred resume lets the tree run on
 		}
 	}

@@ -14,3 +14,7 @@ var ErrNoProcess = errors.New("no such process")
 
 // ErrBadPid means --pid names a process ferry must not checkpoint.
 var ErrBadPid = errors.New("not a process tree ferry can checkpoint")
+
+// ErrNoPostCopy means the tree cannot be the source of a post-copy
+// migration: that needs a job frozen by its own cgroup (see PostCopy).
+var ErrNoPostCopy = errors.New("post-copy needs a ferry job frozen by its own cgroup (not a restored foreign tree)")

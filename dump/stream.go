@@ -34,7 +34,7 @@ func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *r
 	defer cancel()
 	criuErr := make(chan error, 1)
 	go func() {
-		err := criu.RunCLI(ctx, criuPath, wrapper, cliArgs(copts, dir, workDir))
+		err := criu.RunCLI(ctx, criuPath, wrapper, cliArgs(copts, dir, workDir, true))
 		if err != nil {
 			cancel() // CRIU is gone: stop waiting for it to connect
 		}
@@ -51,9 +51,12 @@ func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *r
 }
 
 // cliArgs spells the dump options of o as criu's command line.
-func cliArgs(o *rpc.CriuOpts, dir, workDir string) []string {
-	a := []string{"dump", "-t", strconv.Itoa(int(o.GetPid())), "-D", dir, "-W", workDir, "--stream",
+func cliArgs(o *rpc.CriuOpts, dir, workDir string, stream bool) []string {
+	a := []string{"dump", "-t", strconv.Itoa(int(o.GetPid())), "-D", dir, "-W", workDir,
 		"-o", o.GetLogFile(), "-v" + strconv.Itoa(int(o.GetLogLevel())), "--manage-cgroups=ignore"}
+	if stream {
+		a = append(a, "--stream")
+	}
 	flag := func(on bool, name string) {
 		if on {
 			a = append(a, name)

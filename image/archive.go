@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"slices"
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
@@ -346,4 +347,14 @@ func putChunkBuf(b []byte) {
 		b = b[:0]
 		chunkBufs.Put(&b)
 	}
+}
+
+// Names lists the files of the stream, in name order.
+func (a *Archive) Names() []string {
+	names := make([]string, 0, len(a.files))
+	for n := range a.files {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
 }

@@ -25,6 +25,11 @@ type Server struct {
 	Token   []byte
 	Restore restore.Options // template: CRIU, ServeDir, CgroupRoot
 	Logger  *slog.Logger
+	// Caps is what this host can do, told to every source (auto weighs
+	// it; post-copy needs LazyPages).
+	Caps Capabilities
+
+	sessions sessions // post-copy migrations waiting for their page link
 }
 
 // Serve accepts migrations on ln until ctx ends, each in a goroutine of
@@ -47,9 +52,12 @@ func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
 			return err
 		}
 		wg.Go(func() {
-			defer nc.Close()
 			peer := nc.RemoteAddr().String()
-			if err := sv.handle(ctx, nc); err != nil {
+			kept, err := sv.handle(ctx, nc)
+			if !kept {
+				nc.Close()
+			}
+			if err != nil {
 				log.Error("migration failed", "peer", peer, "err", err)
 			}
 		})
@@ -63,39 +71,70 @@ func (sv *Server) log() *slog.Logger {
 	return slog.Default()
 }
 
-// handle runs one migration: authenticate, accept the offer, restore the
-// stream held frozen, report, and thaw once the source's copy is gone.
-func (sv *Server) handle(ctx context.Context, nc net.Conn) error {
+// handle runs one connection: authenticate, then either attach a page
+// link to its migration (kept: the connection now belongs to that
+// migration) or run a migration: accept the offer, restore the stream
+// held frozen, report, and thaw once the source's copy is gone.
+func (sv *Server) handle(ctx context.Context, nc net.Conn) (kept bool, err error) {
 	log := sv.log().With("peer", nc.RemoteAddr().String())
 	stopConn := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
 	defer stopConn()
 	c := newConn(nc)
 	if err := sv.authenticate(c); err != nil {
 		log.Warn("refused a migration", "reason", err, "bytes", c.rx)
-		return nil
+		return false, nil
 	}
 	m, err := c.recv(stepTimeout)
 	if err != nil {
-		return fmt.Errorf("waiting for an offer: %w", err)
+		return false, fmt.Errorf("waiting for an offer: %w", err)
+	}
+	if ap := m.GetAttachPages(); ap != nil {
+		_ = nc.SetDeadline(time.Time{})
+		if !sv.sessions.attach(ap.GetSession(), &bufferedConn{Conn: nc, r: c.r}) {
+			return false, errors.New("a page link named no migration in progress")
+		}
+		return true, nil
 	}
 	offer := m.GetOffer()
 	if offer == nil {
-		return fmt.Errorf("peer sent %T instead of an offer", m.GetMsg())
+		return false, fmt.Errorf("peer sent %T instead of an offer", m.GetMsg())
 	}
 	name := offer.GetJob()
 	if err := job.ValidateName(name); err != nil {
 		sv.answer(c, false, err.Error(), "")
-		return err
+		return false, err
 	}
 	if old, err := sv.Store.Load(name); err == nil && (old.Status != job.Exited || old.InitAlive()) {
 		reason := fmt.Sprintf("a job named %q already exists here", name)
 		sv.answer(c, false, reason, "")
-		return errors.New(reason)
+		return false, errors.New(reason)
 	}
-	sv.answer(c, true, "", name)
+	mode := Mode(offer.GetMode())
+	switch mode {
+	case ModeStopCopy:
+	case ModePostCopy:
+		if !sv.Caps.LazyPages {
+			reason := "this host cannot receive post-copy: its kernel or CRIU lacks lazy pages (userfaultfd)"
+			sv.answer(c, false, reason, "")
+			return false, errors.New(reason)
+		}
+	default:
+		reason := fmt.Sprintf("this destination cannot receive mode %q", mode)
+		sv.answer(c, false, reason, "")
+		return false, errors.New(reason)
+	}
 	log = log.With("job", name)
 	log.Info("receiving a migration", "mode", offer.GetMode(), "memory", offer.GetMemoryBytes())
+	if mode == ModePostCopy {
+		return false, sv.receivePostCopy(ctx, c, nc, name, log)
+	}
+	sv.answer(c, true, "", name)
+	return false, sv.receiveStopCopy(ctx, c, nc, name, log)
+}
 
+// receiveStopCopy is the destination's side of a stop-copy migration,
+// after the offer.
+func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, name string, log *slog.Logger) error {
 	ropts := sv.Restore
 	ropts.Checkpoint, ropts.Stdin, ropts.Name, ropts.Stopped = "-", &dataReader{c: c}, name, true
 	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
@@ -112,7 +151,7 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn) error {
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: rec.Name, RestoreNs: int64(time.Since(t0))}}}, stepTimeout); err != nil {
 		return sv.inDoubt(rec.Name, nc, fmt.Errorf("reporting the restore: %w", err))
 	}
-	m, err = c.recv(stepTimeout)
+	m, err := c.recv(stepTimeout)
 	var ab *abortError
 	switch {
 	case errors.As(err, &ab):
@@ -140,7 +179,8 @@ func (sv *Server) authenticate(c *conn) error {
 		return err
 	}
 	host, _ := os.Hostname()
-	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Nonce: nonce, Host: host}}}, stepTimeout); err != nil {
+	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty}
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Nonce: nonce, Host: host, Capabilities: caps}}}, stepTimeout); err != nil {
 		return err
 	}
 	m, err := c.recv(stepTimeout)
@@ -161,6 +201,10 @@ func (sv *Server) authenticate(c *conn) error {
 	}
 	sv.answer(c, true, "", "")
 	return nil
+}
+
+func (sv *Server) answerSession(c *conn, name string, session []byte) {
+	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Answer{Answer: &pb.Answer{Ok: true, Name: name, Session: session}}}, stepTimeout)
 }
 
 func (sv *Server) answer(c *conn, ok bool, reason, name string) {

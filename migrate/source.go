@@ -69,24 +69,33 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	if v.State != "running" && v.State != "frozen" {
 		return nil, fmt.Errorf("job %q is %s: only a running job can be migrated", name, v.State)
 	}
-	dec, err := chooseFor(opts, v.RSS)
+	if opts.Mode == ModePostCopy && rec.Foreign {
+		return nil, fmt.Errorf("%w: %w", ErrUnsupportedMode, dump.ErrNoPostCopy)
+	}
+
+	nc, err := dial(ctx, opts.To)
 	if err != nil {
 		return nil, err
-	}
-	rep := &Report{Job: name, To: opts.To, Mode: dec.Mode, Reason: dec.Reason, Memory: v.RSS}
-
-	d := net.Dialer{Timeout: stepTimeout}
-	nc, err := d.DialContext(ctx, "tcp", opts.To)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to %s: %w", opts.To, err)
 	}
 	defer nc.Close()
 	stopConn := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
 	defer stopConn()
 	c := newConn(nc)
-	if err := handshake(c, opts.Token); err != nil {
+	hello, err := handshake(c, opts.Token)
+	if err != nil {
 		return nil, err
 	}
+	dest := Capabilities{LazyPages: hello.GetCapabilities().GetLazyPages(), SoftDirty: hello.GetCapabilities().GetSoftDirty()}
+	src := opts.Source
+	if rec.Foreign {
+		src.LazyPages = false // see dump.ErrNoPostCopy
+	}
+	dec, err := chooseFor(opts.Mode, Situation{Source: src, Dest: dest, MemoryBytes: v.RSS, MaxDowntime: opts.MaxDowntime})
+	if err != nil {
+		c.abort(err.Error())
+		return nil, err
+	}
+	rep := &Report{Job: name, To: opts.To, Mode: dec.Mode, Reason: dec.Reason, Memory: v.RSS}
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Offer{Offer: &pb.Offer{
 		Job: name, Mode: string(dec.Mode), MemoryBytes: v.RSS, FerryVersion: opts.Dump.FerryVersion,
 		CriuVersion: opts.Dump.Criu.Version.String(),
@@ -101,11 +110,22 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		return nil, fmt.Errorf("%w: %s", ErrRefused, m.GetAnswer().GetReason())
 	}
 
-	// Stop-copy: freeze, stream the checkpoint into the connection, and
-	// hand over once the destination holds the job.
+	// Freeze, stream the checkpoint into the connection, and hand over
+	// once the destination holds the job (stop-copy), or holds all of it
+	// but its memory (post-copy).
 	dw := &dataWriter{c: c}
 	dopts := opts.Dump
 	dopts.Output, dopts.Stream, dopts.StreamTo, dopts.LeaveRunning = "-", true, dw, false
+	dopts.EndReason = "migrated"
+	var pc *postCopySource
+	if dec.Mode == ModePostCopy {
+		if pc, err = openPageLink(ctx, opts, c, m.GetAnswer().GetSession(), start, rep, log); err != nil {
+			c.abort("the source could not open the page link: " + err.Error())
+			return nil, fmt.Errorf("migration failed, %s keeps running here: %w", name, err)
+		}
+		defer pc.close()
+		dopts.PostCopy = &dump.PostCopy{Pages: pc.file, Serve: pc.serve}
+	}
 	dopts.Handover = func(ctx context.Context) error {
 		if err := dw.close(); err != nil {
 			return fmt.Errorf("sending the checkpoint: %w", err)
@@ -122,6 +142,9 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		return nil
 	}
 	res, err := dump.Job(ctx, s, name, dopts)
+	if pc != nil {
+		return pc.finish(s, name, res, err)
+	}
 	if err != nil {
 		// The job runs on here; make sure the destination drops its copy.
 		c.abort("the source failed and keeps the job: " + err.Error())
@@ -153,15 +176,25 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		ErrInDoubt, name, opts.To, err, note.Resolve)
 }
 
-// chooseFor resolves the requested mode for a job of rss bytes.
-func chooseFor(opts Options, rss int64) (Decision, error) {
-	if opts.Mode == ModePostCopy {
-		return Decision{}, fmt.Errorf("%w: post-copy (lazy pages) is not implemented in this ferry yet; use --mode stop-copy", ErrUnsupportedMode)
+// dial connects to a ferry serve.
+func dial(ctx context.Context, to string) (net.Conn, error) {
+	d := net.Dialer{Timeout: stepTimeout}
+	nc, err := d.DialContext(ctx, "tcp", to)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %s: %w", to, err)
 	}
-	sit := Situation{Source: opts.Source, Dest: Capabilities{}, MemoryBytes: rss, MaxDowntime: opts.MaxDowntime}
-	// Post-copy is not built yet: auto must not pick it.
-	sit.Source.LazyPages = false
-	d, err := Choose(opts.Mode, sit)
+	return nc, nil
+}
+
+// chooseFor resolves the requested mode in situation sit, refusing what
+// this ferry does not implement.
+func chooseFor(want Mode, sit Situation) (Decision, error) {
+	if want == ModePreCopy && sit.Source.SoftDirty {
+		return Decision{}, fmt.Errorf("%w: pre-copy is not implemented in this ferry yet; use --mode post-copy or stop-copy", ErrUnsupportedMode)
+	}
+	// Pre-copy is not built yet: auto must not pick it.
+	sit.Source.SoftDirty = false
+	d, err := Choose(want, sit)
 	if err != nil {
 		return Decision{}, fmt.Errorf("%w: %w", ErrUnsupportedMode, err)
 	}
@@ -174,30 +207,31 @@ func chooseFor(opts Options, rss int64) (Decision, error) {
 // ErrUnsupportedMode is a mode this host or this ferry cannot run.
 var ErrUnsupportedMode = errors.New("migration mode unavailable")
 
-// handshake answers the destination's Hello with proof of the token.
-func handshake(c *conn, token []byte) error {
+// handshake answers the destination's Hello with proof of the token and
+// returns the Hello.
+func handshake(c *conn, token []byte) (*pb.Hello, error) {
 	m, err := c.recv(stepTimeout)
 	if err != nil {
-		return fmt.Errorf("waiting for the destination's hello: %w", err)
+		return nil, fmt.Errorf("waiting for the destination's hello: %w", err)
 	}
 	h := m.GetHello()
 	if h == nil {
-		return errors.New("destination did not open with hello: is it a ferry serve?")
+		return nil, errors.New("destination did not open with hello: is it a ferry serve?")
 	}
 	if h.GetVersion() != ProtocolVersion {
 		c.abort(fmt.Sprintf("protocol version %d, this source speaks %d", h.GetVersion(), ProtocolVersion))
-		return fmt.Errorf("destination speaks migration protocol %d, this ferry %d: use the same ferry on both hosts", h.GetVersion(), ProtocolVersion)
+		return nil, fmt.Errorf("destination speaks migration protocol %d, this ferry %d: use the same ferry on both hosts", h.GetVersion(), ProtocolVersion)
 	}
 	host, _ := os.Hostname()
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Auth{Auth: &pb.Auth{Version: ProtocolVersion, Mac: mac(token, h.GetNonce()), Host: host}}}, stepTimeout); err != nil {
-		return fmt.Errorf("authenticating: %w", err)
+		return nil, fmt.Errorf("authenticating: %w", err)
 	}
 	m, err = c.recv(stepTimeout)
 	if err != nil {
-		return fmt.Errorf("%w: %w", ErrAuth, err)
+		return nil, fmt.Errorf("%w: %w", ErrAuth, err)
 	}
 	if a := m.GetAnswer(); a == nil || !a.GetOk() {
-		return fmt.Errorf("%w: %s", ErrAuth, m.GetAnswer().GetReason())
+		return nil, fmt.Errorf("%w: %s", ErrAuth, m.GetAnswer().GetReason())
 	}
-	return nil
+	return h, nil
 }

@@ -39,6 +39,9 @@ type Envelope struct {
 	//	*Envelope_Gone
 	//	*Envelope_Running
 	//	*Envelope_Abort
+	//	*Envelope_AttachPages
+	//	*Envelope_Commit
+	//	*Envelope_Dropped
 	Msg           isEnvelope_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -171,6 +174,33 @@ func (x *Envelope) GetAbort() *Abort {
 	return nil
 }
 
+func (x *Envelope) GetAttachPages() *AttachPages {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_AttachPages); ok {
+			return x.AttachPages
+		}
+	}
+	return nil
+}
+
+func (x *Envelope) GetCommit() *Commit {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_Commit); ok {
+			return x.Commit
+		}
+	}
+	return nil
+}
+
+func (x *Envelope) GetDropped() *Dropped {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_Dropped); ok {
+			return x.Dropped
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Msg interface {
 	isEnvelope_Msg()
 }
@@ -215,6 +245,18 @@ type Envelope_Abort struct {
 	Abort *Abort `protobuf:"bytes,10,opt,name=abort,proto3,oneof"`
 }
 
+type Envelope_AttachPages struct {
+	AttachPages *AttachPages `protobuf:"bytes,11,opt,name=attach_pages,json=attachPages,proto3,oneof"`
+}
+
+type Envelope_Commit struct {
+	Commit *Commit `protobuf:"bytes,12,opt,name=commit,proto3,oneof"`
+}
+
+type Envelope_Dropped struct {
+	Dropped *Dropped `protobuf:"bytes,13,opt,name=dropped,proto3,oneof"`
+}
+
 func (*Envelope_Hello) isEnvelope_Msg() {}
 
 func (*Envelope_Auth) isEnvelope_Msg() {}
@@ -235,6 +277,65 @@ func (*Envelope_Running) isEnvelope_Msg() {}
 
 func (*Envelope_Abort) isEnvelope_Msg() {}
 
+func (*Envelope_AttachPages) isEnvelope_Msg() {}
+
+func (*Envelope_Commit) isEnvelope_Msg() {}
+
+func (*Envelope_Dropped) isEnvelope_Msg() {}
+
+// Capabilities is what a host's kernel and CRIU can do for migration.
+type Capabilities struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	LazyPages     bool                   `protobuf:"varint,1,opt,name=lazy_pages,json=lazyPages,proto3" json:"lazy_pages,omitempty"` // userfaultfd: post-copy
+	SoftDirty     bool                   `protobuf:"varint,2,opt,name=soft_dirty,json=softDirty,proto3" json:"soft_dirty,omitempty"` // memory dirty tracking: pre-copy
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Capabilities) Reset() {
+	*x = Capabilities{}
+	mi := &file_proto_migrate_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Capabilities) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Capabilities) ProtoMessage() {}
+
+func (x *Capabilities) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Capabilities.ProtoReflect.Descriptor instead.
+func (*Capabilities) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Capabilities) GetLazyPages() bool {
+	if x != nil {
+		return x.LazyPages
+	}
+	return false
+}
+
+func (x *Capabilities) GetSoftDirty() bool {
+	if x != nil {
+		return x.SoftDirty
+	}
+	return false
+}
+
 // Hello opens the conversation (destination to source): the protocol
 // version it speaks and a fresh nonce the source must authenticate.
 type Hello struct {
@@ -242,13 +343,14 @@ type Hello struct {
 	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
 	Nonce         []byte                 `protobuf:"bytes,2,opt,name=nonce,proto3" json:"nonce,omitempty"`
 	Host          string                 `protobuf:"bytes,3,opt,name=host,proto3" json:"host,omitempty"`
+	Capabilities  *Capabilities          `protobuf:"bytes,4,opt,name=capabilities,proto3" json:"capabilities,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_proto_migrate_proto_msgTypes[1]
+	mi := &file_proto_migrate_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -260,7 +362,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[1]
+	mi := &file_proto_migrate_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -273,7 +375,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{1}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Hello) GetVersion() uint32 {
@@ -297,6 +399,13 @@ func (x *Hello) GetHost() string {
 	return ""
 }
 
+func (x *Hello) GetCapabilities() *Capabilities {
+	if x != nil {
+		return x.Capabilities
+	}
+	return nil
+}
+
 // Auth proves the source holds the shared token without sending it:
 // HMAC-SHA256(token, nonce).
 type Auth struct {
@@ -310,7 +419,7 @@ type Auth struct {
 
 func (x *Auth) Reset() {
 	*x = Auth{}
-	mi := &file_proto_migrate_proto_msgTypes[2]
+	mi := &file_proto_migrate_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -322,7 +431,7 @@ func (x *Auth) String() string {
 func (*Auth) ProtoMessage() {}
 
 func (x *Auth) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[2]
+	mi := &file_proto_migrate_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -335,7 +444,7 @@ func (x *Auth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Auth.ProtoReflect.Descriptor instead.
 func (*Auth) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{2}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Auth) GetVersion() uint32 {
@@ -373,7 +482,7 @@ type Offer struct {
 
 func (x *Offer) Reset() {
 	*x = Offer{}
-	mi := &file_proto_migrate_proto_msgTypes[3]
+	mi := &file_proto_migrate_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -385,7 +494,7 @@ func (x *Offer) String() string {
 func (*Offer) ProtoMessage() {}
 
 func (x *Offer) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[3]
+	mi := &file_proto_migrate_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -398,7 +507,7 @@ func (x *Offer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Offer.ProtoReflect.Descriptor instead.
 func (*Offer) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{3}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Offer) GetJob() string {
@@ -438,17 +547,20 @@ func (x *Offer) GetCriuVersion() string {
 
 // Answer accepts or refuses an Auth or an Offer.
 type Answer struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ok            bool                   `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
-	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
-	Name          string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"` // the job's name on the destination
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Ok     bool                   `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
+	Reason string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Name   string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"` // the job's name on the destination
+	// session names a post-copy migration: the source opens a second
+	// connection for the pages and attaches it with this value.
+	Session       []byte `protobuf:"bytes,4,opt,name=session,proto3" json:"session,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Answer) Reset() {
 	*x = Answer{}
-	mi := &file_proto_migrate_proto_msgTypes[4]
+	mi := &file_proto_migrate_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -460,7 +572,7 @@ func (x *Answer) String() string {
 func (*Answer) ProtoMessage() {}
 
 func (x *Answer) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[4]
+	mi := &file_proto_migrate_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -473,7 +585,7 @@ func (x *Answer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Answer.ProtoReflect.Descriptor instead.
 func (*Answer) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{4}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Answer) GetOk() bool {
@@ -497,6 +609,13 @@ func (x *Answer) GetName() string {
 	return ""
 }
 
+func (x *Answer) GetSession() []byte {
+	if x != nil {
+		return x.Session
+	}
+	return nil
+}
+
 // Data carries the next bytes of the checkpoint's image stream.
 type Data struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -507,7 +626,7 @@ type Data struct {
 
 func (x *Data) Reset() {
 	*x = Data{}
-	mi := &file_proto_migrate_proto_msgTypes[5]
+	mi := &file_proto_migrate_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +638,7 @@ func (x *Data) String() string {
 func (*Data) ProtoMessage() {}
 
 func (x *Data) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[5]
+	mi := &file_proto_migrate_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +651,7 @@ func (x *Data) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Data.ProtoReflect.Descriptor instead.
 func (*Data) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{5}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Data) GetBytes() []byte {
@@ -552,7 +671,7 @@ type DataEnd struct {
 
 func (x *DataEnd) Reset() {
 	*x = DataEnd{}
-	mi := &file_proto_migrate_proto_msgTypes[6]
+	mi := &file_proto_migrate_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -564,7 +683,7 @@ func (x *DataEnd) String() string {
 func (*DataEnd) ProtoMessage() {}
 
 func (x *DataEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[6]
+	mi := &file_proto_migrate_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -577,7 +696,7 @@ func (x *DataEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DataEnd.ProtoReflect.Descriptor instead.
 func (*DataEnd) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{6}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DataEnd) GetBytes() uint64 {
@@ -599,7 +718,7 @@ type Restored struct {
 
 func (x *Restored) Reset() {
 	*x = Restored{}
-	mi := &file_proto_migrate_proto_msgTypes[7]
+	mi := &file_proto_migrate_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -611,7 +730,7 @@ func (x *Restored) String() string {
 func (*Restored) ProtoMessage() {}
 
 func (x *Restored) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[7]
+	mi := &file_proto_migrate_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -624,7 +743,7 @@ func (x *Restored) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Restored.ProtoReflect.Descriptor instead.
 func (*Restored) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{7}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Restored) GetName() string {
@@ -650,7 +769,7 @@ type Gone struct {
 
 func (x *Gone) Reset() {
 	*x = Gone{}
-	mi := &file_proto_migrate_proto_msgTypes[8]
+	mi := &file_proto_migrate_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -662,7 +781,7 @@ func (x *Gone) String() string {
 func (*Gone) ProtoMessage() {}
 
 func (x *Gone) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[8]
+	mi := &file_proto_migrate_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -675,7 +794,7 @@ func (x *Gone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Gone.ProtoReflect.Descriptor instead.
 func (*Gone) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{8}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{9}
 }
 
 // Running: the destination's copy runs.
@@ -688,7 +807,7 @@ type Running struct {
 
 func (x *Running) Reset() {
 	*x = Running{}
-	mi := &file_proto_migrate_proto_msgTypes[9]
+	mi := &file_proto_migrate_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -700,7 +819,7 @@ func (x *Running) String() string {
 func (*Running) ProtoMessage() {}
 
 func (x *Running) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[9]
+	mi := &file_proto_migrate_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -713,12 +832,146 @@ func (x *Running) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Running.ProtoReflect.Descriptor instead.
 func (*Running) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{9}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Running) GetName() string {
 	if x != nil {
 		return x.Name
+	}
+	return ""
+}
+
+// AttachPages opens a post-copy migration's page link (a second
+// connection, authenticated like the first): after it the connection
+// carries CRIU's page-server protocol, source's CRIU to the
+// destination's lazy-pages daemon, relayed by the destination's ferry.
+type AttachPages struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Session       []byte                 `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AttachPages) Reset() {
+	*x = AttachPages{}
+	mi := &file_proto_migrate_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AttachPages) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AttachPages) ProtoMessage() {}
+
+func (x *AttachPages) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AttachPages.ProtoReflect.Descriptor instead.
+func (*AttachPages) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AttachPages) GetSession() []byte {
+	if x != nil {
+		return x.Session
+	}
+	return nil
+}
+
+// Commit (post-copy, source to destination, after Restored): start your
+// copy; memory follows over the page link. From here the source's copy
+// never runs again unless the destination reports Dropped.
+type Commit struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Commit) Reset() {
+	*x = Commit{}
+	mi := &file_proto_migrate_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Commit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Commit) ProtoMessage() {}
+
+func (x *Commit) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Commit.ProtoReflect.Descriptor instead.
+func (*Commit) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{12}
+}
+
+// Dropped (post-copy, destination to source): the destination's copy is
+// gone (the page link failed, or the source aborted); the source may
+// resume its own.
+type Dropped struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Dropped) Reset() {
+	*x = Dropped{}
+	mi := &file_proto_migrate_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Dropped) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Dropped) ProtoMessage() {}
+
+func (x *Dropped) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Dropped.ProtoReflect.Descriptor instead.
+func (*Dropped) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Dropped) GetReason() string {
+	if x != nil {
+		return x.Reason
 	}
 	return ""
 }
@@ -733,7 +986,7 @@ type Abort struct {
 
 func (x *Abort) Reset() {
 	*x = Abort{}
-	mi := &file_proto_migrate_proto_msgTypes[10]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -745,7 +998,7 @@ func (x *Abort) String() string {
 func (*Abort) ProtoMessage() {}
 
 func (x *Abort) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[10]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,7 +1011,7 @@ func (x *Abort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Abort.ProtoReflect.Descriptor instead.
 func (*Abort) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{10}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Abort) GetReason() string {
@@ -772,7 +1025,7 @@ var File_proto_migrate_proto protoreflect.FileDescriptor
 
 const file_proto_migrate_proto_rawDesc = "" +
 	"\n" +
-	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\x8b\x04\n" +
+	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xba\x05\n" +
 	"\bEnvelope\x12/\n" +
 	"\x05hello\x18\x01 \x01(\v2\x17.ferry.migrate.v1.HelloH\x00R\x05hello\x12,\n" +
 	"\x04auth\x18\x02 \x01(\v2\x16.ferry.migrate.v1.AuthH\x00R\x04auth\x12/\n" +
@@ -784,12 +1037,21 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\x04gone\x18\b \x01(\v2\x16.ferry.migrate.v1.GoneH\x00R\x04gone\x125\n" +
 	"\arunning\x18\t \x01(\v2\x19.ferry.migrate.v1.RunningH\x00R\arunning\x12/\n" +
 	"\x05abort\x18\n" +
-	" \x01(\v2\x17.ferry.migrate.v1.AbortH\x00R\x05abortB\x05\n" +
-	"\x03msg\"K\n" +
+	" \x01(\v2\x17.ferry.migrate.v1.AbortH\x00R\x05abort\x12B\n" +
+	"\fattach_pages\x18\v \x01(\v2\x1d.ferry.migrate.v1.AttachPagesH\x00R\vattachPages\x122\n" +
+	"\x06commit\x18\f \x01(\v2\x18.ferry.migrate.v1.CommitH\x00R\x06commit\x125\n" +
+	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adroppedB\x05\n" +
+	"\x03msg\"L\n" +
+	"\fCapabilities\x12\x1d\n" +
+	"\n" +
+	"lazy_pages\x18\x01 \x01(\bR\tlazyPages\x12\x1d\n" +
+	"\n" +
+	"soft_dirty\x18\x02 \x01(\bR\tsoftDirty\"\x8f\x01\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12\x12\n" +
-	"\x04host\x18\x03 \x01(\tR\x04host\"F\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\x12B\n" +
+	"\fcapabilities\x18\x04 \x01(\v2\x1e.ferry.migrate.v1.CapabilitiesR\fcapabilities\"F\n" +
 	"\x04Auth\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x10\n" +
 	"\x03mac\x18\x02 \x01(\fR\x03mac\x12\x12\n" +
@@ -799,11 +1061,12 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\x04mode\x18\x02 \x01(\tR\x04mode\x12!\n" +
 	"\fmemory_bytes\x18\x03 \x01(\x03R\vmemoryBytes\x12#\n" +
 	"\rferry_version\x18\x04 \x01(\tR\fferryVersion\x12!\n" +
-	"\fcriu_version\x18\x05 \x01(\tR\vcriuVersion\"D\n" +
+	"\fcriu_version\x18\x05 \x01(\tR\vcriuVersion\"^\n" +
 	"\x06Answer\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"\x1c\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x18\n" +
+	"\asession\x18\x04 \x01(\fR\asession\"\x1c\n" +
 	"\x04Data\x12\x14\n" +
 	"\x05bytes\x18\x01 \x01(\fR\x05bytes\"\x1f\n" +
 	"\aDataEnd\x12\x14\n" +
@@ -814,7 +1077,12 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"restore_ns\x18\x02 \x01(\x03R\trestoreNs\"\x06\n" +
 	"\x04Gone\"\x1d\n" +
 	"\aRunning\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x1f\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"'\n" +
+	"\vAttachPages\x12\x18\n" +
+	"\asession\x18\x01 \x01(\fR\asession\"\b\n" +
+	"\x06Commit\"!\n" +
+	"\aDropped\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x1f\n" +
 	"\x05Abort\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reasonB'Z%github.com/ferry-cr/ferry/proto;protob\x06proto3"
 
@@ -830,36 +1098,44 @@ func file_proto_migrate_proto_rawDescGZIP() []byte {
 	return file_proto_migrate_proto_rawDescData
 }
 
-var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_proto_migrate_proto_goTypes = []any{
-	(*Envelope)(nil), // 0: ferry.migrate.v1.Envelope
-	(*Hello)(nil),    // 1: ferry.migrate.v1.Hello
-	(*Auth)(nil),     // 2: ferry.migrate.v1.Auth
-	(*Offer)(nil),    // 3: ferry.migrate.v1.Offer
-	(*Answer)(nil),   // 4: ferry.migrate.v1.Answer
-	(*Data)(nil),     // 5: ferry.migrate.v1.Data
-	(*DataEnd)(nil),  // 6: ferry.migrate.v1.DataEnd
-	(*Restored)(nil), // 7: ferry.migrate.v1.Restored
-	(*Gone)(nil),     // 8: ferry.migrate.v1.Gone
-	(*Running)(nil),  // 9: ferry.migrate.v1.Running
-	(*Abort)(nil),    // 10: ferry.migrate.v1.Abort
+	(*Envelope)(nil),     // 0: ferry.migrate.v1.Envelope
+	(*Capabilities)(nil), // 1: ferry.migrate.v1.Capabilities
+	(*Hello)(nil),        // 2: ferry.migrate.v1.Hello
+	(*Auth)(nil),         // 3: ferry.migrate.v1.Auth
+	(*Offer)(nil),        // 4: ferry.migrate.v1.Offer
+	(*Answer)(nil),       // 5: ferry.migrate.v1.Answer
+	(*Data)(nil),         // 6: ferry.migrate.v1.Data
+	(*DataEnd)(nil),      // 7: ferry.migrate.v1.DataEnd
+	(*Restored)(nil),     // 8: ferry.migrate.v1.Restored
+	(*Gone)(nil),         // 9: ferry.migrate.v1.Gone
+	(*Running)(nil),      // 10: ferry.migrate.v1.Running
+	(*AttachPages)(nil),  // 11: ferry.migrate.v1.AttachPages
+	(*Commit)(nil),       // 12: ferry.migrate.v1.Commit
+	(*Dropped)(nil),      // 13: ferry.migrate.v1.Dropped
+	(*Abort)(nil),        // 14: ferry.migrate.v1.Abort
 }
 var file_proto_migrate_proto_depIdxs = []int32{
-	1,  // 0: ferry.migrate.v1.Envelope.hello:type_name -> ferry.migrate.v1.Hello
-	2,  // 1: ferry.migrate.v1.Envelope.auth:type_name -> ferry.migrate.v1.Auth
-	3,  // 2: ferry.migrate.v1.Envelope.offer:type_name -> ferry.migrate.v1.Offer
-	4,  // 3: ferry.migrate.v1.Envelope.answer:type_name -> ferry.migrate.v1.Answer
-	5,  // 4: ferry.migrate.v1.Envelope.data:type_name -> ferry.migrate.v1.Data
-	6,  // 5: ferry.migrate.v1.Envelope.data_end:type_name -> ferry.migrate.v1.DataEnd
-	7,  // 6: ferry.migrate.v1.Envelope.restored:type_name -> ferry.migrate.v1.Restored
-	8,  // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
-	9,  // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
-	10, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	2,  // 0: ferry.migrate.v1.Envelope.hello:type_name -> ferry.migrate.v1.Hello
+	3,  // 1: ferry.migrate.v1.Envelope.auth:type_name -> ferry.migrate.v1.Auth
+	4,  // 2: ferry.migrate.v1.Envelope.offer:type_name -> ferry.migrate.v1.Offer
+	5,  // 3: ferry.migrate.v1.Envelope.answer:type_name -> ferry.migrate.v1.Answer
+	6,  // 4: ferry.migrate.v1.Envelope.data:type_name -> ferry.migrate.v1.Data
+	7,  // 5: ferry.migrate.v1.Envelope.data_end:type_name -> ferry.migrate.v1.DataEnd
+	8,  // 6: ferry.migrate.v1.Envelope.restored:type_name -> ferry.migrate.v1.Restored
+	9,  // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
+	10, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
+	14, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
+	11, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
+	12, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
+	13, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
+	1,  // 13: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_proto_migrate_proto_init() }
@@ -878,6 +1154,9 @@ func file_proto_migrate_proto_init() {
 		(*Envelope_Gone)(nil),
 		(*Envelope_Running)(nil),
 		(*Envelope_Abort)(nil),
+		(*Envelope_AttachPages)(nil),
+		(*Envelope_Commit)(nil),
+		(*Envelope_Dropped)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -885,7 +1164,7 @@ func file_proto_migrate_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_migrate_proto_rawDesc), len(file_proto_migrate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -44,6 +44,9 @@ type Options struct {
 	Progress *progress.Meter
 	// Stopped leaves the restored job frozen; thawing it starts it.
 	Stopped bool
+	// LazyPages restores a directory checkpoint with CRIU lazy pages:
+	// the caller runs `criu lazy-pages` in that directory first.
+	LazyPages bool
 }
 
 // maxManifest bounds ferry.json read from a stream.
@@ -96,6 +99,9 @@ func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string
 	if name == "" {
 		name = m.Job
 	}
+	if opts.LazyPages && m.Foreign {
+		return nil, fmt.Errorf("%s: a tree ferry did not start cannot be restored with lazy pages", dir)
+	}
 	return job.StartRestored(ctx, s, job.RestoreSpec{
 		Name:       name,
 		Checkpoint: dir,
@@ -104,6 +110,7 @@ func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string
 		Dir:        m.Dir,
 		Foreign:    m.Foreign,
 		Stopped:    opts.Stopped,
+		LazyPages:  opts.LazyPages,
 		CgroupRoot: opts.CgroupRoot,
 		Logger:     opts.Logger,
 	})
@@ -208,19 +215,20 @@ func openArchive(opts Options) (*image.Archive, string, func(), error) {
 func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
-	return run(ctx, req.Record.RestoreCriu, req.Record.RestoreFrom, req.WorkDir, req.Record.RestoreStopped, req.Output, req.Cgroup.AddProc)
+	r := req.Record
+	return run(ctx, r.RestoreCriu, r.RestoreFrom, req.WorkDir, runFlags{stopped: r.RestoreStopped, lazy: r.RestoreLazy}, req.Output, req.Cgroup.AddProc)
 }
 
 // InitRestorer is the job.InitRestorer ferry's init uses for foreign
 // trees: CRIU runs inside the new job's namespaces, as the init's child.
 func InitRestorer(ctx context.Context, req job.InitRestoreRequest) (int, error) {
-	return run(ctx, req.Criu, req.Checkpoint, req.WorkDir, req.Stopped, req.Output, nil)
+	return run(ctx, req.Criu, req.Checkpoint, req.WorkDir, runFlags{stopped: req.Stopped}, req.Output, nil)
 }
 
 // run has CRIU restore the checkpoint in dir (a directory of images, or
 // a served one whose images stream from a ferry process) as a sibling of
 // itself, that is a child of the caller, and returns the root's pid.
-func run(ctx context.Context, criuPath, dir, workDir string, stopped bool, output *os.File, started func(int) error) (int, error) {
+func run(ctx context.Context, criuPath, dir, workDir string, flags runFlags, output *os.File, started func(int) error) (int, error) {
 	served := isServed(dir)
 	load := checkpoint.Load
 	if served {
@@ -233,13 +241,27 @@ func run(ctx context.Context, criuPath, dir, workDir string, stopped bool, outpu
 	pidfile := filepath.Join(workDir, "restore.pid")
 	_ = os.Remove(pidfile)
 	defer os.Remove(pidfile)
-	args := []string{"restore", "--images-dir", dir, "--work-dir", workDir, "--log-file", "restore.log", "-v2",
+	criuWork := workDir
+	if flags.lazy {
+		// CRIU finds the lazy-pages daemon's socket in its work directory,
+		// and the daemon was started in the checkpoint's.
+		criuWork = dir
+		defer func() {
+			if b, err := os.ReadFile(filepath.Join(dir, "restore.log")); err == nil {
+				_ = os.WriteFile(filepath.Join(workDir, "restore.log"), b, 0o600)
+			}
+		}()
+	}
+	args := []string{"restore", "--images-dir", dir, "--work-dir", criuWork, "--log-file", "restore.log", "-v2",
 		"--restore-detached", "--restore-sibling", "--pidfile", pidfile, "--manage-cgroups=ignore"}
 	if served {
 		args = append(args, "--stream")
 	}
-	if stopped {
+	if flags.stopped {
 		args = append(args, "--leave-stopped")
+	}
+	if flags.lazy {
+		args = append(args, "--lazy-pages")
 	}
 	for _, o := range []struct {
 		flag string
@@ -277,7 +299,7 @@ func run(ctx context.Context, criuPath, dir, workDir string, stopped bool, outpu
 		Started: started,
 	}.Run(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("restoring %s: %w", dir, criu.Explain(err, filepath.Join(workDir, "restore.log")))
+		return 0, fmt.Errorf("restoring %s: %w", dir, criu.Explain(err, filepath.Join(criuWork, "restore.log")))
 	}
 	b, err := os.ReadFile(pidfile)
 	if err != nil {
@@ -288,6 +310,12 @@ func run(ctx context.Context, criuPath, dir, workDir string, stopped bool, outpu
 		return 0, fmt.Errorf("criu restored but wrote pid %q", b)
 	}
 	return pid, nil
+}
+
+// runFlags are the ways a restore departs from the plain one.
+type runFlags struct {
+	stopped bool // --leave-stopped: the shim keeps the tree frozen
+	lazy    bool // --lazy-pages: memory comes from a lazy-pages daemon
 }
 
 // isServed reports whether dir is a served checkpoint directory: the

@@ -302,3 +302,93 @@ func cuttingProxy(t *testing.T, ns, listen, target string, limit int64) func() {
 	}
 	return func() { ln.Close(); wg.Wait() }
 }
+
+// migrateReport is the part of `ferry migrate --json` the tests check.
+type migrateReport struct {
+	Mode       string `json:"mode"`
+	Reason     string `json:"reason"`
+	RemoteName string `json:"remoteName"`
+	BytesSent  int64  `json:"bytesSent"`
+	Downtime   int64  `json:"downtimeNs"`
+	Total      int64  `json:"totalNs"`
+	LazyPages  int64  `json:"lazyPages"`
+	Memory     int64  `json:"memoryBytes"`
+}
+
+func TestMigratePostCopy(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7080")
+	dst.serve(h.b, listen, token)
+	if d := src.must("doctor", "--json"); !strings.Contains(d, `"uffd-noncoop": true`) && !strings.Contains(d, `"uffd-noncoop":true`) {
+		t.Skip("no userfaultfd here: post-copy cannot work")
+	}
+
+	if r := src.ferryIn(h.a, "run", "--name", "pc", "--", w, "memory", "256"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("pc", "verify ", 1)
+	sum := src.lines("pc", "sum ")[0]
+
+	t.Run("a page link cut mid-transfer drops the destination's copy and resumes the source", func(t *testing.T) {
+		cut := net.JoinHostPort(h.addrB, "7081")
+		// The control connection carries a few hundred KiB (everything but
+		// memory); the page link is cut after 8 MiB of 256.
+		stop := cuttingProxy(t, h.b, cut, listen, 8<<20)
+		defer stop()
+		before, _ := src.verifyLines("pc")
+		r := src.ferryIn(h.a, "migrate", "pc", "--to", cut, "--token-file", token, "--mode", "post-copy")
+		if r.code != 19 || !strings.Contains(r.stderr, "dropped its copy") {
+			t.Fatalf("post-copy over a cut page link: %s", r)
+		}
+		t.Log(r.stderr)
+		if v := src.job("pc"); v.State != "running" {
+			t.Fatalf("source job after a failed post-copy: %s", v.State)
+		}
+		src.assertContinues("pc", sum, before[len(before)-1]+1)
+		for name, v := range dst.list() {
+			if v.State != "exited" {
+				t.Fatalf("destination kept job %s %s after a failed post-copy", name, v.State)
+			}
+		}
+	})
+
+	t.Run("auto chooses post-copy and moves 256 MiB with memory following on demand", func(t *testing.T) {
+		pipeMax, _ := os.ReadFile("/proc/sys/fs/pipe-max-size")
+		before, _ := src.verifyLines("pc")
+		// No downtime budget and more than 256 MiB of memory: auto must
+		// prefer post-copy, which both test hosts support.
+		r := src.ferryIn(h.a, "migrate", "pc", "--to", listen, "--token-file", token, "--json")
+		if r.code != 0 {
+			t.Fatalf("migrate: %s", r)
+		}
+		var rep migrateReport
+		if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+			t.Fatalf("report: %v\n%s", err, r.stdout)
+		}
+		t.Logf("report: %+v", rep)
+		// 256 MiB of pages went lazily; the stream itself was small.
+		if rep.Mode != "post-copy" || !strings.HasPrefix(rep.Reason, "auto chose post-copy") || rep.LazyPages < (200<<20)/4096 || rep.BytesSent < 200<<20 || rep.Downtime <= 0 || rep.Downtime > rep.Total {
+			t.Errorf("report %+v", rep)
+		}
+		if v := src.job("pc"); v.State != "exited" || v.Exit == nil || v.Exit.Reason != "migrated" {
+			t.Errorf("source job after migration: %s (%+v)", v.State, v.Exit)
+		}
+		if v := dst.job("pc"); v.State != "running" {
+			t.Fatalf("destination job after migration: %s", v.State)
+		}
+		// Every verify line checksums all 256 MiB: it matches only if every
+		// page arrived intact.
+		dst.assertContinues("pc", sum, before[len(before)-1])
+		if len(dst.lines("pc", "sum ")) != 0 {
+			t.Fatal("the destination started the workload afresh")
+		}
+		// ferry raised fs.pipe-max-size for CRIU's lazy dump; it must be back.
+		if now, _ := os.ReadFile("/proc/sys/fs/pipe-max-size"); string(now) != string(pipeMax) {
+			t.Errorf("fs.pipe-max-size is %q after the migration, was %q", now, pipeMax)
+		}
+	})
+}

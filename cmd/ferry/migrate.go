@@ -55,6 +55,7 @@ the source confirms its copy is gone, then started.`,
 		slog.Info("serving migrations", "listen", ln.Addr().String(), "root", s.Root)
 		sv := &migrate.Server{
 			Store: s, Token: token, Logger: slog.Default(),
+			Caps:    migrate.CapabilitiesFromFeatures(bin.Features(c.Context, "mem_dirty_track", "uffd", "uffd-noncoop")),
 			Restore: restore.Options{Criu: bin, ServeDir: filepath.Join(s.Root, "serve"), CgroupRoot: c.String("cgroup-root"), Logger: slog.Default()},
 		}
 		return sv.Serve(c.Context, ln)

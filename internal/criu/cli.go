@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"time"
 
@@ -51,51 +52,136 @@ type Command struct {
 // Run runs c and waits for CRIU to exit; a failure carries CRIU's stderr,
 // a cancelled ctx kills CRIU.
 func (c Command) Run(ctx context.Context) error {
+	r, err := c.start(ctx)
+	if err != nil {
+		return err
+	}
+	return r.wait(ctx)
+}
+
+// Daemon is a CRIU that keeps working after it has told us it is ready:
+// a lazy dump serving its pages, or the lazy-pages daemon.
+type Daemon struct {
+	r    *running
+	done chan struct{}
+	err  error
+}
+
+// StartReady starts c with a --status-fd and returns once CRIU writes its
+// ready byte (after a lazy dump has written every image but memory and
+// serves pages; once the lazy-pages daemon listens). If CRIU exits first,
+// the error is its failure. CRIU is not tied to ctx after that: a daemon
+// is stopped with Kill or by closing what it serves.
+func (c Command) StartReady(ctx context.Context) (*Daemon, error) {
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	defer statusR.Close()
+	c.Args = append(append([]string{}, c.Args...), "--status-fd", strconv.Itoa(int(ExtraFD(len(c.ExtraFiles)))))
+	c.ExtraFiles = append(append([]*os.File{}, c.ExtraFiles...), statusW)
+	r, err := c.start(context.WithoutCancel(ctx))
+	statusW.Close()
+	if err != nil {
+		return nil, err
+	}
+	d := &Daemon{r: r, done: make(chan struct{})}
+	go func() {
+		d.err = r.wait(context.Background())
+		close(d.done)
+	}()
+	ready := make(chan bool, 1)
+	go func() {
+		var b [1]byte
+		n, _ := statusR.Read(b[:])
+		ready <- n == 1
+	}()
+	select {
+	case ok := <-ready:
+		if ok {
+			return d, nil
+		}
+		<-d.done
+		if d.err == nil {
+			d.err = fmt.Errorf("criu %s exited without becoming ready", c.Args[0])
+		}
+		return nil, d.err
+	case <-ctx.Done():
+		d.Kill()
+		<-d.done
+		return nil, ctx.Err()
+	}
+}
+
+// Pid is CRIU's process id.
+func (d *Daemon) Pid() int { return d.r.cmd.Process.Pid }
+
+// Done is closed when CRIU has exited.
+func (d *Daemon) Done() <-chan struct{} { return d.done }
+
+// Wait waits for CRIU to exit and returns its failure, if any.
+func (d *Daemon) Wait() error { <-d.done; return d.err }
+
+// Kill ends CRIU at once.
+func (d *Daemon) Kill() { _ = d.r.cmd.Process.Kill() }
+
+type running struct {
+	cmd    *exec.Cmd
+	stderr *strings.Builder
+	verb   string
+}
+
+// start starts CRIU behind the gate, runs Started, and releases it.
+func (c Command) start(ctx context.Context) (*running, error) {
 	self, err := os.Executable()
 	if err != nil {
-		return fmt.Errorf("finding ferry's own binary for the criu gate: %w", err)
+		return nil, fmt.Errorf("finding ferry's own binary for the criu gate: %w", err)
 	}
 	gateR, gateW, err := os.Pipe()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer gateW.Close()
 	cmd := exec.CommandContext(ctx, self, append([]string{GateArg, c.Path}, c.Args...)...)
 	cmd.ExtraFiles = append([]*os.File{gateR}, c.ExtraFiles...)
 	cmd.WaitDelay = 5 * time.Second
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
+	r := &running{cmd: cmd, stderr: &strings.Builder{}, verb: "criu"}
+	if len(c.Args) > 0 {
+		r.verb += " " + c.Args[0]
+	}
+	cmd.Stderr = r.stderr
 	err = cmd.Start()
 	gateR.Close()
 	if err != nil {
-		return fmt.Errorf("starting criu: %w", err)
+		return nil, fmt.Errorf("starting criu: %w", err)
 	}
 	if c.Started != nil {
 		if err := c.Started(cmd.Process.Pid); err != nil {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
-			return err
+			return nil, err
 		}
 	}
 	if _, err := gateW.Write([]byte{1}); err != nil {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
-		return fmt.Errorf("releasing criu: %w", err)
+		return nil, fmt.Errorf("releasing criu: %w", err)
 	}
-	gateW.Close()
-	if err := cmd.Wait(); err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		verb := "criu"
-		if len(c.Args) > 0 {
-			verb += " " + c.Args[0]
-		}
-		var ee *exec.ExitError
-		if msg := cleanOutput(stderr.String()); msg != "" && errors.As(err, &ee) {
-			return fmt.Errorf("%s: %w: %s", verb, err, firstLine(msg))
-		}
-		return fmt.Errorf("%s: %w", verb, err)
+	return r, nil
+}
+
+// wait waits for CRIU and explains its failure.
+func (r *running) wait(ctx context.Context) error {
+	err := r.cmd.Wait()
+	if err == nil {
+		return nil
 	}
-	return nil
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	var ee *exec.ExitError
+	if msg := cleanOutput(r.stderr.String()); msg != "" && errors.As(err, &ee) {
+		return fmt.Errorf("%s: %w: %s", r.verb, err, firstLine(msg))
+	}
+	return fmt.Errorf("%s: %w", r.verb, err)
 }

@@ -231,6 +231,12 @@ func (s *Store) Discard(ctx context.Context, name string, log *slog.Logger) erro
 	return s.endFrozen(ctx, name, "discarded", log)
 }
 
+// EndAs ends a job like EndCheckpointed, with reason as its record's
+// exit reason ("migrated", say).
+func (s *Store) EndAs(ctx context.Context, name, reason string, log *slog.Logger) error {
+	return s.endFrozen(ctx, name, reason, log)
+}
+
 func (s *Store) endFrozen(ctx context.Context, name, reason string, log *slog.Logger) error {
 	rec, err := s.Update(name, func(r *Record) error {
 		if r.Exit == nil {

@@ -31,6 +31,10 @@ type RestoreSpec struct {
 	Criu       string // CRIU binary the shim restores with
 	Foreign    bool   // a tree ferry did not start: restored by a new init
 	Stopped    bool   // leave the restored tree frozen (Thaw starts it)
+	// LazyPages restores with CRIU lazy pages (post-copy): a `criu
+	// lazy-pages` daemon already listens in the checkpoint directory,
+	// which is then also CRIU's work directory.
+	LazyPages  bool
 	Command    []string
 	Dir        string
 	CgroupRoot string
@@ -68,6 +72,7 @@ func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (*Record, er
 		Foreign:     spec.Foreign,
 
 		RestoreStopped: spec.Stopped,
+		RestoreLazy:    spec.LazyPages,
 	}
 	return launch(ctx, s, rec, old, spec.CgroupRoot, log)
 }

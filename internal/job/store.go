@@ -85,6 +85,8 @@ type Record struct {
 	// RestoreStopped has the shim leave the restored tree frozen (a
 	// migration's destination copy waits so until the source's is gone).
 	RestoreStopped bool `json:"restoreStopped,omitempty"`
+	// RestoreLazy restores with CRIU lazy pages (a migration's post-copy).
+	RestoreLazy bool `json:"restoreLazy,omitempty"`
 	// Migration, when set, says that the job is part of a migration whose
 	// outcome ferry could not settle, and how the operator settles it.
 	Migration *MigrationNote `json:"migration,omitempty"`

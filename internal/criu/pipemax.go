@@ -1,0 +1,77 @@
+package criu
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// A lazy dump serves pages out of pipes that CRIU grows to 4 MiB; past
+// fs.pipe-max-size that needs CAP_SYS_RESOURCE, which some machines
+// withhold even from root (CRIU then fails with "page-pipe: tee:
+// Operation not permitted"). RaisePipeMax lifts the limit for as long as
+// a lazy dump runs and puts the old value back after the last one.
+
+// LazyPipeSize is the pipe size a lazy dump needs.
+const LazyPipeSize = 4 << 20
+
+var (
+	pipeMaxPath  = "/proc/sys/fs/pipe-max-size"
+	pipeMaxState = "/run/ferry-pipe-max-size" // the value to put back; also the lock
+)
+
+// RaisePipeMax makes fs.pipe-max-size at least n until release is
+// called. Concurrent ferries share the raise: each holds a shared lock on
+// the state file, and whoever releases last (its exclusive lock succeeds)
+// restores the value saved by the first.
+func RaisePipeMax(n int) (release func(), err error) {
+	cur, err := readInt(pipeMaxPath)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(pipeMaxState, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	fd := int(f.Fd())
+	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if cur < n {
+		saved, _ := readInt(pipeMaxState)
+		if saved == 0 {
+			if err := os.WriteFile(pipeMaxState, []byte(strconv.Itoa(cur)+"\n"), 0o600); err != nil {
+				f.Close()
+				return nil, err
+			}
+		}
+		if err := os.WriteFile(pipeMaxPath, []byte(strconv.Itoa(n)), 0o644); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("raising fs.pipe-max-size to %d for lazy pages: %w", n, err)
+		}
+	}
+	_ = unix.Flock(fd, unix.LOCK_SH)
+	return func() {
+		defer f.Close()
+		if unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) != nil {
+			return // another lazy dump still needs it
+		}
+		if saved, err := readInt(pipeMaxState); err == nil && saved > 0 {
+			if os.WriteFile(pipeMaxPath, []byte(strconv.Itoa(saved)), 0o644) == nil {
+				_ = f.Truncate(0)
+			}
+		}
+	}, nil
+}
+
+func readInt(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
+}

@@ -1,0 +1,510 @@
+package migrate
+
+// Post-copy: the job is frozen, everything but its private memory goes
+// over the control connection as an image stream, the destination
+// restores it with CRIU lazy pages, and the memory follows over a second
+// connection, the page link, from the source's CRIU (which keeps it after
+// the dump) to the destination's `criu lazy-pages` daemon. Downtime no
+// longer grows with memory: the destination runs as soon as it is
+// restored, faulting in what it touches while the rest streams behind.
+//
+// The page link is a second connection to the same `ferry serve`,
+// authenticated like the first and attached to the migration by a
+// session value; after that it carries CRIU's page-server protocol
+// untouched. The source hands its socket to CRIU (--ps-socket). The
+// destination's ferry relays it to the daemon over loopback, which gives
+// it the first word on a failed link: it kills the destination's copy
+// before the daemon learns of the failure and lets go of the job's
+// userfaultfds (after which missing pages would read as zeros).
+//
+// Never lost, never twice, in post-copy terms:
+//   - The destination runs its copy only after Commit; from Commit on the
+//     source resumes its own only when the destination reports Dropped.
+//   - The source ends its copy only when its CRIU has served every page
+//     (the destination's copy is then whole).
+//   - The destination drops its copy only when the page link fails before
+//     every page arrived (the source's copy is then whole and frozen) or
+//     the source aborts before that.
+//   - Anything else (a lost control connection at the wrong moment) keeps
+//     the copy that exists frozen, with a note in ferry list.
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/job"
+	pb "github.com/ferry-cr/ferry/proto"
+	"github.com/ferry-cr/ferry/restore"
+)
+
+// pageLinkGrace is how long a page link that closed is given for the
+// daemon to report that the transfer was complete anyway.
+const pageLinkGrace = 5 * time.Second
+
+// postCopySource is the source's half of a post-copy migration.
+type postCopySource struct {
+	c         *conn    // the control connection
+	link      net.Conn // the page link
+	file      *os.File // the page link's socket, for CRIU
+	to        string
+	start     time.Time
+	rep       *Report
+	log       *slog.Logger
+	runningAt time.Time // when the destination reported its copy running
+	linkBytes int64
+}
+
+// openPageLink opens and attaches the page link of session.
+func openPageLink(ctx context.Context, opts Options, c *conn, session []byte, start time.Time, rep *Report, log *slog.Logger) (*postCopySource, error) {
+	if len(session) == 0 {
+		return nil, errors.New("the destination named no session for the page link")
+	}
+	nc, err := dial(ctx, opts.To)
+	if err != nil {
+		return nil, err
+	}
+	lc := newConn(nc)
+	if _, err := handshake(lc, opts.Token); err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("page link: %w", err)
+	}
+	if err := lc.send(&pb.Envelope{Msg: &pb.Envelope_AttachPages{AttachPages: &pb.AttachPages{Session: session}}}, stepTimeout); err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("page link: %w", err)
+	}
+	f, err := nc.(*net.TCPConn).File()
+	if err == nil {
+		// CRIU reads and writes with blocking calls.
+		err = unix.SetNonblock(int(f.Fd()), false)
+	}
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("page link: %w", err)
+	}
+	return &postCopySource{c: c, link: nc, file: f, to: opts.To, start: start, rep: rep, log: log}, nil
+}
+
+// close closes the page link (both descriptors), noting what it carried.
+func (p *postCopySource) close() {
+	if p.linkBytes == 0 {
+		if info, err := unix.GetsockoptTCPInfo(int(p.file.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			p.linkBytes = int64(info.Bytes_acked)
+		}
+	}
+	p.file.Close()
+	p.link.Close()
+}
+
+type ctlMsg struct {
+	m   *pb.Envelope
+	err error
+}
+
+// serve is dump.PostCopy.Serve: it commits the move, so the destination
+// runs its copy, and follows the transfer to its end.
+func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
+	// From here on the destination may run its copy, so ours must not run
+	// again unless it says its own is gone: even an unsent Commit counts.
+	if err := p.c.send(&pb.Envelope{Msg: &pb.Envelope_Commit{Commit: &pb.Commit{}}}, stepTimeout); err != nil {
+		p.log.Warn("sending commit", "err", err)
+	}
+	msgs := make(chan ctlMsg, 8)
+	go func() {
+		for {
+			m, err := p.c.recv(restoreTimeout)
+			msgs <- ctlMsg{m, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	var (
+		dropped  string // the destination's reason, once it dropped its copy
+		ctlLost  error
+		cut      <-chan time.Time
+		aborting bool
+	)
+	handle := func(cm ctlMsg) {
+		var ab *abortError
+		switch {
+		case errors.As(cm.err, &ab):
+			dropped = ab.reason
+		case cm.err != nil:
+			ctlLost = cm.err
+		case cm.m.GetRunning() != nil:
+			p.runningAt = time.Now()
+		case cm.m.GetDropped() != nil:
+			dropped = cm.m.GetDropped().GetReason()
+		}
+	}
+	for {
+		select {
+		case cm := <-msgs:
+			handle(cm)
+			if cm.err != nil {
+				msgs = nil // the reader has stopped
+			}
+		case <-ctx.Done():
+			if !aborting {
+				// Interrupted: ask the destination to drop its copy; if it
+				// does not, cut the link, which drops it anyway.
+				aborting = true
+				p.c.abort("the migration was interrupted on the source")
+				cut = time.After(stepTimeout)
+			}
+		case <-cut:
+			_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
+		case err := <-served:
+			if info, ierr := unix.GetsockoptTCPInfo(int(p.file.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO); ierr == nil {
+				p.linkBytes = int64(info.Bytes_acked)
+			}
+			if err == nil {
+				// Every page is at the destination: its copy is whole,
+				// ours ends (dump does that when we return nil).
+				_ = p.c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout)
+				return nil
+			}
+			// The transfer failed: the destination's copy is not whole and
+			// must go. Close the link so that it notices now, and wait for
+			// its word before ours may run again.
+			_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
+			deadline := time.After(stepTimeout)
+			for dropped == "" && ctlLost == nil && msgs != nil {
+				select {
+				case cm := <-msgs:
+					handle(cm)
+					if cm.err != nil {
+						msgs = nil
+					}
+				case <-deadline:
+					ctlLost = errors.New("no answer from the destination")
+				}
+			}
+			if dropped != "" {
+				return fmt.Errorf("the page transfer failed (%v) and %s dropped its copy (%s)", err, p.to, dropped)
+			}
+			return fmt.Errorf("%w: the page transfer failed (%v) and whether %s dropped its copy is unknown (%v)",
+				dump.ErrKeepStopped, err, p.to, ctlLost)
+		}
+	}
+}
+
+// finish turns dump's outcome into Migrate's.
+func (p *postCopySource) finish(s *job.Store, name string, res *dump.Result, err error) (*Report, error) {
+	p.close()
+	rep := p.rep
+	switch {
+	case err == nil:
+		if !p.runningAt.IsZero() {
+			rep.Downtime = p.runningAt.Sub(res.FrozenAt)
+		}
+		rep.Total = time.Since(p.start)
+		rep.LazyPages = res.LazyPages
+		rep.BytesSent = int64(res.Size) + p.linkBytes
+		if secs := rep.Total.Seconds(); secs > 0 {
+			rep.Throughput = float64(rep.BytesSent) / secs
+		}
+		return rep, nil
+	case errors.Is(err, dump.ErrKeepStopped):
+		note := &job.MigrationNote{Peer: p.to, Role: "source", Time: time.Now().UTC(),
+			Note:    "held frozen here: its post-copy move to " + p.to + " failed and whether the copy there was dropped is unknown",
+			Resolve: fmt.Sprintf("if %s does not run on %s: ferry thaw %s; if it does: ferry kill %s", name, p.to, name, name)}
+		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
+		p.log.Error("migration in doubt", "job", name, "to", p.to, "err", err)
+		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
+	}
+	p.c.abort("the source failed and keeps the job: " + err.Error())
+	return nil, fmt.Errorf("migration failed, %s keeps running here: %w", name, err)
+}
+
+// The destination's half.
+
+// sessions pairs page links with the migrations waiting for them.
+type sessions struct {
+	mu sync.Mutex
+	m  map[string]chan net.Conn
+}
+
+func (ss *sessions) open() ([]byte, chan net.Conn, func()) {
+	id := make([]byte, 16)
+	_, _ = rand.Read(id)
+	ch := make(chan net.Conn, 1)
+	ss.mu.Lock()
+	if ss.m == nil {
+		ss.m = map[string]chan net.Conn{}
+	}
+	ss.m[string(id)] = ch
+	ss.mu.Unlock()
+	return id, ch, func() {
+		ss.mu.Lock()
+		delete(ss.m, string(id))
+		ss.mu.Unlock()
+	}
+}
+
+// attach hands nc to the migration of session; false if there is none.
+func (ss *sessions) attach(session []byte, nc net.Conn) bool {
+	ss.mu.Lock()
+	ch, ok := ss.m[string(session)]
+	delete(ss.m, string(session))
+	ss.mu.Unlock()
+	if ok {
+		ch <- nc
+	}
+	return ok
+}
+
+// bufferedConn is a net.Conn whose first bytes come from a reader that
+// may already hold some of them.
+type bufferedConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// relay joins the lazy-pages daemon's connection (accepted on loopback)
+// to the page link. sourceGone is closed when the source's side ends.
+type relay struct {
+	ln         *net.TCPListener
+	link       net.Conn
+	sourceGone chan struct{}
+	mu         sync.Mutex
+	daemon     net.Conn
+	closed     bool
+}
+
+func newRelay(link net.Conn) (*relay, error) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return nil, err
+	}
+	r := &relay{ln: ln, link: link, sourceGone: make(chan struct{})}
+	go r.run()
+	return r, nil
+}
+
+func (r *relay) addr() *net.TCPAddr { return r.ln.Addr().(*net.TCPAddr) }
+
+func (r *relay) run() {
+	dc, err := r.ln.Accept()
+	r.ln.Close()
+	if err != nil {
+		return
+	}
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		dc.Close()
+		return
+	}
+	r.daemon = dc
+	r.mu.Unlock()
+	go func() {
+		_, _ = io.Copy(r.link, dc)
+		if tc, ok := r.link.(interface{ CloseWrite() error }); ok {
+			_ = tc.CloseWrite()
+		}
+	}()
+	// Source to daemon. When the source's side ends, the daemon is not
+	// told (its connection stays open) until close: first the caller
+	// decides whether the transfer was complete or the copy must die.
+	_, _ = io.Copy(dc, r.link)
+	close(r.sourceGone)
+}
+
+func (r *relay) close() {
+	r.mu.Lock()
+	r.closed = true
+	if r.daemon != nil {
+		r.daemon.Close()
+	}
+	r.mu.Unlock()
+	r.ln.Close()
+	r.link.Close()
+}
+
+// receivePostCopy is the destination's side of a post-copy migration,
+// after the offer was accepted.
+func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, name string, log *slog.Logger) error {
+	session, links, forget := sv.sessions.open()
+	defer forget()
+	sv.answerSession(c, name, session)
+	var link net.Conn
+	select {
+	case link = <-links:
+	case <-time.After(stepTimeout):
+		return errors.New("the source did not open its page link")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer link.Close()
+
+	base := sv.Restore.ServeDir
+	if err := os.MkdirAll(base, 0o700); err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp(base, "lazy-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	if _, err := restore.Unpack(&dataReader{c: c}, dir); err != nil {
+		c.abort("receiving the checkpoint failed on the destination: " + err.Error())
+		return fmt.Errorf("receiving: %w", err)
+	}
+	rl, err := newRelay(link)
+	if err != nil {
+		c.abort(err.Error())
+		return err
+	}
+	defer rl.close()
+	daemon, err := restore.StartLazyPages(ctx, sv.Restore.Criu, dir, rl.addr())
+	if err != nil {
+		c.abort("starting lazy pages on the destination failed: " + err.Error())
+		return fmt.Errorf("starting lazy pages: %w", err)
+	}
+	defer func() {
+		select {
+		case <-daemon.Done():
+		default:
+			daemon.Kill()
+			_ = daemon.Wait()
+		}
+	}()
+
+	ropts := sv.Restore
+	ropts.Checkpoint, ropts.Name, ropts.Stopped, ropts.LazyPages = dir, name, true, true
+	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	t0 := time.Now()
+	rec, err := restore.Job(rctx, sv.Store, ropts)
+	cancel()
+	if err != nil {
+		c.abort("restore failed on the destination: " + err.Error())
+		return fmt.Errorf("restoring: %w", err)
+	}
+	sv.note(rec.Name, nc, "restored from %s (post-copy) and held frozen until the source commits")
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: rec.Name, RestoreNs: int64(time.Since(t0))}}}, stepTimeout); err != nil {
+		log.Warn("reporting the restore", "err", err)
+	}
+
+	msgs := make(chan ctlMsg, 8)
+	go func() {
+		for {
+			m, err := c.recv(restoreTimeout)
+			msgs <- ctlMsg{m, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	// drop ends our copy (before the daemon hears of any failure) and
+	// tells the source, which may then resume its own.
+	drop := func(why string) error {
+		sv.drop(ctx, rec.Name, log)
+		rl.close()
+		_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Dropped{Dropped: &pb.Dropped{Reason: why}}}, stepTimeout)
+		return fmt.Errorf("post-copy failed, dropped our copy: %s", why)
+	}
+	var (
+		committed, complete, gone bool
+		ctlLost                   error
+	)
+	start := func() error {
+		if err := sv.Store.Thaw(ctx, rec.Name); err != nil {
+			return drop("starting the migrated job: " + err.Error())
+		}
+		committed = true
+		_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: rec.Name}}}, stepTimeout)
+		return nil
+	}
+	var settle <-chan time.Time
+	sourceGone := rl.sourceGone
+	daemonExit := daemonDone(daemon, filepath.Join(dir, "lazy-pages.log"))
+	for {
+		if complete && (gone || ctlLost != nil) {
+			break
+		}
+		select {
+		case cm := <-msgs:
+			var ab *abortError
+			switch {
+			case errors.As(cm.err, &ab):
+				msgs = nil
+				if !complete {
+					return drop("the source aborted: " + ab.reason)
+				}
+			case cm.err != nil:
+				// The pages may still all arrive: go on without orders.
+				msgs, ctlLost = nil, cm.err
+				log.Warn("control connection lost during post-copy", "err", cm.err)
+			case cm.m.GetCommit() != nil, cm.m.GetGone() != nil:
+				gone = gone || cm.m.GetGone() != nil
+				if !committed {
+					if err := start(); err != nil {
+						return err
+					}
+				}
+			}
+		case err := <-daemonExit:
+			if err != nil {
+				return drop("the lazy-pages daemon failed: " + err.Error())
+			}
+			complete = true
+			settle = time.After(stepTimeout)
+			sourceGone = nil
+		case <-sourceGone:
+			// The source's end of the link closed: complete if the daemon
+			// says so in a moment, else our copy lacks pages.
+			select {
+			case err := <-daemonExit:
+				if err != nil {
+					return drop("the lazy-pages daemon failed: " + err.Error())
+				}
+				complete = true
+				settle = time.After(stepTimeout)
+				sourceGone = nil
+			case <-time.After(pageLinkGrace):
+				return drop("the page link closed before every page arrived")
+			}
+		case <-settle:
+			ctlLost = errors.New("the source did not confirm in time")
+		}
+	}
+	if !committed {
+		// Whole, but the source never said to run it.
+		return sv.inDoubt(rec.Name, nc, fmt.Errorf("every page arrived but the source did not commit: %w", ctlLost))
+	}
+	if !gone {
+		log.Warn("post-copy complete, the source did not confirm its copy ended", "err", ctlLost)
+	}
+	log.Info("migration done (post-copy)", "received", c.rx)
+	return nil
+}
+
+// daemonDone yields the daemon's exit once it has exited, explained
+// from its log.
+func daemonDone(d *restore.LazyPages, logPath string) <-chan error {
+	ch := make(chan error, 1)
+	go func() {
+		if err := d.Wait(); err != nil {
+			ch <- criu.Explain(err, logPath)
+			return
+		}
+		ch <- nil
+	}()
+	return ch
+}

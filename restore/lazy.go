@@ -1,0 +1,63 @@
+package restore
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/checkpoint"
+	"github.com/ferry-cr/ferry/internal/criu"
+)
+
+// Post-copy (CRIU lazy pages) on the restoring side. A lazy checkpoint
+// holds every image but the tree's private memory, so it is small; CRIU's
+// lazy-pages daemon and the restore both read it from one directory (the
+// daemon once per task, the restore once: a --stream cannot serve a file
+// twice), and the daemon fetches the memory from the source's CRIU over
+// the network while the restored tree faults it in.
+
+// Unpack reads a whole image stream from r, checks it (see
+// image.ReadArchive), and writes its files into dir, which must exist and
+// be empty. It returns the manifest.
+func Unpack(r io.Reader, dir string) (*checkpoint.Manifest, error) {
+	a, err := image.ReadArchive(r)
+	if err != nil {
+		return nil, err
+	}
+	for _, name := range a.Names() {
+		if name != filepath.Base(name) || name == "." || name == ".." {
+			return nil, fmt.Errorf("image stream names a file %q outside its directory: %w", name, image.ErrCorrupt)
+		}
+		f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		_, err = a.WriteTo(name, f)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return nil, fmt.Errorf("unpacking %s: %w", name, err)
+		}
+	}
+	return checkpoint.Load(dir)
+}
+
+// LazyPages is a running `criu lazy-pages` daemon.
+type LazyPages = criu.Daemon
+
+// StartLazyPages starts CRIU's lazy-pages daemon on the unpacked lazy
+// checkpoint in dir, fetching memory from the page server at pages (a
+// TCP address: ferry's end of the link to the source), and returns once
+// it listens for the restore. It exits once every page has been copied
+// into the restored tree (status 0) or when it fails.
+func StartLazyPages(ctx context.Context, b *criu.Binary, dir string, pages *net.TCPAddr) (*LazyPages, error) {
+	return criu.Command{Path: b.Path, Args: []string{"lazy-pages", "--images-dir", dir, "--work-dir", dir,
+		"--log-file", "lazy-pages.log", "-v2", "--page-server", "--address", pages.IP.String(),
+		"--port", strconv.Itoa(pages.Port)}}.StartReady(ctx)
+}
