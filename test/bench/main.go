@@ -22,6 +22,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,8 @@ import (
 var (
 	reps     = flag.Int("n", 3, "repetitions of each measurement")
 	mib      = flag.Int("mib", 1024, "workload memory in MiB (half random, half text)")
+	migMiB   = flag.String("migrate-mib", "256,1024", "memory sizes (MiB) of the migration section; empty skips it")
+	only     = flag.String("only", "", "run only this section: checkpoint or migrate")
 	ferryBin = flag.String("ferry", "bin/ferry", "ferry binary")
 	criuBin  = flag.String("criu", "", "CRIU binary (default: $FERRY_CRIU, .deps/bin/criu, PATH)")
 	diskDir  = flag.String("disk", "/var/tmp", "directory on disk for on-disk checkpoints")
@@ -105,6 +108,24 @@ func main() {
 	fmt.Printf("ferry bench: %d MiB workload (half random, half text), %d repetitions, medians\n", *mib, *reps)
 	fmt.Printf("criu: %s\n\n", criu)
 
+	if *only != "migrate" {
+		checkpointBench(criu, workload, tmp)
+	}
+	if *only != "checkpoint" && *migMiB != "" {
+		var sizes []int
+		for f := range strings.SplitSeq(*migMiB, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n <= 0 {
+				fatal("-migrate-mib: bad size %q", f)
+			}
+			sizes = append(sizes, n)
+		}
+		migrationBench(criu, workload, tmp, sizes)
+	}
+}
+
+// checkpointBench is the checkpoint and restore section.
+func checkpointBench(criu, workload, tmp string) {
 	// The reference workload, started directly, and the same workload as
 	// a ferry job.
 	ref := startWorkload(workload)
@@ -271,8 +292,11 @@ func findCriu() string {
 
 // startWorkload starts the reference workload in a session of its own and
 // waits until its memory is filled.
-func startWorkload(bin string) int {
-	cmd := exec.Command(bin, "memory", fmt.Sprint(*mib))
+func startWorkload(bin string) int { return startWorkloadMiB(bin, *mib) }
+
+// startWorkloadMiB is startWorkload with mib MiB.
+func startWorkloadMiB(bin string, mib int) int {
+	cmd := exec.Command(bin, "memory", fmt.Sprint(mib))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	out, err := cmd.StdoutPipe()
 	if err != nil {

@@ -49,6 +49,8 @@ func main() {
 	switch os.Args[1] {
 	case "memory":
 		memory(atoi(arg(2)))
+	case "stamp":
+		stamp(atoi(arg(2)))
 	case "demo":
 		demo(atoi(arg(2)))
 	case "pipes":
@@ -110,6 +112,21 @@ func memory(mib int) {
 	for n := 1; ; n++ {
 		time.Sleep(time.Second)
 		fmt.Printf("verify %d %s\n", n, sum())
+	}
+}
+
+// stamp holds MIB of memory and prints the time (µs since the epoch)
+// every millisecond, touching one page of that memory each time: the
+// largest gap between two stamps is the longest pause the job saw.
+func stamp(mib int) {
+	buf := fill(mib)
+	fmt.Printf("sum %d\n", len(buf))
+	w := bufio.NewWriterSize(os.Stdout, 4096)
+	for i := 0; ; i++ {
+		buf[(i*4096)%len(buf)]++
+		fmt.Fprintf(w, "t %d\n", time.Now().UnixMicro())
+		w.Flush()
+		time.Sleep(time.Millisecond)
 	}
 }
 
