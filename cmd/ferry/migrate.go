@@ -71,7 +71,14 @@ any moment: it is frozen and checkpointed straight into the connection (no
 file on either side), ended here only once the destination holds it, and
 started there only once it is gone here. On any failure before that, it
 keeps running here. If the last confirmation is lost, the copy that exists
-is held frozen and ferry list says so, with the command that settles it.`,
+is held frozen and ferry list says so, with the command that settles it.
+
+--mode post-copy sends everything but the job's memory, starts it on the
+destination at once, and moves the memory behind it (CRIU lazy pages over a
+second connection to the same port); the source stays frozen until every
+page has arrived, and resumes only if the destination drops its copy.
+--mode auto picks from both hosts' capabilities, the job's memory and
+--max-downtime, and says why.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "to", Required: true, Usage: "destination `ADDR:PORT`"},
 		&cli.StringFlag{Name: "token-file", Required: true, Usage: "file holding the shared secret"},
