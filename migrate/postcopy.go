@@ -387,17 +387,12 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	}()
 
 	ropts := sv.Restore
-	ropts.Checkpoint, ropts.Name, ropts.Stopped, ropts.LazyPages = dir, name, true, true
-	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
-	t0 := time.Now()
-	rec, err := restore.Job(rctx, sv.Store, ropts)
-	cancel()
+	ropts.Checkpoint, ropts.Name, ropts.LazyPages = dir, name, true
+	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s (post-copy) and held frozen until the source commits")
 	if err != nil {
-		c.abort("restore failed on the destination: " + err.Error())
-		return fmt.Errorf("restoring: %w", err)
+		return err
 	}
-	sv.note(rec.Name, nc, "restored from %s (post-copy) and held frozen until the source commits")
-	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: rec.Name, RestoreNs: int64(time.Since(t0))}}}, stepTimeout); err != nil {
+	if err := sv.reportRestored(c, rec.Name, took); err != nil {
 		log.Warn("reporting the restore", "err", err)
 	}
 

@@ -136,19 +136,12 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn) (kept bool, err error
 // after the offer.
 func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, name string, log *slog.Logger) error {
 	ropts := sv.Restore
-	ropts.Checkpoint, ropts.Stdin, ropts.Name, ropts.Stopped = "-", &dataReader{c: c}, name, true
-	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
-	t0 := time.Now()
-	rec, err := restore.Job(rctx, sv.Store, ropts)
-	cancel()
+	ropts.Checkpoint, ropts.Stdin, ropts.Name = "-", &dataReader{c: c}, name
+	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s and held frozen until the source confirms its copy is gone")
 	if err != nil {
-		c.abort("restore failed on the destination: " + err.Error())
-		return fmt.Errorf("restoring: %w", err)
+		return err
 	}
-	// Until the source says gone, this copy is only a candidate: should
-	// this process die now, the record still says what it is.
-	sv.note(rec.Name, nc, "restored from %s and held frozen until the source confirms its copy is gone")
-	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: rec.Name, RestoreNs: int64(time.Since(t0))}}}, stepTimeout); err != nil {
+	if err := sv.reportRestored(c, rec.Name, took); err != nil {
 		return sv.inDoubt(rec.Name, nc, fmt.Errorf("reporting the restore: %w", err))
 	}
 	m, err := c.recv(stepTimeout)
@@ -169,6 +162,29 @@ func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: rec.Name}}}, stepTimeout)
 	log.Info("migration done", "received", c.rx)
 	return nil
+}
+
+// restoreHeld restores ropts held frozen (or tells the source it failed)
+// and notes in the job's record why it is held: until the source says
+// otherwise this copy is only a candidate, and should this process die,
+// the record still says what it is.
+func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts restore.Options, why string) (*job.Record, time.Duration, error) {
+	ropts.Stopped = true
+	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	defer cancel()
+	t0 := time.Now()
+	rec, err := restore.Job(rctx, sv.Store, ropts)
+	if err != nil {
+		c.abort("restore failed on the destination: " + err.Error())
+		return nil, 0, fmt.Errorf("restoring: %w", err)
+	}
+	sv.note(rec.Name, nc, why)
+	return rec, time.Since(t0), nil
+}
+
+// reportRestored tells the source that job name was restored in d.
+func (sv *Server) reportRestored(c *conn, name string, d time.Duration) error {
+	return c.send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: name, RestoreNs: int64(d)}}}, stepTimeout)
 }
 
 // authenticate sends a fresh nonce and checks the source's HMAC of it in
