@@ -462,7 +462,6 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	outPipe, errPipe := pipeKey(1), pipeKey(2)
 
 	tmpBase := filepath.Dir(out)
-	var res0Memory int64
 	if opts.Stream {
 		// CRIU's images only pass through on their way into the stream:
 		// keep them in memory when there is room.
@@ -636,11 +635,6 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	} else {
 		_, err = criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts, Wrapper: t.wrapper})
 	}
-	if postCopy && err == nil {
-		// CRIU's statistics come when the pages have gone; till then the
-		// walk's figure for resident memory stands in.
-		res0Memory = inv.Memory.RSS
-	}
 	if t.byPath {
 		for _, f := range []string{"dump.log", "stats-dump"} {
 			_ = os.Rename(filepath.Join(tmp, f), filepath.Join(t.workDir, f))
@@ -659,7 +653,9 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		res.StoppedBy = "cgroup freezer"
 	}
 	if postCopy {
-		res.Memory = res0Memory
+		// CRIU's statistics come when the pages have gone; till then the
+		// walk's figure for resident memory stands in.
+		res.Memory = inv.Memory.RSS
 		res.LazyPages = lazyPages(tmp)
 	} else if st, err := stats.CriuGetDumpStats(workDir); err == nil {
 		res.CriuStats = st
@@ -726,14 +722,19 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	}
 
 	res.FrozenAt = freezeStart
+	// refused turns a Handover or Serve error into capture's: the tree is
+	// kept frozen on ErrKeepStopped, else the deferred resume lets it run on.
+	refused := func(err error) (*Result, error) {
+		if errors.Is(err, ErrKeepStopped) {
+			stopped = false
+			return res, err
+		}
+		return nil, err
+	}
 	if opts.Handover != nil && !opts.LeaveRunning {
 		opts.Progress.SetPhase("handing over")
 		if err := opts.Handover(ctx); err != nil {
-			if errors.Is(err, ErrKeepStopped) {
-				stopped = false
-				return res, err
-			}
-			return nil, err // the deferred resume lets the tree run on
+			return refused(err)
 		}
 	}
 	if lazy != nil {
@@ -746,18 +747,11 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			}
 			served <- nil
 		}()
-		err := opts.PostCopy.Serve(ctx, served)
-		if err == nil {
-			if st, serr := stats.CriuGetDumpStats(workDir); serr == nil {
-				res.CriuStats = st
-			}
+		if err := opts.PostCopy.Serve(ctx, served); err != nil {
+			return refused(err)
 		}
-		if err != nil {
-			if errors.Is(err, ErrKeepStopped) {
-				stopped = false
-				return res, err
-			}
-			return nil, err // the deferred resume lets the tree run on
+		if st, err := stats.CriuGetDumpStats(workDir); err == nil {
+			res.CriuStats = st
 		}
 	}
 	if opts.LeaveRunning {

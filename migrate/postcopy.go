@@ -97,12 +97,18 @@ func openPageLink(ctx context.Context, opts Options, c *conn, session []byte, st
 	return &postCopySource{c: c, link: nc, file: f, to: opts.To, start: start, rep: rep, log: log}, nil
 }
 
+// countLink notes the bytes the page link has carried (acknowledged by
+// the destination's kernel; CRIU writes them, not us).
+func (p *postCopySource) countLink() {
+	if info, err := unix.GetsockoptTCPInfo(int(p.file.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+		p.linkBytes = int64(info.Bytes_acked)
+	}
+}
+
 // close closes the page link (both descriptors), noting what it carried.
 func (p *postCopySource) close() {
 	if p.linkBytes == 0 {
-		if info, err := unix.GetsockoptTCPInfo(int(p.file.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-			p.linkBytes = int64(info.Bytes_acked)
-		}
+		p.countLink()
 	}
 	p.file.Close()
 	p.link.Close()
@@ -168,9 +174,7 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 		case <-cut:
 			_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
 		case err := <-served:
-			if info, ierr := unix.GetsockoptTCPInfo(int(p.file.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO); ierr == nil {
-				p.linkBytes = int64(info.Bytes_acked)
-			}
+			p.countLink()
 			if err == nil {
 				// Every page is at the destination: its copy is whole,
 				// ours ends (dump does that when we return nil).
@@ -429,6 +433,17 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	var settle <-chan time.Time
 	sourceGone := rl.sourceGone
 	daemonExit := daemonDone(daemon, filepath.Join(dir, "lazy-pages.log"))
+	// exited handles the daemon's exit: every page arrived, or our copy
+	// lacks some and must go.
+	exited := func(err error) error {
+		if err != nil {
+			return drop("the lazy-pages daemon failed: " + err.Error())
+		}
+		complete = true
+		settle = time.After(stepTimeout)
+		sourceGone = nil
+		return nil
+	}
 	for {
 		if complete && (gone || ctlLost != nil) {
 			break
@@ -455,23 +470,17 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 				}
 			}
 		case err := <-daemonExit:
-			if err != nil {
-				return drop("the lazy-pages daemon failed: " + err.Error())
+			if err := exited(err); err != nil {
+				return err
 			}
-			complete = true
-			settle = time.After(stepTimeout)
-			sourceGone = nil
 		case <-sourceGone:
 			// The source's end of the link closed: complete if the daemon
 			// says so in a moment, else our copy lacks pages.
 			select {
 			case err := <-daemonExit:
-				if err != nil {
-					return drop("the lazy-pages daemon failed: " + err.Error())
+				if err := exited(err); err != nil {
+					return err
 				}
-				complete = true
-				settle = time.After(stepTimeout)
-				sourceGone = nil
 			case <-time.After(pageLinkGrace):
 				return drop("the page link closed before every page arrived")
 			}

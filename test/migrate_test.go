@@ -188,15 +188,7 @@ func TestMigrate(t *testing.T) {
 			t.Fatalf("migrate to a failing destination: %s", r)
 		}
 		t.Log(r.stderr)
-		if v := src.job("mj"); v.State != "running" {
-			t.Fatalf("source job after a failed migration: %s", v.State)
-		}
-		src.assertContinues("mj", sum, before[len(before)-1]+1)
-		for name, v := range other.list() {
-			if v.State != "exited" {
-				t.Fatalf("failed destination left job %s %s", name, v.State)
-			}
-		}
+		assertKeptHere(t, src, other, "mj", sum, before)
 	})
 
 	t.Run("a connection cut mid-transfer leaves the job running here", func(t *testing.T) {
@@ -225,13 +217,7 @@ func TestMigrate(t *testing.T) {
 		if r.code != 0 {
 			t.Fatalf("migrate: %s", r)
 		}
-		var rep struct {
-			Mode       string `json:"mode"`
-			RemoteName string `json:"remoteName"`
-			BytesSent  int64  `json:"bytesSent"`
-			Downtime   int64  `json:"downtimeNs"`
-			Total      int64  `json:"totalNs"`
-		}
+		var rep migrateReport
 		if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
 			t.Fatalf("report: %v\n%s", err, r.stdout)
 		}
@@ -303,6 +289,22 @@ func cuttingProxy(t *testing.T, ns, listen, target string, limit int64) func() {
 	return func() { ln.Close(); wg.Wait() }
 }
 
+// assertKeptHere checks what a failed migration of job name must leave:
+// the job running on src, counting on past before with its memory intact
+// (sum), and no live copy on dest.
+func assertKeptHere(t *testing.T, src, dest *env, name, sum string, before []int) {
+	t.Helper()
+	if v := src.job(name); v.State != "running" {
+		t.Fatalf("source job after a failed migration: %s", v.State)
+	}
+	src.assertContinues(name, sum, before[len(before)-1]+1)
+	for other, v := range dest.list() {
+		if v.State != "exited" {
+			t.Fatalf("failed destination left job %s %s", other, v.State)
+		}
+	}
+}
+
 // migrateReport is the part of `ferry migrate --json` the tests check.
 type migrateReport struct {
 	Mode       string `json:"mode"`
@@ -345,15 +347,7 @@ func TestMigratePostCopy(t *testing.T) {
 			t.Fatalf("post-copy over a cut page link: %s", r)
 		}
 		t.Log(r.stderr)
-		if v := src.job("pc"); v.State != "running" {
-			t.Fatalf("source job after a failed post-copy: %s", v.State)
-		}
-		src.assertContinues("pc", sum, before[len(before)-1]+1)
-		for name, v := range dst.list() {
-			if v.State != "exited" {
-				t.Fatalf("destination kept job %s %s after a failed post-copy", name, v.State)
-			}
-		}
+		assertKeptHere(t, src, dst, "pc", sum, before)
 	})
 
 	t.Run("auto chooses post-copy and moves 256 MiB with memory following on demand", func(t *testing.T) {
