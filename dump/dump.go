@@ -562,7 +562,20 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		copts.ImagesDirFd = proto.Int32(int32(imgDir.Fd()))
 		copts.WorkDirFd = proto.Int32(int32(workDir.Fd()))
 	}
-	if t.freezeCg != nil {
+	// A streamed handover (stop-copy migration) waits for the verdict
+	// inside CRIU's post-dump action, so that CRIU itself ends the tree
+	// while its TCP connections are still locked and in repair mode: the
+	// peers see no FIN or RST, and nothing they send meanwhile is
+	// acknowledged by a copy that will not run on. That needs CRIU to be
+	// able to kill a frozen tree (cgroup v2) and to run in ferry's
+	// namespaces (the hook's socket path).
+	gated := streaming && opts.Handover != nil && !opts.LeaveRunning &&
+		t.freezeCg != nil && t.freezeCg.Version == 2 && t.wrapper == nil
+	if gated {
+		copts.FreezeCgroup = proto.String(t.freezeCg.Path)
+		// Left to itself CRIU ends the tree; a refused post-dump rolls
+		// back and leaves the cgroup frozen, as ferry froze it.
+	} else if t.freezeCg != nil {
 		copts.FreezeCgroup = proto.String(t.freezeCg.Path)
 		// CRIU leaves the cgroup as it found it: frozen by ferry (which
 		// ends the job once the checkpoint is durable), or thawed.
@@ -586,10 +599,104 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		copts.Timeout = proto.Uint32(uint32(max(1, time.Until(deadline).Seconds())))
 	}
 	var (
-		sk    *sink
-		iw    *image.Writer
-		sizes map[string]int64
+		sk         *sink
+		iw         *image.Writer
+		sizes      map[string]int64
+		handedOver bool // the gate's Handover succeeded: CRIU ended the tree
 	)
+	// seal builds the result and the manifest from what CRIU wrote and
+	// completes the checkpoint: once it returns, the output is whole.
+	var res *Result
+	seal := func(sizes map[string]int64) error {
+		var err error
+		res = &Result{Job: t.name, Output: out, Inventory: inv, Plan: plan, StoppedBy: "criu"}
+		if t.freezeCg != nil {
+			res.StoppedBy = "cgroup freezer"
+		}
+		if postCopy {
+			// CRIU's statistics come when the pages have gone; till then the
+			// walk's figure for resident memory stands in.
+			res.Memory = inv.Memory.RSS
+			res.LazyPages = lazyPages(tmp)
+		} else if st, err := stats.CriuGetDumpStats(workDir); err == nil {
+			res.CriuStats = st
+			res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())
+		} else {
+			// Sealed inside CRIU's post-dump action: its statistics come later.
+			res.Memory = pagesBytes(sizes)
+		}
+		if streaming {
+			res.Processes, res.Threads = countNames(sizes)
+		} else {
+			res.Processes, res.Threads = countTasks(tmp)
+		}
+		m := &checkpoint.Manifest{
+			Format:         checkpoint.FormatVersion,
+			FerryVersion:   opts.FerryVersion,
+			CriuVersion:    opts.Criu.Version.String(),
+			Kernel:         kernelRelease(),
+			Created:        time.Now().UTC(),
+			Job:            t.name,
+			Command:        t.command,
+			Dir:            t.dir,
+			Foreign:        t.foreign,
+			ExternalPidNS:  t.pidNS != 0,
+			ShellJob:       plan.ShellJob,
+			OutputPipe:     outPipe,
+			ErrorPipe:      errPipe,
+			TCPEstablished: plan.TCPEstablished,
+			NetworkLock:    netLock,
+			FileLocks:      plan.FileLocks,
+			ExtUnixSk:      plan.ExtUnixSk,
+			Processes:      res.Processes,
+			Threads:        res.Threads,
+			MemoryBytes:    res.Memory,
+		}
+		m.Host, _ = os.Hostname()
+		if !t.foreign {
+			exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", t.root))
+			if err == nil {
+				if m.Init, err = checkpoint.Identify(exe); err != nil {
+					return fmt.Errorf("identifying the job's init binary: %w", err)
+				}
+			}
+		}
+		m.Inventory, _ = json.Marshal(inv)
+		m.Plan, _ = json.Marshal(plan)
+		if res.CriuStats != nil {
+			m.CriuStats, _ = json.Marshal(res.CriuStats)
+		}
+		switch {
+		case streaming:
+			res.Size, err = finishStreamed(iw, sk, m, sizes)
+			os.RemoveAll(tmp)
+		case opts.Stream:
+			res.Size, err = finishStream(tmp, out, m, opts)
+			os.RemoveAll(tmp)
+		default:
+			res.Size, err = finish(tmp, out, m, opts.Force)
+		}
+		if err != nil {
+			return err
+		}
+		res.Frozen = time.Since(freezeStart)
+		if opts.LeaveRunning && !streaming && res.CriuStats != nil {
+			// CRIU stopped and resumed the tree itself: its figure is the truth.
+			res.Frozen = time.Duration(res.CriuStats.GetFrozenTime()) * time.Microsecond
+		}
+
+		res.FrozenAt = freezeStart
+		return nil
+	}
+	// refused turns a Handover or Serve error into capture's: the tree is
+	// kept frozen on ErrKeepStopped, else the deferred resume lets it run on.
+	refused := func(err error) (*Result, error) {
+		if errors.Is(err, ErrKeepStopped) {
+			stopped = false
+			return res, err
+		}
+		return nil, err
+	}
 	opts.Progress.SetPhase("dumping")
 	var lazy *criu.Daemon
 	if postCopy {
@@ -628,7 +735,38 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		if iw, err = image.NewWriter(sk, checkpoint.ToProto(head), opts.Image); err != nil {
 			return nil, err
 		}
-		sizes, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw)
+		var gate func(map[string]int64) error
+		var handoverErr error
+		if gated {
+			_ = os.Remove(filepath.Join(t.workDir, "stats-dump")) // CRIU writes it after the verdict
+			gate = func(sizes map[string]int64) error {
+				if err := seal(sizes); err != nil {
+					return err
+				}
+				opts.Progress.SetPhase("handing over")
+				if handoverErr = opts.Handover(ctx); handoverErr != nil {
+					return handoverErr
+				}
+				handedOver = true
+				return nil
+			}
+		}
+		var gateErr error
+		sizes, gateErr, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw, gate)
+		switch {
+		case handedOver:
+			// The destination holds the job: whatever CRIU says now,
+			// this copy must go (ended below if CRIU did not).
+			if err != nil {
+				log.Warn("criu failed after the handover; ferry ends the tree itself", "tree", t.name, "err", err)
+				err = nil
+			}
+		case handoverErr != nil:
+			stopped = true
+			return refused(handoverErr)
+		case gateErr != nil:
+			err = gateErr
+		}
 		if err != nil {
 			_ = iw.Close()
 		}
@@ -644,94 +782,18 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if err != nil {
 		return nil, fmt.Errorf("checkpointing %s: %w", t.name, criu.Explain(err, logPath))
 	}
-	if err := ctx.Err(); err != nil {
+	if err := ctx.Err(); err != nil && !handedOver {
 		return nil, err
 	}
-
-	res := &Result{Job: t.name, Output: out, Inventory: inv, Plan: plan, StoppedBy: "criu"}
-	if t.freezeCg != nil {
-		res.StoppedBy = "cgroup freezer"
-	}
-	if postCopy {
-		// CRIU's statistics come when the pages have gone; till then the
-		// walk's figure for resident memory stands in.
-		res.Memory = inv.Memory.RSS
-		res.LazyPages = lazyPages(tmp)
+	if res == nil {
+		if err := seal(sizes); err != nil {
+			return nil, err
+		}
 	} else if st, err := stats.CriuGetDumpStats(workDir); err == nil {
 		res.CriuStats = st
-		res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())
-	}
-	if streaming {
-		res.Processes, res.Threads = countNames(sizes)
-	} else {
-		res.Processes, res.Threads = countTasks(tmp)
-	}
-	m := &checkpoint.Manifest{
-		Format:         checkpoint.FormatVersion,
-		FerryVersion:   opts.FerryVersion,
-		CriuVersion:    opts.Criu.Version.String(),
-		Kernel:         kernelRelease(),
-		Created:        time.Now().UTC(),
-		Job:            t.name,
-		Command:        t.command,
-		Dir:            t.dir,
-		Foreign:        t.foreign,
-		ExternalPidNS:  t.pidNS != 0,
-		ShellJob:       plan.ShellJob,
-		OutputPipe:     outPipe,
-		ErrorPipe:      errPipe,
-		TCPEstablished: plan.TCPEstablished,
-		NetworkLock:    netLock,
-		FileLocks:      plan.FileLocks,
-		ExtUnixSk:      plan.ExtUnixSk,
-		Processes:      res.Processes,
-		Threads:        res.Threads,
-		MemoryBytes:    res.Memory,
-	}
-	m.Host, _ = os.Hostname()
-	if !t.foreign {
-		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", t.root))
-		if err == nil {
-			if m.Init, err = checkpoint.Identify(exe); err != nil {
-				return nil, fmt.Errorf("identifying the job's init binary: %w", err)
-			}
-		}
-	}
-	m.Inventory, _ = json.Marshal(inv)
-	m.Plan, _ = json.Marshal(plan)
-	if res.CriuStats != nil {
-		m.CriuStats, _ = json.Marshal(res.CriuStats)
-	}
-	switch {
-	case streaming:
-		res.Size, err = finishStreamed(iw, sk, m, sizes)
-		os.RemoveAll(tmp)
-	case opts.Stream:
-		res.Size, err = finishStream(tmp, out, m, opts)
-		os.RemoveAll(tmp)
-	default:
-		res.Size, err = finish(tmp, out, m, opts.Force)
-	}
-	if err != nil {
-		return nil, err
-	}
-	res.Frozen = time.Since(freezeStart)
-	if opts.LeaveRunning && !streaming && res.CriuStats != nil {
-		// CRIU stopped and resumed the tree itself: its figure is the truth.
-		res.Frozen = time.Duration(res.CriuStats.GetFrozenTime()) * time.Microsecond
 	}
 
-	res.FrozenAt = freezeStart
-	// refused turns a Handover or Serve error into capture's: the tree is
-	// kept frozen on ErrKeepStopped, else the deferred resume lets it run on.
-	refused := func(err error) (*Result, error) {
-		if errors.Is(err, ErrKeepStopped) {
-			stopped = false
-			return res, err
-		}
-		return nil, err
-	}
-	if opts.Handover != nil && !opts.LeaveRunning {
+	if opts.Handover != nil && !opts.LeaveRunning && !handedOver {
 		opts.Progress.SetPhase("handing over")
 		if err := opts.Handover(ctx); err != nil {
 			return refused(err)
@@ -764,6 +826,12 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 		defer cancel()
 		if err := t.end(ectx, inv); err != nil {
+			if opts.Handover != nil {
+				// Another copy holds the job now: this one must not
+				// run again, whatever is left of it.
+				stopped = false
+				return res, fmt.Errorf("%w: %s was handed over, but ending it here failed: %w", ErrKeepStopped, t.name, err)
+			}
 			return res, fmt.Errorf("checkpoint written to %s, but ending %s: %w", out, t.name, err)
 		}
 		res.JobEnded = true
@@ -934,6 +1002,17 @@ func syncDir(dir string) error {
 }
 
 // countNames is countTasks for streamed images, from their names.
+// pagesBytes is the memory in the pages images of a streamed checkpoint.
+func pagesBytes(sizes map[string]int64) int64 {
+	var n int64
+	for name, size := range sizes {
+		if strings.HasPrefix(name, "pages-") {
+			n += size
+		}
+	}
+	return n
+}
+
 func countNames(sizes map[string]int64) (procs, threads int) {
 	for name := range sizes {
 		switch {

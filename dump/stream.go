@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
 
@@ -23,31 +24,75 @@ import (
 // command line, so the RPC options are spelled as flags here.
 
 // streamDump runs `criu dump --stream` with the options of copts and
-// captures every image it sends into iw. dir holds only CRIU's socket.
-func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer) (map[string]int64, error) {
+// captures every image it sends into iw. dir holds only CRIU's sockets.
+//
+// With gate, CRIU waits at its post-dump action (every image written, the
+// tree still seized, its connections still locked) while gate runs on the
+// complete set of images: nil lets CRIU finish as copts asks (end the tree
+// with its sockets silent), an error rolls it back. The gate's error is
+// returned as is, so the caller can tell it from CRIU's.
+func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer, gate func(sizes map[string]int64) error) (sizes map[string]int64, gateErr error, err error) {
 	capture, err := criu.ListenCapture(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer capture.Close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	args, env := cliArgs(copts, dir, workDir, true), []string(nil)
+	var (
+		gateMu  sync.Mutex
+		actions *criu.Actions
+	)
+	if gate != nil {
+		if actions, err = criu.ListenActions(dir); err != nil {
+			return nil, nil, err
+		}
+		defer actions.Close()
+		hookArgs, hookEnv, err := actions.HookArgs()
+		if err != nil {
+			return nil, nil, err
+		}
+		args, env = append(args, hookArgs...), hookEnv
+		go actions.Serve(ctx, func(action string) error {
+			if action != "post-dump" {
+				return nil
+			}
+			sizes, err := capture.Settle(ctx)
+			if err == nil {
+				err = gate(sizes)
+			}
+			gateMu.Lock()
+			gateErr = err
+			gateMu.Unlock()
+			return err
+		})
+	}
 	criuErr := make(chan error, 1)
 	go func() {
-		err := criu.RunCLI(ctx, criuPath, wrapper, cliArgs(copts, dir, workDir, true))
+		err := criu.RunCLI(ctx, criuPath, wrapper, args, env)
 		if err != nil {
 			cancel() // CRIU is gone: stop waiting for it to connect
 		}
 		criuErr <- err
 	}()
 	sizes, serveErr := capture.Serve(ctx, func(name string) (io.WriteCloser, error) { return iw.Create(name) })
-	if err := <-criuErr; err != nil {
-		return nil, err
+	err = <-criuErr
+	if actions != nil {
+		_ = actions.Close() // and wait for a verdict in progress
+	}
+	gateMu.Lock()
+	defer gateMu.Unlock()
+	if gateErr != nil {
+		return sizes, gateErr, nil
+	}
+	if err != nil {
+		return nil, nil, err
 	}
 	if serveErr != nil {
-		return nil, serveErr
+		return nil, nil, serveErr
 	}
-	return sizes, nil
+	return sizes, nil, nil
 }
 
 // cliArgs spells the dump options of o as criu's command line.

@@ -6,6 +6,7 @@ package migrate
 // that drives CRIU only has to follow the verdicts.
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"sort"
@@ -102,6 +103,12 @@ type Situation struct {
 	// FixedCost is the part of downtime not proportional to memory: freeze,
 	// dumping metadata, restore. 0 (or negative) assumes 300ms.
 	FixedCost time.Duration
+	// TCPEstablished says established TCP connections are carried. Only
+	// stop-copy keeps them locked from the dump until the source copy is
+	// gone (CRIU's post-dump verdict); a post-copy source must release
+	// them while it serves pages, and a peer's data acknowledged then
+	// would be lost.
+	TCPEstablished bool
 }
 
 // Decision is the mode Choose settled on, and why.
@@ -208,6 +215,9 @@ func Choose(want Mode, s Situation) (Decision, error) {
 		return Decision{Mode: ModeStopCopy, EstimatedDowntime: est,
 			Reason: "stop-copy requested: " + s.stopCopyPhrase() + budgetClause(est, s.MaxDowntime) + "."}, nil
 	case ModePostCopy:
+		if s.TCPEstablished {
+			return Decision{}, errors.New("post-copy cannot carry established TCP connections (the source must release them while it serves pages, and what a peer sends then would be lost); use --mode stop-copy")
+		}
 		if !lazy {
 			alt := "stop-copy"
 			if s.Source.SoftDirty {
@@ -232,6 +242,11 @@ func Choose(want Mode, s Situation) (Decision, error) {
 			Reason: fmt.Sprintf("pre-copy requested: %s of memory is copied while the job runs, aiming for about %s of downtime if the dirty set converges.",
 				progress.FormatBytes(s.MemoryBytes), dur(t))}, nil
 	case ModeAuto:
+		if s.TCPEstablished {
+			est, _ := s.stopCopy()
+			return Decision{Mode: ModeStopCopy, EstimatedDowntime: est,
+				Reason: "auto chose stop-copy: established TCP connections are carried, and only stop-copy keeps them locked until the source copy is gone; " + s.stopCopyPhrase() + budgetClause(est, s.MaxDowntime) + "."}, nil
+		}
 		return chooseAuto(s, lazy), nil
 	}
 	return Decision{}, fmt.Errorf("invalid migration mode %q: want %s", string(want), modeList())

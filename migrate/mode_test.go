@@ -425,3 +425,25 @@ func TestVerdictString(t *testing.T) {
 		}
 	}
 }
+
+// TestChooseTCPEstablished: established connections are only safe with
+// stop-copy, so auto picks it even for a large job and post-copy refuses.
+func TestChooseTCPEstablished(t *testing.T) {
+	both := Capabilities{LazyPages: true}
+	sit := Situation{Source: both, Dest: both, MemoryBytes: 8 * GiB, TCPEstablished: true}
+	d, err := Choose(ModeAuto, sit)
+	if err != nil || d.Mode != ModeStopCopy || !strings.Contains(d.Reason, "TCP") {
+		t.Fatalf("auto with TCP connections = %+v, %v; want stop-copy naming TCP", d, err)
+	}
+	sit.TCPEstablished = false
+	if d, _ := Choose(ModeAuto, sit); d.Mode != ModePostCopy {
+		t.Fatalf("auto without TCP connections chose %s; the TCP rule must be what decides", d.Mode)
+	}
+	sit.TCPEstablished = true
+	if _, err := Choose(ModePostCopy, sit); err == nil || !strings.Contains(err.Error(), "stop-copy") {
+		t.Fatalf("post-copy with TCP connections: err %v; want a refusal naming stop-copy", err)
+	}
+	if d, err := Choose(ModeStopCopy, sit); err != nil || d.Mode != ModeStopCopy {
+		t.Fatalf("stop-copy with TCP connections = %+v, %v", d, err)
+	}
+}

@@ -413,7 +413,7 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	// drop ends our copy (before the daemon hears of any failure) and
 	// tells the source, which may then resume its own.
 	drop := func(why string) error {
-		sv.drop(ctx, rec.Name, log)
+		sv.drop(ctx, rec.Name, nc, log)
 		rl.close()
 		_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Dropped{Dropped: &pb.Dropped{Reason: why}}}, stepTimeout)
 		return fmt.Errorf("post-copy failed, dropped our copy: %s", why)
@@ -423,7 +423,7 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		ctlLost                   error
 	)
 	start := func() error {
-		if err := sv.Store.Thaw(ctx, rec.Name); err != nil {
+		if err := sv.start(ctx, rec.Name, nc); err != nil {
 			return drop("starting the migrated job: " + err.Error())
 		}
 		committed = true

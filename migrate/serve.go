@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
+	"strings"
 	"sync"
 	"time"
 
@@ -28,6 +30,13 @@ type Server struct {
 	// Caps is what this host can do, told to every source (auto weighs
 	// it; post-copy needs LazyPages).
 	Caps Capabilities
+	// Hook, when set, is a command run as `HOOK EVENT JOB` (with
+	// FERRY_PEER in its environment) at three moments of each migration:
+	// pre-restore (the whole checkpoint is here and the source's copy is
+	// stopped with its connections locked: take over its addresses; a
+	// failure refuses the migration), discarded (our copy was dropped and
+	// the source's runs on: give them back) and running (our copy runs).
+	Hook string
 
 	sessions sessions // post-copy migrations waiting for their page link
 }
@@ -149,14 +158,14 @@ func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	switch {
 	case errors.As(err, &ab):
 		// The source resumed its copy: ours must never run.
-		sv.drop(ctx, rec.Name, log)
+		sv.drop(ctx, rec.Name, nc, log)
 		return fmt.Errorf("source aborted after our restore (%s); dropped our copy", ab.reason)
 	case err != nil:
 		return sv.inDoubt(rec.Name, nc, fmt.Errorf("waiting for the source to end its copy: %w", err))
 	case m.GetGone() == nil:
 		return sv.inDoubt(rec.Name, nc, fmt.Errorf("source sent %T instead of gone", m.GetMsg()))
 	}
-	if err := sv.Store.Thaw(ctx, rec.Name); err != nil {
+	if err := sv.start(ctx, rec.Name, nc); err != nil {
 		return fmt.Errorf("starting the migrated job: %w", err)
 	}
 	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: rec.Name}}}, stepTimeout)
@@ -173,13 +182,57 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	t0 := time.Now()
+	hooked := false
+	ropts.BeforeStart = func(ctx context.Context) error {
+		hooked = true
+		return sv.hook(ctx, "pre-restore", ropts.Name, nc)
+	}
 	rec, err := restore.Job(rctx, sv.Store, ropts)
 	if err != nil {
+		if hooked {
+			_ = sv.hook(context.WithoutCancel(ctx), "discarded", ropts.Name, nc)
+		}
 		c.abort("restore failed on the destination: " + err.Error())
 		return nil, 0, fmt.Errorf("restoring: %w", err)
 	}
 	sv.note(rec.Name, nc, why)
 	return rec, time.Since(t0), nil
+}
+
+// start thaws our held copy: from here it is the job.
+func (sv *Server) start(ctx context.Context, name string, nc net.Conn) error {
+	if err := sv.Store.Thaw(ctx, name); err != nil {
+		return err
+	}
+	if err := sv.hook(ctx, "running", name, nc); err != nil {
+		sv.log().Warn("the running hook failed", "job", name, "err", err)
+	}
+	return nil
+}
+
+// hookTimeout bounds one run of the hook.
+const hookTimeout = 30 * time.Second
+
+// hook runs sv.Hook for event, if there is one; its output goes to the
+// log.
+func (sv *Server) hook(ctx context.Context, event, name string, nc net.Conn) error {
+	if sv.Hook == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, hookTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, sv.Hook, event, name)
+	cmd.Env = append(os.Environ(), "FERRY_PEER="+nc.RemoteAddr().String())
+	cmd.WaitDelay = time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		msg := strings.TrimSpace(string(out))
+		if i := strings.LastIndexByte(msg, '\n'); i >= 0 {
+			msg = msg[i+1:]
+		}
+		return fmt.Errorf("hook %s %s: %w: %s", event, name, err, msg)
+	}
+	return nil
 }
 
 // reportRestored tells the source that job name was restored in d.
@@ -227,14 +280,17 @@ func (sv *Server) answer(c *conn, ok bool, reason, name string) {
 	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Answer{Answer: &pb.Answer{Ok: ok, Reason: reason, Name: name}}}, stepTimeout)
 }
 
-// drop ends our held copy and forgets it.
-func (sv *Server) drop(ctx context.Context, name string, log *slog.Logger) {
+// drop ends our held copy and forgets it, then runs the discarded hook.
+func (sv *Server) drop(ctx context.Context, name string, nc net.Conn, log *slog.Logger) {
 	if err := sv.Store.Discard(ctx, name, log); err != nil {
 		log.Error("dropping the held copy", "err", err)
 		return
 	}
 	if err := sv.Store.Remove(name); err != nil {
 		log.Error("removing the held copy's record", "err", err)
+	}
+	if err := sv.hook(context.WithoutCancel(ctx), "discarded", name, nc); err != nil {
+		log.Error("the discarded hook failed", "err", err)
 	}
 }
 

@@ -90,7 +90,7 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	if rec.Foreign {
 		src.LazyPages = false // see dump.ErrNoPostCopy
 	}
-	dec, err := chooseFor(opts.Mode, Situation{Source: src, Dest: dest, MemoryBytes: v.RSS, MaxDowntime: opts.MaxDowntime})
+	dec, err := chooseFor(opts.Mode, Situation{Source: src, Dest: dest, MemoryBytes: v.RSS, MaxDowntime: opts.MaxDowntime, TCPEstablished: opts.Dump.TCPEstablished})
 	if err != nil {
 		c.abort(err.Error())
 		return nil, err
@@ -144,6 +144,16 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	res, err := dump.Job(ctx, s, name, dopts)
 	if pc != nil {
 		return pc.finish(s, name, res, err)
+	}
+	if errors.Is(err, dump.ErrKeepStopped) {
+		// Handed over, but not ended here: both copies stay frozen and
+		// the operator chooses (the destination keeps its copy when the
+		// connection closes without a word).
+		note := &job.MigrationNote{Peer: opts.To, Role: "source", Time: time.Now().UTC(),
+			Note:    "handed over to " + opts.To + " but not ended here: " + err.Error(),
+			Resolve: fmt.Sprintf("ferry kill %s here, then on %s: ferry thaw %s", name, opts.To, rep.RemoteName)}
+		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
+		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
 	}
 	if err != nil {
 		// The job runs on here; make sure the destination drops its copy.

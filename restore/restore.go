@@ -47,6 +47,11 @@ type Options struct {
 	// LazyPages restores a directory checkpoint with CRIU lazy pages:
 	// the caller runs `criu lazy-pages` in that directory first.
 	LazyPages bool
+	// BeforeStart, when set, runs once the checkpoint is checked and
+	// complete (a stream read whole), just before CRIU starts; an error
+	// stops the restore. A migration destination takes over the source's
+	// addresses here.
+	BeforeStart func(ctx context.Context) error
 }
 
 // maxManifest bounds ferry.json read from a stream.
@@ -101,6 +106,11 @@ func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string
 	}
 	if opts.LazyPages && m.Foreign {
 		return nil, fmt.Errorf("%s: a tree ferry did not start cannot be restored with lazy pages", dir)
+	}
+	if opts.BeforeStart != nil {
+		if err := opts.BeforeStart(ctx); err != nil {
+			return nil, err
+		}
 	}
 	return job.StartRestored(ctx, s, job.RestoreSpec{
 		Name:       name,

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -23,6 +24,8 @@ import (
 type hosts struct {
 	a, b         string // namespace names
 	addrA, addrB string
+	vethA, vethB string
+	net          int // the third byte of the addresses: 198.18.NET.x
 }
 
 var hostSeq int
@@ -35,8 +38,9 @@ func newHosts(t *testing.T) *hosts {
 	hostSeq++
 	n := os.Getpid()%200 + hostSeq
 	tag := fmt.Sprintf("ft%d-%d", os.Getpid(), hostSeq)
-	h := &hosts{a: tag + "a", b: tag + "b", addrA: fmt.Sprintf("198.18.%d.1", n), addrB: fmt.Sprintf("198.18.%d.2", n)}
 	va, vb := "v"+tag+"a", "v"+tag+"b"
+	h := &hosts{a: tag + "a", b: tag + "b", addrA: fmt.Sprintf("198.18.%d.1", n), addrB: fmt.Sprintf("198.18.%d.2", n),
+		vethA: va, vethB: vb, net: n}
 	t.Cleanup(func() {
 		// Deleting the namespaces removes the veth pair with them.
 		_ = exec.Command("ip", "netns", "del", h.a).Run()
@@ -74,13 +78,19 @@ func (s *server) text() string { b, _ := os.ReadFile(s.log); return string(b) }
 
 func (e *env) serve(ns, listen, token string, extraEnv ...string) *server {
 	e.t.Helper()
+	return e.serveWith(ns, listen, token, nil, extraEnv...)
+}
+
+// serveWith is serve with more arguments for `ferry serve`.
+func (e *env) serveWith(ns, listen, token string, args []string, extraEnv ...string) *server {
+	e.t.Helper()
 	s := &server{log: filepath.Join(e.t.TempDir(), "serve.log")}
 	f, err := os.Create(s.log)
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	defer f.Close()
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+ns, ferryBin, "--root", e.root, "serve", "--listen", listen, "--token-file", token)
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, ferryBin, "--root", e.root, "serve", "--listen", listen, "--token-file", token}, args...)...)
 	cmd.Env = append(os.Environ(), extraEnv...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
@@ -385,4 +395,154 @@ func TestMigratePostCopy(t *testing.T) {
 			t.Errorf("fs.pipe-max-size is %q after the migration, was %q", now, pipeMax)
 		}
 	})
+}
+
+// inNetns runs f on a thread moved into network namespace ns, so the
+// sockets f makes belong to ns (and stay there, whatever thread uses them).
+func inNetns(t *testing.T, ns string, f func() error) error {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with this goroutine
+		fd, err := os.Open("/run/netns/" + ns)
+		if err != nil {
+			done <- err
+			return
+		}
+		err = unix.Setns(int(fd.Fd()), unix.CLONE_NEWNET)
+		fd.Close()
+		if err != nil {
+			done <- err
+			return
+		}
+		done <- f()
+	}()
+	return <-done
+}
+
+// pinger is a client's TCP connection to the workload's serve mode.
+type pinger struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func (p *pinger) ping(t *testing.T) int {
+	t.Helper()
+	_ = p.c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(p.c, "ping\n"); err != nil {
+		t.Fatalf("ping: %v", err)
+	}
+	line, err := p.r.ReadString('\n')
+	if err != nil {
+		t.Fatalf("waiting for pong: %v", err)
+	}
+	n, err := strconv.Atoi(strings.TrimPrefix(strings.TrimSpace(line), "pong "))
+	if err != nil {
+		t.Fatalf("answer %q", line)
+	}
+	return n
+}
+
+// dialPinger connects from namespace ns to addr.
+func dialPinger(t *testing.T, ns, addr string) *pinger {
+	t.Helper()
+	var c net.Conn
+	err := inNetns(t, ns, func() (err error) {
+		d := net.Dialer{Timeout: 5 * time.Second}
+		d.SetMultipathTCP(false)
+		c, err = d.Dial("tcp", addr)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("connecting to %s from %s: %v", addr, ns, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &pinger{c: c, r: bufio.NewReader(c)}
+}
+
+// TestMigrateTCP: a job serving TCP moves with its established connection
+// while the destination takes over the service address (the serve hook
+// moves it between the namespaces). The client, which stays put, goes on
+// talking on the same connection and the count continues.
+func TestMigrateTCP(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	service := fmt.Sprintf("198.18.%d.10", h.net)
+	if out, err := exec.Command("ip", "-n", h.a, "addr", "add", service+"/32", "dev", h.vethA).CombinedOutput(); err != nil {
+		t.Fatalf("adding the service address: %v\n%s", err, out)
+	}
+	events := filepath.Join(t.TempDir(), "events")
+	hook := filepath.Join(t.TempDir(), "hook")
+	script := fmt.Sprintf(`#!/bin/sh
+echo "$1 $2 $FERRY_PEER" >> %[1]s
+case "$1" in
+pre-restore) ip -n %[2]s addr del %[4]s/32 dev %[3]s && ip -n %[5]s addr add %[4]s/32 dev %[6]s ;;
+discarded) ip -n %[5]s addr del %[4]s/32 dev %[6]s; ip -n %[2]s addr add %[4]s/32 dev %[3]s ;;
+esac
+`, events, h.a, h.vethA, service, h.b, h.vethB)
+	if err := os.WriteFile(hook, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	listen := net.JoinHostPort(h.addrB, "7090")
+	srvCmd := []string{"--hook", hook}
+	dst.serveWith(h.b, listen, token, srvCmd)
+
+	addr := net.JoinHostPort(service, "7091")
+	if r := src.ferryIn(h.a, "run", "--name", "tj", "--", w, "serve", addr); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	var p *pinger
+	eventually(t, 10*time.Second, "the job to listen", func() bool {
+		err := inNetns(t, h.b, func() error {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+		return err == nil
+	})
+	p = dialPinger(t, h.b, addr)
+	for want := 1; want <= 3; want++ {
+		if got := p.ping(t); got != want {
+			t.Fatalf("pong %d, want %d", got, want)
+		}
+	}
+
+	r := src.ferryIn(h.a, "migrate", "tj", "--to", listen, "--token-file", token, "--tcp-established", "--json")
+	if r.code != 0 {
+		t.Fatalf("migrate: %s", r)
+	}
+	var rep migrateReport
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+		t.Fatalf("report: %v\n%s", err, r.stdout)
+	}
+	if rep.Mode != "stop-copy" || !strings.Contains(rep.Reason, "TCP") {
+		t.Errorf("auto with --tcp-established chose %s (%s); want stop-copy for the connections' sake", rep.Mode, rep.Reason)
+	}
+	if v := src.job("tj"); v.State != "exited" {
+		t.Errorf("source job after migration: %s", v.State)
+	}
+	if v := dst.job("tj"); v.State != "running" {
+		t.Fatalf("destination job after migration: %s", v.State)
+	}
+	// The same connection, now served by the destination's copy, with
+	// the count it had.
+	if got := p.ping(t); got != 4 {
+		t.Fatalf("after migration the established connection got pong %d, want 4", got)
+	}
+	// And the listening socket came along: a new client is served too.
+	if got := dialPinger(t, h.b, addr).ping(t); got != 5 {
+		t.Fatalf("a new connection after migration got pong %d, want 5", got)
+	}
+	if got := dst.lines("tj", "served "); len(got) == 0 || got[len(got)-1] != "5" {
+		t.Errorf("destination's log ends with served %v, want 5", got)
+	}
+	b, _ := os.ReadFile(events)
+	if ev := string(b); !strings.HasPrefix(ev, "pre-restore tj "+h.addrA) || !strings.Contains(ev, "running tj") {
+		t.Errorf("hook events:\n%s", ev)
+	}
 }

@@ -21,8 +21,11 @@ var (
 )
 
 func main() {
-	// A job's shim and init, and the gate CRIU starts behind, are this
-	// same binary, re-executed.
+	// A job's shim and init, the gate CRIU starts behind, and CRIU's
+	// action script are this same binary, re-executed.
+	if criu.IsActionHook() {
+		criu.ActionHookMain()
+	}
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case job.ShimArg:

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os/exec"
 	"path/filepath"
 	"time"
 
@@ -24,10 +25,18 @@ var serveCommand = &cli.Command{
 --token-file (HMAC of a fresh nonce, compared in constant time) before any
 job data is accepted; refusals are logged with the peer's address. Each
 incoming job is restored as a job of this ferry's --root, held frozen until
-the source confirms its copy is gone, then started.`,
+the source confirms its copy is gone, then started.
+
+--hook PATH runs "PATH EVENT JOB" (FERRY_PEER=ADDR:PORT in its environment)
+at three moments: pre-restore, when the whole checkpoint has arrived and the
+source's copy is stopped with its TCP connections locked (move the job's
+service address here; a non-zero exit refuses the job and the source resumes),
+discarded, when our copy was dropped and the source's runs on (give the
+address back), and running.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "listen", Required: true, Usage: "`ADDR:PORT` to listen on"},
 		&cli.StringFlag{Name: "token-file", Required: true, Usage: "file holding the shared secret (mode 0600, at least 16 bytes)"},
+		&cli.StringFlag{Name: "hook", Usage: "run `PATH EVENT JOB` at pre-restore (take over the source's addresses; failing refuses the job), discarded and running"},
 	},
 	Action: func(c *cli.Context) error {
 		if err := exactArgs(c, 0, ""); err != nil {
@@ -48,13 +57,18 @@ the source confirms its copy is gone, then started.`,
 		if err != nil {
 			return err
 		}
+		if h := c.String("hook"); h != "" {
+			if _, err := exec.LookPath(h); err != nil {
+				return usageError{fmt.Errorf("--hook: %w", err)}
+			}
+		}
 		ln, err := net.Listen("tcp", c.String("listen"))
 		if err != nil {
 			return withCode(err, exitMigrate)
 		}
 		slog.Info("serving migrations", "listen", ln.Addr().String(), "root", s.Root)
 		sv := &migrate.Server{
-			Store: s, Token: token, Logger: slog.Default(),
+			Store: s, Token: token, Logger: slog.Default(), Hook: c.String("hook"),
 			Caps:    migrate.CapabilitiesFromFeatures(bin.Features(c.Context, "mem_dirty_track", "uffd", "uffd-noncoop")),
 			Restore: restore.Options{Criu: bin, ServeDir: filepath.Join(s.Root, "serve"), CgroupRoot: c.String("cgroup-root"), Logger: slog.Default()},
 		}

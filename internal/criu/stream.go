@@ -36,6 +36,13 @@ const maxStreamName = 64 << 10
 // Capture is a listening capture socket.
 type Capture struct {
 	ln *net.UnixListener
+
+	mu      sync.Mutex
+	conn    *net.UnixConn // CRIU's connection, once accepted
+	settled bool          // Settle cut the connection: its end is not an error
+	done    chan struct{} // closed when Serve returns
+	sizes   map[string]int64
+	err     error
 }
 
 // ListenCapture listens on dir's capture socket; start CRIU after it.
@@ -44,7 +51,7 @@ func ListenCapture(dir string) (*Capture, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Capture{ln: ln}, nil
+	return &Capture{ln: ln, done: make(chan struct{})}, nil
 }
 
 // listenIn listens on socket name in dir, for CRIU to connect to; the
@@ -64,7 +71,17 @@ func (c *Capture) Close() error { return c.ln.Close() }
 // Serve accepts CRIU's connection and copies every file CRIU streams into
 // the writer create returns for it, until CRIU closes the connection and
 // every pipe is drained. It returns each file's size.
-func (c *Capture) Serve(ctx context.Context, create func(name string) (io.WriteCloser, error)) (map[string]int64, error) {
+func (c *Capture) Serve(ctx context.Context, create func(name string) (io.WriteCloser, error)) (sizes map[string]int64, err error) {
+	defer func() {
+		c.mu.Lock()
+		c.sizes, c.err = sizes, err
+		c.mu.Unlock()
+		close(c.done)
+	}()
+	return c.serve(ctx, create)
+}
+
+func (c *Capture) serve(ctx context.Context, create func(name string) (io.WriteCloser, error)) (map[string]int64, error) {
 	stop := context.AfterFunc(ctx, func() { _ = c.ln.Close() })
 	defer stop()
 	conn, err := c.ln.AcceptUnix()
@@ -75,6 +92,9 @@ func (c *Capture) Serve(ctx context.Context, create func(name string) (io.WriteC
 		return nil, fmt.Errorf("waiting for criu to connect: %w", err)
 	}
 	defer conn.Close()
+	c.mu.Lock()
+	c.conn = conn
+	c.mu.Unlock()
 	stopConn := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(unixEpoch) })
 	defer stopConn()
 
@@ -92,7 +112,7 @@ func (c *Capture) Serve(ctx context.Context, create func(name string) (io.WriteC
 	rd := &fdReader{conn: conn}
 	for {
 		name, pipe, err := rd.next()
-		if errors.Is(err, io.EOF) {
+		if errors.Is(err, io.EOF) || err != nil && c.wasSettled() {
 			break
 		}
 		if err != nil {
@@ -124,6 +144,68 @@ func (c *Capture) Serve(ctx context.Context, create func(name string) (io.WriteC
 	return sizes, errors.Join(errs...)
 }
 
+func (c *Capture) wasSettled() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.settled
+}
+
+// Settle ends the capture while CRIU still holds its connection: called
+// once CRIU can open no more images (its post-dump action), it waits for
+// every request CRIU sent to be read, stops reading, and returns what
+// Serve returns once every pipe is drained.
+//
+// CRIU sends each request before it writes the image, and runs post-dump
+// only after closing them all, so once the socket's receive queue is empty
+// every request is in the reader's hands; the reader handles what it
+// buffered before it reads again, and that read is the one cut short.
+func (c *Capture) Settle(ctx context.Context) (map[string]int64, error) {
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	if conn == nil {
+		return nil, errors.New("criu never connected its image stream")
+	}
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	for {
+		queued := 0
+		var qerr error
+		if err := raw.Control(func(fd uintptr) { queued, qerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }); err != nil {
+			return nil, err
+		}
+		if qerr != nil {
+			return nil, fmt.Errorf("reading criu's image stream queue: %w", qerr)
+		}
+		if queued == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-c.done:
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			return c.sizes, c.err
+		case <-time.After(time.Millisecond):
+		}
+	}
+	c.mu.Lock()
+	c.settled = true
+	c.mu.Unlock()
+	_ = conn.SetReadDeadline(unixEpoch)
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-c.done:
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.sizes, c.err
+}
+
 // unixEpoch is a deadline long past: setting it aborts blocked I/O.
 var unixEpoch = time.Unix(1, 0)
 
@@ -149,7 +231,9 @@ func (r *fdReader) fill() error {
 			}
 		}
 	}
-	r.buf = append(r.buf, b[:n]...)
+	if n > 0 { // a failed read may report -1
+		r.buf = append(r.buf, b[:n]...)
+	}
 	if n == 0 && err == nil {
 		return io.EOF
 	}
@@ -215,10 +299,14 @@ func (r *fdReader) closeAll() {
 }
 
 // RunCLI runs the criu command line (for what RPC cannot do, --stream),
-// behind wrapper if any; a failure carries CRIU's stderr.
-func RunCLI(ctx context.Context, path string, wrapper, args []string) error {
+// behind wrapper if any, with env added to ferry's environment; a failure
+// carries CRIU's stderr.
+func RunCLI(ctx context.Context, path string, wrapper, args, env []string) error {
 	argv := append(append(append([]string{}, wrapper...), path), args...)
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.WaitDelay = 5 * time.Second
 	var stderr strings.Builder
 	cmd.Stderr = &stderr

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-cr/ferry/freezer"
 	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/proc"
 )
@@ -248,14 +249,19 @@ func (s *Store) endFrozen(ctx context.Context, name, reason string, log *slog.Lo
 	if err != nil {
 		return err
 	}
-	cg, err := rec.OpenCgroup()
-	if err != nil {
-		return err
-	}
 	kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	if err := cg.Kill(kctx); err != nil {
-		return fmt.Errorf("ending job %q: %w", name, err)
+	cg, err := rec.OpenCgroup()
+	switch {
+	case errors.Is(err, freezer.ErrNotExist):
+		// Already ended (CRIU kills a migrated tree itself) and its
+		// cgroup removed by the shim.
+	case err != nil:
+		return err
+	default:
+		if err := cg.Kill(kctx); err != nil {
+			return fmt.Errorf("ending job %q: %w", name, err)
+		}
 	}
 	return s.markGone(kctx, rec, reason, log)
 }

@@ -13,6 +13,8 @@
 //	workload tcp PORT        a TCP server on 127.0.0.1:PORT that answers "pong N\n" to
 //	                         each "ping\n", and a client in the same process on an
 //	                         established connection; print "echo N"
+//	workload serve ADDR      a TCP server on ADDR that answers "pong N\n" to each
+//	                         "ping\n" (N counts across connections); print "served N"
 //	workload sysv            SysV shm, a semaphore set and a message queue in the
 //	                         job's IPC namespace; print "sysv ok N" while they hold
 //	workload file PATH       map PATH shared and read it at an offset; print
@@ -63,6 +65,8 @@ func main() {
 		timer()
 	case "tcp":
 		tcp(arg(2))
+	case "serve":
+		serve(arg(2))
 	case "sysv":
 		sysv()
 	case "file":
@@ -295,6 +299,37 @@ func tcp(port string) {
 		}
 		fmt.Printf("echo %d %s\n", n, strings.TrimSpace(line))
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func serve(addr string) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false) // CRIU cannot checkpoint MPTCP
+	ln, err := lc.Listen(context.Background(), "tcp", addr)
+	if err != nil {
+		fatal(err.Error())
+	}
+	var served atomic.Int64
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			fatal(err.Error())
+		}
+		go func() {
+			defer c.Close()
+			r := bufio.NewReader(c)
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if strings.TrimSpace(line) == "ping" {
+					n := served.Add(1)
+					fmt.Fprintf(c, "pong %d\n", n)
+					fmt.Printf("served %d\n", n)
+				}
+			}
+		}()
 	}
 }
 
