@@ -20,7 +20,7 @@ import (
 
 // ProtocolVersion is the version of the conversation below; a peer that
 // speaks another is refused with a clear reason.
-const ProtocolVersion = 2
+const ProtocolVersion = 3
 
 // Limits and deadlines of the conversation. Every step has a deadline,
 // so a silent peer or a cut cable ends the migration instead of hanging it.

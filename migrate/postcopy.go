@@ -65,6 +65,11 @@ type postCopySource struct {
 	log       *slog.Logger
 	runningAt time.Time // when the destination reported its copy running
 	linkBytes int64
+	// keepCtl stops Migrate's rule that an interruption kills the
+	// control connection: once the destination may run its copy, the
+	// source must still be able to ask it to drop that copy, and hear
+	// that it did.
+	keepCtl func() bool
 }
 
 // openPageLink opens and attaches the page link of session.
@@ -122,6 +127,9 @@ type ctlMsg struct {
 // serve is dump.PostCopy.Serve: it commits the move, so the destination
 // runs its copy, and follows the transfer to its end.
 func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
+	if p.keepCtl != nil {
+		p.keepCtl()
+	}
 	// From here on the destination may run its copy, so ours must not run
 	// again unless it says its own is gone: even an unsent Commit counts.
 	if err := p.c.send(&pb.Envelope{Msg: &pb.Envelope_Commit{Commit: &pb.Commit{}}}, stepTimeout); err != nil {
@@ -139,9 +147,13 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 	}()
 	var (
 		dropped  string // the destination's reason, once it dropped its copy
+		complete bool   // the destination has every page
 		ctlLost  error
 		cut      <-chan time.Time
 		aborting bool
+		served1  bool  // CRIU's page server has ended...
+		serveErr error // ...with this
+		wait     <-chan time.Time
 	)
 	handle := func(cm ctlMsg) {
 		var ab *abortError
@@ -152,11 +164,53 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 			ctlLost = cm.err
 		case cm.m.GetRunning() != nil:
 			p.runningAt = time.Now()
+		case cm.m.GetComplete() != nil:
+			complete = true
 		case cm.m.GetDropped() != nil:
 			dropped = cm.m.GetDropped().GetReason()
 		}
 	}
+	shut := func() { _ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR) }
 	for {
+		// The verdicts, in order of precedence. Our copy ends only once
+		// CRIU has served every page AND the destination says it has them
+		// all (CRIU's page server also ends cleanly on a closed link); it
+		// runs again only once the destination says its copy is gone.
+		switch {
+		case dropped != "":
+			shut()
+			if !served1 {
+				select {
+				case <-served:
+				case <-time.After(stepTimeout):
+				}
+			}
+			p.countLink()
+			why := "the page transfer failed"
+			if aborting {
+				why = "the migration was interrupted"
+			} else if serveErr != nil {
+				why = fmt.Sprintf("the page transfer failed (%v)", serveErr)
+			}
+			if aborting {
+				return fmt.Errorf("%s and %s dropped its copy (%s): %w", why, p.to, dropped, ctx.Err())
+			}
+			return fmt.Errorf("%s and %s dropped its copy (%s)", why, p.to, dropped)
+		case served1 && complete:
+			p.countLink()
+			_ = p.c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout)
+			return nil
+		case served1 && wait == nil:
+			// CRIU is done: the destination's word decides, and must
+			// come soon.
+			if serveErr != nil {
+				shut()
+			}
+			wait = time.After(stepTimeout)
+		}
+		if served1 && (msgs == nil || ctlLost != nil) {
+			return p.doubt(serveErr, ctlLost)
+		}
 		select {
 		case cm := <-msgs:
 			handle(cm)
@@ -166,48 +220,36 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 		case <-ctx.Done():
 			if !aborting {
 				// Interrupted: ask the destination to drop its copy; if it
-				// does not, cut the link, which drops it anyway.
+				// does not, cut the link, which drops it anyway (unless
+				// every page is already there: then the move is done).
 				aborting = true
 				p.c.abort("the migration was interrupted on the source")
 				cut = time.After(stepTimeout)
 			}
 		case <-cut:
-			_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
+			shut()
 		case err := <-served:
-			p.countLink()
-			if err == nil {
-				// Every page is at the destination: its copy is whole,
-				// ours ends (dump does that when we return nil).
-				_ = p.c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout)
-				return nil
-			}
-			// The transfer failed: the destination's copy is not whole and
-			// must go. Close the link so that it notices now, and wait for
-			// its word before ours may run again.
-			_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
-			deadline := time.After(stepTimeout)
-			for dropped == "" && ctlLost == nil && msgs != nil {
-				select {
-				case cm := <-msgs:
-					handle(cm)
-					if cm.err != nil {
-						msgs = nil
-					}
-				case <-deadline:
-					ctlLost = errors.New("no answer from the destination")
-				}
-			}
-			if dropped != "" {
-				return fmt.Errorf("the page transfer failed (%v) and %s dropped its copy (%s)", err, p.to, dropped)
-			}
-			return fmt.Errorf("%w: the page transfer failed (%v) and whether %s dropped its copy is unknown (%v)",
-				dump.ErrKeepStopped, err, p.to, ctlLost)
+			served1, serveErr = true, err
+		case <-wait:
+			return p.doubt(serveErr, errors.New("no word from the destination"))
 		}
 	}
 }
 
+// doubt is the post-copy source's verdict when the destination's state is
+// unknown: neither end nor resume (dump keeps the tree frozen).
+func (p *postCopySource) doubt(serveErr, why error) error {
+	p.countLink()
+	what := "CRIU served its pages"
+	if serveErr != nil {
+		what = fmt.Sprintf("the page transfer failed (%v)", serveErr)
+	}
+	return fmt.Errorf("%w: %s, but whether %s has them all or dropped its copy is unknown (%v)",
+		dump.ErrKeepStopped, what, p.to, why)
+}
+
 // finish turns dump's outcome into Migrate's.
-func (p *postCopySource) finish(s *job.Store, name string, res *dump.Result, err error) (*Report, error) {
+func (p *postCopySource) finish(ctx context.Context, s *job.Store, name string, res *dump.Result, err error) (*Report, error) {
 	p.close()
 	rep := p.rep
 	switch {
@@ -231,7 +273,7 @@ func (p *postCopySource) finish(s *job.Store, name string, res *dump.Result, err
 		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
 	}
 	p.c.abort("the source failed and keeps the job: " + err.Error())
-	return nil, fmt.Errorf("migration failed, %s keeps running here: %w", name, err)
+	return nil, keptHere(ctx, name, err)
 }
 
 // The destination's half.
@@ -442,6 +484,8 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		complete = true
 		settle = time.After(stepTimeout)
 		sourceGone = nil
+		// The source ends its copy only on this word.
+		_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Complete{Complete: &pb.Complete{}}}, stepTimeout)
 		return nil
 	}
 	for {

@@ -121,9 +121,10 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	if dec.Mode == ModePostCopy {
 		if pc, err = openPageLink(ctx, opts, c, m.GetAnswer().GetSession(), start, rep, log); err != nil {
 			c.abort("the source could not open the page link: " + err.Error())
-			return nil, fmt.Errorf("migration failed, %s keeps running here: %w", name, err)
+			return nil, keptHere(ctx, name, err)
 		}
 		defer pc.close()
+		pc.keepCtl = stopConn
 		dopts.PostCopy = &dump.PostCopy{Pages: pc.file, Serve: pc.serve}
 	}
 	dopts.Handover = func(ctx context.Context) error {
@@ -143,7 +144,7 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	}
 	res, err := dump.Job(ctx, s, name, dopts)
 	if pc != nil {
-		return pc.finish(s, name, res, err)
+		return pc.finish(ctx, s, name, res, err)
 	}
 	if errors.Is(err, dump.ErrKeepStopped) {
 		// Handed over, but not ended here: both copies stay frozen and
@@ -158,7 +159,7 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	if err != nil {
 		// The job runs on here; make sure the destination drops its copy.
 		c.abort("the source failed and keeps the job: " + err.Error())
-		return nil, fmt.Errorf("migration failed, %s keeps running here: %w", name, err)
+		return nil, keptHere(ctx, name, err)
 	}
 	rep.BytesSent = int64(dw.n)
 
@@ -184,6 +185,18 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	log.Error("migration in doubt", "job", name, "to", opts.To, "err", err)
 	return rep, fmt.Errorf("%w: %s was ended here and restored on %s, but its start there was not confirmed (%v); settle it with: %s",
 		ErrInDoubt, name, opts.To, err, note.Resolve)
+}
+
+// keptHere is the error of a migration that failed with the job still
+// here; an interruption (ctx) is said to be one, whatever it broke first.
+func keptHere(ctx context.Context, name string, err error) error {
+	if cerr := ctx.Err(); cerr != nil {
+		if errors.Is(err, cerr) {
+			return fmt.Errorf("migration interrupted, %s keeps running here: %w", name, err)
+		}
+		return fmt.Errorf("migration interrupted, %s keeps running here: %w (%w)", name, err, cerr)
+	}
+	return fmt.Errorf("migration failed, %s keeps running here: %w", name, err)
 }
 
 // dial connects to a ferry serve.

@@ -42,6 +42,7 @@ type Envelope struct {
 	//	*Envelope_AttachPages
 	//	*Envelope_Commit
 	//	*Envelope_Dropped
+	//	*Envelope_Complete
 	Msg           isEnvelope_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -201,6 +202,15 @@ func (x *Envelope) GetDropped() *Dropped {
 	return nil
 }
 
+func (x *Envelope) GetComplete() *Complete {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_Complete); ok {
+			return x.Complete
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Msg interface {
 	isEnvelope_Msg()
 }
@@ -257,6 +267,10 @@ type Envelope_Dropped struct {
 	Dropped *Dropped `protobuf:"bytes,13,opt,name=dropped,proto3,oneof"`
 }
 
+type Envelope_Complete struct {
+	Complete *Complete `protobuf:"bytes,14,opt,name=complete,proto3,oneof"`
+}
+
 func (*Envelope_Hello) isEnvelope_Msg() {}
 
 func (*Envelope_Auth) isEnvelope_Msg() {}
@@ -282,6 +296,8 @@ func (*Envelope_AttachPages) isEnvelope_Msg() {}
 func (*Envelope_Commit) isEnvelope_Msg() {}
 
 func (*Envelope_Dropped) isEnvelope_Msg() {}
+
+func (*Envelope_Complete) isEnvelope_Msg() {}
 
 // Capabilities is what a host's kernel and CRIU can do for migration.
 type Capabilities struct {
@@ -976,6 +992,46 @@ func (x *Dropped) GetReason() string {
 	return ""
 }
 
+// Complete (post-copy, destination to source): every page arrived (the
+// lazy-pages daemon finished cleanly), so the destination's copy is whole.
+// CRIU's page server also ends cleanly when its link just closes, so only
+// this tells the source that its copy may go.
+type Complete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Complete) Reset() {
+	*x = Complete{}
+	mi := &file_proto_migrate_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Complete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Complete) ProtoMessage() {}
+
+func (x *Complete) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Complete.ProtoReflect.Descriptor instead.
+func (*Complete) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
+}
+
 // Abort ends the migration; the sender says why.
 type Abort struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -986,7 +1042,7 @@ type Abort struct {
 
 func (x *Abort) Reset() {
 	*x = Abort{}
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -998,7 +1054,7 @@ func (x *Abort) String() string {
 func (*Abort) ProtoMessage() {}
 
 func (x *Abort) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1011,7 +1067,7 @@ func (x *Abort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Abort.ProtoReflect.Descriptor instead.
 func (*Abort) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Abort) GetReason() string {
@@ -1025,7 +1081,7 @@ var File_proto_migrate_proto protoreflect.FileDescriptor
 
 const file_proto_migrate_proto_rawDesc = "" +
 	"\n" +
-	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xba\x05\n" +
+	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xf4\x05\n" +
 	"\bEnvelope\x12/\n" +
 	"\x05hello\x18\x01 \x01(\v2\x17.ferry.migrate.v1.HelloH\x00R\x05hello\x12,\n" +
 	"\x04auth\x18\x02 \x01(\v2\x16.ferry.migrate.v1.AuthH\x00R\x04auth\x12/\n" +
@@ -1040,7 +1096,8 @@ const file_proto_migrate_proto_rawDesc = "" +
 	" \x01(\v2\x17.ferry.migrate.v1.AbortH\x00R\x05abort\x12B\n" +
 	"\fattach_pages\x18\v \x01(\v2\x1d.ferry.migrate.v1.AttachPagesH\x00R\vattachPages\x122\n" +
 	"\x06commit\x18\f \x01(\v2\x18.ferry.migrate.v1.CommitH\x00R\x06commit\x125\n" +
-	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adroppedB\x05\n" +
+	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adropped\x128\n" +
+	"\bcomplete\x18\x0e \x01(\v2\x1a.ferry.migrate.v1.CompleteH\x00R\bcompleteB\x05\n" +
 	"\x03msg\"L\n" +
 	"\fCapabilities\x12\x1d\n" +
 	"\n" +
@@ -1082,7 +1139,9 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\asession\x18\x01 \x01(\fR\asession\"\b\n" +
 	"\x06Commit\"!\n" +
 	"\aDropped\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x1f\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"\n" +
+	"\n" +
+	"\bComplete\"\x1f\n" +
 	"\x05Abort\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reasonB'Z%github.com/ferry-cr/ferry/proto;protob\x06proto3"
 
@@ -1098,7 +1157,7 @@ func file_proto_migrate_proto_rawDescGZIP() []byte {
 	return file_proto_migrate_proto_rawDescData
 }
 
-var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_proto_migrate_proto_goTypes = []any{
 	(*Envelope)(nil),     // 0: ferry.migrate.v1.Envelope
 	(*Capabilities)(nil), // 1: ferry.migrate.v1.Capabilities
@@ -1114,7 +1173,8 @@ var file_proto_migrate_proto_goTypes = []any{
 	(*AttachPages)(nil),  // 11: ferry.migrate.v1.AttachPages
 	(*Commit)(nil),       // 12: ferry.migrate.v1.Commit
 	(*Dropped)(nil),      // 13: ferry.migrate.v1.Dropped
-	(*Abort)(nil),        // 14: ferry.migrate.v1.Abort
+	(*Complete)(nil),     // 14: ferry.migrate.v1.Complete
+	(*Abort)(nil),        // 15: ferry.migrate.v1.Abort
 }
 var file_proto_migrate_proto_depIdxs = []int32{
 	2,  // 0: ferry.migrate.v1.Envelope.hello:type_name -> ferry.migrate.v1.Hello
@@ -1126,16 +1186,17 @@ var file_proto_migrate_proto_depIdxs = []int32{
 	8,  // 6: ferry.migrate.v1.Envelope.restored:type_name -> ferry.migrate.v1.Restored
 	9,  // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
 	10, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
-	14, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
+	15, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
 	11, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
 	12, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
 	13, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
-	1,  // 13: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	14, // 13: ferry.migrate.v1.Envelope.complete:type_name -> ferry.migrate.v1.Complete
+	1,  // 14: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
+	15, // [15:15] is the sub-list for method output_type
+	15, // [15:15] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_proto_migrate_proto_init() }
@@ -1157,6 +1218,7 @@ func file_proto_migrate_proto_init() {
 		(*Envelope_AttachPages)(nil),
 		(*Envelope_Commit)(nil),
 		(*Envelope_Dropped)(nil),
+		(*Envelope_Complete)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1164,7 +1226,7 @@ func file_proto_migrate_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_migrate_proto_rawDesc), len(file_proto_migrate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -136,6 +136,11 @@ type jobView struct {
 		Signal string `json:"signal"`
 		Reason string `json:"reason"`
 	} `json:"exit"`
+	Migration *struct {
+		Role    string `json:"role"`
+		Note    string `json:"note"`
+		Resolve string `json:"resolve"`
+	} `json:"migration"`
 }
 
 func (e *env) list() map[string]jobView {

@@ -250,52 +250,64 @@ func TestMigrate(t *testing.T) {
 }
 
 // cuttingProxy forwards connections on listen (in namespace ns) to target
-// and cuts each once limit bytes have gone from client to target. Its
-// sockets are made on a thread of its own moved into ns.
+// and cuts each once limit bytes have gone from client to target.
 func cuttingProxy(t *testing.T, ns, listen, target string, limit int64) func() {
 	t.Helper()
-	ready := make(chan error, 1)
+	return proxy(t, ns, listen, target, func(c, d net.Conn) {
+		go func() { _, _ = io.Copy(c, d) }()
+		_, _ = io.CopyN(d, c, limit)
+		c.Close()
+		d.Close()
+	})
+}
+
+// stallingProxy is cuttingProxy that, instead of cutting, stops
+// forwarding from client to target after limit bytes and holds the
+// connection open until stopped: a link that hangs.
+func stallingProxy(t *testing.T, ns, listen, target string, limit int64) func() {
+	t.Helper()
+	stop := make(chan struct{})
+	halt := proxy(t, ns, listen, target, func(c, d net.Conn) {
+		go func() { _, _ = io.Copy(c, d) }()
+		_, _ = io.CopyN(d, c, limit)
+		<-stop
+		c.Close()
+		d.Close()
+	})
+	return func() { close(stop); halt() }
+}
+
+// proxy accepts connections on listen (in namespace ns; its sockets are
+// made on a thread moved there) and hands each, with a connection to
+// target, to relay.
+func proxy(t *testing.T, ns, listen, target string, relay func(c, d net.Conn)) func() {
+	t.Helper()
 	var ln net.Listener
 	var wg sync.WaitGroup
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with this goroutine
-		f, err := os.Open("/run/netns/" + ns)
-		if err != nil {
-			ready <- err
-			return
-		}
-		err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
-		f.Close()
-		if err != nil {
-			ready <- err
-			return
-		}
+	err := inNetns(t, ns, func() (err error) {
 		ln, err = net.Listen("tcp", listen)
-		ready <- err
-		if err != nil {
-			return
-		}
+		return err
+	})
+	if err != nil {
+		t.Fatalf("proxy: %v", err)
+	}
+	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			d, err := net.Dial("tcp", target)
-			if err != nil {
+			var d net.Conn
+			if err := inNetns(t, ns, func() (err error) {
+				d, err = net.Dial("tcp", target)
+				return err
+			}); err != nil {
 				c.Close()
 				continue
 			}
-			wg.Go(func() {
-				go func() { _, _ = io.Copy(c, d) }()
-				_, _ = io.CopyN(d, c, limit)
-				c.Close()
-				d.Close()
-			})
+			wg.Go(func() { relay(c, d) })
 		}
 	}()
-	if err := <-ready; err != nil {
-		t.Fatalf("proxy: %v", err)
-	}
 	return func() { ln.Close(); wg.Wait() }
 }
 

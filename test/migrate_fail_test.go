@@ -1,0 +1,195 @@
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	gproto "google.golang.org/protobuf/proto"
+
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// Migrations whose last word is lost, and migrations interrupted on the
+// source: the job must never run twice nor be lost.
+
+// cutAfterRestored relays a migration and cuts both connections right
+// after the destination's Restored reaches the source: the source ends
+// its copy, and neither side hears the other again.
+func cutAfterRestored(c, d net.Conn) {
+	defer c.Close()
+	defer d.Close()
+	go func() { _, _ = io.Copy(d, c) }()
+	r := bufio.NewReader(d)
+	for {
+		var hdr [4]byte
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			return
+		}
+		body := make([]byte, binary.LittleEndian.Uint32(hdr[:]))
+		if _, err := io.ReadFull(r, body); err != nil {
+			return
+		}
+		if _, err := c.Write(append(hdr[:], body...)); err != nil {
+			return
+		}
+		var m pb.Envelope
+		if gproto.Unmarshal(body, &m) == nil && m.GetRestored() != nil {
+			return
+		}
+	}
+}
+
+func TestMigrateInDoubt(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7100")
+	dst.serve(h.b, listen, token)
+	via := net.JoinHostPort(h.addrB, "7101")
+	defer proxy(t, h.b, via, listen, cutAfterRestored)()
+
+	if r := src.ferryIn(h.a, "run", "--name", "dj", "--", w, "memory", "32"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("dj", "verify ", 1)
+	sum := src.lines("dj", "sum ")[0]
+	before, _ := src.verifyLines("dj")
+
+	r := src.ferryIn(h.a, "migrate", "dj", "--to", via, "--token-file", token, "--mode", "stop-copy")
+	if r.code != 22 || !strings.Contains(r.stderr, "in doubt") {
+		t.Fatalf("migrate losing its last confirmation: %s", r)
+	}
+	t.Log(r.stderr)
+
+	// The source ended its copy once the destination had restored it, and
+	// says it cannot know whether the destination started it.
+	v := src.job("dj")
+	if v.State != "exited" || v.Migration == nil || v.Migration.Role != "source" || !strings.Contains(v.Migration.Resolve, "ferry thaw dj") {
+		t.Fatalf("source after a lost confirmation: state %s, note %+v", v.State, v.Migration)
+	}
+	// The destination holds the only copy, frozen, and says how to settle.
+	var dv jobView
+	eventually(t, 45*time.Second, "the destination to give up waiting for the source", func() bool {
+		dv = dst.job("dj")
+		return dv.Migration != nil && strings.Contains(dv.Migration.Note, "unknown")
+	})
+	if dv.State != "frozen" || !strings.Contains(dv.Migration.Resolve, "ferry thaw dj") {
+		t.Fatalf("destination after a lost confirmation: state %s, note %+v", dv.State, dv.Migration)
+	}
+	if out := dst.must("list"); !strings.Contains(out, "to settle: ") {
+		t.Fatalf("ferry list does not say how to settle it:\n%s", out)
+	}
+	// Frozen means frozen: its log does not move.
+	held, _ := dst.verifyLines("dj")
+	time.Sleep(1500 * time.Millisecond)
+	if now, _ := dst.verifyLines("dj"); len(now) != len(held) {
+		t.Fatalf("the held copy ran: %d verify lines, then %d", len(held), len(now))
+	}
+	// Settled as the note says, the job continues where it stopped.
+	dst.must("thaw", "dj")
+	dst.assertContinues("dj", sum, before[len(before)-1])
+	if dv := dst.job("dj"); dv.Migration != nil {
+		t.Errorf("the note outlived the thaw: %+v", dv.Migration)
+	}
+}
+
+// startFerryIn starts ferry in namespace ns without waiting for it.
+func (e *env) startFerryIn(ns string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+	e.t.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, ferryBin, "--root", e.root}, args...)...)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	})
+	return cmd, &out
+}
+
+// interrupt sends SIGINT to cmd, as Ctrl-C would, and returns its exit
+// status.
+func interrupt(t *testing.T, cmd *exec.Cmd) int {
+	t.Helper()
+	if err := cmd.Process.Signal(unix.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(60 * time.Second):
+		t.Fatal("ferry migrate did not stop within 60s of SIGINT")
+		return -1
+	}
+}
+
+func TestMigrateInterrupted(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7110")
+	dst.serve(h.b, listen, token)
+
+	if r := src.ferryIn(h.a, "run", "--name", "ij", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("ij", "verify ", 1)
+	sum := src.lines("ij", "sum ")[0]
+
+	modes := []string{"stop-copy"}
+	if d := src.must("doctor", "--json"); strings.Contains(d, `"uffd-noncoop": true`) || strings.Contains(d, `"uffd-noncoop":true`) {
+		modes = append(modes, "post-copy")
+	}
+	for i, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			// The link hangs after 4 MiB: the migration is mid-transfer
+			// (stop-copy: the image stream; post-copy: the pages, the
+			// destination's copy already running) when Ctrl-C comes.
+			via := net.JoinHostPort(h.addrB, []string{"7111", "7112"}[i])
+			stop := stallingProxy(t, h.b, via, listen, 4<<20)
+			defer stop()
+			before, _ := src.verifyLines("ij")
+			cmd, out := src.startFerryIn(h.a, "migrate", "ij", "--to", via, "--token-file", token, "--mode", mode)
+			eventually(t, 30*time.Second, "the job to freeze for its migration", func() bool {
+				return src.job("ij").State == "frozen"
+			})
+			time.Sleep(500 * time.Millisecond) // into the transfer
+			code := interrupt(t, cmd)
+			if code != 130 || !strings.Contains(out.String(), "migration interrupted, ij keeps running here") {
+				t.Fatalf("interrupted migrate: exit %d\n%s", code, out)
+			}
+			t.Log(out.String())
+			assertKeptHere(t, src, dst, "ij", sum, before)
+			if v := src.job("ij"); v.Migration != nil {
+				t.Fatalf("the source kept a migration note after a clean rollback: %+v", v.Migration)
+			}
+		})
+	}
+}
+
