@@ -34,6 +34,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/internal/proc"
 	"github.com/ferry-cr/ferry/internal/progress"
+	"github.com/ferry-cr/ferry/store"
 )
 
 // Options says how to checkpoint. The zero value (plus Output and Criu) is
@@ -57,6 +58,11 @@ type Options struct {
 	LogDir string
 	// CgroupRoot is the cgroupfs mount point (default /sys/fs/cgroup).
 	CgroupRoot string
+	// Store, when set, adds the checkpoint to this snapshot store as a
+	// snapshot of the job (Output and Stream are then ignored): CRIU dumps
+	// into scratch space (tmpfs when there is room) and the store keeps
+	// only the chunks it does not already hold.
+	Store *store.Store
 	// Stream writes the checkpoint as one image stream (a .ferry file, or
 	// StreamTo when Output is "-") instead of a directory.
 	Stream   bool
@@ -119,6 +125,7 @@ type Result struct {
 	JobEnded  bool                  `json:"jobEnded"`
 	StoppedBy string                `json:"stoppedBy"`           // "cgroup freezer" or "criu" (ptrace)
 	LazyPages int64                 `json:"lazyPages,omitempty"` // post-copy: pages left for the destination to fetch
+	Snapshot  *store.Snapshot       `json:"snapshot,omitempty"`  // the snapshot added, with Options.Store
 	CriuStats *stats.DumpStatsEntry `json:"criuStats,omitempty"`
 	Inventory *Inventory            `json:"inventory,omitempty"`
 	Plan      *Plan                 `json:"plan,omitempty"`
@@ -431,6 +438,9 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if log == nil {
 		log = slog.Default()
 	}
+	if opts.Store != nil {
+		opts.Output, opts.Stream = "-", true // scratch space, packed into the store
+	}
 	toPipe := opts.Output == "-"
 	out := opts.Output
 	if !toPipe {
@@ -511,7 +521,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		return nil, fmt.Errorf("%s: %w", t.name, ErrNoPostCopy)
 	}
 	spool := opts.LeaveRunning && scratchDir(inv.Memory.RSS, "", false) == shmDir
-	streaming := opts.Stream && !spool && !postCopy && opts.Criu.HasStream(ctx)
+	streaming := opts.Stream && !spool && !postCopy && opts.Store == nil && opts.Criu.HasStream(ctx)
 	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming)
 	freezeStart := time.Now()
 	opts.Progress.SetPhase("freezing")
@@ -667,6 +677,12 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			m.CriuStats, _ = json.Marshal(res.CriuStats)
 		}
 		switch {
+		case opts.Store != nil:
+			res.Snapshot, err = finishStore(ctx, tmp, t.name, m, opts)
+			if err == nil {
+				res.Size = res.Snapshot.StoredBytes
+			}
+			os.RemoveAll(tmp)
 		case streaming:
 			res.Size, err = finishStreamed(iw, sk, m, sizes)
 			os.RemoveAll(tmp)
@@ -921,6 +937,51 @@ func finishStream(tmp, out string, m *checkpoint.Manifest, opts Options) (int64,
 		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
 	}
 	return cw.n, syncDir(filepath.Dir(out))
+}
+
+// finishStore adds the images in tmp to opts.Store as a snapshot of job,
+// with the manifest as its meta; durable when it returns.
+func finishStore(ctx context.Context, tmp, job string, m *checkpoint.Manifest, opts Options) (*store.Snapshot, error) {
+	opts.Progress.SetPhase("storing")
+	if _, err := seal(tmp, m, false); err != nil {
+		return nil, err
+	}
+	meta, err := os.ReadFile(filepath.Join(tmp, checkpoint.ManifestFile))
+	if err != nil {
+		return nil, err
+	}
+	w, err := opts.Store.Begin(ctx, job)
+	if err != nil {
+		return nil, err
+	}
+	defer w.Abort() // no-op after Commit
+	for name := range m.Files {
+		if err := copyInto(w, filepath.Join(tmp, name), name, opts.Progress); err != nil {
+			return nil, fmt.Errorf("storing %s: %w", name, err)
+		}
+	}
+	snap, err := w.Commit(meta)
+	if err != nil {
+		return nil, err
+	}
+	return &snap, nil
+}
+
+func copyInto(w *store.Writer, path, name string, meter *progress.Meter) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fw, err := w.Create(name)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(fw, meter.Reader(f)); err != nil {
+		fw.Close()
+		return err
+	}
+	return fw.Close()
 }
 
 type countingWriter struct {

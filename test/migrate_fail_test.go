@@ -192,4 +192,3 @@ func TestMigrateInterrupted(t *testing.T) {
 		})
 	}
 }
-

@@ -46,6 +46,8 @@ func newApp() *cli.App {
 			restoreCommand,
 			inspectCommand,
 			verifyCommand,
+			snapshotsCommand,
+			pruneCommand,
 			doctorCommand,
 			serveCommand,
 			migrateCommand,

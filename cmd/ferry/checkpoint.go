@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -27,13 +26,21 @@ import (
 var checkpointCommand = &cli.Command{
 	Name:      "checkpoint",
 	Usage:     "checkpoint a running job",
-	ArgsUsage: "JOB | --pid PID",
+	ArgsUsage: "JOB | --pid PID | --all --store DIR",
 	Description: `Freezes the job, captures it with CRIU into the checkpoint directory given
 by -o, makes the checkpoint durable, and only then ends the job (or thaws it,
 with --leave-running). If anything fails the job is thawed and keeps running.
 With --pid, checkpoints a tree that ferry did not start (CRIU seizes its
 tasks); "ferry restore" brings it back as a job under a new ferry init, with
-its original pids inside a fresh PID namespace.`,
+its original pids inside a fresh PID namespace.
+
+With --store DIR, adds a snapshot of the job to that store instead, while
+the job keeps running (--leave-running=false ends it once the snapshot is
+durable): only chunks the store does not already hold are written, so a
+snapshot of a job that changed little costs little. --keep N then prunes
+the job's older snapshots. --all (with --store) snapshots every running
+job and ends each once its snapshot is durable, for a reboot:
+"ferry restore --all --store DIR" brings them back.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "checkpoint to create: a .ferry file, - for standard output, or a directory (default: JOB.ferry, or pid-PID.ferry)"},
 		&cli.StringFlag{Name: "format", Value: "auto", Usage: "stream (one compressed, checksummed file), dir (CRIU's images in a directory), or auto (stream for .ferry and -)"},
@@ -49,8 +56,27 @@ its original pids inside a fresh PID namespace.`,
 		&cli.BoolFlag{Name: "json", Usage: "print the summary as JSON"},
 		progressFlag,
 		&cli.BoolFlag{Name: "dry-run", Usage: "print the inventory of the tree and the checkpoint plan; freeze nothing"},
+		storeFlag,
+		&cli.IntFlag{Name: "keep", Usage: "with --store: keep only the newest `N` snapshots of the job"},
+		&cli.BoolFlag{Name: "all", Usage: "with --store: snapshot and end every running job (before a reboot)"},
 	},
 	Action: func(c *cli.Context) error {
+		if c.Bool("all") {
+			if c.NArg() != 0 || c.IsSet("pid") || !c.IsSet("store") {
+				return usageError{fmt.Errorf("checkpoint --all takes --store DIR and no JOB or --pid")}
+			}
+			return checkpointAll(c)
+		}
+		if c.IsSet("store") && !c.Bool("dry-run") {
+			if c.IsSet("pid") || c.IsSet("output") {
+				return usageError{fmt.Errorf("checkpoint --store takes a JOB, not --pid or -o")}
+			}
+			s, name, err := jobArg(c)
+			if err != nil {
+				return err
+			}
+			return checkpointToStore(c, s, name)
+		}
 		pid := c.Int("pid")
 		if c.IsSet("pid") && c.NArg() != 0 {
 			return usageError{fmt.Errorf("checkpoint: give a JOB or --pid, not both")}
@@ -167,13 +193,7 @@ its original pids inside a fresh PID namespace.`,
 
 // findCriu locates CRIU as --criu, $FERRY_CRIU, the provisioned copy, then
 // PATH, and checks its version.
-func findCriu(c *cli.Context) (*criu.Binary, error) {
-	return criu.Find(c.Context, criu.FindOptions{
-		Flag:            c.String("criu"),
-		Env:             os.Getenv("FERRY_CRIU"),
-		ProvisionedDirs: criu.DefaultProvisionedPaths(),
-	})
-}
+func findCriu(c *cli.Context) (*criu.Binary, error) { return criuFor(c.Context, c) }
 
 func writeJSON(c *cli.Context, v any) error {
 	enc := json.NewEncoder(c.App.Writer)

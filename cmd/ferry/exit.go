@@ -17,6 +17,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/migrate"
+	snapstore "github.com/ferry-cr/ferry/store"
 )
 
 // Exit statuses, one per kind of failure, so scripts can tell them apart.
@@ -46,6 +47,9 @@ const (
 	exitRefused           = 21 // the destination refused the job (e.g. its name is taken there)
 	exitInDoubt           = 22 // migration outcome in doubt: one frozen copy kept, see ferry list
 	exitModeUnavailable   = 23 // the migration mode cannot run here
+	exitStore             = 24 // the snapshot store cannot be opened or used (busy, not a store, newer format)
+	exitNoSnapshot        = 25 // no snapshot matches JOB[@SNAPSHOT] (or the prefix is ambiguous)
+	exitSnapshotted       = 26 // --checkpoint-on-term: the job was ended by its final snapshot
 	exitInterrupted       = 130
 )
 
@@ -84,6 +88,13 @@ var exitCodes = []struct {
 	{migrate.ErrRefused, exitRefused},
 	{migrate.ErrInDoubt, exitInDoubt},
 	{migrate.ErrUnsupportedMode, exitModeUnavailable},
+	{snapstore.ErrNoSnapshot, exitNoSnapshot},
+	{snapstore.ErrAmbiguous, exitNoSnapshot},
+	{snapstore.ErrCorrupt, exitBadCheckpoint},
+	{snapstore.ErrBadName, exitNameInUse},
+	{snapstore.ErrBusy, exitStore},
+	{snapstore.ErrNotStore, exitStore},
+	{snapstore.ErrUnsupportedVersion, exitStore},
 }
 
 // codedError gives an error the exit status of the command it came from

@@ -88,9 +88,16 @@ var inspectCommand = &cli.Command{
 
 var verifyCommand = &cli.Command{
 	Name:      "verify",
-	Usage:     "check every chunk of a checkpoint file; exit 0 only if all match",
-	ArgsUsage: "CHECKPOINT | -",
+	Usage:     "check every chunk of a checkpoint file (or of a snapshot store); exit 0 only if all match",
+	ArgsUsage: "CHECKPOINT | - | --store DIR",
+	Flags:     []cli.Flag{storeFlag},
 	Action: func(c *cli.Context) error {
+		if c.IsSet("store") {
+			if c.NArg() != 0 {
+				return usageError{fmt.Errorf("verify --store takes no CHECKPOINT")}
+			}
+			return verifyStore(c)
+		}
 		if err := exactArgs(c, 1, "CHECKPOINT"); err != nil {
 			return err
 		}

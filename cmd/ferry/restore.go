@@ -14,19 +14,38 @@ import (
 var restoreCommand = &cli.Command{
 	Name:      "restore",
 	Usage:     "bring a checkpoint back as a running job",
-	ArgsUsage: "CHECKPOINT | -",
+	ArgsUsage: "CHECKPOINT | - | --store DIR JOB[@SNAPSHOT] | --all --store DIR",
 	Description: `Restores the checkpoint into fresh PID and IPC namespaces, so its original
 pids never clash with the host's and one checkpoint can be restored twice
 side by side (give the second a --name). CHECKPOINT is a .ferry file, "-"
 for standard input, or a checkpoint directory. A stream is served to CRIU
 as it asks (no unpacked copy), every chunk checked on the way; from a pipe
 it is read and checked whole before CRIU starts. A bad chunk aborts the
-restore and leaves nothing running. Prints the job's name.`,
+restore and leaves nothing running. Prints the job's name.
+
+With --store DIR, restores the latest snapshot of JOB in that store, or the
+one named by JOB@SNAPSHOT (a unique prefix of its id will do). --all
+restores every job that "ferry checkpoint --all" ended into the store (jobs
+already running again are left alone). --checkpoint-on-term stays in the
+foreground until the job exits, and on SIGTERM or SIGINT takes a final
+snapshot and ends the job (see ferry run).`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "name", Usage: "job name (default: the checkpointed job's)"},
 		progressFlag,
+		storeFlag,
+		&cli.BoolFlag{Name: "all", Usage: "with --store: restore every job checkpoint --all ended into the store"},
+		&cli.BoolFlag{Name: "checkpoint-on-term", Usage: "with --store: wait for the job; on SIGTERM/SIGINT snapshot it into the store and end it"},
 	},
 	Action: func(c *cli.Context) error {
+		if c.Bool("all") {
+			if !c.IsSet("store") {
+				return usageError{fmt.Errorf("restore --all needs --store DIR")}
+			}
+			return restoreAll(c)
+		}
+		if c.IsSet("store") {
+			return restoreFromStore(c)
+		}
 		if err := exactArgs(c, 1, "CHECKPOINT"); err != nil {
 			return err
 		}

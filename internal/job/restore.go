@@ -39,6 +39,7 @@ type RestoreSpec struct {
 	Dir        string
 	CgroupRoot string
 	Logger     *slog.Logger
+	Snapshots  *SnapshotPolicy // periodic snapshots, taken by the shim
 }
 
 // StartRestored creates the record and cgroup of a job that comes back
@@ -73,6 +74,7 @@ func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (*Record, er
 
 		RestoreStopped: spec.Stopped,
 		RestoreLazy:    spec.LazyPages,
+		Snapshots:      spec.Snapshots,
 	}
 	return launch(ctx, s, rec, old, spec.CgroupRoot, log)
 }

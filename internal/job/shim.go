@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -76,7 +77,47 @@ func ShimMain(root, name string, restorer Restorer) int {
 		return 1
 	}
 	report("ok")
+	if p := rec.Snapshots; p != nil && p.Every > 0 {
+		ctx, stop := context.WithCancel(context.Background())
+		defer stop()
+		go snapshotEvery(ctx, s, name, *p, log)
+	}
 	return supervise(s, name, initPID, outR, log)
+}
+
+// snapshotEvery adds a snapshot of job name to the policy's store every
+// p.Every until ctx ends, by running `ferry checkpoint --store` (the same
+// binary): a snapshot that fails costs that snapshot only, never the
+// shim, and the job runs on.
+func snapshotEvery(ctx context.Context, s *Store, name string, p SnapshotPolicy, log *slog.Logger) {
+	self, err := os.Executable()
+	if err != nil {
+		log.Error("periodic snapshots: finding ferry's binary", "err", err)
+		return
+	}
+	t := time.NewTicker(p.Every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		args := []string{"--root", s.Root, "checkpoint", "--store", p.Store, "--leave-running", name}
+		if p.Keep > 0 {
+			args = append(args, "--keep", strconv.Itoa(p.Keep))
+		}
+		cmd := exec.CommandContext(ctx, self, args...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			if ctx.Err() != nil {
+				return // the job ended meanwhile
+			}
+			log.Warn("periodic snapshot failed", "err", err, "output", strings.TrimSpace(string(out)))
+			continue
+		}
+		log.Info("periodic snapshot", "output", strings.TrimSpace(string(out)))
+	}
 }
 
 // startInit forks ferry's init into fresh PID and IPC namespaces, puts it

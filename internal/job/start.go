@@ -33,6 +33,7 @@ type Spec struct {
 	Dir        string   // working directory; empty: the caller's
 	CgroupRoot string   // cgroupfs mount point; empty: /sys/fs/cgroup
 	Logger     *slog.Logger
+	Snapshots  *SnapshotPolicy // periodic snapshots, taken by the shim
 }
 
 // Start starts a job: a cgroup of its own, a detached shim that supervises
@@ -73,6 +74,8 @@ func Start(ctx context.Context, s *Store, spec Spec) (*Record, error) {
 		Dir:     dir,
 		Created: time.Now().UTC(),
 		Status:  Starting,
+
+		Snapshots: spec.Snapshots,
 	}
 	return launch(ctx, s, rec, nil, spec.CgroupRoot, log)
 }

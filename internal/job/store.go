@@ -90,6 +90,25 @@ type Record struct {
 	// Migration, when set, says that the job is part of a migration whose
 	// outcome ferry could not settle, and how the operator settles it.
 	Migration *MigrationNote `json:"migration,omitempty"`
+	// Snapshots, when set, has the shim add a snapshot of the job to a
+	// store periodically while it runs.
+	Snapshots *SnapshotPolicy `json:"snapshots,omitempty"`
+	// Resume marks a job ended by `ferry checkpoint --all`: `ferry
+	// restore --all` brings it back from this snapshot.
+	Resume *ResumePoint `json:"resume,omitempty"`
+}
+
+// SnapshotPolicy is `ferry run --checkpoint-every D --keep N --store DIR`.
+type SnapshotPolicy struct {
+	Store string        `json:"store"`
+	Every time.Duration `json:"everyNs"`
+	Keep  int           `json:"keep,omitempty"` // 0 keeps all
+}
+
+// ResumePoint is where a job checkpointed for a reboot comes back from.
+type ResumePoint struct {
+	Store    string `json:"store"`
+	Snapshot string `json:"snapshot"`
 }
 
 // MigrationNote records a migration in doubt on one side.

@@ -15,6 +15,10 @@
 //	                         established connection; print "echo N"
 //	workload serve ADDR      a TCP server on ADDR that answers "pong N\n" to each
 //	                         "ping\n" (N counts across connections); print "served N"
+//	workload churn MIB       fill MIB with random bytes and print "ready"; on SIGUSR1
+//	                         rewrite 1% of its pages, scattered at random, with new random
+//	                         bytes and print "churned N HEX" (sha256 of all of it); on
+//	                         SIGUSR2 print "sum HEX"
 //	workload sysv            SysV shm, a semaphore set and a message queue in the
 //	                         job's IPC namespace; print "sysv ok N" while they hold
 //	workload file PATH       map PATH shared and read it at an offset; print
@@ -67,6 +71,8 @@ func main() {
 		tcp(arg(2))
 	case "serve":
 		serve(arg(2))
+	case "churn":
+		churn(atoi(arg(2)))
 	case "sysv":
 		sysv()
 	case "file":
@@ -299,6 +305,37 @@ func tcp(port string) {
 		}
 		fmt.Printf("echo %d %s\n", n, strings.TrimSpace(line))
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func churn(mib int) {
+	buf := make([]byte, mib<<20)
+	r := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid())))
+	randomize := func(b []byte) {
+		for i := 0; i+8 <= len(b); i += 8 {
+			v := r.Uint64()
+			for j := range 8 {
+				b[i+j] = byte(v >> (8 * j))
+			}
+		}
+	}
+	randomize(buf)
+	sum := func() string { s := sha256.Sum256(buf); return hex.EncodeToString(s[:]) }
+	fmt.Println("ready")
+	sig := make(chan os.Signal, 4)
+	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
+	pages := len(buf) / 4096
+	for n := 1; ; {
+		if <-sig == syscall.SIGUSR2 {
+			fmt.Printf("sum %s\n", sum())
+			continue
+		}
+		for range pages / 100 {
+			p := r.IntN(pages)
+			randomize(buf[p*4096 : (p+1)*4096])
+		}
+		fmt.Printf("churned %d %s\n", n, sum())
+		n++
 	}
 }
 

@@ -1,0 +1,426 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/restore"
+	snapstore "github.com/ferry-cr/ferry/store"
+)
+
+// The snapshot store's commands: snapshots, prune, and the --store forms
+// of checkpoint, restore, verify and run.
+
+var storeFlag = &cli.StringFlag{Name: "store", Usage: "snapshot store `DIR` (default: ROOT/store)"}
+
+// storeDir is --store, or the store beside the job records.
+func storeDir(c *cli.Context, s *job.Store) (string, error) {
+	dir := c.String("store")
+	if dir == "" {
+		dir = filepath.Join(s.Root, "store")
+	}
+	return filepath.Abs(dir)
+}
+
+func openStore(c *cli.Context, s *job.Store) (*snapstore.Store, string, error) {
+	dir, err := storeDir(c, s)
+	if err != nil {
+		return nil, "", err
+	}
+	st, err := snapstore.Open(c.Context, dir, snapstore.Options{Logger: slog.Default()})
+	if err != nil {
+		return nil, "", withCode(fmt.Errorf("opening snapshot store %s: %w", dir, err), exitStore)
+	}
+	return st, dir, nil
+}
+
+var snapshotsCommand = &cli.Command{
+	Name:      "snapshots",
+	Usage:     "list the snapshots in a store",
+	ArgsUsage: "[JOB]",
+	Flags:     []cli.Flag{storeFlag, &cli.BoolFlag{Name: "json", Usage: "print as JSON"}},
+	Action: func(c *cli.Context) error {
+		if c.NArg() > 1 {
+			return usageError{errors.New("snapshots: at most one JOB")}
+		}
+		s, err := store(c)
+		if err != nil {
+			return err
+		}
+		st, _, err := openStore(c, s)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		snaps, err := st.Snapshots(c.Context, c.Args().First())
+		if err != nil {
+			return withCode(err, exitStore)
+		}
+		if c.Bool("json") {
+			if snaps == nil {
+				snaps = []snapstore.Snapshot{}
+			}
+			return writeJSON(c, snaps)
+		}
+		tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "JOB\tSNAPSHOT\tTIME\tSIZE\tNEW\tSTORED")
+		for _, sn := range snaps {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", sn.Job, sn.ID, sn.Time.Local().Format(time.DateTime),
+				humanBytes(sn.RawBytes), humanBytes(sn.NewBytes), humanBytes(sn.StoredBytes))
+		}
+		return tw.Flush()
+	},
+}
+
+var pruneCommand = &cli.Command{
+	Name:      "prune",
+	Usage:     "keep the newest snapshots of each job and free what no snapshot needs",
+	ArgsUsage: "[JOB]",
+	Description: `Removes all but the newest --keep snapshots of JOB (of every job when none
+is given), then collects garbage: chunks no remaining snapshot refers to
+are deleted. It waits for snapshots being added to finish (the store's
+lock), so it is safe beside a running "ferry checkpoint --store".`,
+	Flags: []cli.Flag{storeFlag,
+		&cli.IntFlag{Name: "keep", Required: true, Usage: "snapshots to keep per job"},
+		&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
+	},
+	Action: func(c *cli.Context) error {
+		if c.NArg() > 1 {
+			return usageError{errors.New("prune: at most one JOB")}
+		}
+		s, err := store(c)
+		if err != nil {
+			return err
+		}
+		st, dir, err := openStore(c, s)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		rep, err := st.Prune(c.Context, c.Args().First(), c.Int("keep"))
+		if err != nil {
+			return withCode(err, exitStore)
+		}
+		if c.Bool("json") {
+			return writeJSON(c, rep)
+		}
+		fmt.Fprintf(c.App.Writer, "pruned %s: %d snapshots removed, %d kept; %s freed\n",
+			dir, len(rep.Removed), rep.Kept, humanBytes(rep.GC.BytesFreed))
+		return nil
+	},
+}
+
+// verifyStore is `ferry verify --store DIR`.
+func verifyStore(c *cli.Context) error {
+	s, err := store(c)
+	if err != nil {
+		return err
+	}
+	st, dir, err := openStore(c, s)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rep, err := st.Verify(c.Context)
+	if err != nil {
+		return withCode(err, exitStore)
+	}
+	if !rep.OK() {
+		for _, p := range rep.Problems {
+			fmt.Fprintf(c.App.ErrWriter, "%s\n", p)
+		}
+		more := ""
+		if rep.MoreProblems > 0 {
+			more = fmt.Sprintf(" (and %d more)", rep.MoreProblems)
+		}
+		return withCode(fmt.Errorf("%s: %d problems%s: %w", dir, len(rep.Problems), more, snapstore.ErrCorrupt), exitBadCheckpoint)
+	}
+	fmt.Fprintf(c.App.Writer, "%s: ok, %d snapshots, %d packs, %d chunks (%s stored, %s raw) all match\n",
+		dir, rep.Snapshots, rep.Packs, rep.Blobs, humanBytes(rep.StoredBytes), humanBytes(rep.RawBytes))
+	return nil
+}
+
+// snapshotJob adds a snapshot of job name to st: the job runs on unless
+// end, in which case it is ended once the snapshot is durable.
+func snapshotJob(ctx context.Context, c *cli.Context, s *job.Store, st *snapstore.Store, name string, end bool) (*dump.Result, error) {
+	bin, err := criuFor(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	meter, err := newMeter(c, "checkpoint")
+	if err != nil {
+		return nil, err
+	}
+	res, err := dump.Job(ctx, s, name, dump.Options{
+		Progress:       meter,
+		Criu:           bin,
+		Store:          st,
+		LeaveRunning:   !end,
+		TCPEstablished: c.Bool("tcp-established"),
+		FileLocks:      c.Bool("file-locks"),
+		ExtUnixSk:      c.Bool("ext-unix-sk"),
+		FerryVersion:   versionString(),
+		Logger:         slog.Default(),
+		LogDir:         filepath.Join(s.Root, "logs"),
+		CgroupRoot:     c.String("cgroup-root"),
+		CriuLogLevel:   criuLogLevel(c),
+	})
+	meter.Done(err)
+	if err != nil {
+		return nil, withCode(err, exitCheckpoint)
+	}
+	return res, nil
+}
+
+// criuFor is findCriu under ctx (a final snapshot runs after the
+// command's own context has ended).
+func criuFor(ctx context.Context, c *cli.Context) (*criu.Binary, error) {
+	return criu.Find(ctx, criu.FindOptions{
+		Flag:            c.String("criu"),
+		Env:             os.Getenv("FERRY_CRIU"),
+		ProvisionedDirs: criu.DefaultProvisionedPaths(),
+	})
+}
+
+func printSnapshot(c *cli.Context, res *dump.Result, dir string) {
+	sn := res.Snapshot
+	state := "still running"
+	if res.JobEnded {
+		state = "ended"
+	}
+	fmt.Fprintf(c.App.Writer, "snapshot %s@%s in %s: %d processes, %s memory; %s raw, %s new, %s stored; frozen %s, total %s; job %s\n",
+		sn.Job, sn.ID, dir, res.Processes, humanBytes(res.Memory), humanBytes(sn.RawBytes), humanBytes(sn.NewBytes),
+		humanBytes(sn.StoredBytes), res.Frozen.Round(time.Millisecond), res.Total.Round(time.Millisecond), state)
+}
+
+// checkpointToStore is `ferry checkpoint JOB --store DIR [--keep N]`.
+func checkpointToStore(c *cli.Context, s *job.Store, name string) error {
+	st, dir, err := openStore(c, s)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	res, err := snapshotJob(c.Context, c, s, st, name, !c.Bool("leave-running") && c.IsSet("leave-running"))
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return writeJSON(c, res)
+	}
+	printSnapshot(c, res, dir)
+	if k := c.Int("keep"); k > 0 {
+		if _, err := st.Prune(c.Context, name, k); err != nil {
+			return withCode(fmt.Errorf("snapshot taken, but pruning: %w", err), exitStore)
+		}
+	}
+	return nil
+}
+
+// checkpointAll is `ferry checkpoint --all --store DIR`: every running job
+// gets a snapshot and is ended once it is durable (a reboot comes next);
+// its record remembers the snapshot for `ferry restore --all`. A job whose
+// snapshot fails keeps running.
+func checkpointAll(c *cli.Context) error {
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	s, err := store(c)
+	if err != nil {
+		return err
+	}
+	st, dir, err := openStore(c, s)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	recs, err := s.List()
+	if err != nil {
+		return err
+	}
+	var failed []string
+	n := 0
+	for _, rec := range recs {
+		if v := s.Inspect(rec); v.State != "running" && v.State != "frozen" {
+			continue
+		}
+		n++
+		res, err := snapshotJob(c.Context, c, s, st, rec.Name, true)
+		if err != nil {
+			fmt.Fprintf(c.App.ErrWriter, "ferry: %s: %v (it keeps running)\n", rec.Name, err)
+			failed = append(failed, rec.Name)
+			continue
+		}
+		if _, err := s.Update(rec.Name, func(r *job.Record) error {
+			r.Resume = &job.ResumePoint{Store: dir, Snapshot: res.Snapshot.ID}
+			return nil
+		}); err != nil {
+			fmt.Fprintf(c.App.ErrWriter, "ferry: %s: snapshot %s taken, but recording it for restore --all: %v\n", rec.Name, res.Snapshot.ID, err)
+			failed = append(failed, rec.Name)
+			continue
+		}
+		printSnapshot(c, res, dir)
+	}
+	if len(failed) > 0 {
+		return withCode(fmt.Errorf("checkpoint --all: %d of %d jobs failed: %s", len(failed), n, strings.Join(failed, ", ")), exitCheckpoint)
+	}
+	return nil
+}
+
+// restoreFromStore is `ferry restore --store DIR JOB[@SNAPSHOT]`.
+func restoreFromStore(c *cli.Context) error {
+	if err := exactArgs(c, 1, "JOB[@SNAPSHOT]"); err != nil {
+		return err
+	}
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	s, err := store(c)
+	if err != nil {
+		return err
+	}
+	st, _, err := openStore(c, s)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	jobName, id, _ := strings.Cut(c.Args().First(), "@")
+	var snap snapstore.Snapshot
+	if id == "" {
+		snap, err = st.Latest(c.Context, jobName)
+	} else {
+		snap, err = st.Find(c.Context, jobName, id)
+	}
+	if err != nil {
+		return withCode(err, exitNoSnapshot)
+	}
+	rec, err := restoreSnapshot(c, s, st, snap, c.String("name"))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(c.App.Writer, rec.Name)
+	if c.Bool("checkpoint-on-term") {
+		return waitOrSnapshot(c, s, st, rec.Name)
+	}
+	return nil
+}
+
+func restoreSnapshot(c *cli.Context, s *job.Store, st *snapstore.Store, snap snapstore.Snapshot, name string) (*job.Record, error) {
+	bin, err := findCriu(c)
+	if err != nil {
+		return nil, err
+	}
+	meter, err := newMeter(c, "restore")
+	if err != nil {
+		return nil, err
+	}
+	meter.SetPhase("restoring")
+	rec, err := restore.FromSnapshot(c.Context, s, st, snap, restore.Options{
+		Progress:   meter,
+		Criu:       bin,
+		ServeDir:   filepath.Join(s.Root, "serve"),
+		Name:       name,
+		CgroupRoot: c.String("cgroup-root"),
+		Logger:     slog.Default(),
+	})
+	meter.Done(err)
+	if err != nil {
+		return nil, withCode(fmt.Errorf("restoring %s@%s: %w", snap.Job, snap.ID, err), exitRestore)
+	}
+	return rec, nil
+}
+
+// restoreAll is `ferry restore --all --store DIR`: every job that
+// `checkpoint --all` ended into this store comes back from its snapshot.
+// A job that already runs again is left alone, so running it twice is
+// harmless.
+func restoreAll(c *cli.Context) error {
+	if c.NArg() != 0 {
+		return usageError{errors.New("restore --all takes no CHECKPOINT")}
+	}
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	s, err := store(c)
+	if err != nil {
+		return err
+	}
+	st, dir, err := openStore(c, s)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	recs, err := s.List()
+	if err != nil {
+		return err
+	}
+	var failed []string
+	n := 0
+	for _, rec := range recs {
+		if rec.Resume == nil || rec.Resume.Store != dir || rec.Status != job.Exited || rec.InitAlive() {
+			continue
+		}
+		n++
+		snap, err := st.Find(c.Context, rec.Name, rec.Resume.Snapshot)
+		if err == nil {
+			_, err = restoreSnapshot(c, s, st, snap, rec.Name)
+		}
+		if err != nil {
+			fmt.Fprintf(c.App.ErrWriter, "ferry: %s: %v\n", rec.Name, err)
+			failed = append(failed, rec.Name)
+			continue
+		}
+		fmt.Fprintf(c.App.Writer, "restored %s from %s@%s\n", rec.Name, snap.Job, snap.ID)
+	}
+	if len(failed) > 0 {
+		return withCode(fmt.Errorf("restore --all: %d of %d jobs failed: %s", len(failed), n, strings.Join(failed, ", ")), exitRestore)
+	}
+	return nil
+}
+
+// waitOrSnapshot stays with job name until it exits (returning its exit
+// status) or this ferry is sent SIGTERM or SIGINT (what a batch scheduler
+// sends before preemption or at the time limit): then it takes a final
+// snapshot into st, ends the job once the snapshot is durable, and exits
+// with exitSnapshotted, so a batch script knows to requeue, and the
+// requeued job resumes with `ferry restore --store`.
+func waitOrSnapshot(c *cli.Context, s *job.Store, st *snapstore.Store, name string) error {
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.Context.Done():
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(c.Context), 10*time.Minute)
+			defer cancel()
+			res, err := snapshotJob(ctx, c, s, st, name, true)
+			if err != nil {
+				return fmt.Errorf("final snapshot on termination: %w", err)
+			}
+			dir, _ := storeDir(c, s)
+			printSnapshot(c, res, dir)
+			return cli.Exit("", exitSnapshotted)
+		case <-tick.C:
+			rec, err := s.Load(name)
+			if err != nil {
+				return err
+			}
+			if rec.Status == job.Exited && !rec.InitAlive() {
+				if rec.Exit != nil && rec.Exit.Code != 0 {
+					return cli.Exit("", rec.Exit.Code)
+				}
+				return nil
+			}
+		}
+	}
+}

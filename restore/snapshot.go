@@ -1,0 +1,82 @@
+package restore
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-cr/ferry/internal/checkpoint"
+	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/store"
+)
+
+// FromSnapshot restores snapshot snap of store st as a job of s. The
+// snapshot is rebuilt into a scratch directory (tmpfs when there is room:
+// every chunk is checked against its hash on the way) and restored from
+// there like a directory checkpoint; the directory goes once CRIU is done
+// with it. opts.Checkpoint is ignored.
+func FromSnapshot(ctx context.Context, s *job.Store, st *store.Store, snap store.Snapshot, opts Options) (*job.Record, error) {
+	r, err := st.OpenSnapshot(ctx, snap)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	dir, err := os.MkdirTemp(scratchFor(r), "ferry-snapshot-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	var total int64
+	for _, name := range r.Names() {
+		total += r.Size(name)
+	}
+	opts.Progress.SetTotal(total)
+	for _, name := range r.Names() {
+		if err := extract(r, dir, name, opts); err != nil {
+			return nil, fmt.Errorf("reading %s@%s from the store: %w", snap.Job, snap.ID, err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, checkpoint.ManifestFile), r.Meta(), 0o600); err != nil {
+		return nil, err
+	}
+	opts.Checkpoint = dir
+	return Job(ctx, s, opts)
+}
+
+// scratchFor picks where a snapshot is rebuilt: /dev/shm when it has
+// room for it twice over, else the system's temporary directory.
+func scratchFor(r *store.Reader) string {
+	var need int64
+	for _, name := range r.Names() {
+		need += r.Size(name)
+	}
+	var sf unix.Statfs_t
+	if unix.Statfs("/dev/shm", &sf) == nil && int64(sf.Bavail)*int64(sf.Bsize) > 2*need+64<<20 {
+		return "/dev/shm"
+	}
+	return os.TempDir()
+}
+
+func extract(r *store.Reader, dir, name string, opts Options) error {
+	if name != filepath.Base(name) || name == checkpoint.ManifestFile {
+		return fmt.Errorf("the snapshot holds a file named %q", name)
+	}
+	src, err := r.Open(name)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(opts.Progress.Writer(f), src); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
