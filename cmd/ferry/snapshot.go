@@ -233,6 +233,33 @@ func checkpointToStore(c *cli.Context, s *job.Store, name string) error {
 // its record remembers the snapshot for `ferry restore --all`. A job whose
 // snapshot fails keeps running.
 func checkpointAll(c *cli.Context) error {
+	return forAllJobs(c, "checkpoint --all", exitCheckpoint,
+		func(s *job.Store, rec *job.Record, _ string) bool {
+			v := s.Inspect(rec)
+			return v.State == "running" || v.State == "frozen"
+		},
+		func(s *job.Store, st *snapstore.Store, dir string, rec *job.Record) error {
+			res, err := snapshotJob(c.Context, c, s, st, rec.Name, true)
+			if err != nil {
+				return fmt.Errorf("%w (it keeps running)", err)
+			}
+			if _, err := s.Update(rec.Name, func(r *job.Record) error {
+				r.Resume = &job.ResumePoint{Store: dir, Snapshot: res.Snapshot.ID}
+				return nil
+			}); err != nil {
+				return fmt.Errorf("snapshot %s taken, but recording it for restore --all: %w", res.Snapshot.ID, err)
+			}
+			printSnapshot(c, res, dir)
+			return nil
+		})
+}
+
+// forAllJobs runs do on every job of the store that pick selects, with
+// the snapshot store open; a job that fails is reported on stderr and the
+// others go on. verb and code make the error when any failed.
+func forAllJobs(c *cli.Context, verb string, code int,
+	pick func(s *job.Store, rec *job.Record, dir string) bool,
+	do func(s *job.Store, st *snapstore.Store, dir string, rec *job.Record) error) error {
 	if err := requireRoot(); err != nil {
 		return err
 	}
@@ -252,28 +279,17 @@ func checkpointAll(c *cli.Context) error {
 	var failed []string
 	n := 0
 	for _, rec := range recs {
-		if v := s.Inspect(rec); v.State != "running" && v.State != "frozen" {
+		if !pick(s, rec, dir) {
 			continue
 		}
 		n++
-		res, err := snapshotJob(c.Context, c, s, st, rec.Name, true)
-		if err != nil {
-			fmt.Fprintf(c.App.ErrWriter, "ferry: %s: %v (it keeps running)\n", rec.Name, err)
+		if err := do(s, st, dir, rec); err != nil {
+			fmt.Fprintf(c.App.ErrWriter, "ferry: %s: %v\n", rec.Name, err)
 			failed = append(failed, rec.Name)
-			continue
 		}
-		if _, err := s.Update(rec.Name, func(r *job.Record) error {
-			r.Resume = &job.ResumePoint{Store: dir, Snapshot: res.Snapshot.ID}
-			return nil
-		}); err != nil {
-			fmt.Fprintf(c.App.ErrWriter, "ferry: %s: snapshot %s taken, but recording it for restore --all: %v\n", rec.Name, res.Snapshot.ID, err)
-			failed = append(failed, rec.Name)
-			continue
-		}
-		printSnapshot(c, res, dir)
 	}
 	if len(failed) > 0 {
-		return withCode(fmt.Errorf("checkpoint --all: %d of %d jobs failed: %s", len(failed), n, strings.Join(failed, ", ")), exitCheckpoint)
+		return withCode(fmt.Errorf("%s: %d of %d jobs failed: %s", verb, len(failed), n, strings.Join(failed, ", ")), code)
 	}
 	return nil
 }
@@ -349,44 +365,21 @@ func restoreAll(c *cli.Context) error {
 	if c.NArg() != 0 {
 		return usageError{errors.New("restore --all takes no CHECKPOINT")}
 	}
-	if err := requireRoot(); err != nil {
-		return err
-	}
-	s, err := store(c)
-	if err != nil {
-		return err
-	}
-	st, dir, err := openStore(c, s)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	recs, err := s.List()
-	if err != nil {
-		return err
-	}
-	var failed []string
-	n := 0
-	for _, rec := range recs {
-		if rec.Resume == nil || rec.Resume.Store != dir || rec.Status != job.Exited || rec.InitAlive() {
-			continue
-		}
-		n++
-		snap, err := st.Find(c.Context, rec.Name, rec.Resume.Snapshot)
-		if err == nil {
-			_, err = restoreSnapshot(c, s, st, snap, rec.Name)
-		}
-		if err != nil {
-			fmt.Fprintf(c.App.ErrWriter, "ferry: %s: %v\n", rec.Name, err)
-			failed = append(failed, rec.Name)
-			continue
-		}
-		fmt.Fprintf(c.App.Writer, "restored %s from %s@%s\n", rec.Name, snap.Job, snap.ID)
-	}
-	if len(failed) > 0 {
-		return withCode(fmt.Errorf("restore --all: %d of %d jobs failed: %s", len(failed), n, strings.Join(failed, ", ")), exitRestore)
-	}
-	return nil
+	return forAllJobs(c, "restore --all", exitRestore,
+		func(_ *job.Store, rec *job.Record, dir string) bool {
+			return rec.Resume != nil && rec.Resume.Store == dir && rec.Status == job.Exited && !rec.InitAlive()
+		},
+		func(s *job.Store, st *snapstore.Store, _ string, rec *job.Record) error {
+			snap, err := st.Find(c.Context, rec.Name, rec.Resume.Snapshot)
+			if err == nil {
+				_, err = restoreSnapshot(c, s, st, snap, rec.Name)
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.App.Writer, "restored %s from %s@%s\n", rec.Name, snap.Job, snap.ID)
+			return nil
+		})
 }
 
 // waitOrSnapshot stays with job name until it exits (returning its exit
