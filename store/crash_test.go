@@ -281,3 +281,40 @@ func TestDiskFull(t *testing.T) {
 		})
 	}
 }
+
+// TestCancel: a snapshot whose context ends mid-write fails, leaves
+// nothing listed, and releases the lock.
+func TestCancel(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{PackSize: 1 << 20})
+	ctx, cancel := context.WithCancel(context.Background())
+	w, err := s.Begin(ctx, "job")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, _ := w.Create("pages-1.img")
+	if _, err := f.Write(randBytes(3, 4<<20)); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	var werr error
+	for i := 0; i < 64 && werr == nil; i++ {
+		_, werr = f.Write(randBytes(uint64(4+i), 1<<20))
+	}
+	if werr == nil {
+		werr = f.Close()
+	}
+	f.Close()
+	_, cerr := w.Commit(nil)
+	if !errors.Is(werr, context.Canceled) && !errors.Is(cerr, context.Canceled) {
+		t.Fatalf("write: %v, commit: %v; want context.Canceled", werr, cerr)
+	}
+	if snaps, _ := s.Snapshots(context.Background(), ""); len(snaps) != 0 {
+		t.Fatalf("snapshots: %v", snaps)
+	}
+	gctx, gcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer gcancel()
+	if _, err := s.GC(gctx); err != nil {
+		t.Fatalf("GC after a cancelled snapshot (lock not released?): %v", err)
+	}
+	verifyClean(t, s)
+}

@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 )
 
@@ -12,12 +13,12 @@ import (
 // of the directory; a second job with the same memory costs nothing but
 // its record.
 func TestDedupScattered(t *testing.T) {
-	const size = 64 << 20
+	pagesSize := size(64<<20, 16<<20)
 	dir := t.TempDir()
 	s := openStore(t, dir, Options{})
 	base := diskUsage(t, dir)
 
-	v1 := criuLikeFiles(10, size)
+	v1 := criuLikeFiles(10, pagesSize)
 	s1 := add(t, s, "job", nil, v1...)
 	used1 := diskUsage(t, dir)
 	grow1 := used1 - base
@@ -129,4 +130,46 @@ func TestConcurrentWriters(t *testing.T) {
 	checkSnapshot(t, s, a, files...)
 	checkSnapshot(t, s, b, files...)
 	verifyClean(t, s)
+}
+
+// TestConcurrentCreate: one snapshot's files created and written from
+// many goroutines at once.
+func TestConcurrentCreate(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	w, err := s.Begin(context.Background(), "many")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 64
+	files := make([]testFile, n)
+	errs := make(chan error, n)
+	for i := range n {
+		files[i] = testFile{fmt.Sprintf("core-%d.img", i), compressible(uint64(i), 1000+i*3000)}
+		if i%4 == 0 {
+			files[i] = testFile{fmt.Sprintf("pages-%d.img", i), randBytes(uint64(i), 1<<20+i*page)}
+		}
+		go func() {
+			fw, err := w.Create(files[i].name)
+			if err == nil {
+				_, err = fw.Write(files[i].data)
+			}
+			if err == nil {
+				err = fw.Close()
+			}
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	snap, err := w.Commit(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.Files != n {
+		t.Fatalf("%d files, want %d", snap.Files, n)
+	}
+	checkSnapshot(t, s, snap, files...)
 }

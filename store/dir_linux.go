@@ -155,6 +155,7 @@ type dirObjectWriter struct {
 	done    bool
 }
 
+// Write implements ObjectWriter.
 func (w *dirObjectWriter) Write(p []byte) (int, error) {
 	if w.done {
 		return 0, fmt.Errorf("writing %q: %w", w.name, ErrClosed)
@@ -258,6 +259,7 @@ type dirObject struct {
 	size int64
 }
 
+// Size implements Object.
 func (o *dirObject) Size() int64 { return o.size }
 
 // List implements Backend. The tmp directory and the lock are not

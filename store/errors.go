@@ -40,8 +40,10 @@ type NameError struct {
 	Err  error
 }
 
+// Error implements error.
 func (e *NameError) Error() string { return fmt.Sprintf("%s name %q: %s", e.Kind, e.Name, e.Err) }
 
+// Unwrap lets errors.Is find ErrBadName or ErrExists.
 func (e *NameError) Unwrap() error { return e.Err }
 
 // CorruptError locates a failed check; it matches ErrCorrupt.
@@ -53,6 +55,7 @@ type CorruptError struct {
 	Err    error // underlying cause, if any
 }
 
+// Error implements error.
 func (e *CorruptError) Error() string {
 	s := "corrupt"
 	if e.Object != "" {

@@ -63,15 +63,17 @@ func (s *Store) OpenSnapshot(ctx context.Context, snap Snapshot) (*Reader, error
 }
 
 func (s *Store) openSnapshot(ctx context.Context, snap Snapshot, unlock func() error) (*Reader, error) {
-	if err := s.refresh(ctx); err != nil {
-		return nil, err
-	}
 	name := recordName(snap.Job, snap.ID)
 	rec, err := s.readRecord(ctx, name)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("snapshot %q of job %q: %w", snap.ID, snap.Job, ErrNoSnapshot)
 		}
+		return nil, err
+	}
+	// After the record: its packs were committed before it, so this
+	// sees them even if another process wrote the snapshot just now.
+	if err := s.refresh(ctx); err != nil {
 		return nil, err
 	}
 	r := &Reader{

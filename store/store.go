@@ -212,7 +212,13 @@ func (s *Store) loadConfig(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		err = putObject(ctx, s.be, "config", b)
+		// Shared lock: a GC elsewhere would take our temporary object
+		// for a leftover.
+		unlock, err := s.lk.Lock(ctx, false)
+		if err != nil {
+			return err
+		}
+		err = errors.Join(putObject(ctx, s.be, "config", b), unlock())
 		if err == nil {
 			return s.setConfig(&cfg)
 		}

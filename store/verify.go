@@ -27,6 +27,7 @@ type Problem struct {
 	Err    error
 }
 
+// String formats the problem for a person: what, where, why.
 func (p Problem) String() string {
 	if p.Job != "" {
 		if p.File != "" {
@@ -87,6 +88,13 @@ func (s *Store) Verify(ctx context.Context) (rep VerifyReport, err error) {
 		return rep, err
 	}
 	defer func() { err = errors.Join(err, unlock()) }()
+	// Records first, then the index: every pack a listed record needs
+	// was committed before the record, so the index has it even when
+	// another process is adding snapshots meanwhile.
+	records, err := s.be.List(ctx, "snapshots/")
+	if err != nil {
+		return rep, err
+	}
 	if err := s.refresh(ctx); err != nil {
 		return rep, err
 	}
@@ -94,7 +102,7 @@ func (s *Store) Verify(ctx context.Context) (rep VerifyReport, err error) {
 	if err := s.verifyPacks(ctx, v); err != nil {
 		return rep, err
 	}
-	if err := s.verifySnapshots(ctx, v); err != nil {
+	if err := s.verifySnapshots(ctx, v, records); err != nil {
 		return rep, err
 	}
 	if n := len(rep.Problems) + rep.MoreProblems; n > 0 {
@@ -216,12 +224,8 @@ func (s *Store) resolve(v *verifier, d digest, raw int) error {
 	return nil
 }
 
-func (s *Store) verifySnapshots(ctx context.Context, v *verifier) error {
-	objs, err := s.be.List(ctx, "snapshots/")
-	if err != nil {
-		return err
-	}
-	for _, o := range objs {
+func (s *Store) verifySnapshots(ctx context.Context, v *verifier, records []ObjectInfo) error {
+	for _, o := range records {
 		if err := ctx.Err(); err != nil {
 			return err
 		}

@@ -53,6 +53,7 @@ type Writer struct {
 	s      *Store
 	ctx    context.Context
 	job    string
+	start  time.Time // the snapshot's time: when the dump began
 	unlock func() error
 
 	jobs     chan *batch
@@ -75,9 +76,9 @@ type Writer struct {
 	sealing chan struct{}
 	seals   sync.WaitGroup
 
-	chunks, newChunks         atomic.Int64
-	zeroBytes, newBytes       atomic.Int64
-	storedBytes, packsWritten atomic.Int64
+	chunks, newChunks   atomic.Int64
+	zeroBytes, newBytes atomic.Int64
+	storedBytes         atomic.Int64
 }
 
 type writerState int
@@ -90,7 +91,7 @@ const (
 
 var errAborted = errors.New("snapshot aborted")
 
-// Begin starts a snapshot of job. It takes the store's lock shared
+// Begin starts a snapshot of job, dated now. It takes the store's lock shared
 // (waiting, bounded by ctx, while a GC holds it) and keeps it until
 // Commit or Abort, so that no GC can remove a chunk this snapshot
 // decided not to store again because the store already had it. ctx also
@@ -111,7 +112,7 @@ func (s *Store) Begin(ctx context.Context, job string) (*Writer, error) {
 	}
 	n := s.opts.Workers
 	w := &Writer{
-		s: s, ctx: ctx, job: job, unlock: unlock,
+		s: s, ctx: ctx, job: job, unlock: unlock, start: time.Now(),
 		jobs:     make(chan *batch, inflightPerWorker*n),
 		inflight: make(chan struct{}, inflightPerWorker*n),
 		pending:  make(map[digest]struct{}),
@@ -435,7 +436,6 @@ func (w *Writer) seal(p *packBuilder) error {
 	}
 	w.mu.Unlock()
 	w.storedBytes.Add(info.size)
-	w.packsWritten.Add(1)
 	return nil
 }
 
@@ -487,6 +487,44 @@ func (fw *fileWriter) Write(p []byte) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// ReadFrom implements io.ReaderFrom, so that io.Copy reads straight into
+// batch buffers rather than through a 32 KiB buffer and a copy.
+func (fw *fileWriter) ReadFrom(r io.Reader) (int64, error) {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.closed {
+		return 0, fmt.Errorf("writing %q: %w", fw.name, ErrClosed)
+	}
+	if fw.err != nil {
+		return 0, fw.err
+	}
+	var total int64
+	for {
+		if err := fw.w.failed(); err != nil {
+			return total, err
+		}
+		if fw.buf == nil {
+			fw.buf = fw.w.bufs.Get().(*[]byte)
+		}
+		b := *fw.buf
+		n, rerr := r.Read(b[len(b):batchSize])
+		*fw.buf = b[:len(b)+n]
+		total += int64(n)
+		if len(*fw.buf) == batchSize {
+			if err := fw.flush(); err != nil {
+				fw.err = err
+				return total, err
+			}
+		}
+		if errors.Is(rerr, io.EOF) {
+			return total, nil
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
 }
 
 // flush submits the buffered bytes as one batch and collects whatever
@@ -622,11 +660,15 @@ func (w *Writer) commit(meta []byte) (Snapshot, error) {
 	}
 	w.shutJobs()
 	w.workers.Wait()
-	for _, p := range w.takePacks() {
-		if err := w.failed(); err != nil {
-			w.seals.Wait()
-			return Snapshot{}, errors.Join(err, p.ow.Abort())
+	packs := w.takePacks()
+	if err := w.failed(); err != nil {
+		for _, p := range packs {
+			err = errors.Join(err, p.ow.Abort())
 		}
+		w.seals.Wait()
+		return Snapshot{}, err
+	}
+	for _, p := range packs {
 		w.sealing <- struct{}{}
 		w.seals.Go(func() {
 			defer func() { <-w.sealing }()
@@ -659,15 +701,17 @@ func (w *Writer) commit(meta []byte) (Snapshot, error) {
 		})
 		rec.Stats.RawBytes += fw.size
 	}
-	// An id collision (same job, same millisecond, same 24 random bits)
-	// fails the no-replace commit; another id is drawn.
+	// The snapshot is dated from Begin, the moment of the state it
+	// holds, so that of two overlapping snapshots of a job the later
+	// state sorts last. An id collision (same job, same millisecond,
+	// same 24 random bits) fails the no-replace commit; another suffix
+	// is drawn.
+	rec.TimeUnixNano = w.start.UnixNano()
 	var err error
 	for range 3 {
-		now := time.Now()
-		if rec.Id, err = newID(now); err != nil {
+		if rec.Id, err = newID(w.start); err != nil {
 			return Snapshot{}, err
 		}
-		rec.TimeUnixNano = now.UnixNano()
 		var b []byte
 		if b, err = encodeMeta(kindSnapshot, rec, maxRecordLen); err != nil {
 			return Snapshot{}, err
