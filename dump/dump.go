@@ -159,6 +159,7 @@ type target struct {
 	foreign  bool
 	command  []string
 	dir      string
+	periodic *checkpoint.Periodic                    // the job's snapshot policy, recorded in the manifest
 	workDir  string                                  // CRIU's log and statistics end up here
 	end      func(context.Context, *Inventory) error // end the tree once the checkpoint is durable
 	resume   func(context.Context, *Inventory) error // let the tree run again
@@ -196,6 +197,9 @@ func Job(ctx context.Context, s *job.Store, name string, opts Options) (*Result,
 			return s.EndAs(ctx, name, cmp.Or(opts.EndReason, "checkpointed"), opts.Logger)
 		},
 		resume: func(ctx context.Context, _ *Inventory) error { return cg.Thaw(ctx) },
+	}
+	if p := rec.Snapshots; p != nil && p.Every > 0 {
+		t.periodic = &checkpoint.Periodic{Every: p.Every, Keep: p.Keep}
 	}
 	if rec.Foreign {
 		// The tree is the init's child, in namespaces the init made; CRIU
@@ -658,6 +662,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			NetworkLock:    netLock,
 			FileLocks:      plan.FileLocks,
 			ExtUnixSk:      plan.ExtUnixSk,
+			Periodic:       t.periodic,
 			Processes:      res.Processes,
 			Threads:        res.Threads,
 			MemoryBytes:    res.Memory,

@@ -52,6 +52,12 @@ type Options struct {
 	// stops the restore. A migration destination takes over the source's
 	// addresses here.
 	BeforeStart func(ctx context.Context) error
+	// Snapshots has the restored job's shim take periodic snapshots
+	// (Every 0: none). When it is nil, FromSnapshot carries on the policy
+	// the snapshot recorded, into StoreDir.
+	Snapshots *job.SnapshotPolicy
+	// StoreDir is the directory of the store FromSnapshot restores from.
+	StoreDir string
 }
 
 // maxManifest bounds ferry.json read from a stream.
@@ -123,6 +129,7 @@ func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string
 		LazyPages:  opts.LazyPages,
 		CgroupRoot: opts.CgroupRoot,
 		Logger:     opts.Logger,
+		Snapshots:  opts.Snapshots,
 	})
 }
 

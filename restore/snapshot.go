@@ -18,7 +18,10 @@ import (
 // snapshot is rebuilt into a scratch directory (tmpfs when there is room:
 // every chunk is checked against its hash on the way) and restored from
 // there like a directory checkpoint; the directory goes once CRIU is done
-// with it. opts.Checkpoint is ignored.
+// with it. opts.Checkpoint is ignored. A job that took periodic snapshots
+// (ferry run --checkpoint-every) carries on taking them into the same
+// store unless opts.Snapshots says otherwise: a requeued batch job keeps
+// its policy without being given it again.
 func FromSnapshot(ctx context.Context, s *job.Store, st *store.Store, snap store.Snapshot, opts Options) (*job.Record, error) {
 	r, err := st.OpenSnapshot(ctx, snap)
 	if err != nil {
@@ -42,6 +45,15 @@ func FromSnapshot(ctx context.Context, s *job.Store, st *store.Store, snap store
 	}
 	if err := os.WriteFile(filepath.Join(dir, checkpoint.ManifestFile), r.Meta(), 0o600); err != nil {
 		return nil, err
+	}
+	if opts.Snapshots == nil && opts.StoreDir != "" {
+		m, err := checkpoint.LoadManifest(dir)
+		if err != nil {
+			return nil, err
+		}
+		if p := m.Periodic; p != nil && p.Every > 0 {
+			opts.Snapshots = &job.SnapshotPolicy{Store: opts.StoreDir, Every: p.Every, Keep: p.Keep}
+		}
 	}
 	opts.Checkpoint = dir
 	return Job(ctx, s, opts)

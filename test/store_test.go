@@ -242,6 +242,20 @@ func TestSnapshotStore(t *testing.T) {
 			t.Fatalf("%d snapshots of tick after 3 periodic ones with --keep 2", got)
 		}
 		e.must("kill", "tick")
+
+		// A job restored from the store carries on its policy (a requeued
+		// batch job is not given --checkpoint-every again).
+		snaps := e.snapshots(st, "tick")
+		last := snaps[len(snaps)-1]
+		e.must("restore", "--store", st, "tick")
+		eventually(t, 30*time.Second, "a periodic snapshot of the restored job", func() bool {
+			now := e.snapshots(st, "tick")
+			return len(now) > 0 && now[len(now)-1].ID > last.ID
+		})
+		if got := len(e.snapshots(st, "tick")); got > 2 {
+			t.Fatalf("%d snapshots of the restored tick: its --keep 2 was not carried on", got)
+		}
+		e.must("kill", "tick")
 	})
 
 	t.Run("run --checkpoint-on-term snapshots the job on SIGTERM", func(t *testing.T) {

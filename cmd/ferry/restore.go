@@ -28,12 +28,16 @@ one named by JOB@SNAPSHOT (a unique prefix of its id will do). --all
 restores every job that "ferry checkpoint --all" ended into the store (jobs
 already running again are left alone). --checkpoint-on-term stays in the
 foreground until the job exits, and on SIGTERM or SIGINT takes a final
-snapshot and ends the job (see ferry run).`,
+snapshot and ends the job (see ferry run). A job that took periodic
+snapshots (ferry run --checkpoint-every) goes on taking them into the same
+store; --checkpoint-every D [--keep N] changes that, --checkpoint-every 0
+stops it.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "name", Usage: "job name (default: the checkpointed job's)"},
 		progressFlag,
 		storeFlag,
 		&cli.BoolFlag{Name: "all", Usage: "with --store: restore every job checkpoint --all ended into the store"},
+		checkpointEveryFlag, keepFlag,
 		&cli.BoolFlag{Name: "checkpoint-on-term", Usage: "with --store: wait for the job; on SIGTERM/SIGINT snapshot it into the store and end it"},
 	},
 	Action: func(c *cli.Context) error {
@@ -45,6 +49,9 @@ snapshot and ends the job (see ferry run).`,
 		}
 		if c.IsSet("store") {
 			return restoreFromStore(c)
+		}
+		if c.IsSet("checkpoint-every") || c.IsSet("keep") || c.Bool("checkpoint-on-term") {
+			return usageError{fmt.Errorf("restore: --checkpoint-every, --keep and --checkpoint-on-term need --store DIR")}
 		}
 		if err := exactArgs(c, 1, "CHECKPOINT"); err != nil {
 			return err

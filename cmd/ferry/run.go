@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"log/slog"
-	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -29,8 +28,7 @@ requeues and the requeued job resumes with "ferry restore --store DIR JOB".`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "name", Usage: "job name (default: generated from the command)"},
 		storeFlag,
-		&cli.DurationFlag{Name: "checkpoint-every", Usage: "add a snapshot to the store every `D` (e.g. 30m)"},
-		&cli.IntFlag{Name: "keep", Usage: "with --checkpoint-every: keep the newest `N` snapshots of the job"},
+		checkpointEveryFlag, keepFlag,
 		&cli.BoolFlag{Name: "checkpoint-on-term", Usage: "stay in the foreground; on SIGTERM/SIGINT snapshot the job into the store and end it"},
 	},
 	Action: func(c *cli.Context) error {
@@ -44,16 +42,12 @@ requeues and the requeued job resumes with "ferry restore --store DIR JOB".`,
 		if err != nil {
 			return err
 		}
-		var policy *job.SnapshotPolicy
-		if d := c.Duration("checkpoint-every"); d > 0 || c.IsSet("keep") {
-			if d < time.Second {
-				return usageError{fmt.Errorf("run: --checkpoint-every must be at least 1s (and --keep needs it)")}
-			}
-			dir, err := storeDir(c, s)
-			if err != nil {
-				return err
-			}
-			policy = &job.SnapshotPolicy{Store: dir, Every: d, Keep: c.Int("keep")}
+		policy, err := periodicPolicy(c, s, "run")
+		if err != nil {
+			return err
+		}
+		if policy != nil && policy.Every == 0 {
+			policy = nil
 		}
 		var st *snapstore.Store
 		if c.Bool("checkpoint-on-term") || policy != nil {

@@ -25,6 +25,31 @@ import (
 
 var storeFlag = &cli.StringFlag{Name: "store", Usage: "snapshot store `DIR` (default: ROOT/store)"}
 
+var (
+	checkpointEveryFlag = &cli.DurationFlag{Name: "checkpoint-every", Usage: "add a snapshot to the store every `D` (e.g. 30m; 0: none)"}
+	keepFlag            = &cli.IntFlag{Name: "keep", Usage: "with --checkpoint-every: keep the newest `N` snapshots of the job"}
+)
+
+// periodicPolicy is --checkpoint-every D [--keep N]: nil when neither is
+// given, a policy with Every 0 for an explicit --checkpoint-every 0.
+func periodicPolicy(c *cli.Context, s *job.Store, verb string) (*job.SnapshotPolicy, error) {
+	if !c.IsSet("checkpoint-every") && !c.IsSet("keep") {
+		return nil, nil
+	}
+	d := c.Duration("checkpoint-every")
+	if d == 0 && !c.IsSet("keep") {
+		return &job.SnapshotPolicy{}, nil
+	}
+	if d < time.Second {
+		return nil, usageError{fmt.Errorf("%s: --checkpoint-every must be at least 1s (and --keep needs it)", verb)}
+	}
+	dir, err := storeDir(c, s)
+	if err != nil {
+		return nil, err
+	}
+	return &job.SnapshotPolicy{Store: dir, Every: d, Keep: c.Int("keep")}, nil
+}
+
 // storeDir is --store, or the store beside the job records.
 func storeDir(c *cli.Context, s *job.Store) (string, error) {
 	dir := c.String("store")
@@ -306,7 +331,7 @@ func restoreFromStore(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	st, _, err := openStore(c, s)
+	st, dir, err := openStore(c, s)
 	if err != nil {
 		return err
 	}
@@ -321,7 +346,7 @@ func restoreFromStore(c *cli.Context) error {
 	if err != nil {
 		return withCode(err, exitNoSnapshot)
 	}
-	rec, err := restoreSnapshot(c, s, st, snap, c.String("name"))
+	rec, err := restoreSnapshot(c, s, st, dir, snap, c.String("name"))
 	if err != nil {
 		return err
 	}
@@ -332,7 +357,14 @@ func restoreFromStore(c *cli.Context) error {
 	return nil
 }
 
-func restoreSnapshot(c *cli.Context, s *job.Store, st *snapstore.Store, snap snapstore.Snapshot, name string) (*job.Record, error) {
+// restoreSnapshot restores snap of st (in dir) as job name. The restored
+// job carries on the periodic snapshots it took, into dir, unless
+// --checkpoint-every says otherwise.
+func restoreSnapshot(c *cli.Context, s *job.Store, st *snapstore.Store, dir string, snap snapstore.Snapshot, name string) (*job.Record, error) {
+	policy, err := periodicPolicy(c, s, "restore")
+	if err != nil {
+		return nil, err
+	}
 	bin, err := findCriu(c)
 	if err != nil {
 		return nil, err
@@ -349,6 +381,8 @@ func restoreSnapshot(c *cli.Context, s *job.Store, st *snapstore.Store, snap sna
 		Name:       name,
 		CgroupRoot: c.String("cgroup-root"),
 		Logger:     slog.Default(),
+		Snapshots:  policy,
+		StoreDir:   dir,
 	})
 	meter.Done(err)
 	if err != nil {
@@ -369,10 +403,10 @@ func restoreAll(c *cli.Context) error {
 		func(_ *job.Store, rec *job.Record, dir string) bool {
 			return rec.Resume != nil && rec.Resume.Store == dir && rec.Status == job.Exited && !rec.InitAlive()
 		},
-		func(s *job.Store, st *snapstore.Store, _ string, rec *job.Record) error {
+		func(s *job.Store, st *snapstore.Store, dir string, rec *job.Record) error {
 			snap, err := st.Find(c.Context, rec.Name, rec.Resume.Snapshot)
 			if err == nil {
-				_, err = restoreSnapshot(c, s, st, snap, rec.Name)
+				_, err = restoreSnapshot(c, s, st, dir, snap, rec.Name)
 			}
 			if err != nil {
 				return err

@@ -74,6 +74,11 @@ type Manifest struct {
 	FileLocks   bool   `json:"fileLocks,omitempty"`
 	ExtUnixSk   bool   `json:"extUnixSk,omitempty"`
 
+	// Periodic is the job's periodic snapshot policy when it was
+	// checkpointed (ferry run --checkpoint-every), so that a job restored
+	// from a snapshot store carries on taking snapshots into that store.
+	Periodic *Periodic `json:"periodic,omitempty"`
+
 	// Init is the ferry binary that runs as the tree's pid 1. CRIU checks
 	// that every executable is the same file at restore, so a restore
 	// needs this exact build at this path.
@@ -92,6 +97,13 @@ type Manifest struct {
 	// Files lists every file of the checkpoint with its size, so that a
 	// restore can tell a truncated checkpoint before touching anything.
 	Files map[string]int64 `json:"files"`
+}
+
+// Periodic is a periodic snapshot policy without its store: the store
+// is the one the snapshot is restored from.
+type Periodic struct {
+	Every time.Duration `json:"everyNs"`
+	Keep  int           `json:"keep,omitempty"` // 0 keeps all
 }
 
 // PidNSKey names the tree's PID namespace when it was dumped as external.
