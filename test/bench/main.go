@@ -2,12 +2,23 @@
 // its own, in one run, on the same workload, and prints medians and
 // ratios (make bench). It asserts nothing: the figures are the result.
 //
-// Rows:
+// Sections, in this order (-only picks one):
+//
+// checkpoint:
 //   - reference dump: criu dump --leave-running into a tmpfs directory
 //   - podman-style: criu dump into a directory on disk, then tar | zstd -1 -T0
 //   - ferry checkpoint (to disk and to tmpfs), --leave-running
 //   - reference restore: criu restore from tmpfs into a fresh PID namespace
 //   - ferry restore of its checkpoint
+//
+// migrate (-migrate-mib):
+//   - ferry migrate over loopback, stop-copy and post-copy, against CRIU's
+//     own dump + restore of the same memory
+//
+// store (-store-mib):
+//   - ferry checkpoint of a job of random memory to a .ferry file on disk
+//   - the job's first snapshot into an empty snapshot store on disk
+//   - its second snapshot after it rewrote 1% of its pages
 package main
 
 import (
@@ -34,7 +45,8 @@ var (
 	reps     = flag.Int("n", 3, "repetitions of each measurement")
 	mib      = flag.Int("mib", 1024, "workload memory in MiB (half random, half text)")
 	migMiB   = flag.String("migrate-mib", "256,1024", "memory sizes (MiB) of the migration section; empty skips it")
-	only     = flag.String("only", "", "run only this section: checkpoint or migrate")
+	storeMiB = flag.String("store-mib", "1024", "memory size (MiB) of the snapshot-store section; empty or 0 skips it")
+	only     = flag.String("only", "", "run only this section: checkpoint, migrate or store")
 	ferryBin = flag.String("ferry", "bin/ferry", "ferry binary")
 	criuBin  = flag.String("criu", "", "CRIU binary (default: $FERRY_CRIU, .deps/bin/criu, PATH)")
 	diskDir  = flag.String("disk", "/var/tmp", "directory on disk for on-disk checkpoints")
@@ -88,6 +100,17 @@ func (r *row) median() sample {
 
 func main() {
 	flag.Parse()
+	if *only != "" && *only != "checkpoint" && *only != "migrate" && *only != "store" {
+		fatal("-only: %q is not checkpoint, migrate or store", *only)
+	}
+	storeSize := 0
+	if f := strings.TrimSpace(*storeMiB); f != "" {
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 0 {
+			fatal("-store-mib: bad size %q", f)
+		}
+		storeSize = n
+	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	go func() { <-sigs; fatal("interrupted") }()
@@ -105,13 +128,12 @@ func main() {
 	if out, err := build.CombinedOutput(); err != nil {
 		fatal("building workload: %v\n%s", err, out)
 	}
-	fmt.Printf("ferry bench: %d MiB workload (half random, half text), %d repetitions, medians\n", *mib, *reps)
-	fmt.Printf("criu: %s\n\n", criu)
+	fmt.Printf("ferry bench: %d repetitions, medians; criu: %s\n\n", *reps, criu)
 
-	if *only != "migrate" {
+	if *only == "" || *only == "checkpoint" {
 		checkpointBench(criu, workload, tmp)
 	}
-	if *only != "checkpoint" && *migMiB != "" {
+	if (*only == "" || *only == "migrate") && *migMiB != "" {
 		var sizes []int
 		for f := range strings.SplitSeq(*migMiB, ",") {
 			n, err := strconv.Atoi(strings.TrimSpace(f))
@@ -122,10 +144,14 @@ func main() {
 		}
 		migrationBench(criu, workload, tmp, sizes)
 	}
+	if (*only == "" || *only == "store") && storeSize > 0 {
+		storeBench(criu, workload, tmp, storeSize)
+	}
 }
 
 // checkpointBench is the checkpoint and restore section.
 func checkpointBench(criu, workload, tmp string) {
+	fmt.Printf("checkpoint and restore: a %d MiB workload (half random, half text)\n", *mib)
 	// The reference workload, started directly, and the same workload as
 	// a ferry job.
 	ref := startWorkload(workload)
