@@ -2,7 +2,6 @@ package image
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -32,10 +31,12 @@ import (
 // core, and holds back a file's last chunk until the file's SHA-256 matches
 // the trailer, so a reader never receives a whole file that is wrong.
 type Archive struct {
-	manifest *pb.Manifest
-	trailer  *pb.Trailer
-	files    map[string]*archiveFile
-	src      io.ReaderAt // nil when the payloads are in memory
+	manifest  *pb.Manifest
+	trailer   *pb.Trailer
+	files     map[string]*archiveFile
+	src       io.ReaderAt // nil when the payloads are in memory
+	noDigests bool        // FlagNoDigests: files are checked by their chunks' CRCs only
+	mem       *arena      // ReadArchive: where the payloads are held
 }
 
 type archiveFile struct {
@@ -67,11 +68,11 @@ func (a *Archive) Size(name string) (uint64, bool) {
 
 // OpenArchive indexes the stream in f by its record headers.
 func OpenArchive(f io.ReaderAt) (*Archive, error) {
-	m, t, trailerAt, err := readIndex(f)
+	m, t, trailerAt, flags, err := readIndex(f)
 	if err != nil {
 		return nil, err
 	}
-	a := &Archive{manifest: m, trailer: t, files: map[string]*archiveFile{}, src: f}
+	a := &Archive{manifest: m, trailer: t, files: map[string]*archiveFile{}, src: f, noDigests: flags&FlagNoDigests != 0}
 	if len(t.GetFiles()) == 0 {
 		return a, nil
 	}
@@ -159,17 +160,23 @@ func headerAt(f io.ReaderAt, off uint64) (*pb.RecordHeader, uint64, error) {
 }
 
 // ReadArchive reads the whole stream from r, checking every record and the
-// trailer's digest, and keeps the compressed chunks in memory. Each file's
-// SHA-256 is checked as it is served.
+// trailer's digest, and keeps the compressed chunks in memory (outside
+// Go's heap, see arena) until Close. Each file's SHA-256 is checked as it
+// is served.
 func ReadArchive(r io.Reader) (*Archive, error) {
 	rd, err := NewReader(r)
 	if err != nil {
 		return nil, err
 	}
 	defer rd.Close()
-	a := &Archive{manifest: rd.Manifest(), files: map[string]*archiveFile{}}
+	mem := &arena{}
+	a := &Archive{manifest: rd.Manifest(), files: map[string]*archiveFile{}, noDigests: !rd.Digests(), mem: mem}
+	// Should a caller forget Close: nothing can use the arena once the
+	// archive is unreachable (its chunks are only reached through it).
+	runtime.AddCleanup(a, func(m *arena) { m.release() }, mem)
 	rd.keep = a
 	if _, err := rd.Next(); !errors.Is(err, io.EOF) {
+		mem.release()
 		if err == nil {
 			err = fmt.Errorf("chunk handed out while archiving: %w", ErrCorrupt)
 		}
@@ -187,17 +194,29 @@ func ReadArchive(r io.Reader) (*Archive, error) {
 	return a, nil
 }
 
-// keepChunk is Reader.Next's CHUNK case for ReadArchive: the payload is
-// kept, compressed, instead of being decoded.
+// keepChunk is Reader.Next's CHUNK case for ReadArchive: the payload,
+// read into the archive's memory, is kept compressed instead of decoded.
 func (a *Archive) keepChunk(name string, h *pb.RecordHeader, payload []byte) {
 	af := a.files[name]
 	if af == nil {
 		af = &archiveFile{}
 		a.files[name] = af
 	}
-	af.chunks = append(af.chunks, archiveChunk{h: h, data: bytes.Clone(payload)})
+	af.chunks = append(af.chunks, archiveChunk{h: h, data: payload})
 	af.size += uint64(h.GetRawLen())
 }
+
+// Close frees the memory of an archive read by ReadArchive; nothing read
+// from it may be used afterwards. A no-op for OpenArchive's.
+func (a *Archive) Close() {
+	if a.mem != nil {
+		a.mem.release()
+	}
+}
+
+// Digests says whether the files are checked against SHA-256 digests (see
+// FlagNoDigests).
+func (a *Archive) Digests() bool { return !a.noDigests }
 
 // ReadFile returns the whole of a small file (the manifest, for example).
 func (a *Archive) ReadFile(name string, limit int64) ([]byte, error) {
@@ -217,6 +236,7 @@ func (a *Archive) ReadFile(name string, limit int64) ([]byte, error) {
 
 type decoded struct {
 	data []byte
+	own  bool // data is a pooled buffer (not the archive's memory): recycle it
 	err  error
 }
 
@@ -249,13 +269,13 @@ func (a *Archive) WriteTo(name string, w io.Writer) (int64, error) {
 				return
 			}
 			go func() {
-				data, err := a.decodeChunk(name, c)
+				data, own, err := a.decodeChunk(name, c)
 				<-sem
-				fut <- decoded{data, err}
+				fut <- decoded{data, own, err}
 			}()
 		}
 	}()
-	sum := sha256.New()
+	sum := newDigest(a.noDigests)
 	var n int64
 	left := len(af.chunks)
 	for fut := range futures {
@@ -270,7 +290,9 @@ func (a *Archive) WriteTo(name string, w io.Writer) (int64, error) {
 		}
 		k, err := w.Write(d.data)
 		n += int64(k)
-		putChunkBuf(d.data)
+		if d.own {
+			putChunkBuf(d.data)
+		}
 		if err != nil {
 			return n, err
 		}
@@ -285,25 +307,31 @@ func (a *Archive) WriteTo(name string, w io.Writer) (int64, error) {
 }
 
 // decodeChunk reads (from src, or memory), checks and decompresses one
-// chunk into a pooled buffer.
-func (a *Archive) decodeChunk(name string, c archiveChunk) ([]byte, error) {
+// chunk into a pooled buffer (own), or returns a raw chunk held in memory
+// as it is (checked when it was read).
+func (a *Archive) decodeChunk(name string, c archiveChunk) (data []byte, own bool, err error) {
 	payload := c.data
 	if a.src != nil {
 		payload = getChunkBuf(int(c.h.GetPayloadLen()))
 		defer putChunkBuf(payload)
 		if _, err := a.src.ReadAt(payload, c.at); err != nil {
-			return nil, fmt.Errorf("reading chunk of %s at byte %d: %w", name, c.at, err)
+			return nil, false, fmt.Errorf("reading chunk of %s at byte %d: %w", name, c.at, err)
 		}
 		if crc(payload) != c.h.GetPayloadCrc32C() {
-			return nil, fmt.Errorf("chunk of %s at byte %d fails its checksum: %w", name, c.at, ErrCorrupt)
+			return nil, false, fmt.Errorf("chunk of %s at byte %d fails its checksum: %w", name, c.at, ErrCorrupt)
 		}
+	} else if c.h.GetCompression() == pb.Compression_COMPRESSION_NONE {
+		if uint32(len(payload)) != c.h.GetRawLen() {
+			return nil, false, fmt.Errorf("chunk of %s: %d bytes stored raw, header says %d: %w", name, len(payload), c.h.GetRawLen(), ErrCorrupt)
+		}
+		return payload, false, nil
 	}
 	out := getChunkBuf(int(c.h.GetRawLen()))
 	switch c.h.GetCompression() {
 	case pb.Compression_COMPRESSION_NONE:
 		if len(payload) != len(out) {
 			putChunkBuf(out)
-			return nil, fmt.Errorf("chunk of %s: %d bytes stored raw, header says %d: %w", name, len(payload), len(out), ErrCorrupt)
+			return nil, false, fmt.Errorf("chunk of %s: %d bytes stored raw, header says %d: %w", name, len(payload), len(out), ErrCorrupt)
 		}
 		copy(out, payload)
 	case pb.Compression_COMPRESSION_ZSTD:
@@ -315,13 +343,13 @@ func (a *Archive) decodeChunk(name string, c archiveChunk) ([]byte, error) {
 			if err == nil {
 				err = fmt.Errorf("%d bytes, header says %d", len(got), len(out))
 			}
-			return nil, fmt.Errorf("chunk of %s: %w: zstd: %w", name, ErrCorrupt, err)
+			return nil, false, fmt.Errorf("chunk of %s: %w: zstd: %w", name, ErrCorrupt, err)
 		}
 	default:
 		putChunkBuf(out)
-		return nil, fmt.Errorf("chunk of %s: compression %d: %w", name, c.h.GetCompression(), ErrCorrupt)
+		return nil, false, fmt.Errorf("chunk of %s: compression %d: %w", name, c.h.GetCompression(), ErrCorrupt)
 	}
-	return out, nil
+	return out, true, nil
 }
 
 var decoders = sync.Pool{New: func() any {
@@ -332,22 +360,15 @@ var decoders = sync.Pool{New: func() any {
 	return d
 }}
 
-// chunkBufs recycles chunk-sized buffers (DefaultChunkSize capacity).
-var chunkBufs sync.Pool
-
+// getChunkBuf returns n bytes, recycled from chunkBufs when n fits.
 func getChunkBuf(n int) []byte {
-	if b, ok := chunkBufs.Get().(*[]byte); ok && cap(*b) >= n {
-		return (*b)[:n]
+	if n <= DefaultChunkSize {
+		return chunkBufs.get()[:n]
 	}
-	return make([]byte, n, max(n, DefaultChunkSize))
+	return make([]byte, n)
 }
 
-func putChunkBuf(b []byte) {
-	if cap(b) == DefaultChunkSize {
-		b = b[:0]
-		chunkBufs.Put(&b)
-	}
-}
+func putChunkBuf(b []byte) { chunkBufs.put(b) }
 
 // Names lists the files of the stream, in name order.
 func (a *Archive) Names() []string {

@@ -29,7 +29,7 @@ func serveAll(a *Archive, files []file) (map[string][]byte, error) {
 }
 
 func TestArchiveServesEveryFile(t *testing.T) {
-	for _, opts := range []WriterOptions{{ChunkSize: 64 << 10}, {ChunkSize: 50000, NoCompress: true}, {}} {
+	for _, opts := range []WriterOptions{{ChunkSize: 64 << 10}, {ChunkSize: 50000, NoCompress: true}, {}, {NoDigests: true}} {
 		files := testFiles(3, 1<<20+12345)
 		data := write(t, files, opts)
 		for kind, open := range openBoth(data) {
@@ -55,6 +55,10 @@ func TestArchiveServesEveryFile(t *testing.T) {
 			if _, err := a.WriteTo("missing.img", &bytes.Buffer{}); err == nil {
 				t.Errorf("%s: a file not in the stream was served", kind)
 			}
+			if a.Digests() == opts.NoDigests {
+				t.Errorf("%s: Digests() = %v for a stream written with NoDigests %v", kind, a.Digests(), opts.NoDigests)
+			}
+			a.Close()
 		}
 	}
 }
@@ -74,7 +78,12 @@ func TestArchiveTruncated(t *testing.T) {
 // serving the file it belongs to: never handed out as good data.
 func TestArchiveFlippedByte(t *testing.T) {
 	files := testFiles(2, 3000)
-	data := write(t, files, WriterOptions{ChunkSize: 1000})
+	for _, opts := range []WriterOptions{{ChunkSize: 1000}, {ChunkSize: 1000, NoDigests: true}} {
+		flipArchive(t, files, write(t, files, opts))
+	}
+}
+
+func flipArchive(t *testing.T, files []file, data []byte) {
 	for i := range data {
 		bad := bytes.Clone(data)
 		bad[i] ^= 0x20
@@ -103,4 +112,34 @@ func TestArchiveFlippedByte(t *testing.T) {
 			}
 		}
 	}
+}
+
+// A stream larger than a few arena blocks is held outside the heap and
+// served back intact; Close gives the blocks back.
+func TestArchiveHeldInArena(t *testing.T) {
+	if testing.Short() {
+		t.Skip("140 MiB stream")
+	}
+	files := testFiles(4, 70<<20)
+	a, err := ReadArchive(bytes.NewReader(write(t, files, WriterOptions{NoCompress: true, NoDigests: true})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(a.mem.blocks); n < 2 {
+		t.Fatalf("%d arena blocks for a 140 MiB stream", n)
+	}
+	got, err := serveAll(a, files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		if !bytes.Equal(got[f.name], f.data) {
+			t.Fatalf("%s served wrong", f.name)
+		}
+	}
+	a.Close()
+	if a.mem.blocks != nil {
+		t.Fatal("Close kept the blocks")
+	}
+	a.Close() // twice is harmless
 }

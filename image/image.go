@@ -7,6 +7,7 @@
 //	+-----------------------------------------------------------------+
 //	| header, 16 bytes                                                |
 //	|   magic "FERRYIMG" | u16 LE version | u16 LE flags | u32 zero   |
+//	|   (flag 1: no SHA-256 digests, CRC-32C only; see FlagNoDigests) |
 //	+-----------------------------------------------------------------+
 //	| record: MANIFEST  (ferry/CRIU versions, kernel, host, CPU, job, |
 //	|                    the walk and the plan, CRIU's options)       |
@@ -38,7 +39,8 @@
 // (ErrRecordTooLarge); a flipped bit in any header, payload, trailer or
 // footer (ErrCorrupt); a stream that ends early, at a record boundary or
 // inside one (ErrTruncated); chunks out of order or overlapping; files
-// whose size or SHA-256 disagree with the trailer.
+// whose size or SHA-256 disagree with the trailer (SHA-256 unless the
+// stream was written with FlagNoDigests).
 package image
 
 import (
@@ -54,7 +56,7 @@ const (
 	HeaderSize    = 16
 	FooterSize    = 20
 	frameSize     = 8 // record length + CRC-32C
-	flagsKnown    = 0
+	flagsKnown    = FlagNoDigests
 	maxHeaderLen  = 64 << 10 // a RecordHeader is tens of bytes
 	maxChunkRaw   = 64 << 20 // raw bytes in one chunk
 	maxPayloadLen = maxChunkRaw + maxChunkRaw/64 + 1<<16
@@ -65,6 +67,15 @@ const (
 	// to keep memory bounded (Concurrency chunks in flight).
 	DefaultChunkSize = 4 << 20
 )
+
+// FlagNoDigests (header flags) marks a stream written without SHA-256:
+// its trailer holds no file or stream digests, and every header and
+// payload is checked by its CRC-32C alone. A migration writes its stream
+// so (WriterOptions.NoDigests): the bytes go straight into a restore over
+// a connection, where hashing them twice would cost more CPU than moving
+// them, and a digest computed by the sender proves nothing against a
+// sender that lies. Checkpoints at rest keep their digests.
+const FlagNoDigests = 1 << 0
 
 // Errors a reader tells apart with errors.Is.
 var (

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	pb "github.com/ferry-cr/ferry/proto"
 )
@@ -110,6 +111,7 @@ func TestRoundTrip(t *testing.T) {
 		{"zstd level 3, one core", WriterOptions{ChunkSize: 100000, Level: 3, Concurrency: 1}},
 		{"none", WriterOptions{ChunkSize: 64 << 10, NoCompress: true}},
 		{"defaults", WriterOptions{}},
+		{"no digests", WriterOptions{NoDigests: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			files := testFiles(1, 1<<20)
@@ -132,9 +134,16 @@ func TestRoundTrip(t *testing.T) {
 			}
 			for i, fi := range tr.GetFiles() {
 				sum := sha256.Sum256(files[i].data)
-				if fi.GetName() != files[i].name || fi.GetSize() != uint64(len(files[i].data)) || !bytes.Equal(fi.GetSha256(), sum[:]) {
+				want := sum[:]
+				if tc.opts.NoDigests {
+					want = nil
+				}
+				if fi.GetName() != files[i].name || fi.GetSize() != uint64(len(files[i].data)) || !bytes.Equal(fi.GetSha256(), want) {
 					t.Errorf("index entry %d: %v", i, fi)
 				}
+			}
+			if rd.Digests() == tc.opts.NoDigests || (len(tr.GetStreamSha256()) == 0) != tc.opts.NoDigests {
+				t.Errorf("digests %v, stream digest %x, written with NoDigests %v", rd.Digests(), tr.GetStreamSha256(), tc.opts.NoDigests)
 			}
 			if !tc.opts.NoCompress && tr.GetStoredBytes() >= tr.GetRawBytes() {
 				t.Errorf("zstd stored %d of %d raw bytes", tr.GetStoredBytes(), tr.GetRawBytes())
@@ -148,6 +157,12 @@ func small(t testing.TB) []byte {
 	return write(t, testFiles(2, 3000), WriterOptions{ChunkSize: 1000})
 }
 
+// smallNoDigests is small without SHA-256: its CRCs alone must catch
+// every damage.
+func smallNoDigests(t testing.TB) []byte {
+	return write(t, testFiles(2, 3000), WriterOptions{ChunkSize: 1000, NoDigests: true})
+}
+
 func TestTruncationAtEveryByte(t *testing.T) {
 	data := small(t)
 	for n := range len(data) {
@@ -159,7 +174,12 @@ func TestTruncationAtEveryByte(t *testing.T) {
 }
 
 func TestFlippedByteEverywhere(t *testing.T) {
-	data := small(t)
+	for _, data := range [][]byte{small(t), smallNoDigests(t)} {
+		flipEverywhere(t, data)
+	}
+}
+
+func flipEverywhere(t *testing.T, data []byte) {
 	for i := range data {
 		bad := bytes.Clone(data)
 		bad[i] ^= 0x20
@@ -255,4 +275,78 @@ func FuzzReader(f *testing.F) {
 			t.Fatalf("accepted %d bytes of file data from %d bytes of input", total, len(data))
 		}
 	})
+}
+
+// warmBuffer is an empty buffer with n bytes of room already faulted in:
+// where first touches of pages are slow (a VM), writing into fresh memory
+// would itself be slower than compressing.
+func warmBuffer(n int) *bytes.Buffer {
+	m := make([]byte, n)
+	for i := 0; i < n; i += 4096 {
+		m[i] = 1
+	}
+	b := bytes.NewBuffer(m)
+	b.Reset()
+	return b
+}
+
+// slowWriter is a link slower than compression.
+type slowWriter struct{ bytes.Buffer }
+
+func (w *slowWriter) Write(p []byte) (int, error) {
+	time.Sleep(2 * time.Millisecond)
+	return w.Buffer.Write(p)
+}
+
+// Adaptive compression sends raw chunks to an output that keeps up and
+// compressed ones to one that lags; either stream reads back whole.
+func TestAdaptiveCompression(t *testing.T) {
+	// Like memory: chunks half random, half text.
+	r := rand.New(rand.NewPCG(5, 7))
+	var text []byte
+	for range 16 << 20 / (64 << 10) {
+		for range 32 << 10 {
+			text = append(text, byte(r.Uint32()))
+		}
+		text = append(text, bytes.Repeat([]byte("ferry carries a process. "), 32<<10/25+1)[:32<<10]...)
+	}
+	for _, tc := range []struct {
+		name string
+		out  interface {
+			io.Writer
+			Bytes() []byte
+		}
+		compressed bool
+	}{
+		{"fast output", warmBuffer(40 << 20), false},
+		{"slow output", &slowWriter{}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w, err := NewWriter(tc.out, &pb.Manifest{Job: "j"}, WriterOptions{ChunkSize: 64 << 10, Concurrency: 1, Adaptive: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			fw, err := w.Create("pages-1.img")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := fw.Write(text); err != nil {
+				t.Fatal(err)
+			}
+			if err := fw.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			ratio := float64(w.StoredBytes()) / float64(w.RawBytes())
+			if tc.compressed != (ratio < 0.7) {
+				t.Errorf("stored %.2f of the raw bytes", ratio)
+			}
+			got, _, err := readAll(tc.out.Bytes())
+			if err != nil || !bytes.Equal(got["pages-1.img"], text) {
+				t.Fatalf("read back %d of %d bytes: %v", len(got["pages-1.img"]), len(text), err)
+			}
+		})
+	}
 }

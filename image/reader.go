@@ -39,6 +39,7 @@ type Reader struct {
 	payload  []byte   // reused by readN
 	data     []byte   // reused by decode
 	keep     *Archive // ReadArchive: keep chunks compressed instead of handing them out
+	flags    uint16   // the header's
 }
 
 type readFile struct {
@@ -66,6 +67,11 @@ func NewReader(r io.Reader) (*Reader, error) {
 	if f := binary.LittleEndian.Uint16(hdr[10:]); f&^flagsKnown != 0 || binary.LittleEndian.Uint32(hdr[12:]) != 0 {
 		return nil, fmt.Errorf("unknown header flags %#x: %w", f, ErrCorrupt)
 	}
+	rd.flags = binary.LittleEndian.Uint16(hdr[10:])
+	if rd.flags&FlagNoDigests != 0 {
+		// The header was hashed already, into nothing that will be checked.
+		rd.digest = nopHash{}
+	}
 	h, payload, err := rd.record()
 	if err != nil {
 		return nil, err
@@ -82,6 +88,10 @@ func NewReader(r io.Reader) (*Reader, error) {
 
 // Manifest is the stream's manifest.
 func (rd *Reader) Manifest() *pb.Manifest { return rd.manifest }
+
+// Digests says whether the stream carries SHA-256 digests (see
+// FlagNoDigests).
+func (rd *Reader) Digests() bool { return rd.flags&FlagNoDigests == 0 }
 
 // Trailer is the stream's index; it is known once Next returned io.EOF.
 func (rd *Reader) Trailer() *pb.Trailer { return rd.trailer }
@@ -163,9 +173,19 @@ func (rd *Reader) record() (*pb.RecordHeader, []byte, error) {
 		return nil, nil, fmt.Errorf("payload of %d bytes at byte %d (limit %d): %w", h.GetPayloadLen(), at, limit, ErrRecordTooLarge)
 	}
 	var payload []byte
-	if h.GetPayloadLen() > 0 {
+	if n := int(h.GetPayloadLen()); n > 0 && rd.keep != nil && h.GetKind() == pb.RecordHeader_CHUNK {
+		// Kept whole: read straight into the archive's memory (which
+		// keepChunk then owns; readN's buffer is reused).
+		payload = rd.keep.mem.alloc(n)
+		if err := rd.read(payload); err != nil {
+			return nil, nil, err
+		}
+		if crc(payload) != h.GetPayloadCrc32C() {
+			return nil, nil, fmt.Errorf("payload at byte %d fails its checksum: %w", at, ErrCorrupt)
+		}
+	} else if n > 0 {
 		var err error
-		if payload, err = rd.readN(int(h.GetPayloadLen())); err != nil {
+		if payload, err = rd.readN(n); err != nil {
 			return nil, nil, err
 		}
 		if crc(payload) != h.GetPayloadCrc32C() {
@@ -190,7 +210,7 @@ func (rd *Reader) Next() (*Chunk, error) {
 			if int(h.GetFile()) != len(rd.files) || len(rd.files) >= maxFiles {
 				return nil, fmt.Errorf("file %d declared out of order at byte %d: %w", h.GetFile(), at, ErrCorrupt)
 			}
-			rd.files = append(rd.files, &readFile{name: h.GetName(), sum: sha256.New(), start: at})
+			rd.files = append(rd.files, &readFile{name: h.GetName(), sum: newDigest(!rd.Digests()), start: at})
 		case pb.RecordHeader_CHUNK:
 			f, err := rd.file(h, at)
 			if err != nil {
@@ -326,12 +346,18 @@ func (rd *Reader) finish(at uint64, digest, payload []byte) error {
 // through the footer at the end) of a stream in a file, checking both
 // records' checksums: enough to describe a checkpoint without reading it.
 func ReadIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, error) {
-	m, t, _, err := readIndex(f)
+	m, t, _, _, err := readIndex(f)
 	return m, t, err
 }
 
-// readIndex is ReadIndex that also returns the trailer record's offset.
-func readIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, uint64, error) {
+// readIndex is ReadIndex that also returns the trailer record's offset
+// and the header's flags.
+func readIndex(f io.ReaderAt) (m *pb.Manifest, t *pb.Trailer, at uint64, flags uint16, err error) {
+	m, t, at, err = readIndexAt(f, &flags)
+	return m, t, at, flags, err
+}
+
+func readIndexAt(f io.ReaderAt, flags *uint16) (*pb.Manifest, *pb.Trailer, uint64, error) {
 	size, err := sizeOf(f)
 	if err != nil {
 		return nil, nil, 0, err
@@ -341,6 +367,7 @@ func readIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, uint64, error) {
 		return nil, nil, 0, err
 	}
 	defer rd.Close()
+	*flags = rd.flags
 	if size < HeaderSize+FooterSize {
 		return nil, nil, 0, ErrTruncated
 	}

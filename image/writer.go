@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"math"
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	gproto "google.golang.org/protobuf/proto"
@@ -25,6 +27,16 @@ type WriterOptions struct {
 	Level       int            // zstd level 1 (fastest, default) to 4 (best)
 	Concurrency int            // chunks compressed at once; default GOMAXPROCS
 	ChunkSize   int            // raw bytes per chunk; default DefaultChunkSize
+	// NoDigests writes the stream without SHA-256 (FlagNoDigests): every
+	// record still carries its CRC-32C.
+	NoDigests bool
+	// Adaptive compresses a chunk only while compressing pays: while the
+	// output (a link) takes bytes more slowly than the compressing
+	// workers together produce them. A link faster than zstd then gets
+	// raw chunks and costs no CPU on either side; a slow one gets them
+	// compressed. Both rates are measured as the stream goes, and each
+	// chunk records its own compression, so readers need nothing new.
+	Adaptive bool
 }
 
 // Writer writes one image stream. Files may be written from several
@@ -38,7 +50,7 @@ type Writer struct {
 	sem   chan struct{}
 	done  chan error
 
-	bufs    sync.Pool
+	bufs    *bufList
 	mu      sync.Mutex
 	files   []*FileWriter
 	closed  bool
@@ -47,6 +59,33 @@ type Writer struct {
 	stored  uint64 // likewise
 	raw     atomic.Uint64
 	digest  hash.Hash
+	outRate rate // bytes per second the output takes (Adaptive)
+	zipRate rate // raw bytes per second one worker compresses (Adaptive)
+}
+
+// rate is a moving average of a throughput, safe for concurrent use.
+type rate struct{ bits atomic.Uint64 }
+
+func (r *rate) get() float64 { return math.Float64frombits(r.bits.Load()) }
+
+// add folds in n bytes that took d.
+func (r *rate) add(n int, d time.Duration) {
+	if n <= 0 || d <= 0 {
+		return
+	}
+	v := float64(n) / d.Seconds()
+	for {
+		old := r.bits.Load()
+		avg := math.Float64frombits(old)
+		if avg > 0 {
+			avg += (v - avg) / 4
+		} else {
+			avg = v
+		}
+		if r.bits.CompareAndSwap(old, math.Float64bits(avg)) {
+			return
+		}
+	}
 }
 
 // pending is one record on its way to the stream.
@@ -83,7 +122,11 @@ func NewWriter(w io.Writer, m *pb.Manifest, opts WriterOptions) (*Writer, error)
 		queue:  make(chan *pending, 2*opts.Concurrency),
 		sem:    make(chan struct{}, opts.Concurrency),
 		done:   make(chan error, 1),
-		digest: sha256.New(),
+		digest: newDigest(opts.NoDigests),
+		bufs:   chunkBufs,
+	}
+	if opts.ChunkSize != DefaultChunkSize {
+		wr.bufs = newBufList(opts.ChunkSize, 2*opts.Concurrency+2)
 	}
 	if opts.Compression == pb.Compression_COMPRESSION_ZSTD {
 		level := zstd.SpeedFastest
@@ -99,7 +142,11 @@ func NewWriter(w io.Writer, m *pb.Manifest, opts WriterOptions) (*Writer, error)
 	var hdr [HeaderSize]byte
 	copy(hdr[:], Magic)
 	binary.LittleEndian.PutUint16(hdr[8:], Version)
-	binary.LittleEndian.PutUint16(hdr[10:], flagsKnown)
+	var flags uint16
+	if opts.NoDigests {
+		flags |= FlagNoDigests
+	}
+	binary.LittleEndian.PutUint16(hdr[10:], flags)
 	if err := wr.emit(hdr[:]); err != nil {
 		return nil, err
 	}
@@ -123,17 +170,30 @@ func NewWriter(w io.Writer, m *pb.Manifest, opts WriterOptions) (*Writer, error)
 
 // emit writes b, counting and hashing it.
 func (wr *Writer) emit(b []byte) error {
+	_, err := wr.emitTimed(b)
+	return err
+}
+
+// emitTimed is emit that also says how long the output took.
+func (wr *Writer) emitTimed(b []byte) (time.Duration, error) {
+	t := time.Now()
 	if _, err := wr.out.Write(b); err != nil {
-		return fmt.Errorf("writing image: %w", err)
+		return 0, fmt.Errorf("writing image: %w", err)
 	}
+	took := time.Since(t)
 	wr.digest.Write(b)
 	wr.written += uint64(len(b))
-	return nil
+	return took, nil
 }
 
 // drain writes records in submission order as they become ready.
 func (wr *Writer) drain() {
 	var err error
+	// The output's rate is sampled over several payloads: one small (well
+	// compressed) payload alone would time mostly the call's overhead.
+	const sampleBytes, samplePayloads = 256 << 10, 8
+	var sampled, payloads int
+	var took time.Duration
 	for p := range wr.queue {
 		<-p.ready
 		if err != nil {
@@ -149,7 +209,13 @@ func (wr *Writer) drain() {
 		wr.stored += p.stored
 		err = wr.emit(p.record)
 		if err == nil && len(p.payload) > 0 {
-			err = wr.emit(p.payload)
+			var d time.Duration
+			d, err = wr.emitTimed(p.payload)
+			sampled, took, payloads = sampled+len(p.payload), took+d, payloads+1
+			if sampled >= sampleBytes || payloads >= samplePayloads {
+				wr.outRate.add(sampled, took)
+				sampled, took, payloads = 0, 0, 0
+			}
 		}
 		if p.recycle != nil {
 			p.recycle()
@@ -231,7 +297,7 @@ func (wr *Writer) Create(name string) (*FileWriter, error) {
 	if n >= maxFiles {
 		return nil, fmt.Errorf("more than %d files: %w", maxFiles, ErrRecordTooLarge)
 	}
-	fw := &FileWriter{wr: wr, name: name, sum: sha256.New()}
+	fw := &FileWriter{wr: wr, name: name, sum: newDigest(wr.opts.NoDigests)}
 	wr.mu.Lock()
 	fw.index = uint32(len(wr.files))
 	wr.files = append(wr.files, fw)
@@ -300,17 +366,16 @@ func (fw *FileWriter) ReadFrom(r io.Reader) (int64, error) {
 
 // getBuf and putBuf recycle chunk buffers: a checkpoint moves gigabytes
 // through a handful of them.
-func (wr *Writer) getBuf() []byte {
-	if b, ok := wr.bufs.Get().(*[]byte); ok {
-		return (*b)[:0]
-	}
-	return make([]byte, 0, wr.opts.ChunkSize)
-}
+func (wr *Writer) getBuf() []byte { return wr.bufs.get() }
 
-func (wr *Writer) putBuf(b []byte) {
-	if cap(b) == wr.opts.ChunkSize {
-		wr.bufs.Put(&b)
+func (wr *Writer) putBuf(b []byte) { wr.bufs.put(b) }
+
+// newDigest is SHA-256, or nothing for a stream without digests.
+func newDigest(none bool) hash.Hash {
+	if none {
+		return nopHash{}
 	}
+	return sha256.New()
 }
 
 // flush submits the buffered bytes as one chunk.
@@ -330,9 +395,14 @@ func (fw *FileWriter) flush() error {
 		h := &pb.RecordHeader{Kind: pb.RecordHeader_CHUNK, File: fw.index, Offset: offset, RawLen: uint32(len(data)), Compression: wr.opts.Compression}
 		payload := data
 		p.recycle = func() { wr.putBuf(data) }
-		if wr.enc != nil {
+		if wr.enc != nil && wr.opts.Adaptive && !wr.compressing() {
+			h.Compression = pb.Compression_COMPRESSION_NONE
+		} else if wr.enc != nil {
 			out := wr.getBuf()
-			if enc := wr.enc.EncodeAll(data, out); len(enc) < len(data) {
+			t := time.Now()
+			enc := wr.enc.EncodeAll(data, out)
+			wr.zipRate.add(len(data), time.Since(t))
+			if len(enc) < len(data) {
 				payload = enc
 				wr.putBuf(data) // done with the raw bytes
 				p.recycle = func() { wr.putBuf(out) }
@@ -347,6 +417,19 @@ func (fw *FileWriter) flush() error {
 		p.payload = payload
 		p.record, p.err = frameHead(h, payload)
 	})
+}
+
+// compressing says whether the next chunk should be compressed
+// (Adaptive): while the rates are unknown, yes (the link may be slow);
+// then only while the workers together compress faster than the output
+// takes bytes. Were the output the faster, compressing would make the
+// workers the bottleneck; raw chunks go at the output's pace.
+func (wr *Writer) compressing() bool {
+	out, zip := wr.outRate.get(), wr.zipRate.get()
+	if out == 0 || zip == 0 {
+		return true
+	}
+	return zip*float64(wr.opts.Concurrency) > out
 }
 
 // Close submits the last chunk and the file's end.

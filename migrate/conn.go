@@ -11,8 +11,10 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	gproto "google.golang.org/protobuf/proto"
 
 	pb "github.com/ferry-cr/ferry/proto"
@@ -42,26 +44,86 @@ var ErrRefused = errors.New("destination refused the job")
 // conn frames Envelopes over a byte stream (TCP today; a tls.Conn fits
 // the same net.Conn).
 type conn struct {
-	c  net.Conn
-	r  *bufio.Reader
-	rx int64 // bytes received
-	tx int64 // bytes sent
+	c    net.Conn
+	r    *bufio.Reader
+	rx   int64 // bytes received
+	tx   int64 // bytes sent
+	mu   sync.Mutex
+	wbuf []byte // reused by send: a migration sends gigabytes a MiB at a time
+	rbuf []byte // reused by recv (Unmarshal copies what it keeps)
 }
 
 func newConn(c net.Conn) *conn { return &conn{c: c, r: bufio.NewReaderSize(c, 256<<10)} }
 
 func (c *conn) send(m *pb.Envelope, d time.Duration) error {
-	b, err := gproto.Marshal(m)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b, err := gproto.MarshalOptions{}.MarshalAppend(append(c.wbuf[:0], 0, 0, 0, 0), m)
 	if err != nil {
 		return err
 	}
+	if cap(b) <= maxMessage+4 {
+		c.wbuf = b
+	}
+	binary.LittleEndian.PutUint32(b, uint32(len(b)-4))
 	_ = c.c.SetWriteDeadline(time.Now().Add(d))
-	frame := binary.LittleEndian.AppendUint32(make([]byte, 0, 4+len(b)), uint32(len(b)))
-	n, err := c.c.Write(append(frame, b...))
+	n, err := c.c.Write(b)
 	c.tx += int64(n)
 	return err
 }
 
+// Data messages carry the image stream, gigabytes of it, so they skip
+// protobuf's copies: sendData writes the envelope's few header bytes and
+// the payload in one writev, and recv hands out a Data message's bytes
+// straight from its buffer. The bytes on the wire are exactly what
+// proto.Marshal of the same Envelope makes.
+const (
+	tagEnvelopeData = 5<<3 | 2 // Envelope.data, length-delimited
+	tagDataBytes    = 1<<3 | 2 // Data.bytes, length-delimited
+)
+
+// sendData sends p as one Data message.
+func (c *conn) sendData(p []byte, d time.Duration) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	inner := 1 + protowire.SizeVarint(uint64(len(p))) + len(p)
+	size := 1 + protowire.SizeVarint(uint64(inner)) + inner
+	h := binary.LittleEndian.AppendUint32(c.wbuf[:0], uint32(size))
+	h = append(h, tagEnvelopeData)
+	h = protowire.AppendVarint(h, uint64(inner))
+	h = append(h, tagDataBytes)
+	h = protowire.AppendVarint(h, uint64(len(p)))
+	c.wbuf = h
+	_ = c.c.SetWriteDeadline(time.Now().Add(d))
+	bufs := net.Buffers{h, p}
+	n, err := bufs.WriteTo(c.c)
+	c.tx += n
+	return err
+}
+
+// dataBytes returns the payload of b when b is a Data envelope as
+// sendData (or proto.Marshal) writes it.
+func dataBytes(b []byte) ([]byte, bool) {
+	if len(b) == 0 || b[0] != tagEnvelopeData {
+		return nil, false
+	}
+	inner, n := protowire.ConsumeVarint(b[1:])
+	if n < 0 || uint64(len(b)-1-n) != inner {
+		return nil, false
+	}
+	b = b[1+n:]
+	if len(b) == 0 || b[0] != tagDataBytes {
+		return nil, false
+	}
+	l, n := protowire.ConsumeVarint(b[1:])
+	if n < 0 || uint64(len(b)-1-n) != l {
+		return nil, false
+	}
+	return b[1+n:], true
+}
+
+// recv reads one Envelope. A Data message's bytes alias the connection's
+// buffer: they are valid until the next recv.
 func (c *conn) recv(d time.Duration) (*pb.Envelope, error) {
 	_ = c.c.SetReadDeadline(time.Now().Add(d))
 	var hdr [4]byte
@@ -72,11 +134,17 @@ func (c *conn) recv(d time.Duration) (*pb.Envelope, error) {
 	if n > maxMessage {
 		return nil, fmt.Errorf("peer sent a message of %d bytes (limit %d)", n, maxMessage)
 	}
-	b := make([]byte, n)
+	if cap(c.rbuf) < int(n) {
+		c.rbuf = make([]byte, n)
+	}
+	b := c.rbuf[:n]
 	if _, err := io.ReadFull(c.r, b); err != nil {
 		return nil, err
 	}
 	c.rx += int64(4 + n)
+	if data, ok := dataBytes(b); ok {
+		return &pb.Envelope{Msg: &pb.Envelope_Data{Data: &pb.Data{Bytes: data}}}, nil
+	}
 	m := &pb.Envelope{}
 	if err := gproto.Unmarshal(b, m); err != nil {
 		return nil, fmt.Errorf("bad message from peer: %w", err)
@@ -106,7 +174,7 @@ func (w *dataWriter) Write(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
 		k := min(len(p), dataChunk)
-		if err := w.c.send(&pb.Envelope{Msg: &pb.Envelope_Data{Data: &pb.Data{Bytes: p[:k]}}}, dataTimeout); err != nil {
+		if err := w.c.sendData(p[:k], dataTimeout); err != nil {
 			return written, fmt.Errorf("sending to the destination: %w", err)
 		}
 		written += k

@@ -117,6 +117,10 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	dopts := opts.Dump
 	dopts.Output, dopts.Stream, dopts.StreamTo, dopts.LeaveRunning = "-", true, dw, false
 	dopts.EndReason = "migrated"
+	// The stream goes straight into the destination's restore: every
+	// record's CRC-32C guards it on the way, and SHA-256 digests would
+	// cost more CPU than the transfer (see image.FlagNoDigests).
+	dopts.Image.NoDigests = true
 	var pc *postCopySource
 	if dec.Mode == ModePostCopy {
 		if pc, err = openPageLink(ctx, opts, c, m.GetAnswer().GetSession(), start, rep, log); err != nil {

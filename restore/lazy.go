@@ -29,6 +29,7 @@ func Unpack(r io.Reader, dir string) (*checkpoint.Manifest, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer a.Close()
 	for _, name := range a.Names() {
 		if name != filepath.Base(name) || name == "." || name == ".." {
 			return nil, fmt.Errorf("image stream names a file %q outside its directory: %w", name, image.ErrCorrupt)

@@ -8,6 +8,7 @@
 package restore
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -141,11 +142,14 @@ func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string
 // image.Archive). A chunk that fails its check cuts CRIU's pipe, which
 // fails the restore, and the shim leaves nothing behind.
 func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+	t0 := time.Now()
 	a, from, closeSrc, err := openArchive(opts)
 	if err != nil {
 		return nil, err
 	}
 	defer closeSrc()
+	log := cmp.Or(opts.Logger, slog.Default())
+	log.Debug("checkpoint indexed", "from", from, "bytes", a.Trailer().GetStoredBytes(), "took", time.Since(t0))
 	raw, err := a.ReadFile(checkpoint.ManifestFile, maxManifest)
 	if err != nil {
 		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
@@ -195,7 +199,9 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 			}, true
 		})
 	}()
+	t1 := time.Now()
 	rec, err := start(ctx, s, m, dir, opts)
+	log.Debug("restore ended", "err", err, "took", time.Since(t1))
 	srv.Close()
 	if serr := <-served; serr != nil && err != nil {
 		// The stream's fault is the one to report: CRIU failed because
@@ -212,7 +218,7 @@ func openArchive(opts Options) (*image.Archive, string, func(), error) {
 		if err != nil {
 			return nil, "", nil, fmt.Errorf("reading checkpoint from standard input: %w", err)
 		}
-		return a, "standard input", func() {}, nil
+		return a, "standard input", a.Close, nil
 	}
 	f, err := os.Open(opts.Checkpoint)
 	if err != nil {

@@ -101,6 +101,7 @@ page has arrived, and resumes only if the destination drops its copy.
 		&cli.BoolFlag{Name: "tcp-established", Usage: "carry established TCP connections (move the address to the destination)"},
 		&cli.BoolFlag{Name: "file-locks", Usage: "carry file locks"},
 		&cli.BoolFlag{Name: "ext-unix-sk", Usage: "allow unix sockets connected outside the tree"},
+		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "auto (zstd only while the link is slower than compressing), zstd, or none"},
 		&cli.IntFlag{Name: "level", Value: 1, Usage: "zstd level, 1 (fastest) to 4"},
 		&cli.DurationFlag{Name: "timeout", Usage: "give up (the job keeps running here) after this long"},
 		&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
@@ -114,6 +115,16 @@ page has arrived, and resumes only if the destination drops its copy.
 		mode, err := migrate.ParseMode(c.String("mode"))
 		if err != nil {
 			return usageError{err}
+		}
+		img := image.WriterOptions{Level: c.Int("level")}
+		switch c.String("compress") {
+		case "auto":
+			img.Adaptive = true
+		case "zstd":
+		case "none":
+			img.NoCompress = true
+		default:
+			return usageError{fmt.Errorf("unknown --compress %q (auto, zstd or none)", c.String("compress"))}
 		}
 		token, err := migrate.ReadToken(c.String("token-file"))
 		if err != nil {
@@ -141,7 +152,7 @@ page has arrived, and resumes only if the destination drops its copy.
 				Criu: bin, FerryVersion: versionString(), Logger: slog.Default(),
 				LogDir: filepath.Join(s.Root, "logs"), CgroupRoot: c.String("cgroup-root"), CriuLogLevel: criuLogLevel(c),
 				TCPEstablished: c.Bool("tcp-established"), FileLocks: c.Bool("file-locks"), ExtUnixSk: c.Bool("ext-unix-sk"),
-				Image: image.WriterOptions{Level: c.Int("level")}, Progress: meter,
+				Image: img, Progress: meter,
 			},
 		})
 		meter.Done(err)
