@@ -527,6 +527,16 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	spool := opts.LeaveRunning && scratchDir(inv.Memory.RSS, "", false) == shmDir
 	streaming := opts.Stream && !spool && !postCopy && opts.Store == nil && opts.Criu.HasStream(ctx)
 	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming)
+	// The init binary's identity (a SHA-256 of ferry's binary, tens of
+	// milliseconds) is taken while the job still runs.
+	var initExe *checkpoint.Executable
+	if !t.foreign {
+		if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", t.root)); err == nil {
+			if initExe, err = checkpoint.Identify(exe); err != nil {
+				return nil, fmt.Errorf("identifying the job's init binary: %w", err)
+			}
+		}
+	}
 	freezeStart := time.Now()
 	opts.Progress.SetPhase("freezing")
 	if preFreeze {
@@ -668,14 +678,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			MemoryBytes:    res.Memory,
 		}
 		m.Host, _ = os.Hostname()
-		if !t.foreign {
-			exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", t.root))
-			if err == nil {
-				if m.Init, err = checkpoint.Identify(exe); err != nil {
-					return fmt.Errorf("identifying the job's init binary: %w", err)
-				}
-			}
-		}
+		m.Init = initExe
 		m.Inventory, _ = json.Marshal(inv)
 		m.Plan, _ = json.Marshal(plan)
 		if res.CriuStats != nil {
@@ -729,6 +732,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		defer release()
 		lazy, err = criu.Command{Path: opts.Criu.Path, ExtraFiles: []*os.File{opts.PostCopy.Pages},
 			Args: append(cliArgs(copts, tmp, t.workDir, false), "--lazy-pages", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0))))}.StartReady(ctx)
+		log.Debug("lazy dump ready", "job", t.name, "err", err, "since freeze", time.Since(freezeStart))
 		if lazy != nil {
 			// Whatever happens next, CRIU stops serving (a closed link
 			// fails its page server, and with it the destination's

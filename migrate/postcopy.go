@@ -408,17 +408,21 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		return err
 	}
 	defer os.RemoveAll(dir)
+	t0 := time.Now()
 	if _, err := restore.Unpack(&dataReader{c: c}, dir); err != nil {
 		c.abort("receiving the checkpoint failed on the destination: " + err.Error())
 		return fmt.Errorf("receiving: %w", err)
 	}
+	log.Debug("lazy checkpoint received", "took", time.Since(t0))
 	rl, err := newRelay(link)
 	if err != nil {
 		c.abort(err.Error())
 		return err
 	}
 	defer rl.close()
+	t0 = time.Now()
 	daemon, err := restore.StartLazyPages(ctx, sv.Restore.Criu, dir, rl.addr())
+	log.Debug("lazy-pages daemon started", "err", err, "took", time.Since(t0))
 	if err != nil {
 		c.abort("starting lazy pages on the destination failed: " + err.Error())
 		return fmt.Errorf("starting lazy pages: %w", err)

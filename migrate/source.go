@@ -135,6 +135,7 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		if err := dw.close(); err != nil {
 			return fmt.Errorf("sending the checkpoint: %w", err)
 		}
+		log.Debug("checkpoint sent", "job", name, "bytes", dw.n, "since start", time.Since(start))
 		m, err := c.recv(restoreTimeout)
 		if err != nil {
 			return fmt.Errorf("waiting for the destination to restore: %w", err)
@@ -144,6 +145,7 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 			return fmt.Errorf("destination answered %T instead of restored", m.GetMsg())
 		}
 		rep.RemoteName = r.GetName()
+		log.Debug("destination restored", "job", name, "since start", time.Since(start))
 		return nil
 	}
 	res, err := dump.Job(ctx, s, name, dopts)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
@@ -239,7 +240,7 @@ func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	r := req.Record
-	return run(ctx, r.RestoreCriu, r.RestoreFrom, req.WorkDir, runFlags{stopped: r.RestoreStopped, lazy: r.RestoreLazy}, req.Output, req.Cgroup.AddProc)
+	return run(ctx, r.RestoreCriu, r.RestoreFrom, req.WorkDir, runFlags{stopped: r.RestoreStopped, lazy: r.RestoreLazy}, req.Output, req.Cgroup)
 }
 
 // InitRestorer is the job.InitRestorer ferry's init uses for foreign
@@ -251,7 +252,9 @@ func InitRestorer(ctx context.Context, req job.InitRestoreRequest) (int, error) 
 // run has CRIU restore the checkpoint in dir (a directory of images, or
 // a served one whose images stream from a ferry process) as a sibling of
 // itself, that is a child of the caller, and returns the root's pid.
-func run(ctx context.Context, criuPath, dir, workDir string, flags runFlags, output *os.File, started func(int) error) (int, error) {
+// run restores dir with the criu command line; the tree starts in cg
+// (when not nil) because CRIU does.
+func run(ctx context.Context, criuPath, dir, workDir string, flags runFlags, output *os.File, cg *cgroup.Cgroup) (int, error) {
 	served := isServed(dir)
 	load := checkpoint.Load
 	if served {
@@ -314,13 +317,15 @@ func run(ctx context.Context, criuPath, dir, workDir string, flags runFlags, out
 		defer ns.Close()
 		inherit(checkpoint.PidNSKey, ns)
 	}
-	err = criu.Command{
-		Path:       criuPath,
-		Args:       args,
-		ExtraFiles: extra,
-		// Restored tasks are forked by CRIU and so start in CRIU's cgroup.
-		Started: started,
-	}.Run(ctx)
+	cmd := criu.Command{Path: criuPath, Args: args, ExtraFiles: extra}
+	// Restored tasks are forked by CRIU and so start in CRIU's cgroup.
+	switch {
+	case cg != nil && cg.Version == 2:
+		cmd.Cgroup = cg.Path
+	case cg != nil:
+		cmd.Started = cg.AddProc
+	}
+	err = cmd.Run(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("restoring %s: %w", dir, criu.Explain(err, filepath.Join(criuWork, "restore.log")))
 	}

@@ -65,7 +65,10 @@ func ShimMain(root, name string, restorer Restorer) int {
 		initPID, outR, err = startInit(s, rec, log)
 	}
 	if err == nil && rec.RestoreStopped {
-		if err = holdFrozen(rec); err != nil {
+		t := time.Now()
+		err = holdFrozen(rec)
+		log.Debug("held frozen", "err", err, "took", time.Since(t))
+		if err != nil {
 			_ = unix.Kill(initPID, unix.SIGKILL)
 			var ws unix.WaitStatus
 			_, _ = wait4(initPID, &ws)
@@ -227,7 +230,9 @@ func restoreInit(s *Store, rec *Record, restorer Restorer, log *slog.Logger) (in
 		return 0, nil, err
 	}
 	defer outW.Close()
+	t := time.Now()
 	pid, err := restorer(context.Background(), RestoreRequest{Record: rec, Cgroup: cg, Output: outW, WorkDir: s.Dir(rec.Name), Log: log})
+	log.Debug("restorer returned", "err", err, "took", time.Since(t))
 	if err != nil {
 		outR.Close()
 		return 0, nil, err

@@ -131,9 +131,11 @@ func launch(ctx context.Context, s *Store, rec *Record, old *Record, cgroupRoot 
 	}); err != nil {
 		return nil, err
 	}
+	t := time.Now()
 	if err := spawnShim(ctx, s, rec.Name, log); err != nil {
 		return nil, err
 	}
+	log.Debug("shim reported", "job", rec.Name, "took", time.Since(t))
 	return s.Load(rec.Name)
 }
 
