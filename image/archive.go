@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"runtime"
 	"slices"
 	"sync"
+	"syscall"
 
 	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
 	gproto "google.golang.org/protobuf/proto"
 
 	pb "github.com/ferry-cr/ferry/proto"
@@ -245,6 +248,70 @@ type decoded struct {
 // by that window. The last chunk is written only once the file's SHA-256
 // matches the trailer's.
 func (a *Archive) WriteTo(name string, w io.Writer) (int64, error) {
+	return a.writeTo(name, func(b []byte, _ bool) (int, error) { return w.Write(b) })
+}
+
+// SpliceTo is WriteTo into a pipe: raw chunks held in memory (ReadArchive)
+// go in with vmsplice, by reference, not copied: the pipe takes its own
+// references to their pages, and they do not change until Close. Where a
+// process reads its images from a pipe (CRIU's restore), the pipe's lock
+// is then held only to link pages, not to copy them, so the reader is
+// not kept waiting. Other chunks are written. count, when not nil, hears
+// of every byte.
+func (a *Archive) SpliceTo(name string, pipe *os.File, count func(int64)) (int64, error) {
+	rc, err := pipe.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	return a.writeTo(name, func(b []byte, held bool) (int, error) {
+		var n int
+		var err error
+		if held {
+			n, err = vmsplice(rc, b)
+		} else {
+			n, err = pipe.Write(b)
+		}
+		if count != nil {
+			count(int64(n))
+		}
+		return n, err
+	})
+}
+
+// vmsplice hands b to the pipe behind rc without copying it.
+func vmsplice(rc syscall.RawConn, b []byte) (int, error) {
+	n := 0
+	var serr error
+	err := rc.Write(func(fd uintptr) bool {
+		for n < len(b) {
+			iov := unix.Iovec{Base: &b[n]}
+			iov.SetLen(len(b) - n)
+			k, err := unix.Vmsplice(int(fd), []unix.Iovec{iov}, 0)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return false // a non-blocking pipe is full: wait
+			case err != nil:
+				serr = err
+				return true
+			}
+			n += k
+		}
+		return true
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		return n, &os.PathError{Op: "vmsplice", Path: "pipe", Err: err}
+	}
+	return n, nil
+}
+
+// writeTo is WriteTo and SpliceTo: write gets each piece in order, with
+// held set for memory that stays unchanged until Close.
+func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, error)) (int64, error) {
 	af, ok := a.files[name]
 	if !ok {
 		return 0, fmt.Errorf("%s is not in the checkpoint", name)
@@ -288,7 +355,7 @@ func (a *Archive) WriteTo(name string, w io.Writer) (int64, error) {
 		if left == 0 && !bytes.Equal(sum.Sum(nil), af.index.GetSha256()) {
 			return n, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
 		}
-		k, err := w.Write(d.data)
+		k, err := write(d.data, !d.own && a.src == nil)
 		n += int64(k)
 		if d.own {
 			putChunkBuf(d.data)

@@ -3,6 +3,9 @@ package image
 import (
 	"bytes"
 	"errors"
+	"io"
+	"os"
+	"sync/atomic"
 	"testing"
 )
 
@@ -142,4 +145,39 @@ func TestArchiveHeldInArena(t *testing.T) {
 		t.Fatal("Close kept the blocks")
 	}
 	a.Close() // twice is harmless
+}
+
+// SpliceTo delivers every file through a pipe, raw held chunks by
+// vmsplice and the rest by write, and counts every byte.
+func TestArchiveSpliceTo(t *testing.T) {
+	files := testFiles(6, 3<<20+777)
+	data := write(t, files, WriterOptions{ChunkSize: 256 << 10, NoDigests: true, Adaptive: true})
+	for kind, open := range openBoth(data) {
+		a, err := open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var counted atomic.Int64
+			done := make(chan error, 1)
+			go func() {
+				_, err := a.SpliceTo(f.name, w, func(n int64) { counted.Add(n) })
+				w.Close()
+				done <- err
+			}()
+			got, rerr := io.ReadAll(r)
+			r.Close()
+			if err := <-done; err != nil || rerr != nil {
+				t.Fatalf("%s: %s: %v, %v", kind, f.name, err, rerr)
+			}
+			if !bytes.Equal(got, f.data) || counted.Load() != int64(len(f.data)) {
+				t.Fatalf("%s: %s: %d bytes through the pipe (%d counted), want %d", kind, f.name, len(got), counted.Load(), len(f.data))
+			}
+		}
+		a.Close()
+	}
 }

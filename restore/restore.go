@@ -195,6 +195,10 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 				return nil, false
 			}
 			return func(w io.Writer) error {
+				if pipe, ok := w.(*os.File); ok {
+					_, err := a.SpliceTo(name, pipe, opts.Progress.Add)
+					return err
+				}
 				_, err := a.WriteTo(name, opts.Progress.Writer(w))
 				return err
 			}, true
