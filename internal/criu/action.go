@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -72,8 +73,16 @@ func ActionHookMain() {
 type Actions struct {
 	ln   *net.UnixListener
 	path string
+	dir  string
 	wg   sync.WaitGroup
 }
+
+// ActionScript is the script CRIU runs, in the images directory: it
+// passes every action but post-dump at once and runs ferry for that one.
+// CRIU runs its action script at each point, pre-dump included, which
+// comes after the freeze: a shell that exits costs a few milliseconds
+// where starting ferry costs tens, and they are the job's downtime.
+const ActionScript = "ferry-action.sh"
 
 // ListenActions listens on dir's action socket.
 func ListenActions(dir string) (*Actions, error) {
@@ -81,17 +90,27 @@ func ListenActions(dir string) (*Actions, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Actions{ln: ln, path: ln.Addr().String()}, nil
+	return &Actions{ln: ln, path: ln.Addr().String(), dir: dir}, nil
 }
 
-// HookArgs are the criu arguments and environment that install the hook.
+// HookArgs are the criu arguments and environment that install the hook
+// (and write its script).
 func (a *Actions) HookArgs() (args, env []string, err error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, nil, fmt.Errorf("finding ferry's own binary for criu's action hook: %w", err)
 	}
-	return []string{"--action-script", self}, []string{ActionSocketEnv + "=" + a.path}, nil
+	script := filepath.Join(a.dir, ActionScript)
+	body := fmt.Sprintf("#!/bin/sh\n# ferry's CRIU action hook: only post-dump needs ferry.\n[ \"$%s\" = post-dump ] || exit 0\nexec %s\n",
+		actionEnv, shellQuote(self))
+	if err := os.WriteFile(script, []byte(body), 0o700); err != nil {
+		return nil, nil, fmt.Errorf("writing criu's action script: %w", err)
+	}
+	return []string{"--action-script", script}, []string{ActionSocketEnv + "=" + a.path}, nil
 }
+
+// shellQuote quotes s for sh.
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
 // Serve answers every action with handle's verdict (nil is "go on") until
 // ctx ends or Close.

@@ -136,8 +136,8 @@ func reply(conn *net.UnixConn, exists bool) error {
 }
 
 // growPipe enlarges CRIU's pipe to the most an unprivileged process may
-// (fs.pipe-max-size): CRIU reads images with read(), and a 64 KiB pipe
-// makes that a context switch per 64 KiB.
+// (fs.pipe-max-size): CRIU reads and writes images in pieces of what the
+// pipe holds, and a 64 KiB pipe makes that a context switch per 64 KiB.
 func growPipe(pipe *os.File) {
 	size := 1 << 20
 	if b, err := os.ReadFile("/proc/sys/fs/pipe-max-size"); err == nil {

@@ -125,6 +125,9 @@ func (c *Capture) serve(ctx context.Context, create func(name string) (io.WriteC
 			fail(err)
 			break
 		}
+		// CRIU splices pages into the pipe: at the default 64 KiB that
+		// is a round trip between CRIU and us every 16 pages.
+		growPipe(pipe)
 		wg.Go(func() {
 			defer pipe.Close()
 			n, err := io.Copy(w, pipe)
