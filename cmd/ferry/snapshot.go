@@ -331,6 +331,9 @@ func restoreFromStore(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if _, err := periodicPolicy(c, s, "restore"); err != nil {
+		return err // a bad --checkpoint-every before anything is read
+	}
 	st, dir, err := openStore(c, s)
 	if err != nil {
 		return err
