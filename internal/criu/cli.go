@@ -156,11 +156,7 @@ func (c Command) start(ctx context.Context) (*running, error) {
 	cmd := exec.CommandContext(ctx, self, append([]string{GateArg, c.Path}, c.Args...)...)
 	cmd.ExtraFiles = append([]*os.File{gateR}, c.ExtraFiles...)
 	cmd.WaitDelay = 5 * time.Second
-	r := &running{cmd: cmd, stderr: &strings.Builder{}, verb: "criu"}
-	if len(c.Args) > 0 {
-		r.verb += " " + c.Args[0]
-	}
-	cmd.Stderr = r.stderr
+	r := c.running(cmd)
 	err = cmd.Start()
 	gateR.Close()
 	if err != nil {
@@ -200,15 +196,22 @@ func (c Command) startDirect(ctx context.Context) (*running, error) {
 		defer cg.Close()
 		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	}
+	r := c.running(cmd)
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting criu: %w", err)
+	}
+	return r, nil
+}
+
+// running prepares cmd, which runs c, to be waited for: its stderr is
+// kept to explain a failure.
+func (c Command) running(cmd *exec.Cmd) *running {
 	r := &running{cmd: cmd, stderr: &strings.Builder{}, verb: "criu"}
 	if len(c.Args) > 0 {
 		r.verb += " " + c.Args[0]
 	}
 	cmd.Stderr = r.stderr
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting criu: %w", err)
-	}
-	return r, nil
+	return r
 }
 
 // wait waits for CRIU and explains its failure.
