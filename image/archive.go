@@ -355,7 +355,7 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 		if left == 0 && !bytes.Equal(sum.Sum(nil), af.index.GetSha256()) {
 			return n, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
 		}
-		k, err := write(d.data, !d.own && a.src == nil)
+		k, err := write(d.data, !d.own)
 		n += int64(k)
 		if d.own {
 			putChunkBuf(d.data)

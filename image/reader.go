@@ -173,19 +173,17 @@ func (rd *Reader) record() (*pb.RecordHeader, []byte, error) {
 		return nil, nil, fmt.Errorf("payload of %d bytes at byte %d (limit %d): %w", h.GetPayloadLen(), at, limit, ErrRecordTooLarge)
 	}
 	var payload []byte
-	if n := int(h.GetPayloadLen()); n > 0 && rd.keep != nil && h.GetKind() == pb.RecordHeader_CHUNK {
-		// Kept whole: read straight into the archive's memory (which
-		// keepChunk then owns; readN's buffer is reused).
-		payload = rd.keep.mem.alloc(n)
-		if err := rd.read(payload); err != nil {
-			return nil, nil, err
-		}
-		if crc(payload) != h.GetPayloadCrc32C() {
-			return nil, nil, fmt.Errorf("payload at byte %d fails its checksum: %w", at, ErrCorrupt)
-		}
-	} else if n > 0 {
+	if n := int(h.GetPayloadLen()); n > 0 {
 		var err error
-		if payload, err = rd.readN(n); err != nil {
+		if rd.keep != nil && h.GetKind() == pb.RecordHeader_CHUNK {
+			// Kept whole: read straight into the archive's memory (which
+			// keepChunk then owns; readN's buffer is reused).
+			payload = rd.keep.mem.alloc(n)
+			err = rd.read(payload)
+		} else {
+			payload, err = rd.readN(n)
+		}
+		if err != nil {
 			return nil, nil, err
 		}
 		if crc(payload) != h.GetPayloadCrc32C() {
@@ -352,50 +350,44 @@ func ReadIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, error) {
 
 // readIndex is ReadIndex that also returns the trailer record's offset
 // and the header's flags.
-func readIndex(f io.ReaderAt) (m *pb.Manifest, t *pb.Trailer, at uint64, flags uint16, err error) {
-	m, t, at, err = readIndexAt(f, &flags)
-	return m, t, at, flags, err
-}
-
-func readIndexAt(f io.ReaderAt, flags *uint16) (*pb.Manifest, *pb.Trailer, uint64, error) {
+func readIndex(f io.ReaderAt) (*pb.Manifest, *pb.Trailer, uint64, uint16, error) {
 	size, err := sizeOf(f)
 	if err != nil {
-		return nil, nil, 0, err
+		return nil, nil, 0, 0, err
 	}
 	rd, err := NewReader(io.NewSectionReader(f, 0, size))
 	if err != nil {
-		return nil, nil, 0, err
+		return nil, nil, 0, 0, err
 	}
 	defer rd.Close()
-	*flags = rd.flags
 	if size < HeaderSize+FooterSize {
-		return nil, nil, 0, ErrTruncated
+		return nil, nil, 0, 0, ErrTruncated
 	}
 	var foot [FooterSize]byte
 	if _, err := f.ReadAt(foot[:], size-FooterSize); err != nil {
-		return nil, nil, 0, fmt.Errorf("reading footer: %w", err)
+		return nil, nil, 0, 0, fmt.Errorf("reading footer: %w", err)
 	}
 	if string(foot[12:]) != FooterMagic {
-		return nil, nil, 0, fmt.Errorf("no footer (the stream may be truncated): %w", ErrTruncated)
+		return nil, nil, 0, 0, fmt.Errorf("no footer (the stream may be truncated): %w", ErrTruncated)
 	}
 	at := binary.LittleEndian.Uint64(foot[0:])
 	n := binary.LittleEndian.Uint32(foot[8:])
 	if n > maxMetaLen+maxHeaderLen+frameSize || at+uint64(n)+FooterSize != uint64(size) {
-		return nil, nil, 0, fmt.Errorf("footer points outside the stream: %w", ErrCorrupt)
+		return nil, nil, 0, 0, fmt.Errorf("footer points outside the stream: %w", ErrCorrupt)
 	}
 	tr := &Reader{r: bufio.NewReader(io.NewSectionReader(f, int64(at), int64(n))), digest: sha256.New(), off: at}
 	h, payload, err := tr.record()
 	if err != nil {
-		return nil, nil, 0, err
+		return nil, nil, 0, 0, err
 	}
 	if h.GetKind() != pb.RecordHeader_TRAILER {
-		return nil, nil, 0, fmt.Errorf("footer does not point at the trailer: %w", ErrCorrupt)
+		return nil, nil, 0, 0, fmt.Errorf("footer does not point at the trailer: %w", ErrCorrupt)
 	}
 	t := &pb.Trailer{}
 	if err := gproto.Unmarshal(payload, t); err != nil {
-		return nil, nil, 0, fmt.Errorf("trailer: %w: %w", ErrCorrupt, err)
+		return nil, nil, 0, 0, fmt.Errorf("trailer: %w: %w", ErrCorrupt, err)
 	}
-	return rd.Manifest(), t, at, nil
+	return rd.Manifest(), t, at, rd.flags, nil
 }
 
 func sizeOf(f io.ReaderAt) (int64, error) {
