@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
@@ -526,7 +527,24 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	}
 	spool := opts.LeaveRunning && scratchDir(inv.Memory.RSS, "", false) == shmDir
 	streaming := opts.Stream && !spool && !postCopy && opts.Store == nil && opts.Criu.HasStream(ctx)
-	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming)
+	// A streamed handover (stop-copy migration) waits for the verdict
+	// inside CRIU's post-dump action, so that CRIU itself ends the tree
+	// while its TCP connections are still locked and in repair mode: the
+	// peers see no FIN or RST, and nothing they send meanwhile is
+	// acknowledged by a copy that will not run on. That needs CRIU to be
+	// able to kill a frozen tree (cgroup v2) and to run in ferry's
+	// namespaces (the hook's socket path).
+	gated := streaming && opts.Handover != nil && !opts.LeaveRunning &&
+		t.freezeCg != nil && t.freezeCg.Version == 2 && t.wrapper == nil
+	// A migration's dump (gated, post-copy) freezes late, in CRIU's
+	// pre-dump action: CRIU's start-up (exec, kerndat: tens of ms) then
+	// passes while the job still runs, not in its downtime. CRIU finds the
+	// cgroup frozen and leaves it frozen, as when ferry froze first; that
+	// is the same with the v1 freezer (which post-copy may use). The
+	// action's script reaches ferry through files in ferry's mount
+	// namespace, so CRIU must run there (no wrapper).
+	lateFreeze := (gated || postCopy) && t.wrapper == nil
+	preFreeze := t.freezeCg != nil && (!opts.LeaveRunning || streaming) && !lateFreeze
 	// The init binary's identity (a SHA-256 of ferry's binary, tens of
 	// milliseconds) is taken while the job still runs.
 	var initExe *checkpoint.Executable
@@ -537,14 +555,25 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			}
 		}
 	}
-	freezeStart := time.Now()
+	var stop stopState
+	stop.since = time.Now()
 	opts.Progress.SetPhase("freezing")
 	if preFreeze {
 		if err := t.freezeCg.Freeze(ctx); err != nil {
 			return nil, fmt.Errorf("freezing %s: %w", t.name, err)
 		}
 	}
-	stopped := preFreeze
+	stop.stopped = preFreeze
+	// freezeLate is the late freeze, answering CRIU's pre-dump action on
+	// another goroutine: from its success on, a failure thaws the tree.
+	freezeLate := func() error {
+		at := time.Now()
+		if err := t.freezeCg.Freeze(ctx); err != nil {
+			return stop.failed(fmt.Errorf("freezing %s: %w", t.name, err))
+		}
+		stop.frozen(at)
+		return nil
+	}
 	resumed := false
 	resume := func() {
 		if resumed {
@@ -559,7 +588,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		}
 	}
 	defer func() {
-		if retErr != nil && stopped {
+		if retErr != nil && stop.isStopped() {
 			resume()
 		}
 	}()
@@ -586,19 +615,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		copts.ImagesDirFd = proto.Int32(int32(imgDir.Fd()))
 		copts.WorkDirFd = proto.Int32(int32(workDir.Fd()))
 	}
-	// A streamed handover (stop-copy migration) waits for the verdict
-	// inside CRIU's post-dump action, so that CRIU itself ends the tree
-	// while its TCP connections are still locked and in repair mode: the
-	// peers see no FIN or RST, and nothing they send meanwhile is
-	// acknowledged by a copy that will not run on. That needs CRIU to be
-	// able to kill a frozen tree (cgroup v2) and to run in ferry's
-	// namespaces (the hook's socket path).
-	gated := streaming && opts.Handover != nil && !opts.LeaveRunning &&
-		t.freezeCg != nil && t.freezeCg.Version == 2 && t.wrapper == nil
 	if gated {
 		copts.FreezeCgroup = proto.String(t.freezeCg.Path)
 		// Left to itself CRIU ends the tree; a refused post-dump rolls
-		// back and leaves the cgroup frozen, as ferry froze it.
+		// back and leaves the cgroup frozen, as ferry froze it (late).
 	} else if t.freezeCg != nil {
 		copts.FreezeCgroup = proto.String(t.freezeCg.Path)
 		// CRIU leaves the cgroup as it found it: frozen by ferry (which
@@ -703,6 +723,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		if err != nil {
 			return err
 		}
+		_, freezeStart := stop.get()
 		res.Frozen = time.Since(freezeStart)
 		if opts.LeaveRunning && !streaming && res.CriuStats != nil {
 			// CRIU stopped and resumed the tree itself: its figure is the truth.
@@ -716,7 +737,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	// kept frozen on ErrKeepStopped, else the deferred resume lets it run on.
 	refused := func(err error) (*Result, error) {
 		if errors.Is(err, ErrKeepStopped) {
-			stopped = false
+			stop.set(false)
 			return res, err
 		}
 		return nil, err
@@ -725,14 +746,41 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	var lazy *criu.Daemon
 	if postCopy {
 		_ = os.Remove(filepath.Join(t.workDir, "stats-dump")) // CRIU writes it once the pages have gone
-		release, err := criu.RaisePipeMax(criu.LazyPipeSize)
-		if err != nil {
+		var release func()
+		if release, err = criu.RaisePipeMax(criu.LazyPipeSize); err != nil {
 			return nil, err
 		}
 		defer release()
-		lazy, err = criu.Command{Path: opts.Criu.Path, ExtraFiles: []*os.File{opts.PostCopy.Pages},
-			Args: append(cliArgs(copts, tmp, t.workDir, false), "--lazy-pages", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0))))}.StartReady(ctx)
-		log.Debug("lazy dump ready", "job", t.name, "err", err, "since freeze", time.Since(freezeStart))
+		args := append(cliArgs(copts, tmp, t.workDir, false), "--lazy-pages", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0))))
+		var hook *criu.Actions
+		if lateFreeze {
+			// CRIU's pre-dump action comes before it is ready, so the hook
+			// serves before CRIU starts. Its files get a directory of their
+			// own: tmp's files are the checkpoint.
+			hookDir := filepath.Join(tmp, "hook")
+			if err := os.Mkdir(hookDir, 0o700); err != nil {
+				return nil, err
+			}
+			if hook, err = criu.BridgeActions(hookDir, criu.ActionPreDump); err != nil {
+				return nil, err
+			}
+			defer hook.Close()
+			hookArgs, _, err := hook.HookArgs()
+			if err != nil {
+				return nil, err
+			}
+			args = append(args, hookArgs...)
+			go hook.Serve(ctx, func(string) error { return freezeLate() })
+		}
+		lazy, err = criu.Command{Path: opts.Criu.Path, ExtraFiles: []*os.File{opts.PostCopy.Pages}, Args: args}.StartReady(ctx)
+		if hook != nil {
+			_ = hook.Close() // CRIU runs no action once ready; a freeze in progress ends first
+			if err == nil && !stop.isStopped() {
+				err = errNoLateFreeze
+			}
+		}
+		_, since := stop.get()
+		log.Debug("lazy dump ready", "job", t.name, "err", err, "since freeze", time.Since(since))
 		if lazy != nil {
 			// Whatever happens next, CRIU stops serving (a closed link
 			// fails its page server, and with it the destination's
@@ -765,6 +813,9 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		if gated {
 			_ = os.Remove(filepath.Join(t.workDir, "stats-dump")) // CRIU writes it after the verdict
 			gate = func(sizes map[string]int64) error {
+				if !stop.isStopped() {
+					return errNoLateFreeze // CRIU rolls back
+				}
 				if err := seal(sizes); err != nil {
 					return err
 				}
@@ -777,7 +828,11 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			}
 		}
 		var gateErr error
-		sizes, gateErr, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw, gate)
+		var freeze func() error
+		if lateFreeze {
+			freeze = freezeLate
+		}
+		sizes, gateErr, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw, freeze, gate)
 		switch {
 		case handedOver:
 			// The destination holds the job: whatever CRIU says now,
@@ -787,7 +842,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 				err = nil
 			}
 		case handoverErr != nil:
-			stopped = true
+			stop.set(true)
 			return refused(handoverErr)
 		case gateErr != nil:
 			err = gateErr
@@ -803,8 +858,16 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			_ = os.Rename(filepath.Join(tmp, f), filepath.Join(t.workDir, f))
 		}
 	}
-	stopped = true // from here on the tree is stopped until ended or resumed
+	if !lateFreeze {
+		// From here on the tree is stopped until ended or resumed. A late
+		// freeze says so itself: a CRIU that failed before it froze
+		// nothing.
+		stop.set(true)
+	}
 	if err != nil {
+		if ferr := stop.freezeErr(); ferr != nil {
+			return nil, ferr // CRIU failed because the late freeze did
+		}
 		return nil, fmt.Errorf("checkpointing %s: %w", t.name, criu.Explain(err, logPath))
 	}
 	if err := ctx.Err(); err != nil && !handedOver {
@@ -854,7 +917,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			if opts.Handover != nil {
 				// Another copy holds the job now: this one must not
 				// run again, whatever is left of it.
-				stopped = false
+				stop.set(false)
 				return res, fmt.Errorf("%w: %s was handed over, but ending it here failed: %w", ErrKeepStopped, t.name, err)
 			}
 			return res, fmt.Errorf("checkpoint written to %s, but ending %s: %w", out, t.name, err)
@@ -863,6 +926,53 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	}
 	res.Total = time.Since(start)
 	return res, nil
+}
+
+// errNoLateFreeze is a dump with a late freeze whose pre-dump action
+// never froze the tree.
+var errNoLateFreeze = errors.New("criu went on without running ferry's pre-dump action (the late freeze)")
+
+// stopState says whether a failed checkpoint must resume the tree and
+// since when the tree stands still. A late freeze sets it from the
+// goroutine that answers CRIU's pre-dump action.
+type stopState struct {
+	mu      sync.Mutex
+	stopped bool
+	since   time.Time
+	err     error // the late freeze's failure
+}
+
+func (s *stopState) frozen(at time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stopped, s.since = true, at
+}
+
+func (s *stopState) failed(err error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.err = err
+	return err
+}
+
+func (s *stopState) set(stopped bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stopped = stopped
+}
+
+func (s *stopState) isStopped() bool { stopped, _ := s.get(); return stopped }
+
+func (s *stopState) get() (stopped bool, since time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stopped, s.since
+}
+
+func (s *stopState) freezeErr() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
 }
 
 // checkOutput refuses to replace an existing path without force.

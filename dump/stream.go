@@ -26,12 +26,19 @@ import (
 // streamDump runs `criu dump --stream` with the options of copts and
 // captures every image it sends into iw. dir holds only CRIU's sockets.
 //
+// With freeze, CRIU runs it at its pre-dump action, once CRIU has started
+// and probed the kernel and before it touches the tree: the caller stops
+// the tree there rather than before starting CRIU, so CRIU's start-up is
+// not the tree's downtime. An error from freeze fails the action and CRIU
+// gives up without touching the tree. freeze has returned (and will not
+// run) once streamDump returns.
+//
 // With gate, CRIU waits at its post-dump action (every image written, the
 // tree still seized, its connections still locked) while gate runs on the
 // complete set of images: nil lets CRIU finish as copts asks (end the tree
 // with its sockets silent), an error rolls it back. The gate's error is
 // returned as is, so the caller can tell it from CRIU's.
-func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer, gate func(sizes map[string]int64) error) (sizes map[string]int64, gateErr error, err error) {
+func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer, freeze func() error, gate func(sizes map[string]int64) error) (sizes map[string]int64, gateErr error, err error) {
 	capture, err := criu.ListenCapture(dir)
 	if err != nil {
 		return nil, nil, err
@@ -44,8 +51,15 @@ func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *r
 		gateMu  sync.Mutex
 		actions *criu.Actions
 	)
-	if gate != nil {
-		if actions, err = criu.ListenActions(dir); err != nil {
+	if gate != nil || freeze != nil {
+		var bridged []string
+		if freeze != nil {
+			bridged = append(bridged, criu.ActionPreDump)
+		}
+		if gate != nil {
+			bridged = append(bridged, criu.ActionPostDump)
+		}
+		if actions, err = criu.BridgeActions(dir, bridged...); err != nil {
 			return nil, nil, err
 		}
 		defer actions.Close()
@@ -55,7 +69,10 @@ func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *r
 		}
 		args, env = append(args, hookArgs...), hookEnv
 		go actions.Serve(ctx, func(action string) error {
-			if action != "post-dump" {
+			if action == criu.ActionPreDump {
+				return freeze()
+			}
+			if action != criu.ActionPostDump {
 				return nil
 			}
 			sizes, err := capture.Settle(ctx)

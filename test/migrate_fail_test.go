@@ -5,8 +5,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -147,6 +149,30 @@ func interrupt(t *testing.T, cmd *exec.Cmd) int {
 	}
 }
 
+// stoppedForMigration reports whether a migration has stopped the job:
+// its cgroup reads frozen, or CRIU holds its main task by ptrace. Once
+// CRIU has seized the tasks it thaws the cgroup (the tasks stay stopped),
+// and the source freezes in CRIU's pre-dump action, a few milliseconds
+// before that: the frozen state alone is too brief to be seen.
+func stoppedForMigration(v jobView) bool {
+	if v.State == "frozen" {
+		return true
+	}
+	if v.MainPID == 0 {
+		return false
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", v.MainPID))
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(status), "\n") {
+		if tracer, ok := strings.CutPrefix(l, "TracerPid:"); ok {
+			return strings.TrimSpace(tracer) != "0"
+		}
+	}
+	return false
+}
+
 func TestMigrateInterrupted(t *testing.T) {
 	requireCriu(t)
 	w := buildWorkload(t)
@@ -176,8 +202,8 @@ func TestMigrateInterrupted(t *testing.T) {
 			defer stop()
 			before, _ := src.verifyLines("ij")
 			cmd, out := src.startFerryIn(h.a, "migrate", "ij", "--to", via, "--token-file", token, "--mode", mode)
-			eventually(t, 30*time.Second, "the job to freeze for its migration", func() bool {
-				return src.job("ij").State == "frozen"
+			eventually(t, 30*time.Second, "the job to stop for its migration", func() bool {
+				return stoppedForMigration(src.job("ij"))
 			})
 			time.Sleep(500 * time.Millisecond) // into the transfer
 			code := interrupt(t, cmd)
