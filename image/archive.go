@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"runtime"
 	"slices"
@@ -30,43 +31,127 @@ import (
 // temporary file, and nothing is served from a stream that turns out to be
 // truncated or tampered with.
 //
+// From a stream that names its last files early (a REMAINING record, see
+// Writer.Remaining), StreamArchive returns at that record while it goes
+// on reading: the files it has are served at once, and the remaining ones
+// as they arrive, so a migration's restore runs while the job's memory is
+// still on its way. Their chunks then pass through a few recycled
+// buffers, each served once, instead of being kept.
+//
 // Either way WriteTo checks every chunk it serves, decompresses with every
 // core, and holds back a file's last chunk until the file's SHA-256 matches
 // the trailer, so a reader never receives a whole file that is wrong.
 type Archive struct {
 	manifest  *pb.Manifest
-	trailer   *pb.Trailer
-	files     map[string]*archiveFile
 	src       io.ReaderAt // nil when the payloads are in memory
 	noDigests bool        // FlagNoDigests: files are checked by their chunks' CRCs only
-	mem       *arena      // ReadArchive: where the payloads are held
+	mem       *arena      // ReadArchive, StreamArchive: where the payloads are held
+
+	// An archive read from a stream (ReadArchive, StreamArchive) is filled
+	// by a goroutine: what it fills is guarded by mu, and grew announces
+	// every change.
+	mu        sync.Mutex
+	grew      *sync.Cond
+	files     map[string]*archiveFile
+	trailer   *pb.Trailer
+	remaining map[string]bool // files still to come, once the stream named them
+	readDone  bool            // the stream has been read to its end, or failed
+	readErr   error           // why it failed
+	closed    bool            // Close was called: the reader stops and frees the memory
+	read      chan struct{}   // closed when the reader is done
 }
 
 type archiveFile struct {
-	index  *pb.FileIndex
+	index  *pb.FileIndex // from the trailer
 	size   uint64
 	chunks []archiveChunk
+	ended  bool // FILE_END was read: no more chunks
+	// A file named in a REMAINING record is served once: its chunks are
+	// given back as they are written (served counts them), and while it
+	// is served the reader waits for the writer rather than run ahead.
+	serving  bool
+	served   int
+	released bool
 }
 
 type archiveChunk struct {
-	h    *pb.RecordHeader
-	at   int64  // payload offset in src
-	data []byte // the payload, when held in memory
+	h      *pb.RecordHeader
+	at     int64  // payload offset in src
+	data   []byte // the payload, when held in memory
+	pooled bool   // data is a recycled buffer, given back once served
 }
+
+// maxAhead bounds the chunks of a file being served that the reader keeps
+// waiting for its writer (4 MiB each by default).
+const maxAhead = 8
 
 // Manifest is the stream's first record.
 func (a *Archive) Manifest() *pb.Manifest { return a.manifest }
 
-// Trailer is the stream's index.
-func (a *Archive) Trailer() *pb.Trailer { return a.trailer }
+// Trailer is the stream's index; nil until a stream has been read whole.
+func (a *Archive) Trailer() *pb.Trailer {
+	a.lock()
+	defer a.unlock()
+	return a.trailer
+}
 
-// Size reports the size of file name and whether the stream holds it.
+// lock and unlock guard what a reading goroutine fills; an archive of a
+// file (OpenArchive) is complete from the start and has no lock to take.
+func (a *Archive) lock() {
+	if a.grew != nil {
+		a.mu.Lock()
+	}
+}
+
+func (a *Archive) unlock() {
+	if a.grew != nil {
+		a.mu.Unlock()
+	}
+}
+
+// Size reports the size of file name and whether the stream holds it (for
+// a file still arriving, the size so far).
 func (a *Archive) Size(name string) (uint64, bool) {
+	a.lock()
+	defer a.unlock()
 	f, ok := a.files[name]
 	if !ok {
 		return 0, false
 	}
 	return f.size, true
+}
+
+// Has reports whether file name is in the stream or still to come in it.
+func (a *Archive) Has(name string) bool {
+	a.lock()
+	defer a.unlock()
+	_, ok := a.files[name]
+	return ok || a.remaining[name]
+}
+
+// Remaining lists the files the stream named as still to come (empty for a
+// stream that named none).
+func (a *Archive) Remaining() []string {
+	a.lock()
+	defer a.unlock()
+	names := make([]string, 0, len(a.remaining))
+	for n := range a.remaining {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// Wait blocks until the stream has been read to its end and returns what
+// was wrong with it, if anything; at once for an archive read whole.
+func (a *Archive) Wait() error {
+	if a.read == nil {
+		return nil
+	}
+	<-a.read
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.readErr
 }
 
 // OpenArchive indexes the stream in f by its record headers.
@@ -75,7 +160,7 @@ func OpenArchive(f io.ReaderAt) (*Archive, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Archive{manifest: m, trailer: t, files: map[string]*archiveFile{}, src: f, noDigests: flags&FlagNoDigests != 0}
+	a := &Archive{manifest: m, trailer: t, files: map[string]*archiveFile{}, src: f, noDigests: flags&FlagNoDigests != 0, readDone: true}
 	if len(t.GetFiles()) == 0 {
 		return a, nil
 	}
@@ -98,6 +183,10 @@ func OpenArchive(f io.ReaderAt) (*Archive, error) {
 		if next > trailerAt {
 			return nil, fmt.Errorf("record at byte %d runs into the trailer: %w", off, ErrCorrupt)
 		}
+		if h.GetKind() == pb.RecordHeader_REMAINING {
+			off = next // a promise for a reader of the stream; here it is all at hand
+			continue
+		}
 		if h.GetFile() >= uint32(len(byIndex)) {
 			return nil, fmt.Errorf("record at byte %d names undeclared file %d: %w", off, h.GetFile(), ErrCorrupt)
 		}
@@ -117,6 +206,7 @@ func OpenArchive(f io.ReaderAt) (*Archive, error) {
 			if h.GetOffset() != af.size {
 				return nil, fmt.Errorf("%q ends at %d, its chunks hold %d bytes: %w", af.index.GetName(), h.GetOffset(), af.size, ErrCorrupt)
 			}
+			af.ended = true
 			ended++
 		default:
 			return nil, fmt.Errorf("record of kind %s at byte %d: %w", h.GetKind(), off, ErrCorrupt)
@@ -167,53 +257,191 @@ func headerAt(f io.ReaderAt, off uint64) (*pb.RecordHeader, uint64, error) {
 // Go's heap, see arena) until Close. Each file's SHA-256 is checked as it
 // is served.
 func ReadArchive(r io.Reader) (*Archive, error) {
-	rd, err := NewReader(r)
+	a, err := readArchive(r, false)
 	if err != nil {
 		return nil, err
-	}
-	defer rd.Close()
-	mem := &arena{}
-	a := &Archive{manifest: rd.Manifest(), files: map[string]*archiveFile{}, noDigests: !rd.Digests(), mem: mem}
-	// Should a caller forget Close: nothing can use the arena once the
-	// archive is unreachable (its chunks are only reached through it).
-	runtime.AddCleanup(a, func(m *arena) { m.release() }, mem)
-	rd.keep = a
-	if _, err := rd.Next(); !errors.Is(err, io.EOF) {
-		mem.release()
-		if err == nil {
-			err = fmt.Errorf("chunk handed out while archiving: %w", ErrCorrupt)
-		}
-		return nil, err
-	}
-	a.trailer = rd.Trailer()
-	for _, fi := range a.trailer.GetFiles() {
-		af := a.files[fi.GetName()]
-		if af == nil {
-			af = &archiveFile{}
-			a.files[fi.GetName()] = af
-		}
-		af.index = fi
 	}
 	return a, nil
 }
 
-// keepChunk is Reader.Next's CHUNK case for ReadArchive: the payload,
-// read into the archive's memory, is kept compressed instead of decoded.
-func (a *Archive) keepChunk(name string, h *pb.RecordHeader, payload []byte) {
+// StreamArchive is ReadArchive that returns as soon as the stream names
+// its remaining files (or at its end, for a stream that does not), while
+// a goroutine reads on. Files served before Wait returns nil may still
+// prove bad: a chunk that fails its check, or a stream that breaks off,
+// cuts the file being served, and Wait reports it. The caller must make
+// the reader stop before it forgets the archive: Close, and an end of r.
+func StreamArchive(r io.Reader) (*Archive, error) { return readArchive(r, true) }
+
+func readArchive(r io.Reader, early bool) (*Archive, error) {
+	rd, err := NewReader(r)
+	if err != nil {
+		return nil, err
+	}
+	mem := &arena{}
+	a := &Archive{manifest: rd.Manifest(), files: map[string]*archiveFile{}, noDigests: !rd.Digests(), mem: mem,
+		read: make(chan struct{})}
+	a.grew = sync.NewCond(&a.mu)
+	// Should a caller forget Close: nothing can use the arena once the
+	// archive is unreachable (its chunks are only reached through it, and
+	// the reader holds it until the stream ends).
+	runtime.AddCleanup(a, func(m *arena) { m.release() }, mem)
+	rd.keep = a
+	go a.fill(rd)
+	a.mu.Lock()
+	for !a.readDone && !(early && a.remaining != nil) {
+		a.grew.Wait()
+	}
+	err = a.readErr
+	a.mu.Unlock()
+	if err != nil {
+		a.Close()
+		return nil, err
+	}
+	if !early {
+		<-a.read
+	}
+	return a, nil
+}
+
+// fill reads the stream to its end into the archive.
+func (a *Archive) fill(rd *Reader) {
+	_, err := rd.Next()
+	if errors.Is(err, io.EOF) {
+		err = nil
+	} else if err == nil {
+		err = fmt.Errorf("chunk handed out while archiving: %w", ErrCorrupt)
+	}
+	rd.Close()
+	a.mu.Lock()
+	if err == nil {
+		a.trailer = rd.Trailer()
+		for _, fi := range a.trailer.GetFiles() {
+			a.fileLocked(fi.GetName()).index = fi
+		}
+	}
+	a.readErr, a.readDone = err, true
+	closed := a.closed
+	a.grew.Broadcast()
+	a.mu.Unlock()
+	close(a.read)
+	if closed {
+		a.free()
+	}
+}
+
+// fileLocked returns file name's entry, made if new; mu is held.
+func (a *Archive) fileLocked(name string) *archiveFile {
 	af := a.files[name]
 	if af == nil {
 		af = &archiveFile{}
 		a.files[name] = af
 	}
-	af.chunks = append(af.chunks, archiveChunk{h: h, data: payload})
-	af.size += uint64(h.GetRawLen())
+	return af
 }
 
-// Close frees the memory of an archive read by ReadArchive; nothing read
-// from it may be used afterwards. A no-op for OpenArchive's.
+// The reader's hooks (Reader.keep): a file is declared, ends, or the
+// stream names the remaining files; a chunk's payload needs memory, and
+// the chunk is kept.
+
+func (a *Archive) declare(name string) {
+	a.mu.Lock()
+	a.fileLocked(name)
+	a.grew.Broadcast()
+	a.mu.Unlock()
+}
+
+func (a *Archive) endFile(name string) {
+	a.mu.Lock()
+	a.fileLocked(name).ended = true
+	a.grew.Broadcast()
+	a.mu.Unlock()
+}
+
+func (a *Archive) setRemaining(names map[string]bool) {
+	a.mu.Lock()
+	a.remaining = maps.Clone(names)
+	a.grew.Broadcast()
+	a.mu.Unlock()
+}
+
+// pooledLocked says whether a chunk of n payload bytes of file name goes
+// into a recycled buffer: a remaining file's, when it fits one.
+func (a *Archive) pooledLocked(name string, n int) bool {
+	return a.remaining[name] && n <= DefaultChunkSize
+}
+
+// payloadFor returns memory for a chunk payload of n bytes of file name.
+func (a *Archive) payloadFor(name string, n int) []byte {
+	a.mu.Lock()
+	pooled := a.pooledLocked(name, n)
+	a.mu.Unlock()
+	if pooled {
+		return getChunkBuf(n)
+	}
+	return a.mem.alloc(n)
+}
+
+// errArchiveClosed stops the reader of an archive closed before its end.
+var errArchiveClosed = errors.New("image archive closed while its stream was read")
+
+// keepChunk is Reader.Next's CHUNK case for an archive: the payload, read
+// into memory from payloadFor, is kept compressed instead of decoded.
+func (a *Archive) keepChunk(name string, h *pb.RecordHeader, payload []byte) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		if a.pooledLocked(name, len(payload)) {
+			putChunkBuf(payload)
+		}
+		return errArchiveClosed
+	}
+	af := a.fileLocked(name)
+	pooled := a.pooledLocked(name, len(payload))
+	af.chunks = append(af.chunks, archiveChunk{h: h, data: payload, pooled: pooled})
+	af.size += uint64(h.GetRawLen())
+	a.grew.Broadcast()
+	// A file being served holds the reader back once it is maxAhead chunks
+	// behind: its chunks then cycle through a few warm buffers instead of
+	// fresh memory (whose first touch costs a fault per page).
+	for pooled && af.serving && len(af.chunks)-af.served > maxAhead && !a.closed {
+		a.grew.Wait()
+	}
+	return nil
+}
+
+// Close frees the memory of an archive read from a stream; nothing read
+// from it may be used afterwards. A reader still running stops at its
+// next record and frees the memory then. A no-op for OpenArchive's.
 func (a *Archive) Close() {
-	if a.mem != nil {
-		a.mem.release()
+	if a.grew == nil {
+		return
+	}
+	a.mu.Lock()
+	if a.closed {
+		a.mu.Unlock()
+		return
+	}
+	a.closed = true
+	done := a.readDone
+	a.grew.Broadcast()
+	a.mu.Unlock()
+	if done {
+		a.free()
+	}
+}
+
+// free gives back the arena and the recycled buffers still held.
+func (a *Archive) free() {
+	a.mem.release()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, af := range a.files {
+		for i := range af.chunks {
+			if c := &af.chunks[i]; c.pooled && c.data != nil {
+				putChunkBuf(c.data)
+				c.data = nil
+			}
+		}
 	}
 }
 
@@ -238,9 +466,11 @@ func (a *Archive) ReadFile(name string, limit int64) ([]byte, error) {
 }
 
 type decoded struct {
-	data []byte
-	own  bool // data is a pooled buffer (not the archive's memory): recycle it
-	err  error
+	data   []byte
+	own    bool // data is a pooled buffer (not the archive's memory): recycle it
+	pooled bool // data is the chunk's own recycled buffer: copy it, then give it back
+	i      int  // the chunk's index in its file
+	err    error
 }
 
 // WriteTo writes file name to w. Chunks are read, checked and decompressed
@@ -256,8 +486,8 @@ func (a *Archive) WriteTo(name string, w io.Writer) (int64, error) {
 // references to their pages, and they do not change until Close. Where a
 // process reads its images from a pipe (CRIU's restore), the pipe's lock
 // is then held only to link pages, not to copy them, so the reader is
-// not kept waiting. Other chunks are written. count, when not nil, hears
-// of every byte.
+// not kept waiting. Other chunks (and those in recycled buffers) are
+// written. count, when not nil, hears of every byte.
 func (a *Archive) SpliceTo(name string, pipe *os.File, count func(int64)) (int64, error) {
 	rc, err := pipe.SyscallConn()
 	if err != nil {
@@ -309,25 +539,127 @@ func vmsplice(rc syscall.RawConn, b []byte) (int, error) {
 	return n, nil
 }
 
+// chunkAt returns chunk i of af, waiting for it while the stream may still
+// bring it; ok is false once af ended before it (or stop closed).
+func (a *Archive) chunkAt(name string, af *archiveFile, i int, stop <-chan struct{}) (c archiveChunk, ok bool, err error) {
+	a.lock()
+	defer a.unlock()
+	for {
+		select {
+		case <-stop:
+			return c, false, nil
+		default:
+		}
+		switch {
+		case i < len(af.chunks):
+			c = af.chunks[i]
+			if c.pooled && c.data == nil {
+				return c, false, fmt.Errorf("%s was served once already and was not kept", name)
+			}
+			return c, true, nil
+		case af.ended:
+			return c, false, nil
+		case a.readDone || a.closed:
+			if a.readErr != nil {
+				return c, false, fmt.Errorf("%s: %w", name, a.readErr)
+			}
+			return c, false, fmt.Errorf("%s was cut short: %w", name, ErrTruncated)
+		}
+		a.grew.Wait() // only a stream's archive can be short of chunks
+	}
+}
+
+// lastAt reports whether chunk i is af's last, waiting until that is known.
+func (a *Archive) lastAt(af *archiveFile, i int) bool {
+	a.lock()
+	defer a.unlock()
+	for i+1 >= len(af.chunks) && !af.ended && !a.readDone && !a.closed {
+		a.grew.Wait()
+	}
+	return i+1 >= len(af.chunks)
+}
+
+// digestOf waits for the trailer and returns af's SHA-256 from it.
+func (a *Archive) digestOf(name string, af *archiveFile) ([]byte, error) {
+	if err := a.Wait(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	a.lock()
+	defer a.unlock()
+	if af.index == nil {
+		return nil, fmt.Errorf("%s is not in the trailer's index: %w", name, ErrCorrupt)
+	}
+	return af.index.GetSha256(), nil
+}
+
+// served records that chunk i of af has been written: a recycled buffer
+// goes back, and the reader may run on.
+func (a *Archive) served(af *archiveFile, i int) {
+	if a.grew == nil {
+		return // a file's archive: nothing to give back, nobody to wake
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if c := &af.chunks[i]; c.pooled && c.data != nil {
+		putChunkBuf(c.data)
+		c.data = nil
+		af.released = true
+	}
+	af.served = i + 1
+	a.grew.Broadcast()
+}
+
 // writeTo is WriteTo and SpliceTo: write gets each piece in order, with
 // held set for memory that stays unchanged until Close.
 func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, error)) (int64, error) {
+	a.lock()
 	af, ok := a.files[name]
+	if !ok && a.remaining[name] {
+		for af == nil && !a.readDone && !a.closed {
+			a.grew.Wait()
+			af = a.files[name]
+		}
+		ok = af != nil
+	}
+	if ok {
+		if af.released {
+			a.unlock()
+			return 0, fmt.Errorf("%s was served once already and was not kept", name)
+		}
+		af.serving = true
+	}
+	a.unlock()
 	if !ok {
 		return 0, fmt.Errorf("%s is not in the checkpoint", name)
 	}
 	workers := runtime.GOMAXPROCS(0)
 	futures := make(chan chan decoded, workers)
 	done := make(chan struct{})
-	defer close(done)
+	defer func() {
+		close(done)
+		a.lock()
+		af.serving = false
+		if a.grew != nil {
+			a.grew.Broadcast() // wake the producer below, and the reader
+		}
+		a.unlock()
+	}()
 	go func() {
 		defer close(futures)
 		sem := make(chan struct{}, workers)
-		for _, c := range af.chunks {
+		for i := 0; ; i++ {
+			c, more, err := a.chunkAt(name, af, i, done)
+			if !more && err == nil {
+				return
+			}
 			fut := make(chan decoded, 1)
 			select {
 			case futures <- fut:
 			case <-done:
+				return
+			}
+			if err != nil {
+				fut <- decoded{err: err}
 				return
 			}
 			select {
@@ -338,37 +670,47 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 			go func() {
 				data, own, err := a.decodeChunk(name, c)
 				<-sem
-				fut <- decoded{data, own, err}
+				fut <- decoded{data: data, own: own, pooled: c.pooled && !own, i: i, err: err}
 			}()
 		}
 	}()
 	sum := newDigest(a.noDigests)
 	var n int64
-	left := len(af.chunks)
+	chunks := 0
 	for fut := range futures {
 		d := <-fut
 		if d.err != nil {
 			return n, d.err
 		}
 		sum.Write(d.data)
-		left--
-		if left == 0 && !bytes.Equal(sum.Sum(nil), af.index.GetSha256()) {
-			return n, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+		chunks++
+		if !a.noDigests && a.lastAt(af, d.i) {
+			want, err := a.digestOf(name, af)
+			if err != nil {
+				return n, err
+			}
+			if !bytes.Equal(sum.Sum(nil), want) {
+				return n, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+			}
 		}
-		k, err := write(d.data, !d.own)
+		k, err := write(d.data, !d.own && !d.pooled)
 		n += int64(k)
 		if d.own {
 			putChunkBuf(d.data)
 		}
+		a.served(af, d.i)
 		if err != nil {
 			return n, err
 		}
 	}
-	if left != 0 {
-		return n, fmt.Errorf("%s: %d chunks not read", name, left)
-	}
-	if len(af.chunks) == 0 && !bytes.Equal(sum.Sum(nil), af.index.GetSha256()) {
-		return 0, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+	if chunks == 0 && !a.noDigests {
+		want, err := a.digestOf(name, af)
+		if err != nil {
+			return 0, err
+		}
+		if !bytes.Equal(sum.Sum(nil), want) {
+			return 0, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+		}
 	}
 	return n, nil
 }
@@ -439,6 +781,8 @@ func putChunkBuf(b []byte) { chunkBufs.put(b) }
 
 // Names lists the files of the stream, in name order.
 func (a *Archive) Names() []string {
+	a.lock()
+	defer a.unlock()
 	names := make([]string, 0, len(a.files))
 	for n := range a.files {
 		names = append(names, n)

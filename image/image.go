@@ -18,6 +18,11 @@
 //	| record: CHUNK     (file 0, ...)   writes several at once        |
 //	| record: FILE_END  (file 0, size)                                |
 //	| ...                                                             |
+//	| record: REMAINING (optional, once: every file so far has ended; |
+//	|                    only the files it names follow; a migration  |
+//	|                    names CRIU's pages files, and its restore    |
+//	|                    starts here, see StreamArchive)              |
+//	| record: FILE, CHUNK..., FILE_END of each remaining file         |
 //	| record: TRAILER   (index: file -> size, chunks, SHA-256;        |
 //	|                    SHA-256 of every byte before this record)    |
 //	+-----------------------------------------------------------------+

@@ -40,6 +40,9 @@ type Reader struct {
 	data     []byte   // reused by decode
 	keep     *Archive // ReadArchive: keep chunks compressed instead of handing them out
 	flags    uint16   // the header's
+	// remaining holds the names of a REMAINING record: true until the
+	// file is declared.
+	remaining map[string]bool
 }
 
 type readFile struct {
@@ -166,7 +169,7 @@ func (rd *Reader) record() (*pb.RecordHeader, []byte, error) {
 		return nil, nil, fmt.Errorf("record header at byte %d: %w: %w", at, ErrCorrupt, err)
 	}
 	limit := uint32(maxPayloadLen)
-	if k := h.GetKind(); k == pb.RecordHeader_MANIFEST || k == pb.RecordHeader_TRAILER {
+	if k := h.GetKind(); k == pb.RecordHeader_MANIFEST || k == pb.RecordHeader_TRAILER || k == pb.RecordHeader_REMAINING {
 		limit = maxMetaLen
 	}
 	if h.GetPayloadLen() > limit {
@@ -178,7 +181,11 @@ func (rd *Reader) record() (*pb.RecordHeader, []byte, error) {
 		if rd.keep != nil && h.GetKind() == pb.RecordHeader_CHUNK {
 			// Kept whole: read straight into the archive's memory (which
 			// keepChunk then owns; readN's buffer is reused).
-			payload = rd.keep.mem.alloc(n)
+			name := ""
+			if i := int(h.GetFile()); i < len(rd.files) {
+				name = rd.files[i].name
+			}
+			payload = rd.keep.payloadFor(name, n)
 			err = rd.read(payload)
 		} else {
 			payload, err = rd.readN(n)
@@ -208,7 +215,16 @@ func (rd *Reader) Next() (*Chunk, error) {
 			if int(h.GetFile()) != len(rd.files) || len(rd.files) >= maxFiles {
 				return nil, fmt.Errorf("file %d declared out of order at byte %d: %w", h.GetFile(), at, ErrCorrupt)
 			}
+			if rd.remaining != nil {
+				if !rd.remaining[h.GetName()] {
+					return nil, fmt.Errorf("file %q at byte %d was not among the remaining ones: %w", h.GetName(), at, ErrCorrupt)
+				}
+				rd.remaining[h.GetName()] = false
+			}
 			rd.files = append(rd.files, &readFile{name: h.GetName(), sum: newDigest(!rd.Digests()), start: at})
+			if rd.keep != nil {
+				rd.keep.declare(h.GetName())
+			}
 		case pb.RecordHeader_CHUNK:
 			f, err := rd.file(h, at)
 			if err != nil {
@@ -221,7 +237,9 @@ func (rd *Reader) Next() (*Chunk, error) {
 				if h.GetRawLen() > maxChunkRaw {
 					return nil, fmt.Errorf("chunk of %d raw bytes: %w", h.GetRawLen(), ErrRecordTooLarge)
 				}
-				rd.keep.keepChunk(f.name, h, payload)
+				if err := rd.keep.keepChunk(f.name, h, payload); err != nil {
+					return nil, err
+				}
 				f.size += uint64(h.GetRawLen())
 				f.chunks++
 				continue
@@ -243,6 +261,13 @@ func (rd *Reader) Next() (*Chunk, error) {
 				return nil, fmt.Errorf("%q ends at %d, its chunks hold %d bytes: %w", f.name, h.GetOffset(), f.size, ErrCorrupt)
 			}
 			f.ended = true
+			if rd.keep != nil {
+				rd.keep.endFile(f.name)
+			}
+		case pb.RecordHeader_REMAINING:
+			if err := rd.setRemaining(payload, at); err != nil {
+				return nil, err
+			}
 		case pb.RecordHeader_TRAILER:
 			if err := rd.finish(at, before, payload); err != nil {
 				return nil, err
@@ -253,6 +278,43 @@ func (rd *Reader) Next() (*Chunk, error) {
 		}
 	}
 	return nil, io.EOF
+}
+
+// setRemaining takes in a REMAINING record: once only, after every file
+// declared so far has ended, naming each file once.
+func (rd *Reader) setRemaining(payload []byte, at uint64) error {
+	if rd.remaining != nil {
+		return fmt.Errorf("second list of remaining files at byte %d: %w", at, ErrCorrupt)
+	}
+	for _, f := range rd.files {
+		if !f.ended {
+			return fmt.Errorf("%q has not ended where the remaining files are named (byte %d): %w", f.name, at, ErrCorrupt)
+		}
+	}
+	var m pb.Remaining
+	if err := gproto.Unmarshal(payload, &m); err != nil {
+		return fmt.Errorf("remaining files at byte %d: %w: %w", at, ErrCorrupt, err)
+	}
+	if len(m.GetNames()) > maxFiles {
+		return fmt.Errorf("%d remaining files: %w", len(m.GetNames()), ErrRecordTooLarge)
+	}
+	rem := make(map[string]bool, len(m.GetNames()))
+	for _, n := range m.GetNames() {
+		if rem[n] {
+			return fmt.Errorf("%q named twice among the remaining files: %w", n, ErrCorrupt)
+		}
+		rem[n] = true
+	}
+	for _, f := range rd.files {
+		if rem[f.name] {
+			return fmt.Errorf("%q named among the remaining files after it ended: %w", f.name, ErrCorrupt)
+		}
+	}
+	rd.remaining = rem
+	if rd.keep != nil {
+		rd.keep.setRemaining(rem)
+	}
+	return nil
 }
 
 func (rd *Reader) file(h *pb.RecordHeader, at uint64) (*readFile, error) {
@@ -315,6 +377,11 @@ func (rd *Reader) finish(at uint64, digest, payload []byte) error {
 	}
 	if len(t.GetFiles()) != len(rd.files) {
 		return fmt.Errorf("trailer lists %d files, the stream has %d: %w", len(t.GetFiles()), len(rd.files), ErrCorrupt)
+	}
+	for n, missing := range rd.remaining {
+		if missing {
+			return fmt.Errorf("%q was named among the remaining files but never came: %w", n, ErrCorrupt)
+		}
 	}
 	for i, fi := range t.GetFiles() {
 		f := rd.files[i]

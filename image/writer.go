@@ -450,6 +450,37 @@ func (fw *FileWriter) Close() error {
 	return fw.wr.submit(&pending{ready: make(chan struct{}), record: rec}, nil)
 }
 
+// Remaining records that the files named are the only ones still to
+// come (a REMAINING record, after every record submitted so far): a
+// reader that gets it may start on the files it has (StreamArchive).
+// Every file created so far must be closed, and each name must be
+// created after it, once.
+func (wr *Writer) Remaining(names []string) error {
+	wr.mu.Lock()
+	for _, fw := range wr.files {
+		fw.mu.Lock()
+		closed := fw.closed
+		fw.mu.Unlock()
+		if !closed {
+			wr.mu.Unlock()
+			return fmt.Errorf("image file %q is still open: every file must end before the remaining ones are named", fw.name)
+		}
+	}
+	wr.mu.Unlock()
+	payload, err := gproto.Marshal(&pb.Remaining{Names: names})
+	if err != nil {
+		return fmt.Errorf("encoding remaining files: %w", err)
+	}
+	if len(payload) > maxMetaLen {
+		return fmt.Errorf("remaining files' list of %d bytes: %w", len(payload), ErrRecordTooLarge)
+	}
+	rec, err := frame(&pb.RecordHeader{Kind: pb.RecordHeader_REMAINING}, payload)
+	if err != nil {
+		return err
+	}
+	return wr.submit(&pending{ready: make(chan struct{}), record: rec}, nil)
+}
+
 // RawBytes is the total of the files' bytes; valid after Close.
 func (wr *Writer) RawBytes() uint64 { return wr.raw.Load() }
 

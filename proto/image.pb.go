@@ -79,6 +79,9 @@ const (
 	RecordHeader_CHUNK            RecordHeader_Kind = 3 // payload: bytes [offset, offset+raw_len) of file `file`
 	RecordHeader_FILE_END         RecordHeader_Kind = 4 // no payload: file `file` is complete, `offset` bytes long
 	RecordHeader_TRAILER          RecordHeader_Kind = 5 // payload: Trailer; the last record
+	// payload: Remaining; at most once: every file declared so far has
+	// ended, and the only files still to come are those it names.
+	RecordHeader_REMAINING RecordHeader_Kind = 6
 )
 
 // Enum value maps for RecordHeader_Kind.
@@ -90,6 +93,7 @@ var (
 		3: "CHUNK",
 		4: "FILE_END",
 		5: "TRAILER",
+		6: "REMAINING",
 	}
 	RecordHeader_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
@@ -98,6 +102,7 @@ var (
 		"CHUNK":            3,
 		"FILE_END":         4,
 		"TRAILER":          5,
+		"REMAINING":        6,
 	}
 )
 
@@ -628,6 +633,54 @@ func (x *FileIndex) GetSha256() []byte {
 	return nil
 }
 
+// Remaining names the files a stream has still to carry (REMAINING).
+// A reader may start using the stream here: what is not named and not
+// yet seen will never come. A migration puts the job's memory (CRIU's
+// pages files) last, so that the restore starts while it arrives.
+type Remaining struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Names         []string               `protobuf:"bytes,1,rep,name=names,proto3" json:"names,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Remaining) Reset() {
+	*x = Remaining{}
+	mi := &file_proto_image_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Remaining) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Remaining) ProtoMessage() {}
+
+func (x *Remaining) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Remaining.ProtoReflect.Descriptor instead.
+func (*Remaining) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Remaining) GetNames() []string {
+	if x != nil {
+		return x.Names
+	}
+	return nil
+}
+
 // Trailer closes the stream: an index and a digest of all that precedes it.
 type Trailer struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -645,7 +698,7 @@ type Trailer struct {
 
 func (x *Trailer) Reset() {
 	*x = Trailer{}
-	mi := &file_proto_image_proto_msgTypes[4]
+	mi := &file_proto_image_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -657,7 +710,7 @@ func (x *Trailer) String() string {
 func (*Trailer) ProtoMessage() {}
 
 func (x *Trailer) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_image_proto_msgTypes[4]
+	mi := &file_proto_image_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -670,7 +723,7 @@ func (x *Trailer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trailer.ProtoReflect.Descriptor instead.
 func (*Trailer) Descriptor() ([]byte, []int) {
-	return file_proto_image_proto_rawDescGZIP(), []int{4}
+	return file_proto_image_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Trailer) GetFiles() []*FileIndex {
@@ -712,7 +765,7 @@ var File_proto_image_proto protoreflect.FileDescriptor
 
 const file_proto_image_proto_rawDesc = "" +
 	"\n" +
-	"\x11proto/image.proto\x12\x0eferry.image.v1\"\x81\x03\n" +
+	"\x11proto/image.proto\x12\x0eferry.image.v1\"\x90\x03\n" +
 	"\fRecordHeader\x125\n" +
 	"\x04kind\x18\x01 \x01(\x0e2!.ferry.image.v1.RecordHeader.KindR\x04kind\x12\x12\n" +
 	"\x04file\x18\x02 \x01(\rR\x04file\x12\x12\n" +
@@ -722,14 +775,15 @@ const file_proto_image_proto_rawDesc = "" +
 	"\vpayload_len\x18\x06 \x01(\rR\n" +
 	"payloadLen\x12=\n" +
 	"\vcompression\x18\a \x01(\x0e2\x1b.ferry.image.v1.CompressionR\vcompression\x12%\n" +
-	"\x0epayload_crc32c\x18\b \x01(\aR\rpayloadCrc32c\"Z\n" +
+	"\x0epayload_crc32c\x18\b \x01(\aR\rpayloadCrc32c\"i\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\f\n" +
 	"\bMANIFEST\x10\x01\x12\b\n" +
 	"\x04FILE\x10\x02\x12\t\n" +
 	"\x05CHUNK\x10\x03\x12\f\n" +
 	"\bFILE_END\x10\x04\x12\v\n" +
-	"\aTRAILER\x10\x05\"L\n" +
+	"\aTRAILER\x10\x05\x12\r\n" +
+	"\tREMAINING\x10\x06\"L\n" +
 	"\n" +
 	"Executable\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
@@ -774,7 +828,9 @@ const file_proto_image_proto_rawDesc = "" +
 	"\x06stored\x18\x04 \x01(\x04R\x06stored\x12\x16\n" +
 	"\x06chunks\x18\x05 \x01(\rR\x06chunks\x12!\n" +
 	"\ffirst_record\x18\x06 \x01(\x04R\vfirstRecord\x12\x16\n" +
-	"\x06sha256\x18\a \x01(\fR\x06sha256\"\xe0\x01\n" +
+	"\x06sha256\x18\a \x01(\fR\x06sha256\"!\n" +
+	"\tRemaining\x12\x14\n" +
+	"\x05names\x18\x01 \x03(\tR\x05names\"\xe0\x01\n" +
 	"\aTrailer\x12/\n" +
 	"\x05files\x18\x01 \x03(\v2\x19.ferry.image.v1.FileIndexR\x05files\x12\x1b\n" +
 	"\traw_bytes\x18\x02 \x01(\x04R\brawBytes\x12!\n" +
@@ -798,7 +854,7 @@ func file_proto_image_proto_rawDescGZIP() []byte {
 }
 
 var file_proto_image_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_proto_image_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_proto_image_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_proto_image_proto_goTypes = []any{
 	(Compression)(0),       // 0: ferry.image.v1.Compression
 	(RecordHeader_Kind)(0), // 1: ferry.image.v1.RecordHeader.Kind
@@ -806,7 +862,8 @@ var file_proto_image_proto_goTypes = []any{
 	(*Executable)(nil),     // 3: ferry.image.v1.Executable
 	(*Manifest)(nil),       // 4: ferry.image.v1.Manifest
 	(*FileIndex)(nil),      // 5: ferry.image.v1.FileIndex
-	(*Trailer)(nil),        // 6: ferry.image.v1.Trailer
+	(*Remaining)(nil),      // 6: ferry.image.v1.Remaining
+	(*Trailer)(nil),        // 7: ferry.image.v1.Trailer
 }
 var file_proto_image_proto_depIdxs = []int32{
 	1, // 0: ferry.image.v1.RecordHeader.kind:type_name -> ferry.image.v1.RecordHeader.Kind
@@ -832,7 +889,7 @@ func file_proto_image_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_image_proto_rawDesc), len(file_proto_image_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

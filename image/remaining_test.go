@@ -1,0 +1,321 @@
+package image
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// writeRemaining writes first whole, then a REMAINING record naming last,
+// then last; gate, when not nil, is waited for between the two parts.
+func writeRemaining(t *testing.T, w io.Writer, first, last []file, opts WriterOptions, gate <-chan struct{}) error {
+	t.Helper()
+	wr, err := NewWriter(w, &pb.Manifest{Job: "j"}, opts)
+	if err != nil {
+		return err
+	}
+	put := func(f file) error {
+		fw, err := wr.Create(f.name)
+		if err != nil {
+			return err
+		}
+		for p := f.data; len(p) > 0; {
+			n := min(len(p), 100000)
+			if _, err := fw.Write(p[:n]); err != nil {
+				return err
+			}
+			p = p[n:]
+		}
+		return fw.Close()
+	}
+	for _, f := range first {
+		if err := put(f); err != nil {
+			return err
+		}
+	}
+	var names []string
+	for _, f := range last {
+		names = append(names, f.name)
+	}
+	if err := wr.Remaining(names); err != nil {
+		return err
+	}
+	if gate != nil {
+		<-gate
+	}
+	for _, f := range last {
+		if err := put(f); err != nil {
+			return err
+		}
+	}
+	return wr.Close()
+}
+
+// splitFiles puts the pages files last, as a migration does.
+func splitFiles(files []file) (first, last []file) {
+	for _, f := range files {
+		if strings.HasPrefix(f.name, "pages-") {
+			last = append(last, f)
+		} else {
+			first = append(first, f)
+		}
+	}
+	return first, last
+}
+
+// StreamArchive returns at the REMAINING record, before the remaining
+// files have been written, serves the files it has, and then the
+// remaining ones as they arrive: a restore starts while memory is on its
+// way. A remaining file is served once.
+func TestStreamArchiveServesRemainingFilesAsTheyArrive(t *testing.T) {
+	for _, opts := range []WriterOptions{{NoDigests: true, NoCompress: true}, {}, {NoDigests: true, ChunkSize: 64 << 10}} {
+		files := testFiles(5, 3<<20+4321)
+		first, last := splitFiles(files)
+		pr, pw := io.Pipe()
+		gate := make(chan struct{})
+		wrote := make(chan error, 1)
+		go func() {
+			err := writeRemaining(t, pw, first, last, opts, gate)
+			pw.CloseWithError(err)
+			wrote <- err
+		}()
+		a, err := StreamArchive(pr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The remaining files have not been written yet: the gate is shut.
+		if got := a.Remaining(); len(got) != 2 || got[0] != "pages-1.img" || got[1] != "pages-2.img" {
+			t.Fatalf("Remaining() = %v", got)
+		}
+		// Without digests a whole file is served at once; with them its
+		// last chunk waits for the trailer's SHA-256.
+		firstDone := make(chan error, 1)
+		go func() {
+			for _, f := range first {
+				var b bytes.Buffer
+				if _, err := a.WriteTo(f.name, &b); err != nil || !bytes.Equal(b.Bytes(), f.data) {
+					firstDone <- fmt.Errorf("%s: %v", f.name, err)
+					return
+				}
+			}
+			firstDone <- nil
+		}()
+		if opts.NoDigests {
+			if err := <-firstDone; err != nil {
+				t.Fatalf("%+v: before the rest came: %v", opts, err)
+			}
+			firstDone <- nil
+		}
+		if !a.Has("pages-2.img") || a.Has("nothing.img") {
+			t.Errorf("Has: remaining file %v, unknown file %v", a.Has("pages-2.img"), a.Has("nothing.img"))
+		}
+		type result struct {
+			f   file
+			b   []byte
+			err error
+		}
+		served := make(chan result, len(last))
+		for _, f := range last {
+			go func() {
+				var b bytes.Buffer
+				_, err := a.WriteTo(f.name, &b)
+				served <- result{f, b.Bytes(), err}
+			}()
+		}
+		time.Sleep(20 * time.Millisecond) // the servers wait for data
+		close(gate)
+		for range last {
+			r := <-served
+			if r.err != nil {
+				t.Fatalf("%+v: serving %s: %v", opts, r.f.name, r.err)
+			}
+			if !bytes.Equal(r.b, r.f.data) {
+				t.Errorf("%+v: %s differs", opts, r.f.name)
+			}
+		}
+		if err := <-wrote; err != nil {
+			t.Fatal(err)
+		}
+		if err := <-firstDone; err != nil {
+			t.Fatalf("%+v: %v", opts, err)
+		}
+		if err := a.Wait(); err != nil {
+			t.Fatalf("Wait: %v", err)
+		}
+		if a.Trailer() == nil {
+			t.Error("no trailer after Wait")
+		}
+		if _, err := a.WriteTo("pages-1.img", io.Discard); err == nil {
+			t.Error("a remaining file was served twice")
+		}
+		a.Close()
+	}
+}
+
+// A chunk that fails its check, or a stream that breaks off, in the
+// remaining files cuts the file being served and is what Wait reports.
+func TestStreamArchiveBadRemainingFile(t *testing.T) {
+	files := testFiles(6, 2<<20)
+	first, last := splitFiles(files)
+	var buf bytes.Buffer
+	if err := writeRemaining(t, &buf, first, last, WriterOptions{NoDigests: true, NoCompress: true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	data := buf.Bytes()
+	// A byte in the middle of the random pages (pages-1.img's payload).
+	at := bytes.Index(data, files[2].data[1<<20:1<<20+64])
+	if at < 0 {
+		t.Fatal("pages data not found raw in the stream")
+	}
+	for name, bad := range map[string][]byte{
+		"flipped": func() []byte { b := bytes.Clone(data); b[at] ^= 1; return b }(),
+		"cut":     data[:at],
+	} {
+		want := ErrCorrupt
+		if name == "cut" {
+			want = ErrTruncated
+		}
+		// The bytes before the damage go first; the rest only once the
+		// archive is open, so the reader meets it afterwards.
+		pr, pw := io.Pipe()
+		gate := make(chan struct{})
+		go func() {
+			pw.Write(bad[:at-10])
+			<-gate
+			pw.Write(bad[at-10:])
+			pw.Close()
+		}()
+		a, err := StreamArchive(pr)
+		close(gate)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if _, err := a.WriteTo("inventory.img", io.Discard); err != nil {
+			t.Fatalf("%s: a whole file: %v", name, err)
+		}
+		_, serr := a.WriteTo("pages-1.img", io.Discard)
+		werr := a.Wait()
+		if !errors.Is(serr, want) || !errors.Is(werr, want) {
+			t.Errorf("%s: served %v, Wait %v; want %v", name, serr, werr, want)
+		}
+		a.Close()
+	}
+}
+
+// The rules of REMAINING: a writer refuses it while a file is open; a
+// reader refuses a file that was not named, and a named file that never
+// came. A stream with the record reads as any other, whole or from a file.
+func TestRemainingRules(t *testing.T) {
+	wr, err := NewWriter(&bytes.Buffer{}, &pb.Manifest{}, WriterOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wr.Create("open.img"); err != nil {
+		t.Fatal(err)
+	}
+	if err := wr.Remaining([]string{"x"}); err == nil {
+		t.Error("REMAINING written while a file was open")
+	}
+
+	for name, c := range map[string]struct{ named, written []string }{
+		"unnamed file": {[]string{"pages-1.img"}, []string{"pages-1.img", "core-9.img"}},
+		"never came":   {[]string{"pages-1.img", "pages-2.img"}, []string{"pages-1.img"}},
+	} {
+		var buf bytes.Buffer
+		wr, err := NewWriter(&buf, &pb.Manifest{}, WriterOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := wr.Remaining(c.named); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range c.written {
+			fw, _ := wr.Create(n)
+			fw.Write([]byte("data of " + n))
+			fw.Close()
+		}
+		if err := wr.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := readAll(buf.Bytes()); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: read %v, want ErrCorrupt", name, err)
+		}
+		// StreamArchive may return before the reader meets the damage.
+		a, err := StreamArchive(bytes.NewReader(buf.Bytes()))
+		if err == nil {
+			err = a.Wait()
+			a.Close()
+		}
+		if !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: StreamArchive and Wait: %v, want ErrCorrupt", name, err)
+		}
+	}
+
+	files := testFiles(7, 300000)
+	first, last := splitFiles(files)
+	var buf bytes.Buffer
+	if err := writeRemaining(t, &buf, first, last, WriterOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := readAll(buf.Bytes())
+	if err != nil {
+		t.Fatalf("Reader: %v", err)
+	}
+	for _, f := range files {
+		if !bytes.Equal(got[f.name], f.data) {
+			t.Errorf("Reader: %s differs", f.name)
+		}
+	}
+	for kind, open := range openBoth(buf.Bytes()) {
+		a, err := open()
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		out, err := serveAll(a, files)
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		for _, f := range files {
+			if !bytes.Equal(out[f.name], f.data) {
+				t.Errorf("%s: %s differs", kind, f.name)
+			}
+		}
+		a.Close()
+	}
+}
+
+// Closing an archive whose stream is still arriving stops its reader
+// without a crash, and a file being served is cut.
+func TestStreamArchiveClosedEarly(t *testing.T) {
+	files := testFiles(8, 2<<20)
+	first, last := splitFiles(files)
+	pr, pw := io.Pipe()
+	gate := make(chan struct{})
+	go func() { pw.CloseWithError(writeRemaining(t, pw, first, last, WriterOptions{NoDigests: true}, gate)) }()
+	a, err := StreamArchive(pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { _, err := a.WriteTo("pages-2.img", io.Discard); served <- err }()
+	a.Close()
+	close(gate)
+	select {
+	case err := <-served:
+		if err == nil {
+			t.Error("a file of a closed archive was served whole")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("serving a closed archive hangs")
+	}
+	pr.Close()
+	if err := a.Wait(); err == nil {
+		t.Error("Wait on an archive closed early says nil")
+	}
+}
