@@ -84,6 +84,11 @@ type Options struct {
 	// EndReason is what an ended job's record gives as the reason
 	// ("checkpointed" unless set; migration says "migrated").
 	EndReason string
+	// PagesLast, with Handover on a streamed dump, holds CRIU's pages
+	// files back and sends them after every other image, behind a
+	// REMAINING record, so that a destination restoring as the stream
+	// arrives starts before the memory does (see held.go).
+	PagesLast bool
 }
 
 // PostCopy is the source side of a post-copy migration.
@@ -646,7 +651,8 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		sk         *sink
 		iw         *image.Writer
 		sizes      map[string]int64
-		handedOver bool // the gate's Handover succeeded: CRIU ended the tree
+		handedOver bool       // the gate's Handover succeeded: CRIU ended the tree
+		held       *heldFiles // PagesLast: the pages files, sent last
 	)
 	// seal builds the result and the manifest from what CRIU wrote and
 	// completes the checkpoint: once it returns, the output is whole.
@@ -712,7 +718,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			}
 			os.RemoveAll(tmp)
 		case streaming:
-			res.Size, err = finishStreamed(iw, sk, m, sizes)
+			res.Size, err = finishStreamed(iw, sk, m, sizes, held)
 			os.RemoveAll(tmp)
 		case opts.Stream:
 			res.Size, err = finishStream(tmp, out, m, opts)
@@ -810,6 +816,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		}
 		var gate func(map[string]int64) error
 		var handoverErr error
+		if gated && opts.PagesLast {
+			held = &heldFiles{}
+			defer held.close()
+		}
 		if gated {
 			_ = os.Remove(filepath.Join(t.workDir, "stats-dump")) // CRIU writes it after the verdict
 			gate = func(sizes map[string]int64) error {
@@ -832,7 +842,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		if lateFreeze {
 			freeze = freezeLate
 		}
-		sizes, gateErr, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw, freeze, gate)
+		sizes, gateErr, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw, held, freeze, gate)
 		switch {
 		case handedOver:
 			// The destination holds the job: whatever CRIU says now,

@@ -33,12 +33,15 @@ import (
 // gives up without touching the tree. freeze has returned (and will not
 // run) once streamDump returns.
 //
+// With held, CRIU's pages files are held back in pipes (see held.go)
+// instead of going into iw; the gate sends them.
+//
 // With gate, CRIU waits at its post-dump action (every image written, the
 // tree still seized, its connections still locked) while gate runs on the
 // complete set of images: nil lets CRIU finish as copts asks (end the tree
 // with its sockets silent), an error rolls it back. The gate's error is
 // returned as is, so the caller can tell it from CRIU's.
-func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer, freeze func() error, gate func(sizes map[string]int64) error) (sizes map[string]int64, gateErr error, err error) {
+func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer, held *heldFiles, freeze func() error, gate func(sizes map[string]int64) error) (sizes map[string]int64, gateErr error, err error) {
 	capture, err := criu.ListenCapture(dir)
 	if err != nil {
 		return nil, nil, err
@@ -93,7 +96,12 @@ func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *r
 		}
 		criuErr <- err
 	}()
-	sizes, serveErr := capture.Serve(ctx, func(name string) (io.WriteCloser, error) { return iw.Create(name) })
+	sizes, serveErr := capture.Serve(ctx, func(name string) (io.WriteCloser, error) {
+		if held != nil && isPages(name) {
+			return held.create(name), nil
+		}
+		return iw.Create(name)
+	})
 	err = <-criuErr
 	if actions != nil {
 		_ = actions.Close() // and wait for a verdict in progress
@@ -221,8 +229,9 @@ func (s *sink) abort() {
 }
 
 // finishStreamed adds the manifest to the stream as ferry.json (with the
-// sizes of the files CRIU streamed) and in the trailer, then commits.
-func finishStreamed(iw *image.Writer, sk *sink, m *checkpoint.Manifest, sizes map[string]int64) (int64, error) {
+// sizes of the files CRIU streamed) and in the trailer, then commits. Held
+// pages files, if any, go after the manifest, behind a REMAINING record.
+func finishStreamed(iw *image.Writer, sk *sink, m *checkpoint.Manifest, sizes map[string]int64, held *heldFiles) (int64, error) {
 	m.Files = sizes
 	data, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
@@ -237,6 +246,11 @@ func finishStreamed(iw *image.Writer, sk *sink, m *checkpoint.Manifest, sizes ma
 	}
 	if err := fw.Close(); err != nil {
 		return 0, err
+	}
+	if held != nil {
+		if err := held.send(iw); err != nil {
+			return 0, err
+		}
 	}
 	if err := iw.CloseWith(checkpoint.ToProto(m)); err != nil {
 		return 0, err

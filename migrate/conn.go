@@ -164,11 +164,38 @@ func (c *conn) abort(reason string) {
 	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Abort{Abort: &pb.Abort{Reason: reason}}}, 5*time.Second)
 }
 
+// peerAbort looks, for up to d, for an Abort the peer sent before it
+// closed the connection: a destination whose restore fails while the
+// stream is still arriving says why and hangs up on the rest, and its
+// reason is the one to report, not the broken pipe.
+func (c *conn) peerAbort(d time.Duration) *abortError {
+	deadline := time.Now().Add(d)
+	for range 64 {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return nil
+		}
+		_, err := c.recv(left)
+		var ab *abortError
+		if errors.As(err, &ab) {
+			return ab
+		}
+		if err != nil {
+			return nil
+		}
+	}
+	return nil
+}
+
 // dataWriter sends what is written to it as Data messages.
 type dataWriter struct {
-	c *conn
-	n uint64
+	c     *conn
+	n     uint64
+	ended bool // DataEnd was sent
 }
+
+// closed says whether the whole stream was sent.
+func (w *dataWriter) closed() bool { return w.ended }
 
 func (w *dataWriter) Write(p []byte) (int, error) {
 	written := 0
@@ -185,7 +212,9 @@ func (w *dataWriter) Write(p []byte) (int, error) {
 }
 
 func (w *dataWriter) close() error {
-	return w.c.send(&pb.Envelope{Msg: &pb.Envelope_DataEnd{DataEnd: &pb.DataEnd{Bytes: w.n}}}, stepTimeout)
+	err := w.c.send(&pb.Envelope{Msg: &pb.Envelope_DataEnd{DataEnd: &pb.DataEnd{Bytes: w.n}}}, stepTimeout)
+	w.ended = err == nil
+	return err
 }
 
 // dataReader reads the image stream back out of Data messages; io.EOF at

@@ -146,6 +146,9 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn) (kept bool, err error
 func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, name string, log *slog.Logger) error {
 	ropts := sv.Restore
 	ropts.Checkpoint, ropts.Stdin, ropts.Name = "-", &dataReader{c: c}, name
+	// CRIU starts as soon as the source says only the job's memory is still
+	// to come, and restores it as it arrives (restoreHeld holds the copy).
+	ropts.Early = true
 	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s and held frozen until the source confirms its copy is gone")
 	if err != nil {
 		return err
@@ -248,7 +251,7 @@ func (sv *Server) authenticate(c *conn) error {
 		return err
 	}
 	host, _ := os.Hostname()
-	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty}
+	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty, EarlyRestore: true}
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Nonce: nonce, Host: host, Capabilities: caps}}}, stepTimeout); err != nil {
 		return err
 	}

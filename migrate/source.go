@@ -121,6 +121,9 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 	// record's CRC-32C guards it on the way, and SHA-256 digests would
 	// cost more CPU than the transfer (see image.FlagNoDigests).
 	dopts.Image.NoDigests = true
+	// A destination that restores as the stream arrives gets the job's
+	// memory last, and starts CRIU before it comes (stop-copy).
+	dopts.PagesLast = hello.GetCapabilities().GetEarlyRestore()
 	var pc *postCopySource
 	if dec.Mode == ModePostCopy {
 		if pc, err = openPageLink(ctx, opts, c, m.GetAnswer().GetSession(), start, rep, log); err != nil {
@@ -163,6 +166,12 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
 	}
 	if err != nil {
+		if ctx.Err() == nil && !dw.closed() {
+			// The stream was cut short: the destination may have said why.
+			if ab := c.peerAbort(2 * time.Second); ab != nil {
+				err = fmt.Errorf("%w (while sending: %w)", ab, err)
+			}
+		}
 		// The job runs on here; make sure the destination drops its copy.
 		c.abort("the source failed and keeps the job: " + err.Error())
 		return nil, keptHere(ctx, name, err)

@@ -301,9 +301,13 @@ func (*Envelope_Complete) isEnvelope_Msg() {}
 
 // Capabilities is what a host's kernel and CRIU can do for migration.
 type Capabilities struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	LazyPages     bool                   `protobuf:"varint,1,opt,name=lazy_pages,json=lazyPages,proto3" json:"lazy_pages,omitempty"` // userfaultfd: post-copy
-	SoftDirty     bool                   `protobuf:"varint,2,opt,name=soft_dirty,json=softDirty,proto3" json:"soft_dirty,omitempty"` // memory dirty tracking: pre-copy
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	LazyPages bool                   `protobuf:"varint,1,opt,name=lazy_pages,json=lazyPages,proto3" json:"lazy_pages,omitempty"` // userfaultfd: post-copy
+	SoftDirty bool                   `protobuf:"varint,2,opt,name=soft_dirty,json=softDirty,proto3" json:"soft_dirty,omitempty"` // memory dirty tracking: pre-copy
+	// The destination restores a stop-copy stream while its remaining files
+	// (a REMAINING record: CRIU's pages) still arrive, so the source may put
+	// them last. Not a kernel capability: one of ferry's.
+	EarlyRestore  bool `protobuf:"varint,3,opt,name=early_restore,json=earlyRestore,proto3" json:"early_restore,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -348,6 +352,13 @@ func (x *Capabilities) GetLazyPages() bool {
 func (x *Capabilities) GetSoftDirty() bool {
 	if x != nil {
 		return x.SoftDirty
+	}
+	return false
+}
+
+func (x *Capabilities) GetEarlyRestore() bool {
+	if x != nil {
+		return x.EarlyRestore
 	}
 	return false
 }
@@ -1098,12 +1109,13 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\x06commit\x18\f \x01(\v2\x18.ferry.migrate.v1.CommitH\x00R\x06commit\x125\n" +
 	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adropped\x128\n" +
 	"\bcomplete\x18\x0e \x01(\v2\x1a.ferry.migrate.v1.CompleteH\x00R\bcompleteB\x05\n" +
-	"\x03msg\"L\n" +
+	"\x03msg\"q\n" +
 	"\fCapabilities\x12\x1d\n" +
 	"\n" +
 	"lazy_pages\x18\x01 \x01(\bR\tlazyPages\x12\x1d\n" +
 	"\n" +
-	"soft_dirty\x18\x02 \x01(\bR\tsoftDirty\"\x8f\x01\n" +
+	"soft_dirty\x18\x02 \x01(\bR\tsoftDirty\x12#\n" +
+	"\rearly_restore\x18\x03 \x01(\bR\fearlyRestore\"\x8f\x01\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12\x12\n" +

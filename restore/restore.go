@@ -10,6 +10,7 @@ package restore
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -60,6 +61,12 @@ type Options struct {
 	Snapshots *job.SnapshotPolicy
 	// StoreDir is the directory of the store FromSnapshot restores from.
 	StoreDir string
+	// Early starts CRIU on a stream from Stdin as soon as the stream names
+	// its remaining files (image.StreamArchive), which are then served as
+	// they arrive: the restore overlaps the transfer of the job's memory.
+	// Needs Stopped: the restored job is held until the whole stream has
+	// proved good, and discarded if it does not.
+	Early bool
 }
 
 // maxManifest bounds ferry.json read from a stream.
@@ -143,6 +150,9 @@ func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string
 // image.Archive). A chunk that fails its check cuts CRIU's pipe, which
 // fails the restore, and the shim leaves nothing behind.
 func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+	if opts.Early && !opts.Stopped {
+		return nil, errors.New("an early restore must hold the job stopped until the stream has proved whole")
+	}
 	t0 := time.Now()
 	a, from, closeSrc, err := openArchive(opts)
 	if err != nil {
@@ -175,15 +185,30 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	if err != nil {
 		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
 	}
-	for name, size := range m.Files {
-		if got, ok := a.Size(name); !ok || got != uint64(size) {
-			return nil, fmt.Errorf("%s: %s is missing or has the wrong size in the stream: %w", from, name, checkpoint.ErrIncomplete)
+	// Files still to come are checked once the stream is whole.
+	later := map[string]bool{}
+	for _, name := range a.Remaining() {
+		later[name] = true
+	}
+	checkSizes := func(later map[string]bool) error {
+		for name, size := range m.Files {
+			if got, ok := a.Size(name); !later[name] && (!ok || got != uint64(size)) {
+				return fmt.Errorf("%s: %s is missing or has the wrong size in the stream: %w", from, name, checkpoint.ErrIncomplete)
+			}
 		}
+		return nil
+	}
+	if err := checkSizes(later); err != nil {
+		return nil, err
 	}
 	if err := check(m, from, opts); err != nil {
 		return nil, err
 	}
-	opts.Progress.SetTotal(int64(a.Trailer().GetRawBytes()))
+	var total int64
+	for _, size := range m.Files {
+		total += size
+	}
+	opts.Progress.SetTotal(total)
 	srv, err := criu.ListenServe(dir)
 	if err != nil {
 		return nil, err
@@ -191,7 +216,7 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	served := make(chan error, 1)
 	go func() {
 		served <- srv.Serve(ctx, func(name string) (func(io.Writer) error, bool) {
-			if _, ok := a.Size(name); !ok || name == checkpoint.ManifestFile {
+			if !a.Has(name) || name == checkpoint.ManifestFile {
 				return nil, false
 			}
 			return func(w io.Writer) error {
@@ -208,7 +233,25 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	rec, err := start(ctx, s, m, dir, opts)
 	log.Debug("restore ended", "err", err, "took", time.Since(t1))
 	srv.Close()
-	if serr := <-served; serr != nil && err != nil {
+	serr := <-served
+	if err == nil && len(later) > 0 {
+		// CRIU restored from a stream still arriving: the job stays held
+		// until the stream has proved whole, and goes if it does not.
+		if serr = a.Wait(); serr == nil {
+			serr = checkSizes(nil)
+		}
+		log.Debug("checkpoint complete", "bytes", a.Trailer().GetStoredBytes(), "err", serr, "since start", time.Since(t0))
+		if serr != nil {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+			defer cancel()
+			if derr := s.Discard(dctx, rec.Name, log); derr != nil {
+				return nil, fmt.Errorf("reading checkpoint from %s: %w; and discarding the restored copy: %w", from, serr, derr)
+			}
+			_ = s.Remove(rec.Name)
+			err = serr
+		}
+	}
+	if serr != nil && err != nil {
 		// The stream's fault is the one to report: CRIU failed because
 		// an image was cut short.
 		return nil, fmt.Errorf("reading checkpoint from %s: %w (the restore was aborted and nothing of it is left)", from, serr)
@@ -219,7 +262,11 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 // openArchive indexes a .ferry file, or reads a whole stream from stdin.
 func openArchive(opts Options) (*image.Archive, string, func(), error) {
 	if opts.Checkpoint == "-" {
-		a, err := image.ReadArchive(opts.Progress.Reader(opts.Stdin))
+		read := image.ReadArchive
+		if opts.Early {
+			read = image.StreamArchive
+		}
+		a, err := read(opts.Progress.Reader(opts.Stdin))
 		if err != nil {
 			return nil, "", nil, fmt.Errorf("reading checkpoint from standard input: %w", err)
 		}

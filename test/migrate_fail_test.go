@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -198,7 +199,7 @@ func TestMigrateInterrupted(t *testing.T) {
 			// (stop-copy: the image stream; post-copy: the pages, the
 			// destination's copy already running) when Ctrl-C comes.
 			via := net.JoinHostPort(h.addrB, []string{"7111", "7112"}[i])
-			stop := stallingProxy(t, h.b, via, listen, 4<<20)
+			stop := sync.OnceFunc(stallingProxy(t, h.b, via, listen, 4<<20))
 			defer stop()
 			before, _ := src.verifyLines("ij")
 			cmd, out := src.startFerryIn(h.a, "migrate", "ij", "--to", via, "--token-file", token, "--mode", mode)
@@ -211,6 +212,19 @@ func TestMigrateInterrupted(t *testing.T) {
 				t.Fatalf("interrupted migrate: exit %d\n%s", code, out)
 			}
 			t.Log(out.String())
+			// The destination may be restoring already (stop-copy starts
+			// CRIU before the memory arrives) and cannot tell a stalled
+			// link from a slow one: once the link goes down, it must drop
+			// whatever it started.
+			stop()
+			eventually(t, 20*time.Second, "the destination to drop what it started", func() bool {
+				for _, v := range dst.list() {
+					if v.State != "exited" {
+						return false
+					}
+				}
+				return true
+			})
 			assertKeptHere(t, src, dst, "ij", sum, before)
 			if v := src.job("ij"); v.Migration != nil {
 				t.Fatalf("the source kept a migration note after a clean rollback: %+v", v.Migration)
