@@ -22,6 +22,8 @@ var (
 	ErrBadName = errors.New("invalid name")
 	// ErrNotStore: the directory exists and holds something else.
 	ErrNotStore = errors.New("not a ferry snapshot store")
+	// ErrNoStore: Options.NoCreate, and there is no store to open.
+	ErrNoStore = errors.New("no snapshot store there")
 	// ErrUnsupportedVersion: the store, a pack or a record was written by
 	// a newer ferry.
 	ErrUnsupportedVersion = errors.New("unsupported store format version")

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -67,6 +69,11 @@ type Options struct {
 	// repacks one and that a snapshot's packs reach the disk while it is
 	// still being hashed.
 	PackSize int64
+	// NoCreate refuses a directory that is not a store yet (ErrNoStore)
+	// instead of making one: what only reads a store (a restore, a
+	// listing, a check) must not leave an empty one behind a mistyped
+	// path.
+	NoCreate bool
 }
 
 // Defaults.
@@ -134,6 +141,11 @@ func (l loc) entry(d digest) packEntry {
 // refused with ErrNotStore. The in-memory index is built from the packs'
 // trailers.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
+	if opts.NoCreate {
+		if _, err := os.Stat(filepath.Join(dir, "config")); err != nil {
+			return nil, ErrNoStore // the caller names dir
+		}
+	}
 	be, _, err := newDirBackend(dir)
 	if err != nil {
 		return nil, err

@@ -333,6 +333,21 @@ func TestOpen(t *testing.T) {
 		openStore(t, dir, Options{}).Close()
 		openStore(t, dir, Options{})
 	})
+	t.Run("NoCreate opens only an existing store and writes nothing", func(t *testing.T) {
+		for _, dir := range []string{filepath.Join(t.TempDir(), "missing"), t.TempDir()} {
+			if _, err := Open(ctx, dir, Options{NoCreate: true}); !errors.Is(err, ErrNoStore) {
+				t.Fatalf("Open(%s, NoCreate): %v, want ErrNoStore", dir, err)
+			}
+			if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+				t.Fatalf("NoCreate wrote %d entries into %s", len(entries), dir)
+			} else if err != nil && !os.IsNotExist(err) {
+				t.Fatal(err)
+			}
+		}
+		dir := t.TempDir()
+		openStore(t, dir, Options{}).Close()
+		openStore(t, dir, Options{NoCreate: true})
+	})
 	for _, tc := range []struct {
 		desc  string
 		setup func(dir string) string

@@ -93,6 +93,19 @@ func TestSnapshotStore(t *testing.T) {
 	var sums []string
 	var first snapshotInfo
 
+	t.Run("reading a store that is not there fails and creates nothing", func(t *testing.T) {
+		missing := filepath.Join(t.TempDir(), "no-store")
+		for _, args := range [][]string{{"restore", "--store", missing, "churn"}, {"snapshots", "--store", missing}, {"verify", "--store", missing}} {
+			r := e.ferry(args...)
+			if r.code != 24 || !strings.Contains(r.stderr, "no snapshot store") {
+				t.Fatalf("%v: %s", args, r)
+			}
+			if _, err := os.Stat(missing); !os.IsNotExist(err) {
+				t.Fatalf("%v created %s", args, missing)
+			}
+		}
+	})
+
 	t.Run("a 1% change costs at most 5% of the first snapshot", func(t *testing.T) {
 		size0 := dirSize(t, st)
 		first = e.snapshot(st, "churn")

@@ -53,7 +53,7 @@ requeues and the requeued job resumes with "ferry restore --store DIR JOB".`,
 		if c.Bool("checkpoint-on-term") || policy != nil {
 			// Open (create) the store now: a bad --store fails here, not
 			// at the first snapshot.
-			if st, _, err = openStore(c, s); err != nil {
+			if st, _, err = openStore(c, s, true); err != nil {
 				return err
 			}
 			defer st.Close()

@@ -59,12 +59,14 @@ func storeDir(c *cli.Context, s *job.Store) (string, error) {
 	return filepath.Abs(dir)
 }
 
-func openStore(c *cli.Context, s *job.Store) (*snapstore.Store, string, error) {
+// openStore opens the snapshot store --store names; create makes it when
+// it does not exist yet (only what adds snapshots may).
+func openStore(c *cli.Context, s *job.Store, create bool) (*snapstore.Store, string, error) {
 	dir, err := storeDir(c, s)
 	if err != nil {
 		return nil, "", err
 	}
-	st, err := snapstore.Open(c.Context, dir, snapstore.Options{Logger: slog.Default()})
+	st, err := snapstore.Open(c.Context, dir, snapstore.Options{Logger: slog.Default(), NoCreate: !create})
 	if err != nil {
 		return nil, "", withCode(fmt.Errorf("opening snapshot store %s: %w", dir, err), exitStore)
 	}
@@ -84,7 +86,7 @@ var snapshotsCommand = &cli.Command{
 		if err != nil {
 			return err
 		}
-		st, _, err := openStore(c, s)
+		st, _, err := openStore(c, s, false)
 		if err != nil {
 			return err
 		}
@@ -129,7 +131,7 @@ lock), so it is safe beside a running "ferry checkpoint --store".`,
 		if err != nil {
 			return err
 		}
-		st, dir, err := openStore(c, s)
+		st, dir, err := openStore(c, s, false)
 		if err != nil {
 			return err
 		}
@@ -153,7 +155,7 @@ func verifyStore(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	st, dir, err := openStore(c, s)
+	st, dir, err := openStore(c, s, false)
 	if err != nil {
 		return err
 	}
@@ -232,7 +234,7 @@ func printSnapshot(c *cli.Context, res *dump.Result, dir string) {
 
 // checkpointToStore is `ferry checkpoint JOB --store DIR [--keep N]`.
 func checkpointToStore(c *cli.Context, s *job.Store, name string) error {
-	st, dir, err := openStore(c, s)
+	st, dir, err := openStore(c, s, true)
 	if err != nil {
 		return err
 	}
@@ -258,7 +260,7 @@ func checkpointToStore(c *cli.Context, s *job.Store, name string) error {
 // its record remembers the snapshot for `ferry restore --all`. A job whose
 // snapshot fails keeps running.
 func checkpointAll(c *cli.Context) error {
-	return forAllJobs(c, "checkpoint --all", exitCheckpoint,
+	return forAllJobs(c, "checkpoint --all", exitCheckpoint, true,
 		func(s *job.Store, rec *job.Record, _ string) bool {
 			v := s.Inspect(rec)
 			return v.State == "running" || v.State == "frozen"
@@ -282,7 +284,7 @@ func checkpointAll(c *cli.Context) error {
 // forAllJobs runs do on every job of the store that pick selects, with
 // the snapshot store open; a job that fails is reported on stderr and the
 // others go on. verb and code make the error when any failed.
-func forAllJobs(c *cli.Context, verb string, code int,
+func forAllJobs(c *cli.Context, verb string, code int, create bool,
 	pick func(s *job.Store, rec *job.Record, dir string) bool,
 	do func(s *job.Store, st *snapstore.Store, dir string, rec *job.Record) error) error {
 	if err := requireRoot(); err != nil {
@@ -292,7 +294,12 @@ func forAllJobs(c *cli.Context, verb string, code int,
 	if err != nil {
 		return err
 	}
-	st, dir, err := openStore(c, s)
+	st, dir, err := openStore(c, s, create)
+	if !create && errors.Is(err, snapstore.ErrNoStore) {
+		// restore --all at boot on a host that never took a snapshot.
+		fmt.Fprintf(c.App.ErrWriter, "ferry: %s: no snapshot store, nothing to do\n", verb)
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -334,7 +341,7 @@ func restoreFromStore(c *cli.Context) error {
 	if _, err := periodicPolicy(c, s, "restore"); err != nil {
 		return err // a bad --checkpoint-every before anything is read
 	}
-	st, dir, err := openStore(c, s)
+	st, dir, err := openStore(c, s, false)
 	if err != nil {
 		return err
 	}
@@ -402,7 +409,7 @@ func restoreAll(c *cli.Context) error {
 	if c.NArg() != 0 {
 		return usageError{errors.New("restore --all takes no CHECKPOINT")}
 	}
-	return forAllJobs(c, "restore --all", exitRestore,
+	return forAllJobs(c, "restore --all", exitRestore, false,
 		func(_ *job.Store, rec *job.Record, dir string) bool {
 			return rec.Resume != nil && rec.Resume.Store == dir && rec.Status == job.Exited && !rec.InitAlive()
 		},
