@@ -383,6 +383,57 @@ func (r *relay) close() {
 	r.link.Close()
 }
 
+// startingDaemon is a lazy-pages daemon being started beside the restore.
+type startingDaemon struct {
+	done   chan struct{}
+	daemon *restore.LazyPages
+	err    error
+}
+
+// startDaemon starts CRIU's lazy-pages daemon on dir in the background.
+func startDaemon(ctx context.Context, b *criu.Binary, dir string, pages *net.TCPAddr, log *slog.Logger) *startingDaemon {
+	s := &startingDaemon{done: make(chan struct{})}
+	t0 := time.Now()
+	go func() {
+		defer close(s.done)
+		s.daemon, s.err = restore.StartLazyPages(ctx, b, dir, pages)
+		log.Debug("lazy-pages daemon started", "err", s.err, "took", time.Since(t0))
+	}()
+	return s
+}
+
+// wait returns the daemon once it listens, or why it never will.
+func (s *startingDaemon) wait(ctx context.Context) (*restore.LazyPages, error) {
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+		select {
+		case <-s.done:
+		default:
+			return nil, ctx.Err()
+		}
+	}
+	if s.err != nil {
+		return nil, fmt.Errorf("the lazy-pages daemon failed: %w", s.err)
+	}
+	return s.daemon, nil
+}
+
+// stop waits for the start to end (StartLazyPages is bounded: CRIU
+// becomes ready, exits, or is killed with ctx) and ends the daemon if it
+// still runs, so that none outlives the migration.
+func (s *startingDaemon) stop() {
+	<-s.done
+	if d := s.daemon; d != nil {
+		select {
+		case <-d.Done():
+		default:
+			d.Kill()
+			_ = d.Wait()
+		}
+	}
+}
+
 // receivePostCopy is the destination's side of a post-copy migration,
 // after the offer was accepted.
 func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, name string, log *slog.Logger) error {
@@ -420,27 +471,30 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		return err
 	}
 	defer rl.close()
+	// The daemon and the restore start together (their CRIUs' start-ups,
+	// ~70 ms each here, are downtime): the restore is held at its first
+	// image until the daemon listens (restore.Options.LazyReady).
 	t0 = time.Now()
-	daemon, err := restore.StartLazyPages(ctx, sv.Restore.Criu, dir, rl.addr())
-	log.Debug("lazy-pages daemon started", "err", err, "took", time.Since(t0))
-	if err != nil {
-		c.abort("starting lazy pages on the destination failed: " + err.Error())
-		return fmt.Errorf("starting lazy pages: %w", err)
-	}
-	defer func() {
-		select {
-		case <-daemon.Done():
-		default:
-			daemon.Kill()
-			_ = daemon.Wait()
-		}
-	}()
+	starting := startDaemon(ctx, sv.Restore.Criu, dir, rl.addr(), log)
+	defer starting.stop()
 
 	ropts := sv.Restore
 	ropts.Checkpoint, ropts.Name, ropts.LazyPages = dir, name, true
+	ropts.LazyReady = func(ctx context.Context) error {
+		_, err := starting.wait(ctx)
+		return err
+	}
 	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s (post-copy) and held frozen until the source commits")
 	if err != nil {
 		return err
+	}
+	log.Debug("restored with lazy pages", "took", time.Since(t0))
+	daemon, err := starting.wait(ctx)
+	if err != nil {
+		// Not reached: the restore waited for the daemon.
+		sv.drop(ctx, rec.Name, nc, log)
+		c.abort("starting lazy pages on the destination failed: " + err.Error())
+		return fmt.Errorf("starting lazy pages: %w", err)
 	}
 	if err := sv.reportRestored(c, rec.Name, took); err != nil {
 		log.Warn("reporting the restore", "err", err)

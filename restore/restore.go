@@ -48,8 +48,18 @@ type Options struct {
 	// Stopped leaves the restored job frozen; thawing it starts it.
 	Stopped bool
 	// LazyPages restores a directory checkpoint with CRIU lazy pages:
-	// the caller runs `criu lazy-pages` in that directory first.
+	// the caller runs `criu lazy-pages` in that directory first, or
+	// alongside (LazyReady).
 	LazyPages bool
+	// LazyReady, with LazyPages, lets the restore start before the
+	// lazy-pages daemon is ready, so that both CRIUs start up (tens of
+	// milliseconds each, downtime in a migration) at once. CRIU connects
+	// to the daemon early in its restore, before any action script runs,
+	// so it is held at its first image instead: the images are served to
+	// it (--stream) and the first is answered only once LazyReady, which
+	// waits for the daemon, returns; an error fails the restore before
+	// CRIU touches anything.
+	LazyReady func(ctx context.Context) error
 	// BeforeStart, when set, runs once the checkpoint is checked and
 	// complete (a stream read whole), just before CRIU starts; an error
 	// stops the restore. A migration destination takes over the source's
@@ -96,6 +106,9 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 	}
 	if err := check(m, dir, opts); err != nil {
 		return nil, err
+	}
+	if opts.LazyPages && opts.LazyReady != nil {
+		return lazyServed(ctx, s, m, dir, opts)
 	}
 	return start(ctx, s, m, dir, opts)
 }

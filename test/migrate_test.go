@@ -343,7 +343,9 @@ func TestMigratePostCopy(t *testing.T) {
 	requireCriu(t)
 	w := buildWorkload(t)
 	h := newHosts(t)
-	src, dst := newEnv(t), newEnv(t)
+	// other is the destination whose lazy-pages daemon fails; made here,
+	// its root is short enough for the restore's serve socket.
+	src, dst, other := newEnv(t), newEnv(t), newEnv(t)
 	token := writeToken(t, "correct horse battery staple 42")
 	listen := net.JoinHostPort(h.addrB, "7080")
 	dst.serve(h.b, listen, token)
@@ -356,6 +358,51 @@ func TestMigratePostCopy(t *testing.T) {
 	}
 	src.waitLines("pc", "verify ", 1)
 	sum := src.lines("pc", "sum ")[0]
+
+	t.Run("a lazy-pages daemon that fails to start fails the restore it held and resumes the source", func(t *testing.T) {
+		// The destination's restore starts beside its lazy-pages daemon
+		// and waits for it at its first image; this daemon fails once the
+		// restore is (most likely) waiting.
+		var doc struct {
+			Criu struct {
+				Path string `json:"path"`
+			} `json:"criu"`
+		}
+		_ = json.Unmarshal([]byte(src.must("doctor", "--json")), &doc)
+		if doc.Criu.Path == "" {
+			t.Skip("cannot tell the CRIU path from ferry doctor --json")
+		}
+		broken := filepath.Join(t.TempDir(), "criu")
+		script := "#!/bin/sh\n[ \"$1\" = lazy-pages ] && { sleep 0.3; echo 'Error (injected): no lazy pages' >&2; exit 1; }\nexec " + doc.Criu.Path + " \"$@\"\n"
+		if err := os.WriteFile(broken, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		listen2 := net.JoinHostPort(h.addrB, "7082")
+		srv := other.serve(h.b, listen2, token, "FERRY_CRIU="+broken)
+		before, _ := src.verifyLines("pc")
+		r := src.ferryIn(h.a, "migrate", "pc", "--to", listen2, "--token-file", token, "--mode", "post-copy")
+		// "aborted before it began": CRIU was held for the daemon (see
+		// restore.Options.LazyReady) and refused its first image.
+		if r.code != 19 || !strings.Contains(r.stderr, "injected") || !strings.Contains(r.stderr, "aborted before it began") {
+			t.Fatalf("post-copy to a destination whose lazy-pages daemon fails: %s", r)
+		}
+		t.Log(r.stderr)
+		assertKeptHere(t, src, other, "pc", sum, before)
+		// Nothing of the attempt is left there: no directory, no CRIU.
+		if left, _ := filepath.Glob(filepath.Join(other.root, "serve", "*")); len(left) != 0 {
+			t.Errorf("the destination left %q", left)
+		}
+		// Only the serve itself may still name the destination's root.
+		out, _ := exec.Command("pgrep", "-f", other.root).Output()
+		for _, pid := range strings.Fields(string(out)) {
+			if cmdline, _ := os.ReadFile("/proc/" + pid + "/cmdline"); strings.Contains(string(cmdline), "/serve/lazy-") {
+				t.Errorf("process %s left on the destination: %q", pid, cmdline)
+			}
+		}
+		if !strings.Contains(srv.text(), "injected") {
+			t.Errorf("the serve log does not say why: %s", srv.text())
+		}
+	})
 
 	t.Run("a page link cut mid-transfer drops the destination's copy and resumes the source", func(t *testing.T) {
 		cut := net.JoinHostPort(h.addrB, "7081")

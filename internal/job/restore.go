@@ -32,8 +32,9 @@ type RestoreSpec struct {
 	Foreign    bool   // a tree ferry did not start: restored by a new init
 	Stopped    bool   // leave the restored tree frozen (Thaw starts it)
 	// LazyPages restores with CRIU lazy pages (post-copy): a `criu
-	// lazy-pages` daemon already listens in the checkpoint directory,
-	// which is then also CRIU's work directory.
+	// lazy-pages` daemon listens in the checkpoint directory, which is
+	// then also CRIU's work directory, by the time CRIU connects to it
+	// (see restore.Options.LazyReady).
 	LazyPages  bool
 	Command    []string
 	Dir        string
