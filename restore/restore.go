@@ -217,9 +217,14 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	if err := check(m, from, opts); err != nil {
 		return nil, err
 	}
-	var total int64
-	for _, size := range m.Files {
-		total += size
+	// The stream's raw bytes: the trailer's figure, or (a stream still
+	// arriving) the same sum, from the manifest's sizes and the manifest.
+	total := int64(a.Trailer().GetRawBytes())
+	if a.Trailer() == nil {
+		total = int64(len(raw))
+		for _, size := range m.Files {
+			total += size
+		}
 	}
 	opts.Progress.SetTotal(total)
 	srv, err := criu.ListenServe(dir)
