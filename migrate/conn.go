@@ -12,6 +12,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
@@ -51,7 +52,28 @@ type conn struct {
 	mu   sync.Mutex
 	wbuf []byte // reused by send: a migration sends gigabytes a MiB at a time
 	rbuf []byte // reused by recv (Unmarshal copies what it keeps)
+	// cut is set by an interruption (see cutOff): the data and the waits
+	// stop, while a last control message (Abort) can still go.
+	cut atomic.Bool
 }
+
+// errCut is a sendData or recv after cutOff.
+var errCut = errors.New("the migration's connection was cut off (interrupted)")
+
+// cutOff makes the sendData or recv in progress fail at once, and every
+// later one too. Each call sets its own deadline, so a deadline in the
+// past alone would be undone by the next call (a stalled link then held
+// an interrupted migration for a whole data deadline); each call checks
+// the flag after setting its deadline, and cutOff sets the flag before
+// its own.
+func (c *conn) cutOff() {
+	c.cut.Store(true)
+	_ = c.c.SetDeadline(time.Unix(1, 0))
+}
+
+// keep undoes cutOff: a post-copy source must still hear from a
+// destination that may run its copy.
+func (c *conn) keep() { c.cut.Store(false) }
 
 func newConn(c net.Conn) *conn { return &conn{c: c, r: bufio.NewReaderSize(c, 256<<10)} }
 
@@ -95,6 +117,9 @@ func (c *conn) sendData(p []byte, d time.Duration) error {
 	h = protowire.AppendVarint(h, uint64(len(p)))
 	c.wbuf = h
 	_ = c.c.SetWriteDeadline(time.Now().Add(d))
+	if c.cut.Load() {
+		return errCut
+	}
 	bufs := net.Buffers{h, p}
 	n, err := bufs.WriteTo(c.c)
 	c.tx += n
@@ -126,6 +151,9 @@ func dataBytes(b []byte) ([]byte, bool) {
 // buffer: they are valid until the next recv.
 func (c *conn) recv(d time.Duration) (*pb.Envelope, error) {
 	_ = c.c.SetReadDeadline(time.Now().Add(d))
+	if c.cut.Load() {
+		return nil, errCut
+	}
 	var hdr [4]byte
 	if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
 		return nil, err

@@ -3,6 +3,7 @@ package migrate
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"testing"
@@ -55,5 +56,42 @@ func TestDataFastPath(t *testing.T) {
 		if _, ok := dataBytes(bad); ok {
 			t.Errorf("dataBytes accepted %x", bad)
 		}
+	}
+}
+
+// An interruption cuts the connection for good: the send in progress on a
+// stalled link fails at once, and so does every later data send or
+// receive, which would otherwise set a fresh deadline and wait it out.
+func TestCutOffStaysCut(t *testing.T) {
+	a, b := net.Pipe() // nobody reads b: the link is stalled
+	defer a.Close()
+	defer b.Close()
+	c := newConn(a)
+	blocked := make(chan error, 1)
+	go func() { blocked <- c.sendData(make([]byte, 1<<20), time.Minute) }()
+	time.Sleep(50 * time.Millisecond)
+	c.cutOff()
+	select {
+	case err := <-blocked:
+		if err == nil {
+			t.Fatal("a send on a stalled link succeeded")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("cutOff did not end the send in progress")
+	}
+	start := time.Now()
+	if err := c.sendData([]byte("more"), time.Minute); !errors.Is(err, errCut) {
+		t.Errorf("sendData after cutOff: %v", err)
+	}
+	if _, err := c.recv(time.Minute); !errors.Is(err, errCut) {
+		t.Errorf("recv after cutOff: %v", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("calls after cutOff took %v", d)
+	}
+	c.keep()
+	go func() { _, _ = b.Read(make([]byte, 64)) }()
+	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Abort{Abort: &pb.Abort{Reason: "x"}}}, time.Second); err != nil {
+		t.Errorf("a control message after keep: %v", err)
 	}
 }

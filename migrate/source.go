@@ -78,9 +78,9 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		return nil, err
 	}
 	defer nc.Close()
-	stopConn := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
-	defer stopConn()
 	c := newConn(nc)
+	stopConn := context.AfterFunc(ctx, c.cutOff)
+	defer stopConn()
 	hello, err := handshake(c, opts.Token)
 	if err != nil {
 		return nil, err
@@ -131,7 +131,11 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 			return nil, keptHere(ctx, name, err)
 		}
 		defer pc.close()
-		pc.keepCtl = stopConn
+		pc.keepCtl = func() bool {
+			stopped := stopConn()
+			c.keep()
+			return stopped
+		}
 		dopts.PostCopy = &dump.PostCopy{Pages: pc.file, Serve: pc.serve}
 	}
 	dopts.Handover = func(ctx context.Context) error {
