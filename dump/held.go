@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/criu"
 )
 
 // Pages last: CRIU writes a stream in the order it dumps, with the job's
@@ -190,11 +191,8 @@ func (f *heldFile) tail() (*os.File, error) {
 	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, heldPipeSize); err != nil {
 		// Not root, or short of kernel memory: a pipe as large as anyone
 		// may have will do, at the cost of more descriptors.
-		if b, err := os.ReadFile("/proc/sys/fs/pipe-max-size"); err == nil {
-			var max int
-			if _, err := fmt.Sscan(strings.TrimSpace(string(b)), &max); err == nil {
-				_, _ = unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, max)
-			}
+		if max, err := criu.PipeMaxSize(); err == nil && max > 0 {
+			_, _ = unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, max)
 		}
 	}
 	r, w := os.NewFile(uintptr(p[0]), f.name+" (held)"), os.NewFile(uintptr(p[1]), f.name+" (held)")

@@ -68,6 +68,10 @@ func RaisePipeMax(n int) (release func(), err error) {
 	}, nil
 }
 
+// PipeMaxSize is fs.pipe-max-size: the largest pipe a process without
+// CAP_SYS_RESOURCE may ask for.
+func PipeMaxSize() (int, error) { return readInt(pipeMaxPath) }
+
 func readInt(path string) (int, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -8,8 +8,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 
@@ -140,10 +138,8 @@ func reply(conn *net.UnixConn, exists bool) error {
 // pipe holds, and a 64 KiB pipe makes that a context switch per 64 KiB.
 func growPipe(pipe *os.File) {
 	size := 1 << 20
-	if b, err := os.ReadFile("/proc/sys/fs/pipe-max-size"); err == nil {
-		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
-			size = min(n, 16<<20)
-		}
+	if n, err := PipeMaxSize(); err == nil && n > 0 {
+		size = min(n, 16<<20)
 	}
 	if rc, err := pipe.SyscallConn(); err == nil {
 		_ = rc.Control(func(fd uintptr) {
