@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -559,6 +560,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 				return nil, fmt.Errorf("identifying the job's init binary: %w", err)
 			}
 		}
+	}
+	if postCopy || gated {
+		// A migration writes its stream while the job is frozen.
+		image.Warm(2 * runtime.GOMAXPROCS(0))
 	}
 	var stop stopState
 	stop.since = time.Now()

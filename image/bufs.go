@@ -1,10 +1,14 @@
 package image
 
 import (
+	"bytes"
 	"hash"
 	"os"
 	"runtime"
+	"sync"
 	"unsafe"
+
+	"github.com/klauspost/compress/zstd"
 
 	"golang.org/x/sys/unix"
 )
@@ -26,6 +30,13 @@ func newBufList(size, keep int) *bufList {
 // chunkBufs serves every writer and archive of the process that uses the
 // default chunk size.
 var chunkBufs = newBufList(DefaultChunkSize, 4*runtime.GOMAXPROCS(0)+4)
+
+// smallBufs hold the first bytes of each file a Writer writes (see
+// FileWriter.room), and the compressed form of a small chunk.
+var smallBufs = newBufList(smallChunk, 64)
+
+// smallChunk is the size of a small buffer.
+const smallChunk = 64 << 10
 
 // get returns an empty buffer of the list's capacity.
 func (l *bufList) get() []byte {
@@ -74,3 +85,63 @@ func (nopHash) Size() int                   { return 0 }
 func (nopHash) BlockSize() int              { return 64 }
 
 var _ hash.Hash = nopHash{}
+
+// Warm readies, ahead of use, n default-size chunk buffers (no more
+// than are kept) and the default zstd encoder. A process about to write
+// a stream while a job is frozen calls it first: a fresh buffer is
+// megabytes whose pages must be faulted in, the first few grow a young
+// heap through several garbage collections, and an encoder allocates
+// large tables on first use, all of which would otherwise be downtime.
+func Warm(n int) {
+	var got [][]byte
+	for range min(n, cap(chunkBufs.free)) {
+		got = append(got, chunkBufs.get())
+	}
+	for _, b := range got {
+		chunkBufs.put(b)
+	}
+	conc := runtime.GOMAXPROCS(0)
+	enc, err := encoder(zstd.SpeedFastest, conc)
+	if err != nil {
+		return
+	}
+	// Concurrent calls take distinct encoder states: each allocates its
+	// own on its first block.
+	sample := bytes.Repeat([]byte("ferry warms its encoder. "), (256<<10)/25)
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() { enc.EncodeAll(sample, nil) })
+	}
+	wg.Wait()
+}
+
+// encoder returns the process's zstd encoder for level and concurrency.
+// Writers share encoders (EncodeAll is safe for concurrent use) so that
+// their tables are allocated once per process, and never close them.
+func encoder(level zstd.EncoderLevel, concurrency int) (*zstd.Encoder, error) {
+	encoders.mu.Lock()
+	defer encoders.mu.Unlock()
+	k := encoderKey{level, concurrency}
+	if e := encoders.m[k]; e != nil {
+		return e, nil
+	}
+	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(concurrency))
+	if err != nil {
+		return nil, err
+	}
+	if encoders.m == nil {
+		encoders.m = map[encoderKey]*zstd.Encoder{}
+	}
+	encoders.m[k] = e
+	return e, nil
+}
+
+type encoderKey struct {
+	level       zstd.EncoderLevel
+	concurrency int
+}
+
+var encoders struct {
+	mu sync.Mutex
+	m  map[encoderKey]*zstd.Encoder
+}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	pb "github.com/ferry-cr/ferry/proto"
@@ -348,5 +349,156 @@ func TestAdaptiveCompression(t *testing.T) {
 				t.Fatalf("read back %d of %d bytes: %v", len(got["pages-1.img"]), len(text), err)
 			}
 		})
+	}
+}
+
+// Adaptive compression sends a small file raw even to a slow output (it
+// would save a few KiB); plain zstd compresses it.
+func TestAdaptiveSmallFileRaw(t *testing.T) {
+	text := bytes.Repeat([]byte("ferry carries a process. "), 16<<10/25)
+	for _, adaptive := range []bool{true, false} {
+		out := &slowWriter{}
+		w, err := NewWriter(out, &pb.Manifest{Job: "j"}, WriterOptions{Adaptive: adaptive})
+		if err != nil {
+			t.Fatal(err)
+		}
+		fw, err := w.Create("core-1.img")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := fw.Write(text); err != nil {
+			t.Fatal(err)
+		}
+		if err := fw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if raw := w.StoredBytes() == w.RawBytes(); raw != adaptive {
+			t.Errorf("adaptive %v: stored %d of %d raw bytes", adaptive, w.StoredBytes(), w.RawBytes())
+		}
+		if got, _, err := readAll(out.Bytes()); err != nil || !bytes.Equal(got["core-1.img"], text) {
+			t.Fatalf("adaptive %v: read back %d of %d bytes: %v", adaptive, len(got["core-1.img"]), len(text), err)
+		}
+	}
+}
+
+// TestSmallFirstBuffer crosses the boundary where a file outgrows the
+// small buffer it starts in (FileWriter.room), by Write in odd pieces and
+// by ReadFrom, at the default chunk size, compressed and not.
+func TestSmallFirstBuffer(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	var files []file
+	for i, n := range []int{1, smallChunk - 1, smallChunk, smallChunk + 1, 3*smallChunk + 5, DefaultChunkSize + smallChunk + 9} {
+		data := make([]byte, n)
+		for j := range data {
+			data[j] = byte(r.Uint32() % 7) // compressible, not trivially
+		}
+		files = append(files, file{fmt.Sprintf("f%d.img", i), data})
+	}
+	for _, opts := range []WriterOptions{{}, {NoCompress: true}} {
+		check := func(t *testing.T, data []byte) {
+			got, _, err := readAll(data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range files {
+				if !bytes.Equal(got[f.name], f.data) {
+					t.Fatalf("%s: got %d bytes back, want %d (or they differ)", f.name, len(got[f.name]), len(f.data))
+				}
+			}
+		}
+		t.Run(fmt.Sprintf("write/%v", opts.NoCompress), func(t *testing.T) { check(t, write(t, files, opts)) })
+		t.Run(fmt.Sprintf("readfrom/%v", opts.NoCompress), func(t *testing.T) {
+			var buf bytes.Buffer
+			w, err := NewWriter(&buf, &pb.Manifest{Job: "j"}, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range files {
+				fw, err := w.Create(f.name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				// A reader that returns odd amounts, as a pipe does.
+				if _, err := io.Copy(fw, iotest.OneByteReader(bytes.NewReader(f.data[:min(len(f.data), 100)]))); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := fw.ReadFrom(bytes.NewReader(f.data[min(len(f.data), 100):])); err != nil {
+					t.Fatal(err)
+				}
+				if err := fw.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			check(t, buf.Bytes())
+		})
+	}
+}
+
+// countingWriter counts its Write calls and bytes, safely for polling;
+// each call takes delay.
+type countingWriter struct {
+	delay        time.Duration
+	mu           sync.Mutex
+	calls, bytes int
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	time.Sleep(w.delay)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.calls++
+	w.bytes += len(p)
+	return len(p), nil
+}
+
+func (w *countingWriter) get() (calls, bytes int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.calls, w.bytes
+}
+
+// Small records are gathered into few writes while the output lags, and
+// nothing gathered waits for more: a file's records reach the output
+// while the writer is idle.
+func TestSmallRecordsGathered(t *testing.T) {
+	out := &countingWriter{delay: time.Millisecond}
+	w, err := NewWriter(out, &pb.Manifest{Job: "j"}, WriterOptions{NoDigests: true, Adaptive: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		fw, err := w.Create(fmt.Sprintf("core-%d.img", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := fw.Write(bytes.Repeat([]byte{byte(i)}, 3000)); err != nil {
+			t.Fatal(err)
+		}
+		if err := fw.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The writer is idle now, not closed: all 50 files must be out.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, n := out.get(); n < 50*3000; _, n = out.get() {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d bytes reached the output of an idle writer", n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// 150 records (start, chunk, end of each file) and the header: one
+	// write each, ungathered. The output is slower than the files come,
+	// so the queue stays full and each write takes several records.
+	if calls, _ := out.get(); calls > 75 {
+		t.Errorf("%d writes for 50 small files", calls)
 	}
 }

@@ -36,6 +36,11 @@ type WriterOptions struct {
 	// raw chunks and costs no CPU on either side; a slow one gets them
 	// compressed. Both rates are measured as the stream goes, and each
 	// chunk records its own compression, so readers need nothing new.
+	// Files of up to 64 KiB (most of a checkpoint's files but its
+	// memory) always go raw: compressing them saves little on any link,
+	// and in a fresh process the encoder's first uses cost page faults
+	// worth more than that (tens of ms for a lazy checkpoint, which is
+	// all downtime).
 	Adaptive bool
 }
 
@@ -133,7 +138,7 @@ func NewWriter(w io.Writer, m *pb.Manifest, opts WriterOptions) (*Writer, error)
 		if opts.Level > 1 {
 			level = zstd.EncoderLevelFromZstd(opts.Level)
 		}
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(opts.Concurrency))
+		enc, err := encoder(level, opts.Concurrency)
 		if err != nil {
 			return nil, fmt.Errorf("zstd: %w", err)
 		}
@@ -187,6 +192,13 @@ func (wr *Writer) emitTimed(b []byte) (time.Duration, error) {
 }
 
 // drain writes records in submission order as they become ready.
+//
+// Small records (a file's start and end, a small file's one chunk) are
+// gathered and written together whenever drain would otherwise wait: a
+// checkpoint has dozens of files of a few KiB, and one write per record
+// costs a system call, and on a migration link a message and a wake-up
+// of the receiver, each. Nothing gathered waits for more: the gathered
+// bytes go out before drain waits for a record or for the queue.
 func (wr *Writer) drain() {
 	var err error
 	// The output's rate is sampled over several payloads: one small (well
@@ -194,8 +206,31 @@ func (wr *Writer) drain() {
 	const sampleBytes, samplePayloads = 256 << 10, 8
 	var sampled, payloads int
 	var took time.Duration
-	for p := range wr.queue {
-		<-p.ready
+	gathered := make([]byte, 0, gatherMax)
+	flush := func() {
+		if len(gathered) > 0 && err == nil {
+			_, err = wr.emitTimed(gathered)
+		}
+		gathered = gathered[:0]
+	}
+	for {
+		var p *pending
+		var ok bool
+		select {
+		case p, ok = <-wr.queue:
+		default:
+			flush()
+			p, ok = <-wr.queue
+		}
+		if !ok {
+			break
+		}
+		select {
+		case <-p.ready:
+		default:
+			flush()
+			<-p.ready
+		}
 		if err != nil {
 			continue // keep receiving so submitters never block
 		}
@@ -204,25 +239,40 @@ func (wr *Writer) drain() {
 			continue
 		}
 		if p.file != nil {
-			p.file.firstRecord = wr.written
+			p.file.firstRecord = wr.written + uint64(len(gathered))
 		}
 		wr.stored += p.stored
-		err = wr.emit(p.record)
-		if err == nil && len(p.payload) > 0 {
-			var d time.Duration
-			d, err = wr.emitTimed(p.payload)
-			sampled, took, payloads = sampled+len(p.payload), took+d, payloads+1
-			if sampled >= sampleBytes || payloads >= samplePayloads {
-				wr.outRate.add(sampled, took)
-				sampled, took, payloads = 0, 0, 0
+		if n := len(p.record) + len(p.payload); n <= gatherMax/2 {
+			if len(gathered)+n > gatherMax {
+				flush()
+			}
+			gathered = append(append(gathered, p.record...), p.payload...)
+		} else {
+			flush()
+			if err == nil {
+				err = wr.emit(p.record)
+			}
+			if err == nil && len(p.payload) > 0 {
+				var d time.Duration
+				d, err = wr.emitTimed(p.payload)
+				sampled, took, payloads = sampled+len(p.payload), took+d, payloads+1
+				if sampled >= sampleBytes || payloads >= samplePayloads {
+					wr.outRate.add(sampled, took)
+					sampled, took, payloads = 0, 0, 0
+				}
 			}
 		}
 		if p.recycle != nil {
 			p.recycle()
 		}
 	}
+	flush()
 	wr.done <- err
 }
+
+// gatherMax is the most drain gathers before writing; records of up to
+// half of it are gathered.
+const gatherMax = 64 << 10
 
 // submit queues a record; work, if any, runs concurrently and fills it.
 func (wr *Writer) submit(p *pending, work func(*pending)) error {
@@ -319,14 +369,12 @@ func (fw *FileWriter) Write(p []byte) (int, error) {
 	n := len(p)
 	cs := fw.wr.opts.ChunkSize
 	for len(p) > 0 {
-		if fw.buf == nil {
-			fw.buf = fw.wr.getBuf()
-		}
-		take := min(cs-len(fw.buf), len(p))
+		fw.room()
+		take := min(cap(fw.buf)-len(fw.buf), len(p))
 		fw.buf = append(fw.buf, p[:take]...)
 		p = p[take:]
 		if len(fw.buf) == cs {
-			if err := fw.flush(); err != nil {
+			if err := fw.flush(false); err != nil {
 				return n - len(p), err
 			}
 		}
@@ -344,14 +392,12 @@ func (fw *FileWriter) ReadFrom(r io.Reader) (int64, error) {
 	cs := fw.wr.opts.ChunkSize
 	var total int64
 	for {
-		if fw.buf == nil {
-			fw.buf = fw.wr.getBuf()
-		}
-		k, err := r.Read(fw.buf[len(fw.buf):cs])
+		fw.room()
+		k, err := r.Read(fw.buf[len(fw.buf):cap(fw.buf)])
 		fw.buf = fw.buf[:len(fw.buf)+k]
 		total += int64(k)
 		if len(fw.buf) == cs {
-			if ferr := fw.flush(); ferr != nil {
+			if ferr := fw.flush(false); ferr != nil {
 				return total, ferr
 			}
 		}
@@ -364,11 +410,47 @@ func (fw *FileWriter) ReadFrom(r io.Reader) (int64, error) {
 	}
 }
 
+// room makes sure fw.buf has room for more bytes of the current chunk.
+// A file's first chunk starts in a small buffer and moves to a full one
+// only if it outgrows it: most of a checkpoint's files are a few KiB, and
+// a full chunk buffer, fresh, is megabytes that must be faulted in (a
+// process that packs a small lazy checkpoint would spend more time on
+// that than on the data).
+func (fw *FileWriter) room() {
+	switch {
+	case fw.buf == nil && fw.chunks == 0 && fw.wr.opts.ChunkSize > smallChunk:
+		fw.buf = smallBufs.get()
+	case fw.buf == nil:
+		fw.buf = fw.wr.getBuf()
+	case len(fw.buf) == cap(fw.buf):
+		// A small first buffer, full: the file is larger.
+		full := append(fw.wr.getBuf(), fw.buf...)
+		smallBufs.put(fw.buf)
+		fw.buf = full
+	}
+}
+
 // getBuf and putBuf recycle chunk buffers: a checkpoint moves gigabytes
-// through a handful of them.
+// through a handful of them. putBuf also takes the small buffers files
+// start in (see room), and getOut returns a buffer for compressing n
+// bytes.
 func (wr *Writer) getBuf() []byte { return wr.bufs.get() }
 
-func (wr *Writer) putBuf(b []byte) { wr.bufs.put(b) }
+func (wr *Writer) putBuf(b []byte) {
+	if cap(b) == smallChunk {
+		smallBufs.put(b)
+		return
+	}
+	wr.bufs.put(b)
+}
+
+func (wr *Writer) getOut(n int) []byte {
+	if n <= smallChunk && wr.opts.ChunkSize > smallChunk {
+		// zstd grows it should the output exceed it (putBuf then drops it).
+		return smallBufs.get()
+	}
+	return wr.getBuf()
+}
 
 // newDigest is SHA-256, or nothing for a stream without digests.
 func newDigest(none bool) hash.Hash {
@@ -378,11 +460,14 @@ func newDigest(none bool) hash.Hash {
 	return sha256.New()
 }
 
-// flush submits the buffered bytes as one chunk.
-func (fw *FileWriter) flush() error {
+// flush submits the buffered bytes as one chunk; last says the file
+// ends with it.
+func (fw *FileWriter) flush(last bool) error {
 	if len(fw.buf) == 0 {
 		return nil
 	}
+	// A small file, whole in this one chunk (see WriterOptions.Adaptive).
+	small := last && fw.chunks == 0 && len(fw.buf) <= smallChunk
 	data := fw.buf
 	fw.buf = nil
 	fw.sum.Write(data)
@@ -395,10 +480,10 @@ func (fw *FileWriter) flush() error {
 		h := &pb.RecordHeader{Kind: pb.RecordHeader_CHUNK, File: fw.index, Offset: offset, RawLen: uint32(len(data)), Compression: wr.opts.Compression}
 		payload := data
 		p.recycle = func() { wr.putBuf(data) }
-		if wr.enc != nil && wr.opts.Adaptive && !wr.compressing() {
+		if wr.enc != nil && wr.opts.Adaptive && (small || !wr.compressing()) {
 			h.Compression = pb.Compression_COMPRESSION_NONE
 		} else if wr.enc != nil {
-			out := wr.getBuf()
+			out := wr.getOut(len(data))
 			t := time.Now()
 			enc := wr.enc.EncodeAll(data, out)
 			wr.zipRate.add(len(data), time.Since(t))
@@ -439,7 +524,7 @@ func (fw *FileWriter) Close() error {
 	if fw.closed {
 		return nil
 	}
-	if err := fw.flush(); err != nil {
+	if err := fw.flush(true); err != nil {
 		return err
 	}
 	fw.closed = true
@@ -506,9 +591,6 @@ func (wr *Writer) CloseWith(final *pb.Manifest) error {
 	wr.mu.Unlock()
 	close(wr.queue)
 	err := <-wr.done
-	if wr.enc != nil {
-		wr.enc.Close()
-	}
 	if err != nil {
 		return err
 	}
