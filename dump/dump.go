@@ -112,6 +112,13 @@ type PostCopy struct {
 	// Pages is a connected socket to the destination (CRIU's --ps-socket).
 	Pages *os.File
 	Serve func(ctx context.Context, served <-chan error) error
+	// Prepared, when set, runs once the stream's first record (what is
+	// known before CRIU runs, see Options.StreamTo) is out and before
+	// CRIU starts: a destination that starts its restore from that record
+	// says here when it is ready, so that its start-up competes with
+	// neither the dump nor the downtime. An error fails the checkpoint
+	// before anything was frozen.
+	Prepared func(ctx context.Context) error
 }
 
 // ErrKeepStopped is a Handover or PostCopy.Serve verdict: neither end nor
@@ -659,6 +666,42 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		handedOver bool       // the gate's Handover succeeded: CRIU ended the tree
 		held       *heldFiles // PagesLast: the pages files, sent last
 	)
+	// manifest is what is known of the checkpoint before CRIU runs: all
+	// a restore needs to start (a stream's first record carries it).
+	manifest := func() *checkpoint.Manifest {
+		m := &checkpoint.Manifest{
+			Format:         checkpoint.FormatVersion,
+			FerryVersion:   opts.FerryVersion,
+			CriuVersion:    opts.Criu.Version.String(),
+			Kernel:         kernelRelease(),
+			Created:        time.Now().UTC(),
+			Job:            t.name,
+			Command:        t.command,
+			Dir:            t.dir,
+			Foreign:        t.foreign,
+			ExternalPidNS:  t.pidNS != 0,
+			ShellJob:       plan.ShellJob,
+			OutputPipe:     outPipe,
+			ErrorPipe:      errPipe,
+			TCPEstablished: plan.TCPEstablished,
+			NetworkLock:    netLock,
+			FileLocks:      plan.FileLocks,
+			ExtUnixSk:      plan.ExtUnixSk,
+			Periodic:       t.periodic,
+			Init:           initExe,
+		}
+		m.Host, _ = os.Hostname()
+		m.Inventory, _ = json.Marshal(inv)
+		m.Plan, _ = json.Marshal(plan)
+		return m
+	}
+	// A post-copy stream starts before CRIU does, with what is known of
+	// the checkpoint: the destination starts its restore's slow parts
+	// (two CRIUs' start-up) while this side dumps, not in the downtime.
+	var (
+		lazyStream *image.Writer
+		lazyOut    *countingWriter
+	)
 	// seal builds the result and the manifest from what CRIU wrote and
 	// completes the checkpoint: once it returns, the output is whole.
 	var res *Result
@@ -685,33 +728,8 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		} else {
 			res.Processes, res.Threads = countTasks(tmp)
 		}
-		m := &checkpoint.Manifest{
-			Format:         checkpoint.FormatVersion,
-			FerryVersion:   opts.FerryVersion,
-			CriuVersion:    opts.Criu.Version.String(),
-			Kernel:         kernelRelease(),
-			Created:        time.Now().UTC(),
-			Job:            t.name,
-			Command:        t.command,
-			Dir:            t.dir,
-			Foreign:        t.foreign,
-			ExternalPidNS:  t.pidNS != 0,
-			ShellJob:       plan.ShellJob,
-			OutputPipe:     outPipe,
-			ErrorPipe:      errPipe,
-			TCPEstablished: plan.TCPEstablished,
-			NetworkLock:    netLock,
-			FileLocks:      plan.FileLocks,
-			ExtUnixSk:      plan.ExtUnixSk,
-			Periodic:       t.periodic,
-			Processes:      res.Processes,
-			Threads:        res.Threads,
-			MemoryBytes:    res.Memory,
-		}
-		m.Host, _ = os.Hostname()
-		m.Init = initExe
-		m.Inventory, _ = json.Marshal(inv)
-		m.Plan, _ = json.Marshal(plan)
+		m := manifest()
+		m.Processes, m.Threads, m.MemoryBytes = res.Processes, res.Threads, res.Memory
 		if res.CriuStats != nil {
 			m.CriuStats, _ = json.Marshal(res.CriuStats)
 		}
@@ -724,6 +742,13 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			os.RemoveAll(tmp)
 		case streaming:
 			res.Size, err = finishStreamed(iw, sk, m, sizes, held)
+			os.RemoveAll(tmp)
+		case lazyStream != nil:
+			opts.Progress.SetPhase("packing")
+			if _, err = seal(tmp, m, false); err == nil {
+				err = checkpoint.PackInto(lazyStream, tmp, m, checkpoint.ToProto(m))
+			}
+			res.Size = lazyOut.n
 			os.RemoveAll(tmp)
 		case opts.Stream:
 			res.Size, err = finishStream(tmp, out, m, opts)
@@ -762,6 +787,18 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			return nil, err
 		}
 		defer release()
+		if out == "-" {
+			lazyOut = &countingWriter{w: opts.StreamTo, meter: opts.Progress}
+			if lazyStream, err = image.NewWriter(lazyOut, checkpoint.ToProto(manifest()), opts.Image); err != nil {
+				return nil, err
+			}
+			defer lazyStream.Abort() // a failed dump leaves the stream incomplete; no-op once closed
+		}
+		if opts.PostCopy.Prepared != nil {
+			if err := opts.PostCopy.Prepared(ctx); err != nil {
+				return nil, err
+			}
+		}
 		args := append(cliArgs(copts, tmp, t.workDir, false), "--lazy-pages", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0))))
 		var hook *criu.Actions
 		if lateFreeze {
@@ -810,13 +847,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			return nil, err
 		}
 		defer sk.abort()
-		head := &checkpoint.Manifest{Format: checkpoint.FormatVersion, FerryVersion: opts.FerryVersion,
-			CriuVersion: opts.Criu.Version.String(), Kernel: kernelRelease(), Created: time.Now().UTC(),
-			Job: t.name, Command: t.command, Dir: t.dir, Foreign: t.foreign}
-		head.Host, _ = os.Hostname()
-		head.Inventory, _ = json.Marshal(inv)
-		head.Plan, _ = json.Marshal(plan)
-		if iw, err = image.NewWriter(sk, checkpoint.ToProto(head), opts.Image); err != nil {
+		if iw, err = image.NewWriter(sk, checkpoint.ToProto(manifest()), opts.Image); err != nil {
 			return nil, err
 		}
 		var gate func(map[string]int64) error

@@ -272,11 +272,21 @@ func ReadArchive(r io.Reader) (*Archive, error) {
 // the reader stop before it forgets the archive: Close, and an end of r.
 func StreamArchive(r io.Reader) (*Archive, error) { return readArchive(r, true) }
 
+// ReadArchiveFrom is ReadArchive for a stream whose header and manifest
+// rd has read (and nothing after them): for a caller that acts on the
+// manifest while the rest of the stream is still coming.
+func ReadArchiveFrom(rd *Reader) (*Archive, error) { return archiveFrom(rd, false) }
+
 func readArchive(r io.Reader, early bool) (*Archive, error) {
 	rd, err := NewReader(r)
 	if err != nil {
 		return nil, err
 	}
+	return archiveFrom(rd, early)
+}
+
+func archiveFrom(rd *Reader, early bool) (*Archive, error) {
+	var err error
 	mem := &arena{}
 	a := &Archive{manifest: rd.Manifest(), files: map[string]*archiveFile{}, noDigests: !rd.Digests(), mem: mem,
 		read: make(chan struct{})}

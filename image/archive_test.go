@@ -7,6 +7,8 @@ import (
 	"os"
 	"sync/atomic"
 	"testing"
+
+	pb "github.com/ferry-cr/ferry/proto"
 )
 
 // openBoth indexes data as a file would be (OpenArchive) and as a pipe
@@ -179,5 +181,56 @@ func TestArchiveSpliceTo(t *testing.T) {
 			}
 		}
 		a.Close()
+	}
+}
+
+// ReadArchiveFrom takes over a stream whose manifest was read already.
+func TestReadArchiveFrom(t *testing.T) {
+	files := testFiles(9, 300<<10)
+	data := write(t, files, WriterOptions{NoDigests: true})
+	rd, err := NewReader(bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rd.Manifest().GetJob() != "j" {
+		t.Fatalf("manifest job %q", rd.Manifest().GetJob())
+	}
+	a, err := ReadArchiveFrom(rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	for _, f := range files {
+		var buf bytes.Buffer
+		if _, err := a.WriteTo(f.name, &buf); err != nil || !bytes.Equal(buf.Bytes(), f.data) {
+			t.Fatalf("%s: %d of %d bytes back: %v", f.name, buf.Len(), len(f.data), err)
+		}
+	}
+}
+
+// An aborted writer leaves a stream that readers refuse.
+func TestWriterAbort(t *testing.T) {
+	var buf bytes.Buffer
+	w, err := NewWriter(&buf, &pb.Manifest{Job: "j"}, WriterOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw, err := w.Create("inventory.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fw.Write([]byte("inventory")); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	w.Abort()
+	w.Abort() // idempotent
+	if err := w.Close(); err == nil {
+		t.Fatal("Close after Abort succeeded")
+	}
+	if _, err := ReadArchive(bytes.NewReader(buf.Bytes())); err == nil {
+		t.Fatalf("an aborted stream of %d bytes was read as whole", buf.Len())
 	}
 }

@@ -59,6 +59,7 @@ type Writer struct {
 	mu      sync.Mutex
 	files   []*FileWriter
 	closed  bool
+	aborted bool // closed by Abort
 	failed  error
 	written uint64 // set by the writing goroutine only
 	stored  uint64 // likewise
@@ -517,6 +518,23 @@ func (wr *Writer) compressing() bool {
 	return zip*float64(wr.opts.Concurrency) > out
 }
 
+// Abort ends the writer without a trailer: what it wrote stays an
+// incomplete stream, which every reader refuses. For a stream already
+// on its way whose writing failed elsewhere. Open files are abandoned.
+func (wr *Writer) Abort() {
+	wr.mu.Lock()
+	if wr.closed {
+		wr.mu.Unlock()
+		return
+	}
+	wr.closed, wr.aborted = true, true
+	wr.mu.Unlock()
+	close(wr.queue)
+	<-wr.done
+}
+
+var errAborted = errors.New("image writer was aborted: the stream is incomplete")
+
 // Close submits the last chunk and the file's end.
 func (fw *FileWriter) Close() error {
 	fw.mu.Lock()
@@ -584,6 +602,9 @@ func (wr *Writer) CloseWith(final *pb.Manifest) error {
 	wr.mu.Lock()
 	if wr.closed {
 		wr.mu.Unlock()
+		if wr.aborted {
+			return errAborted
+		}
 		return nil
 	}
 	wr.closed = true

@@ -44,6 +44,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/dump"
+	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	pb "github.com/ferry-cr/ferry/proto"
@@ -117,6 +119,22 @@ func (p *postCopySource) close() {
 	}
 	p.file.Close()
 	p.link.Close()
+}
+
+// prepared is dump.PostCopy.Prepared: it waits for the destination to
+// say that its restore's CRIUs have started up and wait for the
+// checkpoint, whose first record is on its way.
+func (p *postCopySource) prepared(ctx context.Context) error {
+	t0 := time.Now()
+	m, err := p.c.recv(stepTimeout)
+	if err != nil {
+		return fmt.Errorf("waiting for the destination to prepare its restore: %w", err)
+	}
+	if m.GetPrepared() == nil {
+		return fmt.Errorf("the destination sent %T while it was to prepare its restore", m.GetMsg())
+	}
+	p.log.Debug("destination prepared", "waited", time.Since(t0), "its start-up", time.Duration(m.GetPrepared().GetTookNs()))
+	return ctx.Err()
 }
 
 type ctlMsg struct {
@@ -390,13 +408,14 @@ type startingDaemon struct {
 	err    error
 }
 
-// startDaemon starts CRIU's lazy-pages daemon on dir in the background.
-func startDaemon(ctx context.Context, b *criu.Binary, dir string, pages *net.TCPAddr, log *slog.Logger) *startingDaemon {
+// startDaemon starts CRIU's lazy-pages daemon in the background (see
+// restore.StartLazyPages).
+func startDaemon(ctx context.Context, b *criu.Binary, images, work string, pages *net.TCPAddr, log *slog.Logger) *startingDaemon {
 	s := &startingDaemon{done: make(chan struct{})}
 	t0 := time.Now()
 	go func() {
 		defer close(s.done)
-		s.daemon, s.err = restore.StartLazyPages(ctx, b, dir, pages)
+		s.daemon, s.err = restore.StartLazyPages(ctx, b, images, work, pages)
 		log.Debug("lazy-pages daemon started", "err", s.err, "took", time.Since(t0))
 	}()
 	return s
@@ -436,7 +455,7 @@ func (s *startingDaemon) stop() {
 
 // receivePostCopy is the destination's side of a post-copy migration,
 // after the offer was accepted.
-func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, name string, log *slog.Logger) error {
+func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, name string, sayPrepared bool, log *slog.Logger) error {
 	session, links, forget := sv.sessions.open()
 	defer forget()
 	sv.answerSession(c, name, session)
@@ -450,39 +469,95 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	}
 	defer link.Close()
 
-	base := sv.Restore.ServeDir
-	if err := os.MkdirAll(base, 0o700); err != nil {
-		return err
-	}
-	dir, err := os.MkdirTemp(base, "lazy-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
+	// The stream's first record (the manifest) comes before the source
+	// dumps: the lazy-pages daemon and the restore start up now, while the
+	// job still runs there, and wait for the rest (restore.EarlyLazy).
 	t0 := time.Now()
-	if _, err := restore.Unpack(&dataReader{c: c}, dir); err != nil {
+	rd, err := image.NewReader(&dataReader{c: c})
+	if err != nil {
 		c.abort("receiving the checkpoint failed on the destination: " + err.Error())
 		return fmt.Errorf("receiving: %w", err)
 	}
-	log.Debug("lazy checkpoint received", "took", time.Since(t0))
+	early, err := restore.NewEarlyLazy(sv.Restore.ServeDir, checkpoint.FromProto(rd.Manifest()))
+	if err != nil {
+		c.abort(err.Error())
+		return err
+	}
+	defer early.Close() // after the daemon has gone (deferred below)
 	rl, err := newRelay(link)
 	if err != nil {
 		c.abort(err.Error())
 		return err
 	}
 	defer rl.close()
-	// The daemon and the restore start together (their CRIUs' start-ups,
-	// ~70 ms each here, are downtime): the restore is held at its first
-	// image until the daemon listens (restore.Options.LazyReady).
-	t0 = time.Now()
-	starting := startDaemon(ctx, sv.Restore.Criu, dir, rl.addr(), log)
+	starting := startDaemon(ctx, sv.Restore.Criu, early.Daemon, early.Dir, rl.addr(), log)
 	defer starting.stop()
+	var fillErr error
+	filled := make(chan struct{})
+	go func() {
+		defer close(filled)
+		a, err := image.ReadArchiveFrom(rd)
+		if err == nil {
+			_, err = early.Fill(a)
+			a.Close()
+		}
+		fillErr = err
+		log.Debug("lazy checkpoint received", "took", time.Since(t0), "err", err)
+	}()
+	defer func() {
+		select {
+		case <-filled:
+		default:
+			// Still reading: the restore failed first (and said so to the
+			// source). Cut the connection for good.
+			c.cutOff()
+			<-filled
+		}
+	}()
 
+	// Prepared, when the source waits for it, once the daemon waits at
+	// its first image and the restore at its own.
+	asked, over := make(chan struct{}), make(chan struct{})
+	defer close(over)
+	var askOnce sync.Once
+	if sayPrepared {
+		go func() {
+			for _, ch := range []<-chan struct{}{early.DaemonWaiting(), asked} {
+				select {
+				case <-ch:
+				case <-over:
+					return
+				}
+			}
+			took := time.Since(t0)
+			log.Debug("prepared for the checkpoint", "took", took)
+			_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Prepared{Prepared: &pb.Prepared{TookNs: int64(took)}}}, stepTimeout)
+		}()
+	}
 	ropts := sv.Restore
-	ropts.Checkpoint, ropts.Name, ropts.LazyPages = dir, name, true
+	ropts.Checkpoint, ropts.Name, ropts.LazyPages, ropts.LazyImages = early.Dir, name, true, early.Images
 	ropts.LazyReady = func(ctx context.Context) error {
-		_, err := starting.wait(ctx)
-		return err
+		askOnce.Do(func() { close(asked) })
+		// The daemon is ready only once the checkpoint has come (it reads
+		// two images first), but it may fail before: then at once, so
+		// that a source waiting for Prepared hears why.
+		for daemon := starting.done; ; {
+			select {
+			case <-filled:
+				if fillErr != nil {
+					return fmt.Errorf("receiving the checkpoint: %w", fillErr)
+				}
+				_, err := starting.wait(ctx)
+				return err
+			case <-daemon:
+				if _, err := starting.wait(ctx); err != nil {
+					return err
+				}
+				daemon = nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
 	}
 	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s (post-copy) and held frozen until the source commits")
 	if err != nil {
@@ -532,7 +607,7 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	}
 	var settle <-chan time.Time
 	sourceGone := rl.sourceGone
-	daemonExit := daemonDone(daemon, filepath.Join(dir, "lazy-pages.log"))
+	daemonExit := daemonDone(daemon, filepath.Join(early.Dir, "lazy-pages.log"))
 	// exited handles the daemon's exit: every page arrived, or our copy
 	// lacks some and must go.
 	exited := func(err error) error {

@@ -135,7 +135,7 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn) (kept bool, err error
 	log = log.With("job", name)
 	log.Info("receiving a migration", "mode", offer.GetMode(), "memory", offer.GetMemoryBytes())
 	if mode == ModePostCopy {
-		return false, sv.receivePostCopy(ctx, c, nc, name, log)
+		return false, sv.receivePostCopy(ctx, c, nc, name, offer.GetWaitPrepared(), log)
 	}
 	sv.answer(c, true, "", name)
 	return false, sv.receiveStopCopy(ctx, c, nc, name, log)
@@ -251,7 +251,7 @@ func (sv *Server) authenticate(c *conn) error {
 		return err
 	}
 	host, _ := os.Hostname()
-	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty, EarlyRestore: true}
+	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty, EarlyRestore: true, EarlyLazy: true}
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Nonce: nonce, Host: host, Capabilities: caps}}}, stepTimeout); err != nil {
 		return err
 	}

@@ -96,9 +96,13 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		return nil, err
 	}
 	rep := &Report{Job: name, To: opts.To, Mode: dec.Mode, Reason: dec.Reason, Memory: v.RSS}
+	// A post-copy destination that starts its restore from the stream's
+	// first record says when it is up; the dump waits for that.
+	waitPrepared := dec.Mode == ModePostCopy && hello.GetCapabilities().GetEarlyLazy()
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Offer{Offer: &pb.Offer{
 		Job: name, Mode: string(dec.Mode), MemoryBytes: v.RSS, FerryVersion: opts.Dump.FerryVersion,
-		CriuVersion: opts.Dump.Criu.Version.String(),
+		WaitPrepared: waitPrepared,
+		CriuVersion:  opts.Dump.Criu.Version.String(),
 	}}}, stepTimeout); err != nil {
 		return nil, fmt.Errorf("offering the job: %w", err)
 	}
@@ -137,6 +141,9 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 			return stopped
 		}
 		dopts.PostCopy = &dump.PostCopy{Pages: pc.file, Serve: pc.serve}
+		if waitPrepared {
+			dopts.PostCopy.Prepared = pc.prepared
+		}
 	}
 	dopts.Handover = func(ctx context.Context) error {
 		if err := dw.close(); err != nil {

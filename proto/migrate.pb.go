@@ -43,6 +43,7 @@ type Envelope struct {
 	//	*Envelope_Commit
 	//	*Envelope_Dropped
 	//	*Envelope_Complete
+	//	*Envelope_Prepared
 	Msg           isEnvelope_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -211,6 +212,15 @@ func (x *Envelope) GetComplete() *Complete {
 	return nil
 }
 
+func (x *Envelope) GetPrepared() *Prepared {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_Prepared); ok {
+			return x.Prepared
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Msg interface {
 	isEnvelope_Msg()
 }
@@ -271,6 +281,10 @@ type Envelope_Complete struct {
 	Complete *Complete `protobuf:"bytes,14,opt,name=complete,proto3,oneof"`
 }
 
+type Envelope_Prepared struct {
+	Prepared *Prepared `protobuf:"bytes,15,opt,name=prepared,proto3,oneof"`
+}
+
 func (*Envelope_Hello) isEnvelope_Msg() {}
 
 func (*Envelope_Auth) isEnvelope_Msg() {}
@@ -299,6 +313,8 @@ func (*Envelope_Dropped) isEnvelope_Msg() {}
 
 func (*Envelope_Complete) isEnvelope_Msg() {}
 
+func (*Envelope_Prepared) isEnvelope_Msg() {}
+
 // Capabilities is what a host's kernel and CRIU can do for migration.
 type Capabilities struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -307,7 +323,11 @@ type Capabilities struct {
 	// The destination restores a stop-copy stream while its remaining files
 	// (a REMAINING record: CRIU's pages) still arrive, so the source may put
 	// them last. Not a kernel capability: one of ferry's.
-	EarlyRestore  bool `protobuf:"varint,3,opt,name=early_restore,json=earlyRestore,proto3" json:"early_restore,omitempty"`
+	EarlyRestore bool `protobuf:"varint,3,opt,name=early_restore,json=earlyRestore,proto3" json:"early_restore,omitempty"`
+	// The destination starts a post-copy restore (its lazy-pages daemon and
+	// its CRIU) from the stream's first record, before the source dumps,
+	// and says Prepared once both wait for the rest, if the Offer asks.
+	EarlyLazy     bool `protobuf:"varint,4,opt,name=early_lazy,json=earlyLazy,proto3" json:"early_lazy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -359,6 +379,13 @@ func (x *Capabilities) GetSoftDirty() bool {
 func (x *Capabilities) GetEarlyRestore() bool {
 	if x != nil {
 		return x.EarlyRestore
+	}
+	return false
+}
+
+func (x *Capabilities) GetEarlyLazy() bool {
+	if x != nil {
+		return x.EarlyLazy
 	}
 	return false
 }
@@ -497,12 +524,16 @@ func (x *Auth) GetHost() string {
 
 // Offer describes the job about to be sent.
 type Offer struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Job           string                 `protobuf:"bytes,1,opt,name=job,proto3" json:"job,omitempty"`
-	Mode          string                 `protobuf:"bytes,2,opt,name=mode,proto3" json:"mode,omitempty"`
-	MemoryBytes   int64                  `protobuf:"varint,3,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
-	FerryVersion  string                 `protobuf:"bytes,4,opt,name=ferry_version,json=ferryVersion,proto3" json:"ferry_version,omitempty"`
-	CriuVersion   string                 `protobuf:"bytes,5,opt,name=criu_version,json=criuVersion,proto3" json:"criu_version,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Job          string                 `protobuf:"bytes,1,opt,name=job,proto3" json:"job,omitempty"`
+	Mode         string                 `protobuf:"bytes,2,opt,name=mode,proto3" json:"mode,omitempty"`
+	MemoryBytes  int64                  `protobuf:"varint,3,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
+	FerryVersion string                 `protobuf:"bytes,4,opt,name=ferry_version,json=ferryVersion,proto3" json:"ferry_version,omitempty"`
+	CriuVersion  string                 `protobuf:"bytes,5,opt,name=criu_version,json=criuVersion,proto3" json:"criu_version,omitempty"`
+	// The source waits for Prepared before it dumps (post-copy, to a
+	// destination with early_lazy): the destination's start-up then never
+	// competes with the dump, nor adds to the downtime.
+	WaitPrepared  bool `protobuf:"varint,6,opt,name=wait_prepared,json=waitPrepared,proto3" json:"wait_prepared,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -572,6 +603,59 @@ func (x *Offer) GetCriuVersion() string {
 	return ""
 }
 
+func (x *Offer) GetWaitPrepared() bool {
+	if x != nil {
+		return x.WaitPrepared
+	}
+	return false
+}
+
+// Prepared (destination to source, post-copy, when the Offer asked):
+// the restore's CRIUs are up and wait for the checkpoint; dump now.
+type Prepared struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TookNs        int64                  `protobuf:"varint,1,opt,name=took_ns,json=tookNs,proto3" json:"took_ns,omitempty"` // from the Offer's answer until prepared
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Prepared) Reset() {
+	*x = Prepared{}
+	mi := &file_proto_migrate_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Prepared) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Prepared) ProtoMessage() {}
+
+func (x *Prepared) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Prepared.ProtoReflect.Descriptor instead.
+func (*Prepared) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Prepared) GetTookNs() int64 {
+	if x != nil {
+		return x.TookNs
+	}
+	return 0
+}
+
 // Answer accepts or refuses an Auth or an Offer.
 type Answer struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -587,7 +671,7 @@ type Answer struct {
 
 func (x *Answer) Reset() {
 	*x = Answer{}
-	mi := &file_proto_migrate_proto_msgTypes[5]
+	mi := &file_proto_migrate_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -599,7 +683,7 @@ func (x *Answer) String() string {
 func (*Answer) ProtoMessage() {}
 
 func (x *Answer) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[5]
+	mi := &file_proto_migrate_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -612,7 +696,7 @@ func (x *Answer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Answer.ProtoReflect.Descriptor instead.
 func (*Answer) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{5}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Answer) GetOk() bool {
@@ -653,7 +737,7 @@ type Data struct {
 
 func (x *Data) Reset() {
 	*x = Data{}
-	mi := &file_proto_migrate_proto_msgTypes[6]
+	mi := &file_proto_migrate_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -665,7 +749,7 @@ func (x *Data) String() string {
 func (*Data) ProtoMessage() {}
 
 func (x *Data) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[6]
+	mi := &file_proto_migrate_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -678,7 +762,7 @@ func (x *Data) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Data.ProtoReflect.Descriptor instead.
 func (*Data) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{6}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Data) GetBytes() []byte {
@@ -698,7 +782,7 @@ type DataEnd struct {
 
 func (x *DataEnd) Reset() {
 	*x = DataEnd{}
-	mi := &file_proto_migrate_proto_msgTypes[7]
+	mi := &file_proto_migrate_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -710,7 +794,7 @@ func (x *DataEnd) String() string {
 func (*DataEnd) ProtoMessage() {}
 
 func (x *DataEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[7]
+	mi := &file_proto_migrate_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -723,7 +807,7 @@ func (x *DataEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DataEnd.ProtoReflect.Descriptor instead.
 func (*DataEnd) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{7}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DataEnd) GetBytes() uint64 {
@@ -745,7 +829,7 @@ type Restored struct {
 
 func (x *Restored) Reset() {
 	*x = Restored{}
-	mi := &file_proto_migrate_proto_msgTypes[8]
+	mi := &file_proto_migrate_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -757,7 +841,7 @@ func (x *Restored) String() string {
 func (*Restored) ProtoMessage() {}
 
 func (x *Restored) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[8]
+	mi := &file_proto_migrate_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -770,7 +854,7 @@ func (x *Restored) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Restored.ProtoReflect.Descriptor instead.
 func (*Restored) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{8}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Restored) GetName() string {
@@ -796,7 +880,7 @@ type Gone struct {
 
 func (x *Gone) Reset() {
 	*x = Gone{}
-	mi := &file_proto_migrate_proto_msgTypes[9]
+	mi := &file_proto_migrate_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -808,7 +892,7 @@ func (x *Gone) String() string {
 func (*Gone) ProtoMessage() {}
 
 func (x *Gone) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[9]
+	mi := &file_proto_migrate_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -821,7 +905,7 @@ func (x *Gone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Gone.ProtoReflect.Descriptor instead.
 func (*Gone) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{9}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{10}
 }
 
 // Running: the destination's copy runs.
@@ -834,7 +918,7 @@ type Running struct {
 
 func (x *Running) Reset() {
 	*x = Running{}
-	mi := &file_proto_migrate_proto_msgTypes[10]
+	mi := &file_proto_migrate_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -846,7 +930,7 @@ func (x *Running) String() string {
 func (*Running) ProtoMessage() {}
 
 func (x *Running) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[10]
+	mi := &file_proto_migrate_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -859,7 +943,7 @@ func (x *Running) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Running.ProtoReflect.Descriptor instead.
 func (*Running) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{10}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Running) GetName() string {
@@ -882,7 +966,7 @@ type AttachPages struct {
 
 func (x *AttachPages) Reset() {
 	*x = AttachPages{}
-	mi := &file_proto_migrate_proto_msgTypes[11]
+	mi := &file_proto_migrate_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -894,7 +978,7 @@ func (x *AttachPages) String() string {
 func (*AttachPages) ProtoMessage() {}
 
 func (x *AttachPages) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[11]
+	mi := &file_proto_migrate_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -907,7 +991,7 @@ func (x *AttachPages) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachPages.ProtoReflect.Descriptor instead.
 func (*AttachPages) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{11}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AttachPages) GetSession() []byte {
@@ -928,7 +1012,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_proto_migrate_proto_msgTypes[12]
+	mi := &file_proto_migrate_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -940,7 +1024,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[12]
+	mi := &file_proto_migrate_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -953,7 +1037,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{12}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{13}
 }
 
 // Dropped (post-copy, destination to source): the destination's copy is
@@ -968,7 +1052,7 @@ type Dropped struct {
 
 func (x *Dropped) Reset() {
 	*x = Dropped{}
-	mi := &file_proto_migrate_proto_msgTypes[13]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -980,7 +1064,7 @@ func (x *Dropped) String() string {
 func (*Dropped) ProtoMessage() {}
 
 func (x *Dropped) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[13]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -993,7 +1077,7 @@ func (x *Dropped) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Dropped.ProtoReflect.Descriptor instead.
 func (*Dropped) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{13}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Dropped) GetReason() string {
@@ -1015,7 +1099,7 @@ type Complete struct {
 
 func (x *Complete) Reset() {
 	*x = Complete{}
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1027,7 +1111,7 @@ func (x *Complete) String() string {
 func (*Complete) ProtoMessage() {}
 
 func (x *Complete) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1040,7 +1124,7 @@ func (x *Complete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Complete.ProtoReflect.Descriptor instead.
 func (*Complete) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{15}
 }
 
 // Abort ends the migration; the sender says why.
@@ -1053,7 +1137,7 @@ type Abort struct {
 
 func (x *Abort) Reset() {
 	*x = Abort{}
-	mi := &file_proto_migrate_proto_msgTypes[15]
+	mi := &file_proto_migrate_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1149,7 @@ func (x *Abort) String() string {
 func (*Abort) ProtoMessage() {}
 
 func (x *Abort) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[15]
+	mi := &file_proto_migrate_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1162,7 @@ func (x *Abort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Abort.ProtoReflect.Descriptor instead.
 func (*Abort) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{15}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Abort) GetReason() string {
@@ -1092,7 +1176,7 @@ var File_proto_migrate_proto protoreflect.FileDescriptor
 
 const file_proto_migrate_proto_rawDesc = "" +
 	"\n" +
-	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xf4\x05\n" +
+	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xae\x06\n" +
 	"\bEnvelope\x12/\n" +
 	"\x05hello\x18\x01 \x01(\v2\x17.ferry.migrate.v1.HelloH\x00R\x05hello\x12,\n" +
 	"\x04auth\x18\x02 \x01(\v2\x16.ferry.migrate.v1.AuthH\x00R\x04auth\x12/\n" +
@@ -1108,14 +1192,17 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\fattach_pages\x18\v \x01(\v2\x1d.ferry.migrate.v1.AttachPagesH\x00R\vattachPages\x122\n" +
 	"\x06commit\x18\f \x01(\v2\x18.ferry.migrate.v1.CommitH\x00R\x06commit\x125\n" +
 	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adropped\x128\n" +
-	"\bcomplete\x18\x0e \x01(\v2\x1a.ferry.migrate.v1.CompleteH\x00R\bcompleteB\x05\n" +
-	"\x03msg\"q\n" +
+	"\bcomplete\x18\x0e \x01(\v2\x1a.ferry.migrate.v1.CompleteH\x00R\bcomplete\x128\n" +
+	"\bprepared\x18\x0f \x01(\v2\x1a.ferry.migrate.v1.PreparedH\x00R\bpreparedB\x05\n" +
+	"\x03msg\"\x90\x01\n" +
 	"\fCapabilities\x12\x1d\n" +
 	"\n" +
 	"lazy_pages\x18\x01 \x01(\bR\tlazyPages\x12\x1d\n" +
 	"\n" +
 	"soft_dirty\x18\x02 \x01(\bR\tsoftDirty\x12#\n" +
-	"\rearly_restore\x18\x03 \x01(\bR\fearlyRestore\"\x8f\x01\n" +
+	"\rearly_restore\x18\x03 \x01(\bR\fearlyRestore\x12\x1d\n" +
+	"\n" +
+	"early_lazy\x18\x04 \x01(\bR\tearlyLazy\"\x8f\x01\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12\x12\n" +
@@ -1124,13 +1211,16 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\x04Auth\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x10\n" +
 	"\x03mac\x18\x02 \x01(\fR\x03mac\x12\x12\n" +
-	"\x04host\x18\x03 \x01(\tR\x04host\"\x98\x01\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\"\xbd\x01\n" +
 	"\x05Offer\x12\x10\n" +
 	"\x03job\x18\x01 \x01(\tR\x03job\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\tR\x04mode\x12!\n" +
 	"\fmemory_bytes\x18\x03 \x01(\x03R\vmemoryBytes\x12#\n" +
 	"\rferry_version\x18\x04 \x01(\tR\fferryVersion\x12!\n" +
-	"\fcriu_version\x18\x05 \x01(\tR\vcriuVersion\"^\n" +
+	"\fcriu_version\x18\x05 \x01(\tR\vcriuVersion\x12#\n" +
+	"\rwait_prepared\x18\x06 \x01(\bR\fwaitPrepared\"#\n" +
+	"\bPrepared\x12\x17\n" +
+	"\atook_ns\x18\x01 \x01(\x03R\x06tookNs\"^\n" +
 	"\x06Answer\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x12\n" +
@@ -1169,46 +1259,48 @@ func file_proto_migrate_proto_rawDescGZIP() []byte {
 	return file_proto_migrate_proto_rawDescData
 }
 
-var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_proto_migrate_proto_goTypes = []any{
 	(*Envelope)(nil),     // 0: ferry.migrate.v1.Envelope
 	(*Capabilities)(nil), // 1: ferry.migrate.v1.Capabilities
 	(*Hello)(nil),        // 2: ferry.migrate.v1.Hello
 	(*Auth)(nil),         // 3: ferry.migrate.v1.Auth
 	(*Offer)(nil),        // 4: ferry.migrate.v1.Offer
-	(*Answer)(nil),       // 5: ferry.migrate.v1.Answer
-	(*Data)(nil),         // 6: ferry.migrate.v1.Data
-	(*DataEnd)(nil),      // 7: ferry.migrate.v1.DataEnd
-	(*Restored)(nil),     // 8: ferry.migrate.v1.Restored
-	(*Gone)(nil),         // 9: ferry.migrate.v1.Gone
-	(*Running)(nil),      // 10: ferry.migrate.v1.Running
-	(*AttachPages)(nil),  // 11: ferry.migrate.v1.AttachPages
-	(*Commit)(nil),       // 12: ferry.migrate.v1.Commit
-	(*Dropped)(nil),      // 13: ferry.migrate.v1.Dropped
-	(*Complete)(nil),     // 14: ferry.migrate.v1.Complete
-	(*Abort)(nil),        // 15: ferry.migrate.v1.Abort
+	(*Prepared)(nil),     // 5: ferry.migrate.v1.Prepared
+	(*Answer)(nil),       // 6: ferry.migrate.v1.Answer
+	(*Data)(nil),         // 7: ferry.migrate.v1.Data
+	(*DataEnd)(nil),      // 8: ferry.migrate.v1.DataEnd
+	(*Restored)(nil),     // 9: ferry.migrate.v1.Restored
+	(*Gone)(nil),         // 10: ferry.migrate.v1.Gone
+	(*Running)(nil),      // 11: ferry.migrate.v1.Running
+	(*AttachPages)(nil),  // 12: ferry.migrate.v1.AttachPages
+	(*Commit)(nil),       // 13: ferry.migrate.v1.Commit
+	(*Dropped)(nil),      // 14: ferry.migrate.v1.Dropped
+	(*Complete)(nil),     // 15: ferry.migrate.v1.Complete
+	(*Abort)(nil),        // 16: ferry.migrate.v1.Abort
 }
 var file_proto_migrate_proto_depIdxs = []int32{
 	2,  // 0: ferry.migrate.v1.Envelope.hello:type_name -> ferry.migrate.v1.Hello
 	3,  // 1: ferry.migrate.v1.Envelope.auth:type_name -> ferry.migrate.v1.Auth
 	4,  // 2: ferry.migrate.v1.Envelope.offer:type_name -> ferry.migrate.v1.Offer
-	5,  // 3: ferry.migrate.v1.Envelope.answer:type_name -> ferry.migrate.v1.Answer
-	6,  // 4: ferry.migrate.v1.Envelope.data:type_name -> ferry.migrate.v1.Data
-	7,  // 5: ferry.migrate.v1.Envelope.data_end:type_name -> ferry.migrate.v1.DataEnd
-	8,  // 6: ferry.migrate.v1.Envelope.restored:type_name -> ferry.migrate.v1.Restored
-	9,  // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
-	10, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
-	15, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
-	11, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
-	12, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
-	13, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
-	14, // 13: ferry.migrate.v1.Envelope.complete:type_name -> ferry.migrate.v1.Complete
-	1,  // 14: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
-	15, // [15:15] is the sub-list for method output_type
-	15, // [15:15] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	6,  // 3: ferry.migrate.v1.Envelope.answer:type_name -> ferry.migrate.v1.Answer
+	7,  // 4: ferry.migrate.v1.Envelope.data:type_name -> ferry.migrate.v1.Data
+	8,  // 5: ferry.migrate.v1.Envelope.data_end:type_name -> ferry.migrate.v1.DataEnd
+	9,  // 6: ferry.migrate.v1.Envelope.restored:type_name -> ferry.migrate.v1.Restored
+	10, // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
+	11, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
+	16, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
+	12, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
+	13, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
+	14, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
+	15, // 13: ferry.migrate.v1.Envelope.complete:type_name -> ferry.migrate.v1.Complete
+	5,  // 14: ferry.migrate.v1.Envelope.prepared:type_name -> ferry.migrate.v1.Prepared
+	1,  // 15: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
+	16, // [16:16] is the sub-list for method output_type
+	16, // [16:16] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_proto_migrate_proto_init() }
@@ -1231,6 +1323,7 @@ func file_proto_migrate_proto_init() {
 		(*Envelope_Commit)(nil),
 		(*Envelope_Dropped)(nil),
 		(*Envelope_Complete)(nil),
+		(*Envelope_Prepared)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1238,7 +1331,7 @@ func file_proto_migrate_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_migrate_proto_rawDesc), len(file_proto_migrate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -36,35 +36,22 @@ func Unpack(r io.Reader, dir string) (*checkpoint.Manifest, error) {
 		return nil, err
 	}
 	defer a.Close()
-	for _, name := range a.Names() {
-		if name != filepath.Base(name) || name == "." || name == ".." {
-			return nil, fmt.Errorf("image stream names a file %q outside its directory: %w", name, image.ErrCorrupt)
-		}
-		f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			return nil, err
-		}
-		_, err = a.WriteTo(name, f)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			return nil, fmt.Errorf("unpacking %s: %w", name, err)
-		}
-	}
-	return checkpoint.Load(dir)
+	return unpackArchive(a, dir)
 }
 
 // LazyPages is a running `criu lazy-pages` daemon.
 type LazyPages = criu.Daemon
 
 // StartLazyPages starts CRIU's lazy-pages daemon on the unpacked lazy
-// checkpoint in dir, fetching memory from the page server at pages (a
+// checkpoint in images, fetching memory from the page server at pages (a
 // TCP address: ferry's end of the link to the source), and returns once
-// it listens for the restore. It exits once every page has been copied
-// into the restored tree (status 0) or when it fails.
-func StartLazyPages(ctx context.Context, b *criu.Binary, dir string, pages *net.TCPAddr) (*LazyPages, error) {
-	return criu.Command{Path: b.Path, Args: []string{"lazy-pages", "--images-dir", dir, "--work-dir", dir,
+// it listens for the restore, in work (the restore's CRIU must work
+// there too). It exits once every page has been copied into the restored
+// tree (status 0) or when it fails. Before it listens it reads two
+// images, inventory.img and pstree.img; mm-PID.img and pagemap-PID.img
+// it reads once the restore has connected.
+func StartLazyPages(ctx context.Context, b *criu.Binary, images, work string, pages *net.TCPAddr) (*LazyPages, error) {
+	return criu.Command{Path: b.Path, Args: []string{"lazy-pages", "--images-dir", images, "--work-dir", work,
 		"--log-file", "lazy-pages.log", "-v2", "--page-server", "--address", pages.IP.String(),
 		"--port", strconv.Itoa(pages.Port)}}.StartReady(ctx)
 }
@@ -98,15 +85,22 @@ func lazyServed(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir s
 	defer cancel()
 	log := cmp.Or(opts.Logger, slog.Default())
 	t0 := time.Now()
+	// What must happen before CRIU restores anything happens at its first
+	// image too: the caller's hook (BeforeStart), after LazyReady.
+	beforeStart := opts.BeforeStart
+	opts.BeforeStart = nil
 	ready := sync.OnceValue(func() error {
 		t1 := time.Now()
 		err := opts.LazyReady(gctx)
 		log.Debug("restore held at its first image for the lazy-pages daemon", "asked after", t1.Sub(t0), "held", time.Since(t1), "err", err)
+		if err == nil && beforeStart != nil {
+			err = beforeStart(gctx)
+		}
 		return err
 	})
 	var refused error // LazyReady's error, once CRIU was refused for it
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx, heldImages(dir, ready, &refused)) }()
+	go func() { served <- srv.Serve(ctx, heldImages(cmp.Or(opts.LazyImages, dir), ready, &refused)) }()
 	rec, err := start(ctx, s, m, dir, opts)
 	// CRIU has exited (the shim reports after it): nothing more to serve.
 	// A gate still waiting (the restore failed before CRIU asked) gives up.

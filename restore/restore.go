@@ -60,6 +60,11 @@ type Options struct {
 	// waits for the daemon, returns; an error fails the restore before
 	// CRIU touches anything.
 	LazyReady func(ctx context.Context) error
+	// LazyImages, with LazyReady, is the directory the images are served
+	// from when it is not Checkpoint, which may then hold only the
+	// manifest: CRIU can start before the images have come, as long as
+	// they are there when LazyReady returns.
+	LazyImages string
 	// BeforeStart, when set, runs once the checkpoint is checked and
 	// complete (a stream read whole), just before CRIU starts; an error
 	// stops the restore. A migration destination takes over the source's
@@ -100,7 +105,11 @@ func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := checkpoint.Load(dir)
+	load := checkpoint.Load
+	if opts.LazyPages && opts.LazyReady != nil && opts.LazyImages != "" {
+		load = checkpoint.LoadManifest // the images come later, elsewhere
+	}
+	m, err := load(dir)
 	if err != nil {
 		return nil, err
 	}

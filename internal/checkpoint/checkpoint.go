@@ -166,6 +166,9 @@ func Load(dir string) (*Manifest, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(m.Files) == 0 {
+		return nil, fmt.Errorf("%q: manifest lists no image files: %w", dir, ErrIncomplete)
+	}
 	for name, size := range m.Files {
 		st, err := os.Stat(filepath.Join(dir, name))
 		if err != nil {
@@ -202,9 +205,6 @@ func LoadManifest(dir string) (*Manifest, error) {
 	}
 	if m.Format != FormatVersion {
 		return nil, fmt.Errorf("%q has format %d, this ferry reads %d: %w", dir, m.Format, FormatVersion, ErrUnsupportedVersion)
-	}
-	if len(m.Files) == 0 {
-		return nil, fmt.Errorf("%q: manifest lists no image files: %w", dir, ErrIncomplete)
 	}
 	for name, size := range m.Files {
 		if name != filepath.Base(name) || size < 0 {

@@ -74,3 +74,23 @@ func TestLoad(t *testing.T) {
 		})
 	}
 }
+
+// A stream's manifest record carries everything a restore's CRIU command
+// line needs (a post-copy destination starts its restore from it).
+func TestManifestThroughProto(t *testing.T) {
+	m := &Manifest{
+		Format: FormatVersion, FerryVersion: "1.2.3", CriuVersion: "4.2.1", Kernel: "6.18", Host: "h",
+		Job: "j", Command: []string{"/bin/job", "-x"}, Dir: "/srv", Foreign: false, ExternalPidNS: true,
+		ShellJob: true, OutputPipe: "pipe:[1]", ErrorPipe: "pipe:[2]", TCPEstablished: true,
+		NetworkLock: "nftables", FileLocks: true, ExtUnixSk: true, Processes: 2, Threads: 5, MemoryBytes: 1 << 20,
+		Init: &Executable{Path: "/usr/bin/ferry", Size: 1234, SHA256: "abcd"},
+	}
+	got := FromProto(ToProto(m))
+	a, _ := json.Marshal(m)
+	b, _ := json.Marshal(got)
+	// Created goes through nanoseconds; both are the zero time here.
+	got.Created = m.Created
+	if b, _ = json.Marshal(got); string(a) != string(b) {
+		t.Fatalf("through the proto:\n got %s\nwant %s", b, a)
+	}
+}

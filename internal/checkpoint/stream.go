@@ -36,26 +36,34 @@ func IsStream(path string) bool {
 // Pack writes the checkpoint directory dir to w as an image stream and
 // returns the stream's trailer figures (raw and stored bytes).
 func Pack(dir string, w io.Writer, m *Manifest, opts image.WriterOptions) (raw, stored uint64, err error) {
+	iw, err := image.NewWriter(w, ToProto(m), opts)
+	if err != nil {
+		return 0, 0, err
+	}
+	if err := PackInto(iw, dir, m, nil); err != nil {
+		return 0, 0, err
+	}
+	return iw.RawBytes(), iw.StoredBytes(), nil
+}
+
+// PackInto writes the checkpoint in dir (the manifest m, then its files
+// in name order) into iw, whose stream began with an earlier manifest,
+// and closes it with final in the trailer (nil: the first stands). On
+// failure the stream is left incomplete (image.Writer.Abort).
+func PackInto(iw *image.Writer, dir string, m *Manifest, final *pb.Manifest) error {
 	names := make([]string, 0, len(m.Files)+1)
 	for name := range m.Files {
 		names = append(names, name)
 	}
 	slices.Sort(names)
 	names = append([]string{ManifestFile}, names...)
-	iw, err := image.NewWriter(w, ToProto(m), opts)
-	if err != nil {
-		return 0, 0, err
-	}
 	for _, name := range names {
 		if err := packFile(iw, filepath.Join(dir, name), name); err != nil {
-			_ = iw.Close()
-			return 0, 0, err
+			iw.Abort()
+			return err
 		}
 	}
-	if err := iw.Close(); err != nil {
-		return 0, 0, err
-	}
-	return iw.RawBytes(), iw.StoredBytes(), nil
+	return iw.CloseWith(final)
 }
 
 func packFile(iw *image.Writer, path, name string) error {
@@ -110,7 +118,9 @@ func ToProto(m *Manifest) *pb.Manifest {
 }
 
 // FromProto reads back the manifest ferry.json carries, from a stream's
-// manifest record (for inspect, which reads no file).
+// manifest record: for inspect, which reads no file, and for a restore
+// that starts before the rest of the stream has come (everything CRIU's
+// command line needs is there; Files is not).
 func FromProto(p *pb.Manifest) *Manifest {
 	m := &Manifest{
 		Format: FormatVersion, FerryVersion: p.GetFerryVersion(), CriuVersion: p.GetCriuVersion(),
@@ -119,7 +129,11 @@ func FromProto(p *pb.Manifest) *Manifest {
 		TCPEstablished: p.GetTcpEstablished(), NetworkLock: p.GetNetworkLock(), FileLocks: p.GetFileLocks(),
 		ExtUnixSk: p.GetExtUnixSk(), Processes: int(p.GetProcesses()), Threads: int(p.GetThreads()),
 		MemoryBytes: p.GetMemoryBytes(), Inventory: p.GetInventoryJson(), Plan: p.GetPlanJson(), CriuStats: p.GetCriuStats(),
-		Created: time.Unix(0, p.GetCreatedUnixNano()).UTC(),
+		Created:    time.Unix(0, p.GetCreatedUnixNano()).UTC(),
+		OutputPipe: p.GetOutputPipe(), ErrorPipe: p.GetErrorPipe(),
+	}
+	if e := p.GetInit(); e != nil {
+		m.Init = &Executable{Path: e.GetPath(), Size: e.GetSize(), SHA256: e.GetSha256()}
 	}
 	return m
 }
