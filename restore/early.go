@@ -13,6 +13,7 @@ import (
 
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
+	"github.com/ferry-cr/ferry/internal/criu"
 )
 
 // EarlyLazy lays out a lazy restore that starts before its checkpoint
@@ -40,14 +41,23 @@ type EarlyLazy struct {
 	once   sync.Once
 }
 
+// lazySocket is the socket the lazy-pages daemon listens on, in its work
+// directory (CRIU's LAZY_PAGES_SOCK_NAME).
+const lazySocket = "lazy-pages.socket"
+
 // earlyDaemonImages are the images `criu lazy-pages` reads before it
 // listens (check_img_inventory and read_pstree_image, in that order).
 var earlyDaemonImages = []string{"inventory.img", "pstree.img"}
 
-// NewEarlyLazy makes the directories in base and writes m (the stream's
+// NewEarlyLazy makes the directories in base (or, when base is too deep
+// for a socket's path, in /run/ferry-serve) and writes m (the stream's
 // first record: everything the restore's command line needs) as Dir's
 // manifest.
 func NewEarlyLazy(base string, m *checkpoint.Manifest) (*EarlyLazy, error) {
+	if len(base)+len("/lazy-1234567890/")+max(len(criu.ServeSocket), len(lazySocket)) >= maxSocketPath {
+		// Dir holds two unix sockets, whose paths are limited.
+		base = shortServeDir
+	}
 	if err := os.MkdirAll(base, 0o700); err != nil {
 		return nil, err
 	}

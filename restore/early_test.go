@@ -164,3 +164,19 @@ func readFile(dir, name string) string {
 	b, _ := os.ReadFile(filepath.Join(dir, name))
 	return string(b)
 }
+
+// A base too deep for the sockets' paths gives way to /run/ferry-serve.
+func TestEarlyLazyDeepBase(t *testing.T) {
+	deep := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 60))
+	e, err := NewEarlyLazy(deep, &checkpoint.Manifest{Format: checkpoint.FormatVersion, Job: "j"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(e.Dir, shortServeDir+"/") || len(filepath.Join(e.Dir, lazySocket)) >= maxSocketPath {
+		t.Errorf("Dir %s", e.Dir)
+	}
+	e.Close()
+	if _, err := os.Stat(e.Dir); !os.IsNotExist(err) {
+		t.Errorf("Close left %s", e.Dir)
+	}
+}
