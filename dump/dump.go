@@ -6,6 +6,7 @@
 package dump
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -702,6 +703,34 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		lazyStream *image.Writer
 		lazyOut    *countingWriter
 	)
+	// retrySeize says whether CRIU's failure err is worth one more try,
+	// and readies the tree for it. CRIU gives up seizing a task that sits
+	// in an uninterruptible wait past its timeout (10 s): seen about once
+	// in 25 checkpoints of a shell that forks a child every 20 ms, when
+	// the freeze caught a vfork parent waiting for a child frozen before
+	// it exec'd (the parent stays in D). CRIU fails before it writes
+	// anything and leaves the tree as it found it; a moment of running
+	// lets the child exec, and the second try seizes a fresh state.
+	retrySeize := func(err error) bool {
+		if ctx.Err() != nil || !seizeStuck(logPath) {
+			return false
+		}
+		log.Warn("criu could not seize a task of the tree in time; letting the tree run a moment and trying once more",
+			"tree", t.name, "err", criu.Explain(err, logPath))
+		if stop.isStopped() && t.freezeCg != nil {
+			if err := t.freezeCg.Thaw(ctx); err != nil {
+				return false
+			}
+			time.Sleep(20 * time.Millisecond)
+			// The frozen time counts from the first freeze still: the
+			// job stood still through the first try.
+			if err := t.freezeCg.Freeze(ctx); err != nil {
+				stop.set(false) // running, as a failed checkpoint leaves it
+				return false
+			}
+		}
+		return true
+	}
 	// seal builds the result and the manifest from what CRIU wrote and
 	// completes the checkpoint: once it returns, the output is whole.
 	var res *Result
@@ -879,6 +908,10 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			freeze = freezeLate
 		}
 		sizes, gateErr, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw, held, freeze, gate)
+		if err != nil && !lateFreeze && retrySeize(err) {
+			// Nothing of the tree was written: CRIU fails before that.
+			sizes, gateErr, err = streamDump(ctx, opts.Criu.Path, t.wrapper, copts, tmp, t.workDir, iw, held, freeze, gate)
+		}
 		switch {
 		case handedOver:
 			// The destination holds the job: whatever CRIU says now,
@@ -898,6 +931,9 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		}
 	} else {
 		_, err = criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts, Wrapper: t.wrapper})
+		if err != nil && retrySeize(err) {
+			_, err = criu.Do(ctx, opts.Criu.Path, criu.Call{Type: rpc.CriuReqType_DUMP, Opts: copts, Wrapper: t.wrapper})
+		}
 	}
 	if t.byPath {
 		for _, f := range []string{"dump.log", "stats-dump"} {
@@ -972,6 +1008,13 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	}
 	res.Total = time.Since(start)
 	return res, nil
+}
+
+// seizeStuck says whether CRIU's log at path shows it timed out seizing
+// the tree (its only timeout: the alarm covers collect_pstree alone).
+func seizeStuck(path string) bool {
+	b, err := os.ReadFile(path)
+	return err == nil && (bytes.Contains(b, []byte("Timeout reached")) || bytes.Contains(b, []byte("Unseizable non-zombie")))
 }
 
 // errNoLateFreeze is a dump with a late freeze whose pre-dump action

@@ -445,3 +445,44 @@ func TestDeletedFileAndCheckpointFiles(t *testing.T) {
 		}
 	}
 }
+
+// CRIU gives up seizing a tree with a task stuck in an uninterruptible
+// wait (seen when the freeze catches a vfork parent whose child has not
+// exec'd yet; too rare to provoke here). ferry lets the tree run a moment
+// and tries once more; this CRIU fails its first dump the way CRIU does
+// then, and the checkpoint still succeeds and restores where it stopped.
+func TestCheckpointRetriesStuckSeize(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	real := os.Getenv("FERRY_CRIU")
+	if real == "" {
+		var err error
+		if real, err = filepath.Abs("../.deps/bin/criu"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := t.TempDir()
+	mark, fake := filepath.Join(dir, "failed-once"), filepath.Join(dir, "criu")
+	logPath := filepath.Join(e.root, "jobs", "stuck", "dump.log")
+	script := fmt.Sprintf("#!/bin/sh\nif [ \"$1\" = swrk ] && [ ! -e %[1]s ]; then\n: > %[1]s\n"+
+		"printf 'Error (criu/cr-dump.c:1655): Timeout reached. Try to interrupt: 0\\nError (compel/src/lib/infect.c:262): Unseizable non-zombie 1 found, state D, err -1/4\\n' > %[2]s\nexit 1\nfi\nexec %[3]s \"$@\"\n",
+		mark, logPath, real)
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"FERRY_CRIU=" + fake}
+	e.must("run", "--name", "stuck", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("stuck") >= 5 })
+	ckpt := filepath.Join(t.TempDir(), "stuck.ckpt")
+	r := e.ferryEnv(env, "--debug", "checkpoint", "-o", ckpt, "stuck")
+	if r.code != 0 || !strings.Contains(r.stderr, "trying once more") {
+		t.Fatalf("checkpoint with a first seize that timed out: %s", r)
+	}
+	if _, err := os.Stat(mark); err != nil {
+		t.Fatal("the first dump was not the failing one")
+	}
+	at := numbers(t, e.must("logs", "stuck"))
+	e.must("restore", ckpt)
+	eventually(t, 10*time.Second, "count to continue", func() bool { return e.logLines("stuck") >= len(at)+10 })
+	assertConsecutive(t, numbers(t, e.must("logs", "stuck")))
+}
