@@ -43,7 +43,14 @@ func testFiles(seed uint64, big int) []file {
 func write(t testing.TB, files []file, opts WriterOptions) []byte {
 	t.Helper()
 	var buf bytes.Buffer
-	w, err := NewWriter(&buf, &pb.Manifest{Job: "j", CriuVersion: "4.2.1"}, opts)
+	writeTo(t, &buf, files, opts)
+	return buf.Bytes()
+}
+
+// writeTo is write to out; it returns the closed writer, for its figures.
+func writeTo(t testing.TB, out io.Writer, files []file, opts WriterOptions) *Writer {
+	t.Helper()
+	w, err := NewWriter(out, &pb.Manifest{Job: "j", CriuVersion: "4.2.1"}, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +84,7 @@ func write(t testing.TB, files []file, opts WriterOptions) []byte {
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
-	return buf.Bytes()
+	return w
 }
 
 // readAll reads a stream back into files.
@@ -323,23 +330,7 @@ func TestAdaptiveCompression(t *testing.T) {
 		{"slow output", &slowWriter{}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			w, err := NewWriter(tc.out, &pb.Manifest{Job: "j"}, WriterOptions{ChunkSize: 64 << 10, Concurrency: 1, Adaptive: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			fw, err := w.Create("pages-1.img")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := fw.Write(text); err != nil {
-				t.Fatal(err)
-			}
-			if err := fw.Close(); err != nil {
-				t.Fatal(err)
-			}
-			if err := w.Close(); err != nil {
-				t.Fatal(err)
-			}
+			w := writeTo(t, tc.out, []file{{"pages-1.img", text}}, WriterOptions{ChunkSize: 64 << 10, Concurrency: 1, Adaptive: true})
 			ratio := float64(w.StoredBytes()) / float64(w.RawBytes())
 			if tc.compressed != (ratio < 0.7) {
 				t.Errorf("stored %.2f of the raw bytes", ratio)
@@ -358,23 +349,7 @@ func TestAdaptiveSmallFileRaw(t *testing.T) {
 	text := bytes.Repeat([]byte("ferry carries a process. "), 16<<10/25)
 	for _, adaptive := range []bool{true, false} {
 		out := &slowWriter{}
-		w, err := NewWriter(out, &pb.Manifest{Job: "j"}, WriterOptions{Adaptive: adaptive})
-		if err != nil {
-			t.Fatal(err)
-		}
-		fw, err := w.Create("core-1.img")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := fw.Write(text); err != nil {
-			t.Fatal(err)
-		}
-		if err := fw.Close(); err != nil {
-			t.Fatal(err)
-		}
-		if err := w.Close(); err != nil {
-			t.Fatal(err)
-		}
+		w := writeTo(t, out, []file{{"core-1.img", text}}, WriterOptions{Adaptive: adaptive})
 		if raw := w.StoredBytes() == w.RawBytes(); raw != adaptive {
 			t.Errorf("adaptive %v: stored %d of %d raw bytes", adaptive, w.StoredBytes(), w.RawBytes())
 		}

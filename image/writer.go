@@ -438,7 +438,7 @@ func (fw *FileWriter) room() {
 func (wr *Writer) getBuf() []byte { return wr.bufs.get() }
 
 func (wr *Writer) putBuf(b []byte) {
-	if cap(b) == smallChunk {
+	if cap(b) == smallChunk && wr.opts.ChunkSize != smallChunk {
 		smallBufs.put(b)
 		return
 	}

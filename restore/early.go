@@ -54,14 +54,8 @@ var earlyDaemonImages = []string{"inventory.img", "pstree.img"}
 // first record: everything the restore's command line needs) as Dir's
 // manifest.
 func NewEarlyLazy(base string, m *checkpoint.Manifest) (*EarlyLazy, error) {
-	if len(base)+len("/lazy-1234567890/")+max(len(criu.ServeSocket), len(lazySocket)) >= maxSocketPath {
-		// Dir holds two unix sockets, whose paths are limited.
-		base = shortServeDir
-	}
-	if err := os.MkdirAll(base, 0o700); err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp(base, "lazy-")
+	// Dir holds two unix sockets.
+	dir, err := tempServeDir(base, "lazy-", max(len(criu.ServeSocket), len(lazySocket)))
 	if err != nil {
 		return nil, err
 	}

@@ -95,6 +95,19 @@ const (
 	shortServeDir = "/run/ferry-serve"
 )
 
+// tempServeDir makes a new directory named prefix* in base, or in
+// shortServeDir when base is too deep for a socket name of sock bytes in
+// it: a unix socket's path is limited (108 bytes with the NUL).
+func tempServeDir(base, prefix string, sock int) (string, error) {
+	if len(base)+len("/"+prefix+"1234567890/")+sock >= maxSocketPath {
+		base = shortServeDir
+	}
+	if err := os.MkdirAll(base, 0o700); err != nil {
+		return "", err
+	}
+	return os.MkdirTemp(base, prefix)
+}
+
 // Job restores the checkpoint opts.Checkpoint as a job of store s and
 // returns its record once the restored tree runs.
 func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
@@ -187,15 +200,7 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	if err != nil {
 		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
 	}
-	base := opts.ServeDir
-	if len(base)+len("/restore-1234567890/"+criu.ServeSocket) >= maxSocketPath {
-		// A unix socket's path is limited (108 bytes with the NUL).
-		base = shortServeDir
-	}
-	if err := os.MkdirAll(base, 0o700); err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp(base, "restore-")
+	dir, err := tempServeDir(opts.ServeDir, "restore-", len(criu.ServeSocket))
 	if err != nil {
 		return nil, err
 	}
