@@ -83,6 +83,14 @@ type Options struct {
 	// everything but the tree's private memory, which CRIU then serves to
 	// the destination's lazy-pages daemon (see PostCopy).
 	PostCopy *PostCopy
+	// Prepared, when set (a migration: Stream to StreamTo), runs once the
+	// stream's first record is out (the manifest as known before CRIU
+	// runs, which holds all a restore needs to start) and before CRIU
+	// starts: a destination that starts its restore from that record says
+	// here that it is up, so that its start-up competes with neither the
+	// dump nor the downtime. An error fails the checkpoint before anything
+	// was frozen.
+	Prepared func(ctx context.Context) error
 	// EndReason is what an ended job's record gives as the reason
 	// ("checkpointed" unless set; migration says "migrated").
 	EndReason string
@@ -113,13 +121,6 @@ type PostCopy struct {
 	// Pages is a connected socket to the destination (CRIU's --ps-socket).
 	Pages *os.File
 	Serve func(ctx context.Context, served <-chan error) error
-	// Prepared, when set, runs once the stream's first record (what is
-	// known before CRIU runs, see Options.StreamTo) is out and before
-	// CRIU starts: a destination that starts its restore from that record
-	// says here when it is ready, so that its start-up competes with
-	// neither the dump nor the downtime. An error fails the checkpoint
-	// before anything was frozen.
-	Prepared func(ctx context.Context) error
 }
 
 // ErrKeepStopped is a Handover or PostCopy.Serve verdict: neither end nor
@@ -823,8 +824,8 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			}
 			defer lazyStream.Abort() // a failed dump leaves the stream incomplete; no-op once closed
 		}
-		if opts.PostCopy.Prepared != nil {
-			if err := opts.PostCopy.Prepared(ctx); err != nil {
+		if opts.Prepared != nil {
+			if err := opts.Prepared(ctx); err != nil {
 				return nil, err
 			}
 		}
@@ -878,6 +879,12 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 		defer sk.abort()
 		if iw, err = image.NewWriter(sk, checkpoint.ToProto(manifest()), opts.Image); err != nil {
 			return nil, err
+		}
+		if opts.Prepared != nil {
+			if err := opts.Prepared(ctx); err != nil {
+				iw.Abort()
+				return nil, err
+			}
 		}
 		var gate func(map[string]int64) error
 		var handoverErr error

@@ -277,6 +277,10 @@ func StreamArchive(r io.Reader) (*Archive, error) { return readArchive(r, true) 
 // manifest while the rest of the stream is still coming.
 func ReadArchiveFrom(rd *Reader) (*Archive, error) { return archiveFrom(rd, false) }
 
+// StreamArchiveFrom is StreamArchive for a stream whose header and
+// manifest rd has read (see ReadArchiveFrom).
+func StreamArchiveFrom(rd *Reader) (*Archive, error) { return archiveFrom(rd, true) }
+
 func readArchive(r io.Reader, early bool) (*Archive, error) {
 	rd, err := NewReader(r)
 	if err != nil {

@@ -121,20 +121,22 @@ func (p *postCopySource) close() {
 	p.link.Close()
 }
 
-// prepared is dump.PostCopy.Prepared: it waits for the destination to
-// say that its restore's CRIUs have started up and wait for the
-// checkpoint, whose first record is on its way.
-func (p *postCopySource) prepared(ctx context.Context) error {
-	t0 := time.Now()
-	m, err := p.c.recv(stepTimeout)
-	if err != nil {
-		return fmt.Errorf("waiting for the destination to prepare its restore: %w", err)
+// waitPrepared is dump.Options.Prepared: it waits for the destination
+// to say that its restore is up and waits for the checkpoint, whose first
+// record is on its way.
+func waitPrepared(c *conn, log *slog.Logger) func(ctx context.Context) error {
+	return func(ctx context.Context) error {
+		t0 := time.Now()
+		m, err := c.recv(stepTimeout)
+		if err != nil {
+			return fmt.Errorf("waiting for the destination to prepare its restore: %w", err)
+		}
+		if m.GetPrepared() == nil {
+			return fmt.Errorf("the destination sent %T while it was to prepare its restore", m.GetMsg())
+		}
+		log.Debug("destination prepared", "waited", time.Since(t0), "its start-up", time.Duration(m.GetPrepared().GetTookNs()))
+		return ctx.Err()
 	}
-	if m.GetPrepared() == nil {
-		return fmt.Errorf("the destination sent %T while it was to prepare its restore", m.GetMsg())
-	}
-	p.log.Debug("destination prepared", "waited", time.Since(t0), "its start-up", time.Duration(m.GetPrepared().GetTookNs()))
-	return ctx.Err()
 }
 
 type ctlMsg struct {
@@ -529,9 +531,7 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 					return
 				}
 			}
-			took := time.Since(t0)
-			log.Debug("prepared for the checkpoint", "took", took)
-			_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Prepared{Prepared: &pb.Prepared{TookNs: int64(took)}}}, stepTimeout)
+			sv.sayPrepared(c, t0, log)
 		}()
 	}
 	ropts := sv.Restore

@@ -138,17 +138,23 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn) (kept bool, err error
 		return false, sv.receivePostCopy(ctx, c, nc, name, offer.GetWaitPrepared(), log)
 	}
 	sv.answer(c, true, "", name)
-	return false, sv.receiveStopCopy(ctx, c, nc, name, log)
+	return false, sv.receiveStopCopy(ctx, c, nc, name, offer.GetWaitPrepared(), log)
 }
 
 // receiveStopCopy is the destination's side of a stop-copy migration,
 // after the offer.
-func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, name string, log *slog.Logger) error {
+func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, name string, sayPrepared bool, log *slog.Logger) error {
 	ropts := sv.Restore
 	ropts.Checkpoint, ropts.Stdin, ropts.Name = "-", &dataReader{c: c}, name
-	// CRIU starts as soon as the source says only the job's memory is still
-	// to come, and restores it as it arrives (restoreHeld holds the copy).
+	// CRIU restores the job's memory as it arrives (restoreHeld holds the
+	// copy). It starts as soon as the source says only the memory is still
+	// to come, or, with a source that waits for Prepared, before the
+	// source dumps at all: from the stream's first record.
 	ropts.Early = true
+	if sayPrepared {
+		t0 := time.Now()
+		ropts.Prepared = func() { sv.sayPrepared(c, t0, log) }
+	}
 	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s and held frozen until the source confirms its copy is gone")
 	if err != nil {
 		return err
@@ -174,6 +180,14 @@ func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: rec.Name}}}, stepTimeout)
 	log.Info("migration done", "received", c.rx)
 	return nil
+}
+
+// sayPrepared tells the source that the restore is up and waits for the
+// checkpoint (since t0, the offer's answer).
+func (sv *Server) sayPrepared(c *conn, t0 time.Time, log *slog.Logger) {
+	took := time.Since(t0)
+	log.Debug("prepared for the checkpoint", "took", took)
+	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Prepared{Prepared: &pb.Prepared{TookNs: int64(took)}}}, stepTimeout)
 }
 
 // restoreHeld restores ropts held frozen (or tells the source it failed)
@@ -251,7 +265,7 @@ func (sv *Server) authenticate(c *conn) error {
 		return err
 	}
 	host, _ := os.Hostname()
-	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty, EarlyRestore: true, EarlyLazy: true}
+	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty, EarlyRestore: true, Prepares: true}
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Nonce: nonce, Host: host, Capabilities: caps}}}, stepTimeout); err != nil {
 		return err
 	}

@@ -96,12 +96,14 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		return nil, err
 	}
 	rep := &Report{Job: name, To: opts.To, Mode: dec.Mode, Reason: dec.Reason, Memory: v.RSS}
-	// A post-copy destination that starts its restore from the stream's
-	// first record says when it is up; the dump waits for that.
-	waitPrepared := dec.Mode == ModePostCopy && hello.GetCapabilities().GetEarlyLazy()
+	// A destination that starts its restore from the stream's first record
+	// says when it is up; the dump waits for that. In stop-copy it does so
+	// only where it restores the stream while it arrives.
+	caps := hello.GetCapabilities()
+	prepared := caps.GetPrepares() && (dec.Mode == ModePostCopy || caps.GetEarlyRestore())
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Offer{Offer: &pb.Offer{
 		Job: name, Mode: string(dec.Mode), MemoryBytes: v.RSS, FerryVersion: opts.Dump.FerryVersion,
-		WaitPrepared: waitPrepared,
+		WaitPrepared: prepared,
 		CriuVersion:  opts.Dump.Criu.Version.String(),
 	}}}, stepTimeout); err != nil {
 		return nil, fmt.Errorf("offering the job: %w", err)
@@ -141,9 +143,9 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 			return stopped
 		}
 		dopts.PostCopy = &dump.PostCopy{Pages: pc.file, Serve: pc.serve}
-		if waitPrepared {
-			dopts.PostCopy.Prepared = pc.prepared
-		}
+	}
+	if prepared {
+		dopts.Prepared = waitPrepared(c, log)
 	}
 	dopts.Handover = func(ctx context.Context) error {
 		if err := dw.close(); err != nil {
@@ -151,6 +153,11 @@ func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Rep
 		}
 		log.Debug("checkpoint sent", "job", name, "bytes", dw.n, "since start", time.Since(start))
 		m, err := c.recv(restoreTimeout)
+		if err == nil && m.GetPrepared() != nil {
+			// A Prepared the dump did not wait for (it wrote its stream's
+			// first record only after CRIU: a CRIU without --stream).
+			m, err = c.recv(restoreTimeout)
+		}
 		if err != nil {
 			return fmt.Errorf("waiting for the destination to restore: %w", err)
 		}

@@ -324,10 +324,11 @@ type Capabilities struct {
 	// (a REMAINING record: CRIU's pages) still arrive, so the source may put
 	// them last. Not a kernel capability: one of ferry's.
 	EarlyRestore bool `protobuf:"varint,3,opt,name=early_restore,json=earlyRestore,proto3" json:"early_restore,omitempty"`
-	// The destination starts a post-copy restore (its lazy-pages daemon and
-	// its CRIU) from the stream's first record, before the source dumps,
-	// and says Prepared once both wait for the rest, if the Offer asks.
-	EarlyLazy     bool `protobuf:"varint,4,opt,name=early_lazy,json=earlyLazy,proto3" json:"early_lazy,omitempty"`
+	// The destination starts its restore (CRIU; in post-copy also the
+	// lazy-pages daemon) from the stream's first record, before the source
+	// dumps, and says Prepared once it waits for the rest, if the Offer
+	// asks. In stop-copy, only with early_restore.
+	Prepares      bool `protobuf:"varint,4,opt,name=prepares,proto3" json:"prepares,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -383,9 +384,9 @@ func (x *Capabilities) GetEarlyRestore() bool {
 	return false
 }
 
-func (x *Capabilities) GetEarlyLazy() bool {
+func (x *Capabilities) GetPrepares() bool {
 	if x != nil {
-		return x.EarlyLazy
+		return x.Prepares
 	}
 	return false
 }
@@ -530,9 +531,10 @@ type Offer struct {
 	MemoryBytes  int64                  `protobuf:"varint,3,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
 	FerryVersion string                 `protobuf:"bytes,4,opt,name=ferry_version,json=ferryVersion,proto3" json:"ferry_version,omitempty"`
 	CriuVersion  string                 `protobuf:"bytes,5,opt,name=criu_version,json=criuVersion,proto3" json:"criu_version,omitempty"`
-	// The source waits for Prepared before it dumps (post-copy, to a
-	// destination with early_lazy): the destination's start-up then never
-	// competes with the dump, nor adds to the downtime.
+	// The source waits for Prepared before it dumps (to a destination that
+	// prepares): the destination's start-up then never competes with the
+	// dump, nor adds to the downtime. Its stream's first record holds the
+	// whole manifest as known before the dump.
 	WaitPrepared  bool `protobuf:"varint,6,opt,name=wait_prepared,json=waitPrepared,proto3" json:"wait_prepared,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -610,8 +612,8 @@ func (x *Offer) GetWaitPrepared() bool {
 	return false
 }
 
-// Prepared (destination to source, post-copy, when the Offer asked):
-// the restore's CRIUs are up and wait for the checkpoint; dump now.
+// Prepared (destination to source, when the Offer asked): the restore's
+// CRIUs are up and wait for the checkpoint; dump now.
 type Prepared struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TookNs        int64                  `protobuf:"varint,1,opt,name=took_ns,json=tookNs,proto3" json:"took_ns,omitempty"` // from the Offer's answer until prepared
@@ -1194,15 +1196,14 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adropped\x128\n" +
 	"\bcomplete\x18\x0e \x01(\v2\x1a.ferry.migrate.v1.CompleteH\x00R\bcomplete\x128\n" +
 	"\bprepared\x18\x0f \x01(\v2\x1a.ferry.migrate.v1.PreparedH\x00R\bpreparedB\x05\n" +
-	"\x03msg\"\x90\x01\n" +
+	"\x03msg\"\x8d\x01\n" +
 	"\fCapabilities\x12\x1d\n" +
 	"\n" +
 	"lazy_pages\x18\x01 \x01(\bR\tlazyPages\x12\x1d\n" +
 	"\n" +
 	"soft_dirty\x18\x02 \x01(\bR\tsoftDirty\x12#\n" +
-	"\rearly_restore\x18\x03 \x01(\bR\fearlyRestore\x12\x1d\n" +
-	"\n" +
-	"early_lazy\x18\x04 \x01(\bR\tearlyLazy\"\x8f\x01\n" +
+	"\rearly_restore\x18\x03 \x01(\bR\fearlyRestore\x12\x1a\n" +
+	"\bprepares\x18\x04 \x01(\bR\bprepares\"\x8f\x01\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12\x12\n" +

@@ -1,7 +1,6 @@
 package restore
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -88,13 +87,7 @@ func (e *EarlyLazy) prepare(m *checkpoint.Manifest) error {
 			return fmt.Errorf("making %s: %w", name, err)
 		}
 	}
-	head := *m
-	head.Files = nil // not known yet
-	data, err := json.MarshalIndent(&head, "", "  ")
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(filepath.Join(e.Dir, checkpoint.ManifestFile), append(data, '\n'), 0o600)
+	return checkpoint.WriteHead(e.Dir, m)
 }
 
 // Fill unpacks the checkpoint a into Images, checks it against its own

@@ -8,6 +8,7 @@
 package restore
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -18,6 +19,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ferry-cr/ferry/image"
@@ -60,6 +62,13 @@ type Options struct {
 	// waits for the daemon, returns; an error fails the restore before
 	// CRIU touches anything.
 	LazyReady func(ctx context.Context) error
+	// Prepared, with Early and a stream on Stdin whose first record holds
+	// the whole manifest as known before the dump (a ferry of this
+	// version wrote it, and said so), has CRIU start at once, from that
+	// record, before the rest of the stream has come; it is held at its
+	// first image until the stream names its remaining files. Prepared is
+	// called when CRIU waits there: a migration's source dumps then.
+	Prepared func()
 	// LazyImages, with LazyReady, is the directory the images are served
 	// from when it is not Checkpoint, which may then hold only the
 	// manifest: CRIU can start before the images have come, as long as
@@ -188,6 +197,9 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	if opts.Early && !opts.Stopped {
 		return nil, errors.New("an early restore must hold the job stopped until the stream has proved whole")
 	}
+	if opts.Early && opts.Prepared != nil && opts.Checkpoint == "-" {
+		return fromStreamEarly(ctx, s, opts)
+	}
 	t0 := time.Now()
 	a, from, closeSrc, err := openArchive(opts)
 	if err != nil {
@@ -196,15 +208,15 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	defer closeSrc()
 	log := cmp.Or(opts.Logger, slog.Default())
 	log.Debug("checkpoint indexed", "from", from, "bytes", a.Trailer().GetStoredBytes(), "took", time.Since(t0))
-	raw, err := a.ReadFile(checkpoint.ManifestFile, maxManifest)
-	if err != nil {
-		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
-	}
 	dir, err := tempServeDir(opts.ServeDir, "restore-", len(criu.ServeSocket))
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
+	raw, err := a.ReadFile(checkpoint.ManifestFile, maxManifest)
+	if err != nil {
+		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
+	}
 	if err := os.WriteFile(filepath.Join(dir, checkpoint.ManifestFile), raw, 0o600); err != nil {
 		return nil, err
 	}
@@ -212,72 +224,103 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	if err != nil {
 		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
 	}
-	// Files still to come are checked once the stream is whole.
-	later := map[string]bool{}
-	for _, name := range a.Remaining() {
-		later[name] = true
-	}
-	checkSizes := func(later map[string]bool) error {
-		for name, size := range m.Files {
-			if got, ok := a.Size(name); !later[name] && (!ok || got != uint64(size)) {
-				return fmt.Errorf("%s: %s is missing or has the wrong size in the stream: %w", from, name, checkpoint.ErrIncomplete)
-			}
-		}
-		return nil
-	}
-	if err := checkSizes(later); err != nil {
+	st := &streamed{a: a, m: m, from: from}
+	if err := st.begin(opts, int64(len(raw))); err != nil {
 		return nil, err
 	}
 	if err := check(m, from, opts); err != nil {
 		return nil, err
 	}
-	// The stream's raw bytes: the trailer's figure, or (a stream still
-	// arriving) the same sum, from the manifest's sizes and the manifest.
-	total := int64(a.Trailer().GetRawBytes())
-	if a.Trailer() == nil {
-		total = int64(len(raw))
-		for _, size := range m.Files {
-			total += size
-		}
-	}
-	opts.Progress.SetTotal(total)
 	srv, err := criu.ListenServe(dir)
 	if err != nil {
 		return nil, err
 	}
 	served := make(chan error, 1)
-	go func() {
-		served <- srv.Serve(ctx, func(name string) (func(io.Writer) error, bool) {
-			if !a.Has(name) || name == checkpoint.ManifestFile {
-				return nil, false
-			}
-			return func(w io.Writer) error {
-				if pipe, ok := w.(*os.File); ok {
-					_, err := a.SpliceTo(name, pipe, opts.Progress.Add)
-					return err
-				}
-				_, err := a.WriteTo(name, opts.Progress.Writer(w))
-				return err
-			}, true
-		})
-	}()
+	go func() { served <- srv.Serve(ctx, st.serve(opts)) }()
 	t1 := time.Now()
 	rec, err := start(ctx, s, m, dir, opts)
 	log.Debug("restore ended", "err", err, "took", time.Since(t1))
 	srv.Close()
-	serr := <-served
-	if err == nil && len(later) > 0 {
-		// CRIU restored from a stream still arriving: the job stays held
-		// until the stream has proved whole, and goes if it does not.
-		if serr = a.Wait(); serr == nil {
-			serr = checkSizes(nil)
+	return st.settle(ctx, s, rec, err, <-served, log, t0)
+}
+
+// streamed is a stream being served to a restore: its archive and its
+// manifest, and the files still to come when CRIU starts (an early
+// restore's: the job's memory).
+type streamed struct {
+	a     *image.Archive
+	m     *checkpoint.Manifest
+	from  string
+	later map[string]bool
+}
+
+// begin notes the files still to come, checks the others against the
+// manifest (of manifestBytes) and sets the progress total.
+func (st *streamed) begin(opts Options, manifestBytes int64) error {
+	st.later = map[string]bool{}
+	for _, name := range st.a.Remaining() {
+		st.later[name] = true
+	}
+	if err := st.checkSizes(); err != nil {
+		return err
+	}
+	// The stream's raw bytes: the trailer's figure, or (a stream still
+	// arriving) the same sum, from the manifest's sizes and the manifest.
+	total := int64(st.a.Trailer().GetRawBytes())
+	if st.a.Trailer() == nil {
+		total = manifestBytes
+		for _, size := range st.m.Files {
+			total += size
 		}
-		log.Debug("checkpoint complete", "bytes", a.Trailer().GetStoredBytes(), "err", serr, "since start", time.Since(t0))
+	}
+	opts.Progress.SetTotal(total)
+	return nil
+}
+
+// checkSizes checks every file of the manifest but those still to come.
+func (st *streamed) checkSizes() error {
+	for name, size := range st.m.Files {
+		if got, ok := st.a.Size(name); !st.later[name] && (!ok || got != uint64(size)) {
+			return fmt.Errorf("%s: %s is missing or has the wrong size in the stream: %w", st.from, name, checkpoint.ErrIncomplete)
+		}
+	}
+	return nil
+}
+
+// serve answers CRIU's image requests (criu.Server.Serve) from the
+// archive.
+func (st *streamed) serve(opts Options) func(name string) (func(io.Writer) error, bool) {
+	return func(name string) (func(io.Writer) error, bool) {
+		if !st.a.Has(name) || name == checkpoint.ManifestFile {
+			return nil, false
+		}
+		return func(w io.Writer) error {
+			if pipe, ok := w.(*os.File); ok {
+				_, err := st.a.SpliceTo(name, pipe, opts.Progress.Add)
+				return err
+			}
+			_, err := st.a.WriteTo(name, opts.Progress.Writer(w))
+			return err
+		}, true
+	}
+}
+
+// settle ends a restore from the stream, which returned rec and err, its
+// serving serr. A restore that started before the stream's last files
+// had come holds the job until the stream has proved whole, and discards
+// it if it does not.
+func (st *streamed) settle(ctx context.Context, s *job.Store, rec *job.Record, err, serr error, log *slog.Logger, t0 time.Time) (*job.Record, error) {
+	if err == nil && len(st.later) > 0 {
+		if serr = st.a.Wait(); serr == nil {
+			st.later = nil
+			serr = st.checkSizes()
+		}
+		log.Debug("checkpoint complete", "bytes", st.a.Trailer().GetStoredBytes(), "err", serr, "since start", time.Since(t0))
 		if serr != nil {
 			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 			defer cancel()
 			if derr := s.Discard(dctx, rec.Name, log); derr != nil {
-				return nil, fmt.Errorf("reading checkpoint from %s: %w; and discarding the restored copy: %w", from, serr, derr)
+				return nil, fmt.Errorf("reading checkpoint from %s: %w; and discarding the restored copy: %w", st.from, serr, derr)
 			}
 			_ = s.Remove(rec.Name)
 			err = serr
@@ -286,9 +329,139 @@ func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, e
 	if serr != nil && err != nil {
 		// The stream's fault is the one to report: CRIU failed because
 		// an image was cut short.
-		return nil, fmt.Errorf("reading checkpoint from %s: %w (the restore was aborted and nothing of it is left)", from, serr)
+		return nil, fmt.Errorf("reading checkpoint from %s: %w (the restore was aborted and nothing of it is left)", st.from, serr)
 	}
 	return rec, err
+}
+
+// fromStreamEarly is fromStream for an early restore from Stdin whose
+// first record holds the whole manifest as known before the dump
+// (Options.Prepared): CRIU starts from it at once, before the rest of the
+// stream has come, and waits at its first image until the stream names
+// its remaining files (image.StreamArchiveFrom) and what came before them
+// checks out; BeforeStart runs there too. A migration destination so
+// takes the restore's start-up (a ferry shim, CRIU's exec and kernel
+// probing: 100-300 ms here) out of the downtime, since its source dumps
+// only once Prepared says CRIU waits.
+func fromStreamEarly(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+	const from = "standard input"
+	t0 := time.Now()
+	log := cmp.Or(opts.Logger, slog.Default())
+	rd, err := image.NewReader(opts.Progress.Reader(opts.Stdin))
+	if err != nil {
+		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
+	}
+	head := checkpoint.FromProto(rd.Manifest())
+	if err := check(head, from, opts); err != nil {
+		return nil, err
+	}
+	dir, err := tempServeDir(opts.ServeDir, "restore-", len(criu.ServeSocket))
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	if err := checkpoint.WriteHead(dir, head); err != nil {
+		return nil, err
+	}
+	// The rest of the stream is read on from its first record.
+	var (
+		a    *image.Archive
+		aerr error
+	)
+	indexed := make(chan struct{})
+	go func() {
+		defer close(indexed)
+		a, aerr = image.StreamArchiveFrom(rd)
+	}()
+	st := &streamed{from: from}
+	beforeStart := opts.BeforeStart
+	opts.BeforeStart = nil
+	gctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// ready runs at CRIU's first image request: CRIU is up.
+	ready := sync.OnceValue(func() error {
+		log.Debug("restore waits at its first image", "after", time.Since(t0))
+		opts.Prepared()
+		select {
+		case <-indexed:
+		case <-gctx.Done():
+			return gctx.Err()
+		}
+		if aerr != nil {
+			return fmt.Errorf("reading checkpoint from %s: %w", from, aerr)
+		}
+		log.Debug("checkpoint indexed", "from", from, "took", time.Since(t0))
+		raw, err := a.ReadFile(checkpoint.ManifestFile, maxManifest)
+		if err != nil {
+			return fmt.Errorf("reading checkpoint from %s: %w", from, err)
+		}
+		if st.m, err = checkpoint.DecodeManifest(bytes.NewReader(raw), from); err != nil {
+			return err
+		}
+		if !checkpoint.SameRestore(head, st.m) {
+			return fmt.Errorf("%s: the stream's manifest differs from its first record: %w", from, image.ErrCorrupt)
+		}
+		st.a = a
+		if err := st.begin(opts, int64(len(raw))); err != nil {
+			return err
+		}
+		if beforeStart != nil {
+			return beforeStart(gctx)
+		}
+		return nil
+	})
+	var refused error // ready's error, once CRIU was refused for it
+	srv, err := criu.ListenServe(dir)
+	if err != nil {
+		return nil, err
+	}
+	served := make(chan error, 1)
+	go func() {
+		served <- srv.Serve(ctx, func(name string) (func(io.Writer) error, bool) {
+			if err := ready(); err != nil {
+				refused = err
+				return nil, false
+			}
+			return st.serve(opts)(name)
+		})
+	}()
+	t1 := time.Now()
+	rec, err := start(ctx, s, head, dir, opts)
+	log.Debug("restore ended", "err", err, "took", time.Since(t1))
+	cancel()
+	srv.Close()
+	serr := <-served
+	if st.a == nil {
+		// CRIU never got past its first image. The stream may still be
+		// arriving (the caller ends it); its archive is freed once its
+		// reader stops.
+		go func() {
+			<-indexed
+			if a != nil {
+				a.Close()
+			}
+		}()
+		// refused is set before Serve returns (it answers on one goroutine).
+		if refused != nil && !errors.Is(refused, context.Canceled) {
+			return nil, fmt.Errorf("%w (the restore waited for it and was aborted before it began)", refused)
+		}
+		return st.settleEarly(rec, err, serr)
+	}
+	defer a.Close()
+	return st.settle(ctx, s, rec, err, serr, log, t0)
+}
+
+// settleEarly ends an early restore that failed before the stream was
+// indexed.
+func (st *streamed) settleEarly(rec *job.Record, err, serr error) (*job.Record, error) {
+	if err == nil {
+		// Not reached: CRIU cannot restore without its images.
+		return nil, fmt.Errorf("%s: restored without its images", st.from)
+	}
+	if serr != nil {
+		return nil, fmt.Errorf("%w (serving the images: %w)", err, serr)
+	}
+	return nil, err
 }
 
 // openArchive indexes a .ferry file, or reads a whole stream from stdin.

@@ -19,6 +19,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 )
 
@@ -181,6 +182,19 @@ func Load(dir string) (*Manifest, error) {
 	return m, nil
 }
 
+// WriteHead writes m, less its list of files, as dir's manifest: for a
+// restore that starts from a stream's first record, before its images
+// have come (LoadManifest reads it; Load would find it incomplete).
+func WriteHead(dir string, m *Manifest) error {
+	head := *m
+	head.Files = nil
+	data, err := json.MarshalIndent(&head, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, ManifestFile), append(data, '\n'), 0o600)
+}
+
 // LoadManifest is Load without looking for the image files: for a
 // directory whose images are streamed to CRIU from elsewhere.
 func LoadManifest(dir string) (*Manifest, error) {
@@ -199,17 +213,33 @@ func LoadManifest(dir string) (*Manifest, error) {
 	if st.Size() > maxManifestSize {
 		return nil, fmt.Errorf("%q: manifest of %d bytes exceeds %d: %w", dir, st.Size(), maxManifestSize, ErrNotCheckpoint)
 	}
+	return DecodeManifest(f, fmt.Sprintf("%q", dir))
+}
+
+// DecodeManifest reads and checks a manifest (ferry.json) from r; where
+// names it in errors.
+func DecodeManifest(r io.Reader, where string) (*Manifest, error) {
 	var m Manifest
-	if err := json.NewDecoder(f).Decode(&m); err != nil {
-		return nil, fmt.Errorf("%q: manifest: %w: %w", dir, ErrNotCheckpoint, err)
+	if err := json.NewDecoder(io.LimitReader(r, maxManifestSize)).Decode(&m); err != nil {
+		return nil, fmt.Errorf("%s: manifest: %w: %w", where, ErrNotCheckpoint, err)
 	}
 	if m.Format != FormatVersion {
-		return nil, fmt.Errorf("%q has format %d, this ferry reads %d: %w", dir, m.Format, FormatVersion, ErrUnsupportedVersion)
+		return nil, fmt.Errorf("%s has format %d, this ferry reads %d: %w", where, m.Format, FormatVersion, ErrUnsupportedVersion)
 	}
 	for name, size := range m.Files {
 		if name != filepath.Base(name) || size < 0 {
-			return nil, fmt.Errorf("%q: file %q of %d bytes in manifest: %w", dir, name, size, ErrNotCheckpoint)
+			return nil, fmt.Errorf("%s: file %q of %d bytes in manifest: %w", where, name, size, ErrNotCheckpoint)
 		}
 	}
 	return &m, nil
+}
+
+// SameRestore says whether a restore started from one manifest restores
+// the other: whether everything a restore's command line is made of is
+// the same in both.
+func SameRestore(a, b *Manifest) bool {
+	return slices.Equal(a.OutputPipes(), b.OutputPipes()) && a.ExternalPidNS == b.ExternalPidNS &&
+		a.ShellJob == b.ShellJob && a.TCPEstablished == b.TCPEstablished && a.NetworkLock == b.NetworkLock &&
+		a.FileLocks == b.FileLocks && a.ExtUnixSk == b.ExtUnixSk && a.Foreign == b.Foreign &&
+		slices.Equal(a.Command, b.Command) && a.Dir == b.Dir
 }

@@ -94,3 +94,30 @@ func TestManifestThroughProto(t *testing.T) {
 		t.Fatalf("through the proto:\n got %s\nwant %s", b, a)
 	}
 }
+
+// SameRestore compares what a restore's command line is made of, and
+// nothing else (a stream's final manifest adds sizes and statistics to
+// its first record).
+func TestSameRestore(t *testing.T) {
+	base := Manifest{Format: FormatVersion, Job: "j", Command: []string{"/bin/job"}, OutputPipe: "pipe:[1]", NetworkLock: "nftables"}
+	later := base
+	later.Files, later.Processes, later.MemoryBytes = map[string]int64{"inventory.img": 10}, 3, 1<<20
+	if !SameRestore(&base, &later) {
+		t.Error("sizes and statistics made a difference")
+	}
+	for name, change := range map[string]func(m *Manifest){
+		"output pipe":     func(m *Manifest) { m.OutputPipe = "pipe:[2]" },
+		"tcp":             func(m *Manifest) { m.TCPEstablished = true },
+		"network lock":    func(m *Manifest) { m.NetworkLock = "iptables" },
+		"file locks":      func(m *Manifest) { m.FileLocks = true },
+		"shell job":       func(m *Manifest) { m.ShellJob = true },
+		"external pid ns": func(m *Manifest) { m.ExternalPidNS = true },
+		"command":         func(m *Manifest) { m.Command = []string{"/bin/other"} },
+	} {
+		other := base
+		change(&other)
+		if SameRestore(&base, &other) {
+			t.Errorf("%s: no difference", name)
+		}
+	}
+}
