@@ -431,7 +431,11 @@ func fromStreamEarly(ctx context.Context, s *job.Store, opts Options) (*job.Reco
 	cancel()
 	srv.Close()
 	serr := <-served
-	if st.a == nil {
+	// refused is set before Serve returns (it answers on one goroutine).
+	if err != nil && refused != nil && !errors.Is(refused, context.Canceled) {
+		err = fmt.Errorf("%w (the restore waited for it and was aborted before it began)", refused)
+	}
+	if st.a == nil || err != nil && refused != nil {
 		// CRIU never got past its first image. The stream may still be
 		// arriving (the caller ends it); its archive is freed once its
 		// reader stops.
@@ -441,27 +445,16 @@ func fromStreamEarly(ctx context.Context, s *job.Store, opts Options) (*job.Reco
 				a.Close()
 			}
 		}()
-		// refused is set before Serve returns (it answers on one goroutine).
-		if refused != nil && !errors.Is(refused, context.Canceled) {
-			return nil, fmt.Errorf("%w (the restore waited for it and was aborted before it began)", refused)
+		if err == nil {
+			// Not reached: CRIU cannot restore without its images.
+			err = fmt.Errorf("%s: restored without its images", from)
+		} else if serr != nil {
+			err = fmt.Errorf("%w (serving the images: %w)", err, serr)
 		}
-		return st.settleEarly(rec, err, serr)
+		return nil, err
 	}
 	defer a.Close()
 	return st.settle(ctx, s, rec, err, serr, log, t0)
-}
-
-// settleEarly ends an early restore that failed before the stream was
-// indexed.
-func (st *streamed) settleEarly(rec *job.Record, err, serr error) (*job.Record, error) {
-	if err == nil {
-		// Not reached: CRIU cannot restore without its images.
-		return nil, fmt.Errorf("%s: restored without its images", st.from)
-	}
-	if serr != nil {
-		return nil, fmt.Errorf("%w (serving the images: %w)", err, serr)
-	}
-	return nil, err
 }
 
 // openArchive indexes a .ferry file, or reads a whole stream from stdin.
