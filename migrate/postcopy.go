@@ -496,6 +496,10 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	defer starting.stop()
 	var fillErr error
 	filled := make(chan struct{})
+	// A stream that fails ends the restore at once, wherever its start-up
+	// is (it would otherwise only be refused at its first image).
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
 	go func() {
 		defer close(filled)
 		a, err := image.ReadArchiveFrom(rd)
@@ -505,6 +509,9 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		}
 		fillErr = err
 		log.Debug("lazy checkpoint received", "took", time.Since(t0), "err", err)
+		if err != nil {
+			rcancel()
+		}
 	}()
 	defer func() {
 		select {
@@ -559,8 +566,15 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 			}
 		}
 	}
-	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s (post-copy) and held frozen until the source commits")
+	rec, took, err := sv.restoreHeld(rctx, c, nc, ropts, "restored from %s (post-copy) and held frozen until the source commits")
 	if err != nil {
+		select {
+		case <-filled:
+			if fillErr != nil {
+				return fmt.Errorf("receiving: %w", fillErr)
+			}
+		default:
+		}
 		return err
 	}
 	log.Debug("restored with lazy pages", "took", time.Since(t0))

@@ -373,6 +373,19 @@ func fromStreamEarly(ctx context.Context, s *job.Store, opts Options) (*job.Reco
 		defer close(indexed)
 		a, aerr = image.StreamArchiveFrom(rd)
 	}()
+	// A stream that fails before CRIU has asked for anything ends the
+	// restore at once, wherever its start-up is.
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	go func() {
+		select {
+		case <-indexed:
+			if aerr != nil {
+				scancel()
+			}
+		case <-sctx.Done():
+		}
+	}()
 	st := &streamed{from: from}
 	beforeStart := opts.BeforeStart
 	opts.BeforeStart = nil
@@ -426,11 +439,15 @@ func fromStreamEarly(ctx context.Context, s *job.Store, opts Options) (*job.Reco
 		})
 	}()
 	t1 := time.Now()
-	rec, err := start(ctx, s, head, dir, opts)
+	rec, err := start(sctx, s, head, dir, opts)
 	log.Debug("restore ended", "err", err, "took", time.Since(t1))
 	cancel()
 	srv.Close()
 	serr := <-served
+	if err != nil && refused == nil && aerrNow(indexed, &aerr) != nil {
+		// Cut short by the stream: that is the reason to give.
+		err = fmt.Errorf("reading checkpoint from %s: %w (the restore was aborted and nothing of it is left)", from, aerr)
+	}
 	// refused is set before Serve returns (it answers on one goroutine).
 	if err != nil && refused != nil && !errors.Is(refused, context.Canceled) {
 		err = fmt.Errorf("%w (the restore waited for it and was aborted before it began)", refused)
@@ -455,6 +472,16 @@ func fromStreamEarly(ctx context.Context, s *job.Store, opts Options) (*job.Reco
 	}
 	defer a.Close()
 	return st.settle(ctx, s, rec, err, serr, log, t0)
+}
+
+// aerrNow is *aerr once indexed is closed, else nil.
+func aerrNow(indexed <-chan struct{}, aerr *error) error {
+	select {
+	case <-indexed:
+		return *aerr
+	default:
+		return nil
+	}
 }
 
 // openArchive indexes a .ferry file, or reads a whole stream from stdin.

@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -229,6 +231,72 @@ func TestMigrateInterrupted(t *testing.T) {
 			if v := src.job("ij"); v.Migration != nil {
 				t.Fatalf("the source kept a migration note after a clean rollback: %+v", v.Migration)
 			}
+		})
+	}
+}
+
+// The destination starts its restore before the source dumps, and the
+// source dumps only once it says Prepared. Interrupted while it waits
+// (this destination's CRIU takes a minute to start), the source stops at
+// once and keeps its job, and the destination drops what it started at
+// once too (the stream's end ends its restore wherever its start-up is),
+// not when its CRIU would have asked for its first image.
+func TestMigrateInterruptedBeforeDump(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	var doc struct {
+		Criu struct {
+			Path string `json:"path"`
+		} `json:"criu"`
+	}
+	_ = json.Unmarshal([]byte(src.must("doctor", "--json")), &doc)
+	if doc.Criu.Path == "" {
+		t.Skip("cannot tell the CRIU path from ferry doctor --json")
+	}
+	slow := filepath.Join(t.TempDir(), "criu")
+	script := "#!/bin/sh\n[ \"$1\" = restore ] && sleep 60\nexec " + doc.Criu.Path + " \"$@\"\n"
+	if err := os.WriteFile(slow, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	listen := net.JoinHostPort(h.addrB, "7120")
+	dst.serve(h.b, listen, token, "FERRY_CRIU="+slow)
+
+	if r := src.ferryIn(h.a, "run", "--name", "bd", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("bd", "verify ", 1)
+	sum := src.lines("bd", "sum ")[0]
+	modes := []string{"stop-copy"}
+	if d := src.must("doctor", "--json"); strings.Contains(d, `"uffd-noncoop": true`) || strings.Contains(d, `"uffd-noncoop":true`) {
+		modes = append(modes, "post-copy")
+	}
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			before, _ := src.verifyLines("bd")
+			cmd, out := src.startFerryIn(h.a, "migrate", "bd", "--to", listen, "--token-file", token, "--mode", mode)
+			eventually(t, 20*time.Second, "the destination to start its restore", func() bool {
+				return len(dst.list()) > 0
+			})
+			time.Sleep(500 * time.Millisecond)
+			if v := src.job("bd"); v.State != "running" {
+				t.Fatalf("the source froze before the destination was prepared: %+v", v)
+			}
+			code := interrupt(t, cmd)
+			if code != 130 || !strings.Contains(out.String(), "bd keeps running here") || !strings.Contains(out.String(), "prepare") {
+				t.Fatalf("migrate interrupted while the destination prepares: exit %d\n%s", code, out)
+			}
+			eventually(t, 5*time.Second, "the destination to drop what it started", func() bool {
+				for _, v := range dst.list() {
+					if v.State != "exited" {
+						return false
+					}
+				}
+				return true
+			})
+			assertKeptHere(t, src, dst, "bd", sum, before)
 		})
 	}
 }
