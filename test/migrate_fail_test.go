@@ -4,14 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -192,7 +190,7 @@ func TestMigrateInterrupted(t *testing.T) {
 	sum := src.lines("ij", "sum ")[0]
 
 	modes := []string{"stop-copy"}
-	if d := src.must("doctor", "--json"); strings.Contains(d, `"uffd-noncoop": true`) || strings.Contains(d, `"uffd-noncoop":true`) {
+	if src.lazyPages() {
 		modes = append(modes, "post-copy")
 	}
 	for i, mode := range modes {
@@ -247,20 +245,7 @@ func TestMigrateInterruptedBeforeDump(t *testing.T) {
 	h := newHosts(t)
 	src, dst := newEnv(t), newEnv(t)
 	token := writeToken(t, "correct horse battery staple 42")
-	var doc struct {
-		Criu struct {
-			Path string `json:"path"`
-		} `json:"criu"`
-	}
-	_ = json.Unmarshal([]byte(src.must("doctor", "--json")), &doc)
-	if doc.Criu.Path == "" {
-		t.Skip("cannot tell the CRIU path from ferry doctor --json")
-	}
-	slow := filepath.Join(t.TempDir(), "criu")
-	script := "#!/bin/sh\n[ \"$1\" = restore ] && sleep 60\nexec " + doc.Criu.Path + " \"$@\"\n"
-	if err := os.WriteFile(slow, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
+	slow := src.criuWrapper(`[ "$1" = restore ] && sleep 60`)
 	listen := net.JoinHostPort(h.addrB, "7120")
 	dst.serve(h.b, listen, token, "FERRY_CRIU="+slow)
 
@@ -270,7 +255,7 @@ func TestMigrateInterruptedBeforeDump(t *testing.T) {
 	src.waitLines("bd", "verify ", 1)
 	sum := src.lines("bd", "sum ")[0]
 	modes := []string{"stop-copy"}
-	if d := src.must("doctor", "--json"); strings.Contains(d, `"uffd-noncoop": true`) || strings.Contains(d, `"uffd-noncoop":true`) {
+	if src.lazyPages() {
 		modes = append(modes, "post-copy")
 	}
 	for _, mode := range modes {

@@ -81,6 +81,34 @@ func (e *env) serve(ns, listen, token string, extraEnv ...string) *server {
 	return e.serveWith(ns, listen, token, nil, extraEnv...)
 }
 
+// criuWrapper writes a CRIU that runs the shell line first and then the
+// real one (as ferry doctor finds it), and returns its path; the test is
+// skipped when the real one cannot be found.
+func (e *env) criuWrapper(first string) string {
+	e.t.Helper()
+	var doc struct {
+		Criu struct {
+			Path string `json:"path"`
+		} `json:"criu"`
+	}
+	_ = json.Unmarshal([]byte(e.must("doctor", "--json")), &doc)
+	if doc.Criu.Path == "" {
+		e.t.Skip("cannot tell the CRIU path from ferry doctor --json")
+	}
+	path := filepath.Join(e.t.TempDir(), "criu")
+	if err := os.WriteFile(path, []byte("#!/bin/sh\n"+first+"\nexec "+doc.Criu.Path+" \"$@\"\n"), 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	return path
+}
+
+// lazyPages says whether e's host can take part in post-copy (userfaultfd,
+// as ferry doctor reports it).
+func (e *env) lazyPages() bool {
+	d := e.must("doctor", "--json")
+	return strings.Contains(d, `"uffd-noncoop": true`) || strings.Contains(d, `"uffd-noncoop":true`)
+}
+
 // serveWith is serve with more arguments for `ferry serve`.
 func (e *env) serveWith(ns, listen, token string, args []string, extraEnv ...string) *server {
 	e.t.Helper()
@@ -174,21 +202,7 @@ func TestMigrate(t *testing.T) {
 
 	t.Run("a failed restore on the destination leaves the job running here", func(t *testing.T) {
 		// A CRIU on the destination that fails every restore.
-		realCriu := strings.TrimSpace(src.must("doctor", "--json"))
-		var doc struct {
-			Criu struct {
-				Path string `json:"path"`
-			} `json:"criu"`
-		}
-		_ = json.Unmarshal([]byte(realCriu), &doc)
-		if doc.Criu.Path == "" {
-			t.Skip("cannot tell the CRIU path from ferry doctor --json")
-		}
-		broken := filepath.Join(t.TempDir(), "criu")
-		script := "#!/bin/sh\n[ \"$1\" = restore ] && { echo 'Error (injected): restore refused' >&2; exit 1; }\nexec " + doc.Criu.Path + " \"$@\"\n"
-		if err := os.WriteFile(broken, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
+		broken := src.criuWrapper(`[ "$1" = restore ] && { echo 'Error (injected): restore refused' >&2; exit 1; }`)
 		other := newEnv(t)
 		listen2 := net.JoinHostPort(h.addrB, "7071")
 		other.serve(h.b, listen2, token, "FERRY_CRIU="+broken)
@@ -349,7 +363,7 @@ func TestMigratePostCopy(t *testing.T) {
 	token := writeToken(t, "correct horse battery staple 42")
 	listen := net.JoinHostPort(h.addrB, "7080")
 	dst.serve(h.b, listen, token)
-	if d := src.must("doctor", "--json"); !strings.Contains(d, `"uffd-noncoop": true`) && !strings.Contains(d, `"uffd-noncoop":true`) {
+	if !src.lazyPages() {
 		t.Skip("no userfaultfd here: post-copy cannot work")
 	}
 
@@ -363,20 +377,7 @@ func TestMigratePostCopy(t *testing.T) {
 		// The destination's restore starts beside its lazy-pages daemon
 		// and waits for it at its first image; this daemon fails once the
 		// restore is (most likely) waiting.
-		var doc struct {
-			Criu struct {
-				Path string `json:"path"`
-			} `json:"criu"`
-		}
-		_ = json.Unmarshal([]byte(src.must("doctor", "--json")), &doc)
-		if doc.Criu.Path == "" {
-			t.Skip("cannot tell the CRIU path from ferry doctor --json")
-		}
-		broken := filepath.Join(t.TempDir(), "criu")
-		script := "#!/bin/sh\n[ \"$1\" = lazy-pages ] && { sleep 0.3; echo 'Error (injected): no lazy pages' >&2; exit 1; }\nexec " + doc.Criu.Path + " \"$@\"\n"
-		if err := os.WriteFile(broken, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
+		broken := src.criuWrapper(`[ "$1" = lazy-pages ] && { sleep 0.3; echo 'Error (injected): no lazy pages' >&2; exit 1; }`)
 		listen2 := net.JoinHostPort(h.addrB, "7082")
 		srv := other.serve(h.b, listen2, token, "FERRY_CRIU="+broken)
 		before, _ := src.verifyLines("pc")

@@ -22,10 +22,7 @@ func TestMigrateWorkloads(t *testing.T) {
 	token := writeToken(t, "correct horse battery staple 42")
 	listen := net.JoinHostPort(h.addrB, "7120")
 	dst.serve(h.b, listen, token)
-	lazy := false
-	if d := src.must("doctor", "--json"); strings.Contains(d, `"uffd-noncoop": true`) || strings.Contains(d, `"uffd-noncoop":true`) {
-		lazy = true
-	}
+	lazy := src.lazyPages()
 	data := make([]byte, 4096)
 	for i := range data {
 		data[i] = byte(i % 251)
