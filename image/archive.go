@@ -134,12 +134,7 @@ func (a *Archive) Has(name string) bool {
 func (a *Archive) Remaining() []string {
 	a.lock()
 	defer a.unlock()
-	names := make([]string, 0, len(a.remaining))
-	for n := range a.remaining {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
+	return slices.Sorted(maps.Keys(a.remaining))
 }
 
 // Wait blocks until the stream has been read to its end and returns what
@@ -797,10 +792,5 @@ func putChunkBuf(b []byte) { chunkBufs.put(b) }
 func (a *Archive) Names() []string {
 	a.lock()
 	defer a.unlock()
-	names := make([]string, 0, len(a.files))
-	for n := range a.files {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
+	return slices.Sorted(maps.Keys(a.files))
 }
