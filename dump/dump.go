@@ -148,7 +148,7 @@ type Result struct {
 }
 
 // DryRun walks job name and plans its checkpoint without freezing it.
-func DryRun(s *job.Store, name string, allow Allowed) (*Inventory, *Plan, error) {
+func DryRun(s *job.Registry, name string, allow Allowed) (*Inventory, *Plan, error) {
 	rec, err := s.Load(name)
 	if err != nil {
 		return nil, nil, err
@@ -194,7 +194,7 @@ func DryRunPid(pid int, allow Allowed) (*Inventory, *Plan, error) {
 }
 
 // Job checkpoints the running job name of store s into opts.Output.
-func Job(ctx context.Context, s *job.Store, name string, opts Options) (*Result, error) {
+func Job(ctx context.Context, s *job.Registry, name string, opts Options) (*Result, error) {
 	rec, err := s.Load(name)
 	if err != nil {
 		return nil, err

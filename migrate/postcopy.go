@@ -269,7 +269,7 @@ func (p *postCopySource) doubt(serveErr, why error) error {
 }
 
 // finish turns dump's outcome into Migrate's.
-func (p *postCopySource) finish(ctx context.Context, s *job.Store, name string, res *dump.Result, err error) (*Report, error) {
+func (p *postCopySource) finish(ctx context.Context, s *job.Registry, name string, res *dump.Result, err error) (*Report, error) {
 	p.close()
 	rep := p.rep
 	switch {

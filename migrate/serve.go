@@ -23,7 +23,7 @@ import (
 // is restored as a job of Store, held frozen until the source's copy is
 // gone, then thawed.
 type Server struct {
-	Store   *job.Store
+	Store   *job.Registry
 	Token   []byte
 	Restore restore.Options // template: CRIU, ServeDir, CgroupRoot
 	Logger  *slog.Logger

@@ -55,7 +55,7 @@ var ErrInDoubt = errors.New("migration outcome in doubt")
 // restored (and held frozen); the destination thaws its copy only once the
 // source reports its own gone. Any failure before that point thaws the
 // source and has the destination drop its copy.
-func Migrate(ctx context.Context, s *job.Store, name string, opts Options) (*Report, error) {
+func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*Report, error) {
 	start := time.Now()
 	log := opts.Logger
 	if log == nil {

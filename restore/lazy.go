@@ -69,7 +69,7 @@ func StartLazyPages(ctx context.Context, b *criu.Binary, images, work string, pa
 // ferry that died, which closes the socket) makes the first image
 // missing: CRIU exits before it has done anything, and the restore fails
 // as any other.
-func lazyServed(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string, opts Options) (*job.Record, error) {
+func lazyServed(ctx context.Context, s *job.Registry, m *checkpoint.Manifest, dir string, opts Options) (*job.Record, error) {
 	if len(dir)+len("/"+criu.ServeSocket) >= maxSocketPath {
 		// No room for the serve socket's path: one after the other.
 		if err := opts.LazyReady(ctx); err != nil {

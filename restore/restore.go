@@ -119,7 +119,7 @@ func tempServeDir(base, prefix string, sock int) (string, error) {
 
 // Job restores the checkpoint opts.Checkpoint as a job of store s and
 // returns its record once the restored tree runs.
-func Job(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+func Job(ctx context.Context, s *job.Registry, opts Options) (*job.Record, error) {
 	if checkpoint.IsStream(opts.Checkpoint) {
 		return fromStream(ctx, s, opts)
 	}
@@ -158,7 +158,7 @@ func check(m *checkpoint.Manifest, from string, opts Options) error {
 	return nil
 }
 
-func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string, opts Options) (*job.Record, error) {
+func start(ctx context.Context, s *job.Registry, m *checkpoint.Manifest, dir string, opts Options) (*job.Record, error) {
 	name := opts.Name
 	if name == "" {
 		name = m.Job
@@ -193,7 +193,7 @@ func start(ctx context.Context, s *job.Store, m *checkpoint.Manifest, dir string
 // record headers; a pipe is read whole and checked first (see
 // image.Archive). A chunk that fails its check cuts CRIU's pipe, which
 // fails the restore, and the shim leaves nothing behind.
-func fromStream(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+func fromStream(ctx context.Context, s *job.Registry, opts Options) (*job.Record, error) {
 	if opts.Early && !opts.Stopped {
 		return nil, errors.New("an early restore must hold the job stopped until the stream has proved whole")
 	}
@@ -309,7 +309,7 @@ func (st *streamed) serve(opts Options) func(name string) (func(io.Writer) error
 // serving serr. A restore that started before the stream's last files
 // had come holds the job until the stream has proved whole, and discards
 // it if it does not.
-func (st *streamed) settle(ctx context.Context, s *job.Store, rec *job.Record, err, serr error, log *slog.Logger, t0 time.Time) (*job.Record, error) {
+func (st *streamed) settle(ctx context.Context, s *job.Registry, rec *job.Record, err, serr error, log *slog.Logger, t0 time.Time) (*job.Record, error) {
 	if err == nil && len(st.later) > 0 {
 		if serr = st.a.Wait(); serr == nil {
 			st.later = nil
@@ -343,7 +343,7 @@ func (st *streamed) settle(ctx context.Context, s *job.Store, rec *job.Record, e
 // takes the restore's start-up (a ferry shim, CRIU's exec and kernel
 // probing: 100-300 ms here) out of the downtime, since its source dumps
 // only once Prepared says CRIU waits.
-func fromStreamEarly(ctx context.Context, s *job.Store, opts Options) (*job.Record, error) {
+func fromStreamEarly(ctx context.Context, s *job.Registry, opts Options) (*job.Record, error) {
 	const from = "standard input"
 	t0 := time.Now()
 	log := cmp.Or(opts.Logger, slog.Default())

@@ -22,7 +22,7 @@ import (
 // (ferry run --checkpoint-every) carries on taking them into the same
 // store unless opts.Snapshots says otherwise: a requeued batch job keeps
 // its policy without being given it again.
-func FromSnapshot(ctx context.Context, s *job.Store, st *store.Store, snap store.Snapshot, opts Options) (*job.Record, error) {
+func FromSnapshot(ctx context.Context, s *job.Registry, st *store.Store, snap store.Snapshot, opts Options) (*job.Record, error) {
 	r, err := st.OpenSnapshot(ctx, snap)
 	if err != nil {
 		return nil, err

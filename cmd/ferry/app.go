@@ -99,9 +99,9 @@ func setupLogging(c *cli.Context) error {
 	return nil
 }
 
-// store opens the state directory named by --root / FERRY_ROOT.
-func store(c *cli.Context) (*job.Store, error) {
-	return job.OpenStore(c.String("root"))
+// registry opens the job registry in the state directory named by --root / FERRY_ROOT.
+func registry(c *cli.Context) (*job.Registry, error) {
+	return job.OpenRegistry(c.String("root"))
 }
 
 // exactArgs checks the number of positional arguments.

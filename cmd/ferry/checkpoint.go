@@ -81,14 +81,14 @@ job and ends each once its snapshot is durable, for a reboot:
 		if c.IsSet("pid") && c.NArg() != 0 {
 			return usageError{fmt.Errorf("checkpoint: give a JOB or --pid, not both")}
 		}
-		var s *job.Store
+		var s *job.Registry
 		var name string
 		var err error
 		if c.IsSet("pid") {
 			if err = requireRoot(); err != nil {
 				return err
 			}
-			if s, err = store(c); err != nil {
+			if s, err = registry(c); err != nil {
 				return err
 			}
 			name = fmt.Sprintf("pid-%d", pid)

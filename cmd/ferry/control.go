@@ -72,14 +72,14 @@ var rmCommand = &cli.Command{
 }
 
 // jobArg is the common preamble of commands that take one JOB and need root.
-func jobArg(c *cli.Context) (*job.Store, string, error) {
+func jobArg(c *cli.Context) (*job.Registry, string, error) {
 	if err := exactArgs(c, 1, "JOB"); err != nil {
 		return nil, "", err
 	}
 	if err := requireRoot(); err != nil {
 		return nil, "", err
 	}
-	s, err := store(c)
+	s, err := registry(c)
 	if err != nil {
 		return nil, "", err
 	}

@@ -17,7 +17,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/migrate"
-	snapstore "github.com/ferry-cr/ferry/store"
+	"github.com/ferry-cr/ferry/store"
 )
 
 // Exit statuses, one per kind of failure, so scripts can tell them apart.
@@ -88,13 +88,13 @@ var exitCodes = []struct {
 	{migrate.ErrRefused, exitRefused},
 	{migrate.ErrInDoubt, exitInDoubt},
 	{migrate.ErrUnsupportedMode, exitModeUnavailable},
-	{snapstore.ErrNoSnapshot, exitNoSnapshot},
-	{snapstore.ErrAmbiguous, exitNoSnapshot},
-	{snapstore.ErrCorrupt, exitBadCheckpoint},
-	{snapstore.ErrBadName, exitNameInUse},
-	{snapstore.ErrBusy, exitStore},
-	{snapstore.ErrNotStore, exitStore},
-	{snapstore.ErrUnsupportedVersion, exitStore},
+	{store.ErrNoSnapshot, exitNoSnapshot},
+	{store.ErrAmbiguous, exitNoSnapshot},
+	{store.ErrCorrupt, exitBadCheckpoint},
+	{store.ErrBadName, exitNameInUse},
+	{store.ErrBusy, exitStore},
+	{store.ErrNotStore, exitStore},
+	{store.ErrUnsupportedVersion, exitStore},
 }
 
 // codedError gives an error the exit status of the command it came from

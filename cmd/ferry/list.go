@@ -23,7 +23,7 @@ var listCommand = &cli.Command{
 		if err := exactArgs(c, 0, "no arguments"); err != nil {
 			return err
 		}
-		s, err := store(c)
+		s, err := registry(c)
 		if err != nil {
 			return err
 		}

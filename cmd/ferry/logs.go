@@ -24,7 +24,7 @@ var logsCommand = &cli.Command{
 		if err := exactArgs(c, 1, "JOB"); err != nil {
 			return err
 		}
-		s, err := store(c)
+		s, err := registry(c)
 		if err != nil {
 			return err
 		}

@@ -49,7 +49,7 @@ address back), and running.`,
 		if err != nil {
 			return usageError{err}
 		}
-		s, err := store(c)
+		s, err := registry(c)
 		if err != nil {
 			return err
 		}

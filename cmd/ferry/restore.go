@@ -59,7 +59,7 @@ stops it.`,
 		if err := requireRoot(); err != nil {
 			return err
 		}
-		s, err := store(c)
+		s, err := registry(c)
 		if err != nil {
 			return err
 		}

@@ -7,7 +7,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/ferry-cr/ferry/internal/job"
-	snapstore "github.com/ferry-cr/ferry/store"
+	"github.com/ferry-cr/ferry/store"
 )
 
 var runCommand = &cli.Command{
@@ -38,7 +38,7 @@ requeues and the requeued job resumes with "ferry restore --store DIR JOB".`,
 		if err := requireRoot(); err != nil {
 			return err
 		}
-		s, err := store(c)
+		s, err := registry(c)
 		if err != nil {
 			return err
 		}
@@ -49,7 +49,7 @@ requeues and the requeued job resumes with "ferry restore --store DIR JOB".`,
 		if policy != nil && policy.Every == 0 {
 			policy = nil
 		}
-		var st *snapstore.Store
+		var st *store.Store
 		if c.Bool("checkpoint-on-term") || policy != nil {
 			// Open (create) the store now: a bad --store fails here, not
 			// at the first snapshot.

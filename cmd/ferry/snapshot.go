@@ -17,7 +17,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/restore"
-	snapstore "github.com/ferry-cr/ferry/store"
+	"github.com/ferry-cr/ferry/store"
 )
 
 // The snapshot store's commands: snapshots, prune, and the --store forms
@@ -32,7 +32,7 @@ var (
 
 // periodicPolicy is --checkpoint-every D [--keep N]: nil when neither is
 // given, a policy with Every 0 for an explicit --checkpoint-every 0.
-func periodicPolicy(c *cli.Context, s *job.Store, verb string) (*job.SnapshotPolicy, error) {
+func periodicPolicy(c *cli.Context, s *job.Registry, verb string) (*job.SnapshotPolicy, error) {
 	if !c.IsSet("checkpoint-every") && !c.IsSet("keep") {
 		return nil, nil
 	}
@@ -51,7 +51,7 @@ func periodicPolicy(c *cli.Context, s *job.Store, verb string) (*job.SnapshotPol
 }
 
 // storeDir is --store, or the store beside the job records.
-func storeDir(c *cli.Context, s *job.Store) (string, error) {
+func storeDir(c *cli.Context, s *job.Registry) (string, error) {
 	dir := c.String("store")
 	if dir == "" {
 		dir = filepath.Join(s.Root, "store")
@@ -61,12 +61,12 @@ func storeDir(c *cli.Context, s *job.Store) (string, error) {
 
 // openStore opens the snapshot store --store names; create makes it when
 // it does not exist yet (only what adds snapshots may).
-func openStore(c *cli.Context, s *job.Store, create bool) (*snapstore.Store, string, error) {
+func openStore(c *cli.Context, s *job.Registry, create bool) (*store.Store, string, error) {
 	dir, err := storeDir(c, s)
 	if err != nil {
 		return nil, "", err
 	}
-	st, err := snapstore.Open(c.Context, dir, snapstore.Options{Logger: slog.Default(), NoCreate: !create})
+	st, err := store.Open(c.Context, dir, store.Options{Logger: slog.Default(), NoCreate: !create})
 	if err != nil {
 		return nil, "", withCode(fmt.Errorf("opening snapshot store %s: %w", dir, err), exitStore)
 	}
@@ -82,7 +82,7 @@ var snapshotsCommand = &cli.Command{
 		if c.NArg() > 1 {
 			return usageError{errors.New("snapshots: at most one JOB")}
 		}
-		s, err := store(c)
+		s, err := registry(c)
 		if err != nil {
 			return err
 		}
@@ -97,7 +97,7 @@ var snapshotsCommand = &cli.Command{
 		}
 		if c.Bool("json") {
 			if snaps == nil {
-				snaps = []snapstore.Snapshot{}
+				snaps = []store.Snapshot{}
 			}
 			return writeJSON(c, snaps)
 		}
@@ -127,7 +127,7 @@ lock), so it is safe beside a running "ferry checkpoint --store".`,
 		if c.NArg() > 1 {
 			return usageError{errors.New("prune: at most one JOB")}
 		}
-		s, err := store(c)
+		s, err := registry(c)
 		if err != nil {
 			return err
 		}
@@ -151,7 +151,7 @@ lock), so it is safe beside a running "ferry checkpoint --store".`,
 
 // verifyStore is `ferry verify --store DIR`.
 func verifyStore(c *cli.Context) error {
-	s, err := store(c)
+	s, err := registry(c)
 	if err != nil {
 		return err
 	}
@@ -172,7 +172,7 @@ func verifyStore(c *cli.Context) error {
 		if rep.MoreProblems > 0 {
 			more = fmt.Sprintf(" (and %d more)", rep.MoreProblems)
 		}
-		return withCode(fmt.Errorf("%s: %d problems%s: %w", dir, len(rep.Problems), more, snapstore.ErrCorrupt), exitBadCheckpoint)
+		return withCode(fmt.Errorf("%s: %d problems%s: %w", dir, len(rep.Problems), more, store.ErrCorrupt), exitBadCheckpoint)
 	}
 	fmt.Fprintf(c.App.Writer, "%s: ok, %d snapshots, %d packs, %d chunks (%s stored, %s raw) all match\n",
 		dir, rep.Snapshots, rep.Packs, rep.Blobs, humanBytes(rep.StoredBytes), humanBytes(rep.RawBytes))
@@ -181,7 +181,7 @@ func verifyStore(c *cli.Context) error {
 
 // snapshotJob adds a snapshot of job name to st: the job runs on unless
 // end, in which case it is ended once the snapshot is durable.
-func snapshotJob(ctx context.Context, c *cli.Context, s *job.Store, st *snapstore.Store, name string, end bool) (*dump.Result, error) {
+func snapshotJob(ctx context.Context, c *cli.Context, s *job.Registry, st *store.Store, name string, end bool) (*dump.Result, error) {
 	bin, err := criuFor(ctx, c)
 	if err != nil {
 		return nil, err
@@ -233,7 +233,7 @@ func printSnapshot(c *cli.Context, res *dump.Result, dir string) {
 }
 
 // checkpointToStore is `ferry checkpoint JOB --store DIR [--keep N]`.
-func checkpointToStore(c *cli.Context, s *job.Store, name string) error {
+func checkpointToStore(c *cli.Context, s *job.Registry, name string) error {
 	st, dir, err := openStore(c, s, true)
 	if err != nil {
 		return err
@@ -261,11 +261,11 @@ func checkpointToStore(c *cli.Context, s *job.Store, name string) error {
 // snapshot fails keeps running.
 func checkpointAll(c *cli.Context) error {
 	return forAllJobs(c, "checkpoint --all", exitCheckpoint, true,
-		func(s *job.Store, rec *job.Record, _ string) bool {
+		func(s *job.Registry, rec *job.Record, _ string) bool {
 			v := s.Inspect(rec)
 			return v.State == "running" || v.State == "frozen"
 		},
-		func(s *job.Store, st *snapstore.Store, dir string, rec *job.Record) error {
+		func(s *job.Registry, st *store.Store, dir string, rec *job.Record) error {
 			res, err := snapshotJob(c.Context, c, s, st, rec.Name, true)
 			if err != nil {
 				return fmt.Errorf("%w (it keeps running)", err)
@@ -285,17 +285,17 @@ func checkpointAll(c *cli.Context) error {
 // the snapshot store open; a job that fails is reported on stderr and the
 // others go on. verb and code make the error when any failed.
 func forAllJobs(c *cli.Context, verb string, code int, create bool,
-	pick func(s *job.Store, rec *job.Record, dir string) bool,
-	do func(s *job.Store, st *snapstore.Store, dir string, rec *job.Record) error) error {
+	pick func(s *job.Registry, rec *job.Record, dir string) bool,
+	do func(s *job.Registry, st *store.Store, dir string, rec *job.Record) error) error {
 	if err := requireRoot(); err != nil {
 		return err
 	}
-	s, err := store(c)
+	s, err := registry(c)
 	if err != nil {
 		return err
 	}
 	st, dir, err := openStore(c, s, create)
-	if !create && errors.Is(err, snapstore.ErrNoStore) {
+	if !create && errors.Is(err, store.ErrNoStore) {
 		// restore --all at boot on a host that never took a snapshot.
 		fmt.Fprintf(c.App.ErrWriter, "ferry: %s: no snapshot store, nothing to do\n", verb)
 		return nil
@@ -334,7 +334,7 @@ func restoreFromStore(c *cli.Context) error {
 	if err := requireRoot(); err != nil {
 		return err
 	}
-	s, err := store(c)
+	s, err := registry(c)
 	if err != nil {
 		return err
 	}
@@ -347,7 +347,7 @@ func restoreFromStore(c *cli.Context) error {
 	}
 	defer st.Close()
 	jobName, id, _ := strings.Cut(c.Args().First(), "@")
-	var snap snapstore.Snapshot
+	var snap store.Snapshot
 	if id == "" {
 		snap, err = st.Latest(c.Context, jobName)
 	} else {
@@ -370,7 +370,7 @@ func restoreFromStore(c *cli.Context) error {
 // restoreSnapshot restores snap of st (in dir) as job name. The restored
 // job carries on the periodic snapshots it took, into dir, unless
 // --checkpoint-every says otherwise.
-func restoreSnapshot(c *cli.Context, s *job.Store, st *snapstore.Store, dir string, snap snapstore.Snapshot, name string) (*job.Record, error) {
+func restoreSnapshot(c *cli.Context, s *job.Registry, st *store.Store, dir string, snap store.Snapshot, name string) (*job.Record, error) {
 	policy, err := periodicPolicy(c, s, "restore")
 	if err != nil {
 		return nil, err
@@ -410,10 +410,10 @@ func restoreAll(c *cli.Context) error {
 		return usageError{errors.New("restore --all takes no CHECKPOINT")}
 	}
 	return forAllJobs(c, "restore --all", exitRestore, false,
-		func(_ *job.Store, rec *job.Record, dir string) bool {
+		func(_ *job.Registry, rec *job.Record, dir string) bool {
 			return rec.Resume != nil && rec.Resume.Store == dir && rec.Status == job.Exited && !rec.InitAlive()
 		},
-		func(s *job.Store, st *snapstore.Store, dir string, rec *job.Record) error {
+		func(s *job.Registry, st *store.Store, dir string, rec *job.Record) error {
 			snap, err := st.Find(c.Context, rec.Name, rec.Resume.Snapshot)
 			if err == nil {
 				_, err = restoreSnapshot(c, s, st, dir, snap, rec.Name)
@@ -432,7 +432,7 @@ func restoreAll(c *cli.Context) error {
 // snapshot into st, ends the job once the snapshot is durable, and exits
 // with exitSnapshotted, so a batch script knows to requeue, and the
 // requeued job resumes with `ferry restore --store`.
-func waitOrSnapshot(c *cli.Context, s *job.Store, st *snapstore.Store, name string) error {
+func waitOrSnapshot(c *cli.Context, s *job.Registry, st *store.Store, name string) error {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	for {

@@ -39,7 +39,7 @@ func (r *Record) OpenCgroup() (*cgroup.Cgroup, error) {
 }
 
 // running loads job name and checks that its init is alive.
-func (s *Store) running(name string) (*Record, error) {
+func (s *Registry) running(name string) (*Record, error) {
 	rec, err := s.Load(name)
 	if err != nil {
 		return nil, err
@@ -51,12 +51,12 @@ func (s *Store) running(name string) (*Record, error) {
 }
 
 // Freeze freezes every task of a running job through its cgroup.
-func (s *Store) Freeze(ctx context.Context, name string) error {
+func (s *Registry) Freeze(ctx context.Context, name string) error {
 	return s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Freeze(ctx) })
 }
 
 // Thaw resumes a frozen job; that settles a migration in doubt.
-func (s *Store) Thaw(ctx context.Context, name string) error {
+func (s *Registry) Thaw(ctx context.Context, name string) error {
 	if err := s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) }); err != nil {
 		return err
 	}
@@ -65,7 +65,7 @@ func (s *Store) Thaw(ctx context.Context, name string) error {
 }
 
 // onCgroup runs fn on the cgroup of running job name.
-func (s *Store) onCgroup(name string, fn func(*cgroup.Cgroup) error) error {
+func (s *Registry) onCgroup(name string, fn func(*cgroup.Cgroup) error) error {
 	rec, err := s.running(name)
 	if err != nil {
 		return err
@@ -80,7 +80,7 @@ func (s *Store) onCgroup(name string, fn func(*cgroup.Cgroup) error) error {
 // Kill ends a job: SIGTERM to its init (which forwards it to the command),
 // SIGKILL to the whole cgroup after grace, then waits for the shim to
 // record the exit and removes the cgroup. The record is kept, as exited.
-func (s *Store) Kill(ctx context.Context, name string, grace time.Duration, log *slog.Logger) error {
+func (s *Registry) Kill(ctx context.Context, name string, grace time.Duration, log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -127,7 +127,7 @@ func (s *Store) Kill(ctx context.Context, name string, grace time.Duration, log 
 
 // markGone waits for the shim to record the job's end; when the shim is
 // gone too it records it itself, then makes sure the cgroup is removed.
-func (s *Store) markGone(ctx context.Context, rec *Record, reason string, log *slog.Logger) error {
+func (s *Registry) markGone(ctx context.Context, rec *Record, reason string, log *slog.Logger) error {
 	recorded := waitFor(ctx, shimRecordTimeout, func() bool {
 		r, err := s.Load(rec.Name)
 		return err == nil && r.Status == Exited
@@ -178,7 +178,7 @@ type View struct {
 }
 
 // Inspect reads the live state of a job.
-func (s *Store) Inspect(rec *Record) *View {
+func (s *Registry) Inspect(rec *Record) *View {
 	v := &View{Record: rec}
 	switch {
 	case rec.Status == Exited:
@@ -222,23 +222,23 @@ func (s *Store) Inspect(rec *Record) *View {
 // whole (frozen) cgroup, no SIGTERM, since the job must not run another
 // instruction that the checkpoint does not have. The record says
 // "checkpointed".
-func (s *Store) EndCheckpointed(ctx context.Context, name string, log *slog.Logger) error {
+func (s *Registry) EndCheckpointed(ctx context.Context, name string, log *slog.Logger) error {
 	return s.endFrozen(ctx, name, "checkpointed", log)
 }
 
 // Discard ends a frozen job that must never run again (a migration's
 // destination copy whose source resumed): SIGKILL without a thaw.
-func (s *Store) Discard(ctx context.Context, name string, log *slog.Logger) error {
+func (s *Registry) Discard(ctx context.Context, name string, log *slog.Logger) error {
 	return s.endFrozen(ctx, name, "discarded", log)
 }
 
 // EndAs ends a job like EndCheckpointed, with reason as its record's
 // exit reason ("migrated", say).
-func (s *Store) EndAs(ctx context.Context, name, reason string, log *slog.Logger) error {
+func (s *Registry) EndAs(ctx context.Context, name, reason string, log *slog.Logger) error {
 	return s.endFrozen(ctx, name, reason, log)
 }
 
-func (s *Store) endFrozen(ctx context.Context, name, reason string, log *slog.Logger) error {
+func (s *Registry) endFrozen(ctx context.Context, name, reason string, log *slog.Logger) error {
 	rec, err := s.Update(name, func(r *Record) error {
 		if r.Exit == nil {
 			r.Exit = &ExitStatus{}

@@ -47,7 +47,7 @@ type RestoreSpec struct {
 // from a checkpoint and has a shim restore it (the shim must be the
 // restored tree's parent). A record of that name that has exited is
 // replaced; a live one is not.
-func StartRestored(ctx context.Context, s *Store, spec RestoreSpec) (*Record, error) {
+func StartRestored(ctx context.Context, s *Registry, spec RestoreSpec) (*Record, error) {
 	log := spec.Logger
 	if log == nil {
 		log = slog.Default()

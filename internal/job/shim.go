@@ -45,7 +45,7 @@ func ShimMain(root, name string, restorer Restorer) int {
 			ready = nil
 		}
 	}
-	s := &Store{Root: root}
+	s := &Registry{Root: root}
 	logf, err := os.OpenFile(s.ShimLogPath(name), os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		report("error: opening shim log: %s", err)
@@ -92,7 +92,7 @@ func ShimMain(root, name string, restorer Restorer) int {
 // p.Every until ctx ends, by running `ferry checkpoint --store` (the same
 // binary): a snapshot that fails costs that snapshot only, never the
 // shim, and the job runs on.
-func snapshotEvery(ctx context.Context, s *Store, name string, p SnapshotPolicy, log *slog.Logger) {
+func snapshotEvery(ctx context.Context, s *Registry, name string, p SnapshotPolicy, log *slog.Logger) {
 	self, err := os.Executable()
 	if err != nil {
 		log.Error("periodic snapshots: finding ferry's binary", "err", err)
@@ -126,7 +126,7 @@ func snapshotEvery(ctx context.Context, s *Store, name string, p SnapshotPolicy,
 // startInit forks ferry's init into fresh PID and IPC namespaces, puts it
 // into the job's cgroup, lets it start the command and waits for its word
 // that the command runs.
-func startInit(s *Store, rec *Record, log *slog.Logger) (initPID int, outR *os.File, retErr error) {
+func startInit(s *Registry, rec *Record, log *slog.Logger) (initPID int, outR *os.File, retErr error) {
 	self, err := os.Executable()
 	if err != nil {
 		return 0, nil, fmt.Errorf("locating the ferry binary: %w", err)
@@ -217,7 +217,7 @@ func startInit(s *Store, rec *Record, log *slog.Logger) (initPID int, outR *os.F
 
 // restoreInit has the restorer bring the job's tree back as a child of
 // this shim, with a fresh output pipe in place of the one the tree had.
-func restoreInit(s *Store, rec *Record, restorer Restorer, log *slog.Logger) (int, *os.File, error) {
+func restoreInit(s *Registry, rec *Record, restorer Restorer, log *slog.Logger) (int, *os.File, error) {
 	if restorer == nil {
 		return 0, nil, errors.New("this ferry cannot restore")
 	}
@@ -254,7 +254,7 @@ func restoreInit(s *Store, rec *Record, restorer Restorer, log *slog.Logger) (in
 // markRunning records that this shim supervises init pid of job name,
 // with the pid's start time, which guards every later signal against pid
 // reuse.
-func (s *Store) markRunning(name string, pid int) error {
+func (s *Registry) markRunning(name string, pid int) error {
 	st, err := proc.ReadStat(pid)
 	if err != nil {
 		return fmt.Errorf("reading init's start time: %w", err)
@@ -271,7 +271,7 @@ func (s *Store) markRunning(name string, pid int) error {
 
 // supervise copies the job's output into its log until the init exits,
 // then records how it ended and removes the cgroup.
-func supervise(s *Store, name string, initPID int, outR *os.File, log *slog.Logger) int {
+func supervise(s *Registry, name string, initPID int, outR *os.File, log *slog.Logger) int {
 	copied := make(chan struct{})
 	go func() {
 		defer close(copied)

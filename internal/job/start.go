@@ -39,7 +39,7 @@ type Spec struct {
 // Start starts a job: a cgroup of its own, a detached shim that supervises
 // it, and ferry's init as pid 1 of fresh PID and IPC namespaces running the
 // command. It returns once the command runs, or undoes everything it did.
-func Start(ctx context.Context, s *Store, spec Spec) (*Record, error) {
+func Start(ctx context.Context, s *Registry, spec Spec) (*Record, error) {
 	log := spec.Logger
 	if log == nil {
 		log = slog.Default()
@@ -84,7 +84,7 @@ func Start(ctx context.Context, s *Store, spec Spec) (*Record, error) {
 // (replacing old, the record of an ended job of that name, if any), give
 // the job a cgroup, and have a shim bring it up. Every step is undone if a
 // later one fails; old is put back.
-func launch(ctx context.Context, s *Store, rec *Record, old *Record, cgroupRoot string, log *slog.Logger) (_ *Record, retErr error) {
+func launch(ctx context.Context, s *Registry, rec *Record, old *Record, cgroupRoot string, log *slog.Logger) (_ *Record, retErr error) {
 	if cgroupRoot == "" {
 		cgroupRoot = cgroup.DefaultRoot
 	}
@@ -141,7 +141,7 @@ func launch(ctx context.Context, s *Store, rec *Record, old *Record, cgroupRoot 
 
 // spawnShim starts `ferry __shim ROOT NAME` in a session of its own and
 // waits for its one-line report: "ok" or the reason the job did not start.
-func spawnShim(ctx context.Context, s *Store, name string, log *slog.Logger) error {
+func spawnShim(ctx context.Context, s *Registry, name string, log *slog.Logger) error {
 	self, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("locating the ferry binary: %w", err)

@@ -146,13 +146,13 @@ func (e *ExitStatus) String() string {
 	return s
 }
 
-// Store is a state directory.
-type Store struct {
+// Registry is a state directory: the records of its jobs.
+type Registry struct {
 	Root string
 }
 
-// OpenStore opens the state directory at root, creating it (0700) if needed.
-func OpenStore(root string) (*Store, error) {
+// OpenRegistry opens the state directory at root, creating it (0700) if needed.
+func OpenRegistry(root string) (*Registry, error) {
 	if root == "" {
 		root = DefaultRoot
 	}
@@ -163,17 +163,17 @@ func OpenStore(root string) (*Store, error) {
 	if err := os.MkdirAll(filepath.Join(abs, "jobs"), 0o700); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
-	return &Store{Root: abs}, nil
+	return &Registry{Root: abs}, nil
 }
 
 // Dir is the directory that holds the job's record and log.
-func (s *Store) Dir(name string) string { return filepath.Join(s.Root, "jobs", name) }
+func (s *Registry) Dir(name string) string { return filepath.Join(s.Root, "jobs", name) }
 
 // LogPath is the job's log file.
-func (s *Store) LogPath(name string) string { return filepath.Join(s.Dir(name), logFile) }
+func (s *Registry) LogPath(name string) string { return filepath.Join(s.Dir(name), logFile) }
 
 // ShimLogPath is where the job's shim writes its own diagnostics.
-func (s *Store) ShimLogPath(name string) string { return filepath.Join(s.Dir(name), shimLog) }
+func (s *Registry) ShimLogPath(name string) string { return filepath.Join(s.Dir(name), shimLog) }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 
@@ -216,7 +216,7 @@ func randomHex(n int) string {
 
 // Create makes the job's directory and writes its first record. It fails
 // with ErrExists when a job of that name exists.
-func (s *Store) Create(rec *Record) error {
+func (s *Registry) Create(rec *Record) error {
 	if err := ValidateName(rec.Name); err != nil {
 		return err
 	}
@@ -234,7 +234,7 @@ func (s *Store) Create(rec *Record) error {
 }
 
 // Load reads the record of job name.
-func (s *Store) Load(name string) (*Record, error) {
+func (s *Registry) Load(name string) (*Record, error) {
 	if err := ValidateName(name); err != nil {
 		return nil, &NameError{Name: name, Err: ErrNotFound}
 	}
@@ -273,7 +273,7 @@ func (l *limitedReader) Read(p []byte) (int, error) {
 
 // Save writes rec atomically: a temporary file in the same directory,
 // fsync, rename, fsync of the directory.
-func (s *Store) Save(rec *Record) error {
+func (s *Registry) Save(rec *Record) error {
 	data, err := json.MarshalIndent(rec, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encoding record of job %q: %w", rec.Name, err)
@@ -284,7 +284,7 @@ func (s *Store) Save(rec *Record) error {
 // Update applies fn to the current record of job name under the job's lock
 // and saves the result, so that the shim and the CLI never overwrite each
 // other's changes.
-func (s *Store) Update(name string, fn func(*Record) error) (*Record, error) {
+func (s *Registry) Update(name string, fn func(*Record) error) (*Record, error) {
 	unlock, err := s.lock(name)
 	if err != nil {
 		return nil, err
@@ -300,7 +300,7 @@ func (s *Store) Update(name string, fn func(*Record) error) (*Record, error) {
 	return rec, s.Save(rec)
 }
 
-func (s *Store) lock(name string) (func(), error) {
+func (s *Registry) lock(name string) (func(), error) {
 	f, err := os.OpenFile(filepath.Join(s.Dir(name), lockFile), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -324,7 +324,7 @@ func (s *Store) lock(name string) (func(), error) {
 // List returns every job's record, sorted by creation time. Directories
 // without a readable record (a `ferry run` that is just starting) are
 // skipped.
-func (s *Store) List() ([]*Record, error) {
+func (s *Registry) List() ([]*Record, error) {
 	entries, err := os.ReadDir(filepath.Join(s.Root, "jobs"))
 	if err != nil {
 		return nil, fmt.Errorf("listing jobs: %w", err)
@@ -345,7 +345,7 @@ func (s *Store) List() ([]*Record, error) {
 }
 
 // Remove deletes the job's directory, log included.
-func (s *Store) Remove(name string) error {
+func (s *Registry) Remove(name string) error {
 	if err := ValidateName(name); err != nil {
 		return err
 	}

@@ -35,7 +35,7 @@ func TestValidateName(t *testing.T) {
 }
 
 func TestStoreRecords(t *testing.T) {
-	s, err := OpenStore(filepath.Join(t.TempDir(), "root"))
+	s, err := OpenRegistry(filepath.Join(t.TempDir(), "root"))
 	if err != nil {
 		t.Fatal(err)
 	}
