@@ -242,20 +242,13 @@ func dial(ctx context.Context, to string) (net.Conn, error) {
 	return nc, nil
 }
 
-// chooseFor resolves the requested mode in situation sit, refusing what
-// this ferry does not implement.
+// chooseFor resolves the requested mode in situation sit. A mode the hosts
+// or this ferry cannot run is ErrUnsupportedMode, so the caller can tell it
+// from a migration that failed.
 func chooseFor(want Mode, sit Situation) (Decision, error) {
-	if want == ModePreCopy && sit.Source.SoftDirty {
-		return Decision{}, fmt.Errorf("%w: pre-copy is not implemented in this ferry yet; use --mode post-copy or stop-copy", ErrUnsupportedMode)
-	}
-	// Pre-copy is not built yet: auto must not pick it.
-	sit.Source.SoftDirty = false
 	d, err := Choose(want, sit)
 	if err != nil {
 		return Decision{}, fmt.Errorf("%w: %w", ErrUnsupportedMode, err)
-	}
-	if d.Mode == ModePreCopy {
-		return Decision{}, fmt.Errorf("%w: pre-copy is not implemented in this ferry yet; use --mode stop-copy", ErrUnsupportedMode)
 	}
 	return d, nil
 }

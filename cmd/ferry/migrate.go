@@ -96,7 +96,7 @@ page has arrived, and resumes only if the destination drops its copy.
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "to", Required: true, Usage: "destination `ADDR:PORT`"},
 		&cli.StringFlag{Name: "token-file", Required: true, Usage: "file holding the shared secret"},
-		&cli.StringFlag{Name: "mode", Value: "auto", Usage: "auto, stop-copy, post-copy or pre-copy"},
+		&cli.StringFlag{Name: "mode", Value: "auto", Usage: "auto, stop-copy or post-copy (pre-copy is not built)"},
 		&cli.DurationFlag{Name: "max-downtime", Usage: "longest acceptable pause of the job (auto weighs it)"},
 		&cli.BoolFlag{Name: "tcp-established", Usage: "carry established TCP connections (move the address to the destination)"},
 		&cli.BoolFlag{Name: "file-locks", Usage: "carry file locks"},
