@@ -35,8 +35,9 @@ demo: deps build ## run the demo end to end on built-in defaults
 bench: deps build ## measure ferry against the CRIU reference (prints figures and ratios)
 	@bash scripts/bench.sh
 
-lint: ## gofmt, go vet, shellcheck (when installed)
-	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'); echo "gofmt: files above need formatting"; exit 1; }
+lint: ## gofmt (tracked and new files), go vet, shellcheck (when installed; .ci/run installs it)
+	@files=$$(git ls-files --cached --others --exclude-standard '*.go' | grep -v '\.pb\.go$$'); \
+	bad=$$(gofmt -l $$files); test -z "$$bad" || { echo "$$bad"; echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
 	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh .ci/run; else echo "shellcheck not installed: skipped"; fi
 
