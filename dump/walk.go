@@ -47,10 +47,13 @@ type Task struct {
 	UID     int      `json:"uid"`
 	// StartTime (clock ticks since boot) tells this task from a later one
 	// that reuses its pid.
-	StartTime uint64    `json:"startTime"`
-	Memory    MemTotals `json:"memory"`
-	Maps      []Mapping `json:"maps,omitempty"`
-	FDs       []FD      `json:"fds"`
+	StartTime uint64 `json:"startTime"`
+	// Stopped says the task was stopped (or stopped under ptrace) before
+	// the checkpoint: a failed checkpoint leaves it so.
+	Stopped bool      `json:"stopped,omitempty"`
+	Memory  MemTotals `json:"memory"`
+	Maps    []Mapping `json:"maps,omitempty"`
+	FDs     []FD      `json:"fds"`
 }
 
 // MemTotals sums a task's (or the tree's) memory by kind, in bytes.
@@ -169,7 +172,7 @@ func readTask(pid int) (*Task, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &Task{PID: pid, PPID: st.PPID, StartTime: st.StartTime}
+	t := &Task{PID: pid, PPID: st.PPID, StartTime: st.StartTime, Stopped: st.State == 'T' || st.State == 't'}
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return nil, err

@@ -72,6 +72,17 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 	if opts.Mode == ModePostCopy && rec.Foreign {
 		return nil, fmt.Errorf("%w: %w", ErrUnsupportedMode, dump.ErrNoPostCopy)
 	}
+	// The job's lease, for the whole migration: a job that another
+	// operation holds is refused before the destination hears of it, and
+	// if this process dies the job's shim gives the job back (or, once
+	// the handover committed, ends or keeps it).
+	held, err := s.TakeLease(ctx, name, "migrate")
+	if err != nil {
+		return nil, err
+	}
+	if held != nil {
+		defer held.Close()
+	}
 
 	nc, err := dial(ctx, opts.To)
 	if err != nil {
@@ -123,6 +134,7 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 	dopts := opts.Dump
 	dopts.Output, dopts.Stream, dopts.StreamTo, dopts.LeaveRunning = "-", true, dw, false
 	dopts.EndReason = "migrated"
+	dopts.Lease = held
 	// The stream goes straight into the destination's restore: every
 	// record's CRC-32C guards it on the way, and SHA-256 digests would
 	// cost more CPU than the transfer (see image.FlagNoDigests).

@@ -131,6 +131,7 @@ type jobView struct {
 	RSS           int64    `json:"rssBytes"`
 	Tasks         int      `json:"tasks"`
 	Command       []string `json:"command"`
+	Operation     string   `json:"operation"`
 	Exit          *struct {
 		Code   int    `json:"code"`
 		Signal string `json:"signal"`

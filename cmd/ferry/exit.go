@@ -16,6 +16,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/internal/lease"
 	"github.com/ferry-cr/ferry/migrate"
 	"github.com/ferry-cr/ferry/store"
 )
@@ -50,6 +51,7 @@ const (
 	exitStore             = 24 // the snapshot store cannot be opened or used (busy, not a store, newer format)
 	exitNoSnapshot        = 25 // no snapshot matches JOB[@SNAPSHOT] (or the prefix is ambiguous)
 	exitSnapshotted       = 26 // --checkpoint-on-term: the job was ended by its final snapshot
+	exitBusy              = 27 // another ferry operation holds the job (a checkpoint, a migration, a snapshot)
 	exitInterrupted       = 130
 )
 
@@ -67,6 +69,8 @@ var exitCodes = []struct {
 	{job.ErrInvalidName, exitNameInUse},
 	{job.ErrCommandNotFound, exitCommandNotFound},
 	{job.ErrNotRunning, exitNotRunning},
+	{lease.ErrBusy, exitBusy},
+	{lease.ErrExpired, exitCheckpoint},
 	{criu.ErrNotFound, exitCriu},
 	{criu.ErrTooOld, exitCriu},
 	{cgroup.ErrNoHierarchy, exitNoCgroup},

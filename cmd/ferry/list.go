@@ -48,6 +48,9 @@ var listCommand = &cli.Command{
 			if v.Exit != nil && v.State == "exited" {
 				state = "exited (" + v.Exit.String() + ")"
 			}
+			if v.Operation != "" && v.State != "exited" && v.State != "lost" {
+				state = operationState(v.Operation, v.State)
+			}
 			if v.Migration != nil {
 				state += ", migration in doubt"
 			}
@@ -97,4 +100,21 @@ func humanAge(d time.Duration) string {
 		return fmt.Sprintf("%dh", int(d.Hours()))
 	}
 	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}
+
+// operationState is how the table shows a job whose lease an operation
+// holds, or whose last operation kept it: "checkpointing", "migrating,
+// frozen", or the kept note itself ("post-copy migration: ...").
+func operationState(op, state string) string {
+	doing := map[string]string{
+		"checkpoint": "checkpointing", "migrate": "migrating", "snapshot": "snapshotting",
+		"freeze": "freezing", "thaw": "thawing",
+	}[op]
+	if doing == "" {
+		return state + " (" + op + ")"
+	}
+	if state == "frozen" && op != "freeze" {
+		return doing + ", frozen"
+	}
+	return doing
 }

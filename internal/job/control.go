@@ -11,6 +11,7 @@ import (
 
 	"github.com/ferry-cr/ferry/freezer"
 	"github.com/ferry-cr/ferry/internal/cgroup"
+	"github.com/ferry-cr/ferry/internal/lease"
 	"github.com/ferry-cr/ferry/internal/proc"
 )
 
@@ -52,20 +53,23 @@ func (s *Registry) running(name string) (*Record, error) {
 
 // Freeze freezes every task of a running job through its cgroup.
 func (s *Registry) Freeze(ctx context.Context, name string) error {
-	return s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Freeze(ctx) })
+	return s.onCgroup(ctx, name, "freeze", func(cg *cgroup.Cgroup) error { return cg.Freeze(ctx) })
 }
 
 // Thaw resumes a frozen job; that settles a migration in doubt.
 func (s *Registry) Thaw(ctx context.Context, name string) error {
-	if err := s.onCgroup(name, func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) }); err != nil {
+	if err := s.onCgroup(ctx, name, "thaw", func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) }); err != nil {
 		return err
 	}
-	_, err := s.Update(name, func(r *Record) error { r.Migration = nil; return nil })
+	_, err := s.Update(name, func(r *Record) error { r.Migration, r.Operation = nil, ""; return nil })
 	return err
 }
 
-// onCgroup runs fn on the cgroup of running job name.
-func (s *Registry) onCgroup(name string, fn func(*cgroup.Cgroup) error) error {
+// onCgroup runs fn on the cgroup of running job name, under the job's
+// lease for op: a job that another operation holds (a checkpoint, a
+// migration) is refused with lease.ErrBusy rather than thawed or frozen
+// under it.
+func (s *Registry) onCgroup(ctx context.Context, name, op string, fn func(*cgroup.Cgroup) error) error {
 	rec, err := s.running(name)
 	if err != nil {
 		return err
@@ -74,7 +78,34 @@ func (s *Registry) onCgroup(name string, fn func(*cgroup.Cgroup) error) error {
 	if err != nil {
 		return err
 	}
-	return fn(cg)
+	l, err := s.TakeLease(ctx, name, op)
+	if err != nil {
+		return err
+	}
+	if l == nil {
+		return fn(cg)
+	}
+	if err := fn(cg); err != nil {
+		_ = l.Release()
+		return err
+	}
+	err = l.Commit(lease.Keep, "")
+	l.Close()
+	return err
+}
+
+// TakeLease takes job name's lease for op (see package lease). A job
+// whose shim guards no leases (one started by an older ferry) gives a nil
+// lease and no error: the caller goes on without one.
+func (s *Registry) TakeLease(ctx context.Context, name, op string) (*lease.Lease, error) {
+	l, err := lease.Take(ctx, s.LeasePath(name), op)
+	switch {
+	case errors.Is(err, lease.ErrNoGuard):
+		return nil, nil
+	case err != nil:
+		return nil, &NameError{Name: name, Err: err}
+	}
+	return l, nil
 }
 
 // Kill ends a job: SIGTERM to its init (which forwards it to the command),

@@ -80,9 +80,10 @@ func ShimMain(root, name string, restorer Restorer) int {
 		return 1
 	}
 	report("ok")
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	guardLeases(ctx, s, rec, initPID, log)
 	if p := rec.Snapshots; p != nil && p.Every > 0 {
-		ctx, stop := context.WithCancel(context.Background())
-		defer stop()
 		go snapshotEvery(ctx, s, name, *p, log)
 	}
 	return supervise(s, name, initPID, outR, log)

@@ -96,6 +96,10 @@ type Record struct {
 	// Resume marks a job ended by `ferry checkpoint --all`: `ferry
 	// restore --all` brings it back from this snapshot.
 	Resume *ResumePoint `json:"resume,omitempty"`
+	// Operation is what holds the job's lease now (checkpoint, migrate,
+	// snapshot...), or what a committed Keep verdict left it as; the
+	// job's shim records it (see package lease).
+	Operation string `json:"operation,omitempty"`
 }
 
 // SnapshotPolicy is `ferry run --checkpoint-every D --keep N --store DIR`.

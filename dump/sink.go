@@ -1,0 +1,162 @@
+package dump
+
+import (
+	"context"
+	"os"
+
+	"github.com/ferry-cr/ferry/image"
+	"github.com/ferry-cr/ferry/internal/checkpoint"
+	"github.com/ferry-cr/ferry/store"
+)
+
+// imageSink is the stage where a checkpoint goes. Its lifecycle is
+// small: begin, once the manifest as known before CRIU runs is ready (a
+// stream's first record); CRIU's images reach it, either in the scratch
+// directory or through the stream it exposes; seal, once CRIU is done,
+// makes the checkpoint whole and durable where it was sent and returns
+// its size; abort leaves nothing of an unsealed checkpoint behind.
+type imageSink interface {
+	begin(m *checkpoint.Manifest) error
+	seal(ctx context.Context, m *checkpoint.Manifest, streamed map[string]int64) (int64, error)
+	abort()
+}
+
+// newSink makes the sink the method names. tmp is the scratch directory
+// CRIU writes into (for every sink but sinkStreamed, which only holds
+// CRIU's sockets there).
+func newSink(how method, tmp, out, job string, opts Options) imageSink {
+	switch how.sink {
+	case sinkStreamed:
+		return &streamSink{out: out, opts: opts, holdPages: how.holdPages}
+	case sinkLazy:
+		return &lazySink{tmp: tmp, opts: opts}
+	case sinkPacked:
+		return &packSink{tmp: tmp, out: out, opts: opts}
+	case sinkStore:
+		return &storeSink{tmp: tmp, job: job, opts: opts}
+	default:
+		return &dirSink{tmp: tmp, out: out, force: opts.Force}
+	}
+}
+
+// dirSink: CRIU's directory, fsynced and renamed into place.
+type dirSink struct {
+	tmp, out string
+	force    bool
+}
+
+func (s *dirSink) begin(*checkpoint.Manifest) error { return nil }
+func (s *dirSink) seal(_ context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
+	return finish(s.tmp, s.out, m, s.force)
+}
+func (s *dirSink) abort() {}
+
+// packSink: CRIU's directory packed into one stream afterwards.
+type packSink struct {
+	tmp, out string
+	opts     Options
+}
+
+func (s *packSink) begin(*checkpoint.Manifest) error { return nil }
+func (s *packSink) seal(_ context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
+	defer os.RemoveAll(s.tmp)
+	return finishStream(s.tmp, s.out, m, s.opts)
+}
+func (s *packSink) abort() {}
+
+// storeSink: CRIU's directory taken into the snapshot store.
+type storeSink struct {
+	tmp, job string
+	opts     Options
+	snapshot *store.Snapshot
+}
+
+func (s *storeSink) begin(*checkpoint.Manifest) error { return nil }
+func (s *storeSink) seal(ctx context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
+	defer os.RemoveAll(s.tmp)
+	snap, err := finishStore(ctx, s.tmp, s.job, m, s.opts)
+	if err != nil {
+		return 0, err
+	}
+	s.snapshot = snap
+	return snap.StoredBytes, nil
+}
+func (s *storeSink) abort() {}
+
+// streamSink: CRIU streams its images into an image writer whose output
+// is a file (renamed into place once durable) or a pipe. With holdPages
+// the pages files wait in pipes and go last (held.go).
+type streamSink struct {
+	out       string
+	opts      Options
+	holdPages bool
+	file      *sink
+	w         *image.Writer
+	held      *heldFiles
+}
+
+func (s *streamSink) begin(m *checkpoint.Manifest) error {
+	var err error
+	if s.file, err = openSink(s.out, s.opts); err != nil {
+		return err
+	}
+	if s.w, err = image.NewWriter(s.file, checkpoint.ToProto(m), s.opts.Image); err != nil {
+		return err
+	}
+	if s.holdPages {
+		s.held = &heldFiles{}
+	}
+	return nil
+}
+
+func (s *streamSink) seal(_ context.Context, m *checkpoint.Manifest, streamed map[string]int64) (int64, error) {
+	return finishStreamed(s.w, s.file, m, streamed, s.held)
+}
+
+func (s *streamSink) abort() {
+	if s.w != nil {
+		s.w.Abort() // no trailer: a reader knows the stream is incomplete
+	}
+	if s.held != nil {
+		s.held.close()
+	}
+	if s.file != nil {
+		s.file.abort()
+	}
+}
+
+// lazySink: a post-copy migration's stream. It starts before CRIU, with
+// what a restore needs to start (the destination starts its CRIUs while
+// this side dumps); CRIU's directory of everything but the private
+// memory is packed into it afterwards.
+type lazySink struct {
+	tmp  string
+	opts Options
+	out  *countingWriter
+	w    *image.Writer
+}
+
+func (s *lazySink) begin(m *checkpoint.Manifest) error {
+	s.out = &countingWriter{w: s.opts.StreamTo, meter: s.opts.Progress}
+	var err error
+	s.w, err = image.NewWriter(s.out, checkpoint.ToProto(m), s.opts.Image)
+	return err
+}
+
+func (s *lazySink) seal(_ context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
+	defer os.RemoveAll(s.tmp)
+	s.opts.Progress.SetPhase("packing")
+	if _, err := seal(s.tmp, m, false); err != nil {
+		return 0, err
+	}
+	if err := checkpoint.PackInto(s.w, s.tmp, m, checkpoint.ToProto(m)); err != nil {
+		return 0, err
+	}
+	return s.out.n, nil
+}
+
+func (s *lazySink) abort() {
+	if s.w != nil {
+		s.w.Abort() // no-op once closed
+	}
+}

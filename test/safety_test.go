@@ -1,0 +1,327 @@
+package test
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The job-safety tests: whatever happens to the ferry process that holds a
+// job stopped (SIGKILL, SIGSTOP, a reader that stops reading), the job
+// goes back to exactly the state it had, and one operation holds a job at
+// a time (see internal/lease).
+
+// frozenByCheckpoint says whether job name is frozen with an operation's
+// lease on it.
+func (e *env) frozenByCheckpoint(name string) bool {
+	v := e.job(name)
+	return v.State == "frozen" && v.Operation != ""
+}
+
+// assertRunsAgain checks that job name runs, free of any lease, and that
+// its count advances again, with no number lost.
+func (e *env) assertRunsAgain(name string) {
+	e.t.Helper()
+	eventually(e.t, 15*time.Second, name+" to be given back", func() bool {
+		v := e.job(name)
+		return v.State == "running" && v.Operation == ""
+	})
+	n := e.logLines(name)
+	eventually(e.t, 10*time.Second, name+"'s count to advance again", func() bool { return e.logLines(name) > n+5 })
+	assertConsecutive(e.t, numbers(e.t, e.must("logs", name)))
+}
+
+// startFerry starts ferry without waiting; the test's cleanup kills it
+// if the test did not.
+func (e *env) startFerry(stdout *os.File, extraEnv []string, args ...string) (*exec.Cmd, *strings.Builder) {
+	e.t.Helper()
+	cmd := exec.Command(ferryBin, append([]string{"--root", e.root}, args...)...)
+	cmd.Env = append(os.Environ(), extraEnv...)
+	var stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Signal(syscall.SIGCONT)
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	})
+	return cmd, &stderr
+}
+
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
+}
+
+// TestCheckpointKilledGivesJobBack: kill -9 of `ferry checkpoint` while
+// it holds the job frozen, at several phases, leaves the job running
+// again, and the next checkpoint of it works.
+func TestCheckpointKilledGivesJobBack(t *testing.T) {
+	requireCriu(t)
+	e := newEnv(t)
+	e.must("run", "--name", "k", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("k") >= 10 })
+	dir := t.TempDir()
+
+	// While CRIU works (a CRIU that takes its time starting).
+	slow := e.criuWrapper("sleep 3")
+	cmd, _ := e.startFerry(nil, nil, "--criu", slow, "checkpoint", "-o", filepath.Join(dir, "a"), "k")
+	eventually(t, 10*time.Second, "the checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("k") })
+	if v := e.must("list"); !strings.Contains(v, "checkpointing, frozen") {
+		t.Errorf("ferry list during the checkpoint says:\n%s", v)
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	e.assertRunsAgain("k")
+
+	// While the stream waits for a reader that never reads (-o - into a
+	// pipe nobody drains).
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	cmd, _ = e.startFerry(w, nil, "checkpoint", "-o", "-", "k")
+	w.Close()
+	eventually(t, 20*time.Second, "the streamed checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("k") })
+	time.Sleep(300 * time.Millisecond) // the pipe fills; ferry waits on it
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	e.assertRunsAgain("k")
+
+	// The lease is free again: a checkpoint goes through and ends the job.
+	out := filepath.Join(dir, "k.ferry")
+	e.must("checkpoint", "-o", out, "k")
+	if v := e.job("k"); v.State != "exited" || v.Exit == nil || v.Exit.Reason != "checkpointed" {
+		t.Fatalf("job after the last checkpoint: %+v", v)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, ".*partial*")); len(left) != 0 {
+		t.Errorf("partial output left: %v", left)
+	}
+}
+
+// TestCheckpointStoppedHolderLosesLease: a ferry that is itself stopped
+// (Ctrl-Z, SIGSTOP) while it holds a job frozen loses its lease when it
+// runs out: the job runs again, and once continued the checkpoint fails
+// and leaves nothing behind, since the job ran on after it.
+func TestCheckpointStoppedHolderLosesLease(t *testing.T) {
+	requireCriu(t)
+	e := newEnv(t)
+	e.must("run", "--name", "s", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("s") >= 10 })
+	out := filepath.Join(t.TempDir(), "s.ckpt")
+	slow := e.criuWrapper("sleep 2")
+	cmd, stderr := e.startFerry(nil, []string{"FERRY_LEASE_TTL=1s"}, "--criu", slow, "checkpoint", "-o", out, "s")
+	eventually(t, 10*time.Second, "the checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("s") })
+	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	e.assertRunsAgain("s")
+	t.Logf("given back %s after the holder stopped", time.Since(stopped).Round(time.Millisecond))
+	if err := cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	code := exitCode(cmd.Wait())
+	if code == 0 || !strings.Contains(stderr.String(), "lease ran out") {
+		t.Fatalf("the continued checkpoint: exit %d, %s", code, stderr)
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("a checkpoint of a job that ran on after it was left at %s", out)
+	}
+	e.assertRunsAgain("s")
+}
+
+// TestOneOperationAtATime: a second checkpoint, a migration, a freeze or a
+// thaw of a job that a checkpoint holds is refused at once with exit 27,
+// and the first checkpoint completes.
+func TestOneOperationAtATime(t *testing.T) {
+	requireCriu(t)
+	e := newEnv(t)
+	e.must("run", "--name", "b", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("b") >= 10 })
+	dir := t.TempDir()
+	slow := e.criuWrapper("sleep 3")
+	first, stderr := e.startFerry(nil, nil, "--criu", slow, "checkpoint", "-o", filepath.Join(dir, "1"), "b")
+	eventually(t, 10*time.Second, "the first checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("b") })
+	for _, args := range [][]string{
+		{"checkpoint", "-o", filepath.Join(dir, "2"), "b"},
+		{"checkpoint", "--leave-running", "-o", filepath.Join(dir, "3"), "b"},
+		{"thaw", "b"},
+		{"freeze", "b"},
+	} {
+		t0 := time.Now()
+		r := e.ferry(args...)
+		took := time.Since(t0)
+		if r.code != 27 || !strings.Contains(r.stderr, "another ferry operation holds the job") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+			t.Errorf("ferry %v while a checkpoint holds the job: %s", args, r)
+		}
+		if took > 5*time.Second {
+			t.Errorf("ferry %v took %s to be refused", args, took)
+		}
+	}
+	if code := exitCode(first.Wait()); code != 0 {
+		t.Fatalf("the first checkpoint: exit %d: %s", code, stderr)
+	}
+	if v := e.job("b"); v.State != "exited" || v.Exit == nil || v.Exit.Reason != "checkpointed" {
+		t.Fatalf("job after the first checkpoint: %+v", v)
+	}
+	for _, n := range []string{"2", "3"} {
+		if _, err := os.Stat(filepath.Join(dir, n)); !os.IsNotExist(err) {
+			t.Errorf("a refused checkpoint wrote %s", n)
+		}
+	}
+}
+
+// TestUserFrozenJobStaysFrozen: a job its user froze stays frozen after a
+// --leave-running checkpoint and after a failed one.
+func TestUserFrozenJobStaysFrozen(t *testing.T) {
+	requireCriu(t)
+	e := newEnv(t)
+	e.must("run", "--name", "f", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("f") >= 10 })
+	e.must("freeze", "f")
+	n := e.logLines("f")
+	dir := t.TempDir()
+	e.must("checkpoint", "--leave-running", "-o", filepath.Join(dir, "lr"), "f")
+	bad := fakeCriu(t, `echo "Error (criu/cr-dump.c:1): simulated failure" >&2; exit 1`)
+	if r := e.ferry("--criu", bad, "checkpoint", "-o", filepath.Join(dir, "bad"), "f"); r.code != 12 {
+		t.Fatalf("checkpoint with a failing CRIU: %s", r)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if v := e.job("f"); v.State != "frozen" || v.Operation != "" {
+		t.Fatalf("the user's frozen job is %q (operation %q) after two checkpoints", v.State, v.Operation)
+	}
+	if m := e.logLines("f"); m != n {
+		t.Fatalf("the frozen job counted on: %d -> %d lines", n, m)
+	}
+	e.must("thaw", "f")
+	e.assertRunsAgain("f")
+	// The --leave-running checkpoint is of the frozen state, whole.
+	e.must("kill", "f")
+	e.must("restore", "--name", "f2", filepath.Join(dir, "lr"))
+	eventually(t, 10*time.Second, "the restored copy to count", func() bool { return e.logLines("f2") >= 10 })
+	if got := numbers(t, e.must("logs", "f2")); got[0] != n+1 {
+		t.Fatalf("the restored copy starts at %d, want %d", got[0], n+1)
+	}
+}
+
+// traceStop attaches to pid with ptrace from a thread of its own, which
+// leaves pid stopped under the trace; detach lets it go.
+func traceStop(t *testing.T, pid int) (detach func()) {
+	t.Helper()
+	attached, release, done := make(chan error), make(chan struct{}), make(chan struct{})
+	go func() {
+		runtime.LockOSThread() // ptrace requests come from the tracing thread
+		defer close(done)
+		if err := syscall.PtraceAttach(pid); err != nil {
+			attached <- err
+			return
+		}
+		var ws syscall.WaitStatus
+		_, err := syscall.Wait4(pid, &ws, syscall.WALL, nil)
+		attached <- err
+		<-release
+		_ = syscall.PtraceDetach(pid)
+	}()
+	if err := <-attached; err != nil {
+		t.Fatalf("ptrace attach %d: %v", pid, err)
+	}
+	once := sync.OnceFunc(func() { close(release); <-done })
+	t.Cleanup(once)
+	return once
+}
+
+func taskState(t *testing.T, pid int) byte {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	return s[strings.LastIndexByte(s, ')')+2]
+}
+
+// TestFailedDumpLeavesTaskStates: a checkpoint of a tree ferry did not
+// start fails (CRIU cannot seize a task that another tracer holds), and
+// every task is left as it was: the one its user stopped stays stopped,
+// the traced one stays traced and stopped, the rest run on.
+func TestFailedDumpLeavesTaskStates(t *testing.T) {
+	requireCriu(t)
+	requireRoot(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	cmd := exec.Command("sh", "-c", `sleep 1000 & echo $!; sleep 1000 & echo $!; exec >/dev/null; `+counter)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Stdout = w
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGCONT)
+		_ = cmd.Wait()
+	})
+	var stoppedPid, tracedPid int
+	if _, err := fmt.Fscan(r, &stoppedPid, &tracedPid); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(stoppedPid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the user's stop", func() bool { return taskState(t, stoppedPid) == 'T' })
+	detach := traceStop(t, tracedPid)
+
+	e := newEnv(t)
+	res := e.ferry("checkpoint", "--pid", fmt.Sprint(cmd.Process.Pid), "-o", filepath.Join(t.TempDir(), "x"))
+	if res.code == 0 {
+		t.Fatalf("checkpoint of a tree with a traced task succeeded: %s", res)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if st := taskState(t, stoppedPid); st != 'T' {
+		t.Errorf("the task its user stopped is %q after the failed checkpoint, want T (stopped)", st)
+	}
+	if st := taskState(t, tracedPid); st != 't' {
+		t.Errorf("the traced task is %q after the failed checkpoint, want t (stopped under its tracer)", st)
+	}
+	if st := taskState(t, cmd.Process.Pid); st == 'T' || st == 't' {
+		t.Errorf("the tree's root is %q after the failed checkpoint, want it running", st)
+	}
+	detach()
+	// The rest runs on: the shell keeps starting a new sleep each round.
+	first := readFile(t, fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+	eventually(t, 5*time.Second, "the tree's shell to go on", func() bool {
+		return readFile(t, fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid)) != first
+	})
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
