@@ -283,6 +283,9 @@ func Process(ctx context.Context, pid int, opts Options) (*Result, error) {
 			return errors.Join(killTree(ctx, inv), cg.Thaw(ctx))
 		}
 	}
+	t.takeLease = func(_ context.Context, op string) (*lease.Lease, error) {
+		return guardianLease(pid, t.freezeCg, op)
+	}
 	t.workDir = filepath.Join(opts.LogDir, fmt.Sprintf("pid-%d", pid))
 	if err := os.MkdirAll(t.workDir, 0o700); err != nil {
 		return nil, err

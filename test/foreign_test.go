@@ -170,31 +170,7 @@ func TestCheckpointBadPid(t *testing.T) {
 func TestForeignTreeInItsOwnCgroup(t *testing.T) {
 	e := newEnv(t)
 	requireCriu(t)
-	base := "/sys/fs/cgroup/unified"
-	if _, err := os.Stat(filepath.Join(base, "cgroup.procs")); err != nil {
-		base = "/sys/fs/cgroup"
-	}
-	if _, err := os.Stat(filepath.Join(base, "cgroup.subtree_control")); err != nil {
-		t.Skip("needs cgroup v2")
-	}
-	dir := filepath.Join(base, fmt.Sprintf("ferry-test-%d", os.Getpid()))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		for range 50 {
-			if err := os.Remove(dir); err == nil || os.IsNotExist(err) {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		t.Errorf("could not remove test cgroup %s", dir)
-	})
-	cg, err := os.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cg.Close()
+	dir, cg := testCgroup(t)
 	pid, read := foreignTreeIn(t, cg)
 	eventually(t, 10*time.Second, "foreign counter", func() bool { return len(read()) >= 5 })
 	ckpt := filepath.Join(t.TempDir(), "cg.ckpt")
@@ -220,3 +196,38 @@ func TestForeignTreeInItsOwnCgroup(t *testing.T) {
 	n = len(read2())
 	eventually(t, 10*time.Second, "second original to go on", func() bool { return len(read2()) > n+5 })
 }
+
+// testCgroup makes a v2 cgroup of the test's own (skipping without v2)
+// and opens it; the cleanup removes it.
+func testCgroup(t *testing.T) (string, *os.File) {
+	t.Helper()
+	base := "/sys/fs/cgroup/unified"
+	if _, err := os.Stat(filepath.Join(base, "cgroup.procs")); err != nil {
+		base = "/sys/fs/cgroup"
+	}
+	if _, err := os.Stat(filepath.Join(base, "cgroup.subtree_control")); err != nil {
+		t.Skip("needs cgroup v2")
+	}
+	testCgroupSeq++
+	dir := filepath.Join(base, fmt.Sprintf("ferry-test-%d-%d", os.Getpid(), testCgroupSeq))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for range 50 {
+			if err := os.Remove(dir); err == nil || os.IsNotExist(err) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Errorf("could not remove test cgroup %s", dir)
+	})
+	cg, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cg.Close() })
+	return dir, cg
+}
+
+var testCgroupSeq int

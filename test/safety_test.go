@@ -399,3 +399,32 @@ func TestMigrateSourceKilled(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckpointPidKilledGivesTreeBack: a tree ferry did not start, which
+// is exactly its cgroup, is frozen by `ferry checkpoint --pid`; kill -9 of
+// that ferry leaves it to the guardian, which thaws it.
+func TestCheckpointPidKilledGivesTreeBack(t *testing.T) {
+	requireCriu(t)
+	e := newEnv(t)
+	dir, cg := testCgroup(t)
+	pid, read := foreignTreeIn(t, cg)
+	eventually(t, 10*time.Second, "foreign counter", func() bool { return len(read()) >= 5 })
+	frozen := func() bool {
+		b, _ := os.ReadFile(filepath.Join(dir, "cgroup.freeze"))
+		return strings.TrimSpace(string(b)) == "1"
+	}
+	slow := e.criuWrapper("sleep 3")
+	cmd, _ := e.startFerry(nil, nil, "--criu", slow, "checkpoint", "--pid", fmt.Sprint(pid), "-o", filepath.Join(t.TempDir(), "p"))
+	eventually(t, 10*time.Second, "the checkpoint to freeze the tree's cgroup", frozen)
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	eventually(t, 15*time.Second, "the guardian to thaw the tree", func() bool { return !frozen() })
+	n := len(read())
+	eventually(t, 10*time.Second, "the tree to count on", func() bool { return len(read()) > n+5 })
+	got := read()
+	for i := 1; i < len(got); i++ {
+		if got[i] != got[i-1]+1 {
+			t.Fatalf("count jumps from %d to %d", got[i-1], got[i])
+		}
+	}
+}

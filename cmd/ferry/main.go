@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-cr/ferry/dump"
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/restore"
@@ -37,6 +38,8 @@ func main() {
 			job.InitMain(os.Args[2:], restore.InitRestorer)
 		case criu.GateArg:
 			criu.GateMain(os.Args[2:])
+		case dump.GuardianArg:
+			os.Exit(dump.GuardianMain(os.Args[2:]))
 		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGINT, unix.SIGTERM)

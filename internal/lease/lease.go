@@ -125,13 +125,19 @@ type Lease struct {
 // operation op. A job with no guard listening gives ErrNoGuard, one held
 // by another gives a *BusyError.
 func Take(ctx context.Context, sock, op string) (*Lease, error) {
-	ttl := DefaultTTL
-	if v, err := time.ParseDuration(os.Getenv("FERRY_LEASE_TTL")); err == nil && v > 0 {
-		ttl = v
-	}
 	c, err := dial(ctx, sock)
 	if err != nil {
 		return nil, err
+	}
+	return TakeOver(c, op)
+}
+
+// TakeOver takes a lease over c, a connection to a guard (a guardian
+// started for this one lease holds the other end).
+func TakeOver(c *net.UnixConn, op string) (*Lease, error) {
+	ttl := DefaultTTL
+	if v, err := time.ParseDuration(os.Getenv("FERRY_LEASE_TTL")); err == nil && v > 0 {
+		ttl = v
 	}
 	l := &Lease{c: c, r: bufio.NewReader(c), stop: make(chan struct{}), done: make(chan struct{})}
 	reply, err := l.call(message{Take: &take{Op: op, PID: os.Getpid(), TTL: ttl}}, 10*time.Second)
