@@ -35,7 +35,6 @@ import (
 	"github.com/ferry-cr/ferry/internal/lease"
 	"github.com/ferry-cr/ferry/internal/proc"
 	"github.com/ferry-cr/ferry/internal/progress"
-	"github.com/ferry-cr/ferry/store"
 )
 
 // Options says how to checkpoint. The zero value (plus Output and Criu) is
@@ -63,7 +62,7 @@ type Options struct {
 	// snapshot of the job (Output and Stream are then ignored): CRIU dumps
 	// into scratch space (tmpfs when there is room) and the store keeps
 	// only the chunks it does not already hold.
-	Store *store.Store
+	Store SnapshotStore
 	// Stream writes the checkpoint as one image stream (a .ferry file, or
 	// StreamTo when Output is "-") instead of a directory.
 	Stream   bool
@@ -144,7 +143,7 @@ type Result struct {
 	JobEnded  bool                  `json:"jobEnded"`
 	StoppedBy string                `json:"stoppedBy"`           // "cgroup freezer" or "criu" (ptrace)
 	LazyPages int64                 `json:"lazyPages,omitempty"` // post-copy: pages left for the destination to fetch
-	Snapshot  *store.Snapshot       `json:"snapshot,omitempty"`  // the snapshot added, with Options.Store
+	Snapshot  any                   `json:"snapshot,omitempty"`  // the store's record of the snapshot added (Options.Store)
 	CriuStats *stats.DumpStatsEntry `json:"criuStats,omitempty"`
 	Inventory *Inventory            `json:"inventory,omitempty"`
 	Plan      *Plan                 `json:"plan,omitempty"`
@@ -544,51 +543,6 @@ func finishStream(tmp, out string, m *checkpoint.Manifest, opts Options) (int64,
 		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
 	}
 	return cw.n, syncDir(filepath.Dir(out))
-}
-
-// finishStore adds the images in tmp to opts.Store as a snapshot of job,
-// with the manifest as its meta; durable when it returns.
-func finishStore(ctx context.Context, tmp, job string, m *checkpoint.Manifest, opts Options) (*store.Snapshot, error) {
-	opts.Progress.SetPhase("storing")
-	if _, err := seal(tmp, m, false); err != nil {
-		return nil, err
-	}
-	meta, err := os.ReadFile(filepath.Join(tmp, checkpoint.ManifestFile))
-	if err != nil {
-		return nil, err
-	}
-	w, err := opts.Store.Begin(ctx, job)
-	if err != nil {
-		return nil, err
-	}
-	defer w.Abort() // no-op after Commit
-	for name := range m.Files {
-		if err := copyInto(w, filepath.Join(tmp, name), name, opts.Progress); err != nil {
-			return nil, fmt.Errorf("storing %s: %w", name, err)
-		}
-	}
-	snap, err := w.Commit(meta)
-	if err != nil {
-		return nil, err
-	}
-	return &snap, nil
-}
-
-func copyInto(w *store.Writer, path, name string, meter *progress.Meter) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	fw, err := w.Create(name)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(fw, meter.Reader(f)); err != nil {
-		fw.Close()
-		return err
-	}
-	return fw.Close()
 }
 
 type countingWriter struct {

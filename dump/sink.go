@@ -2,11 +2,13 @@ package dump
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"os"
+	"path/filepath"
 
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
-	"github.com/ferry-cr/ferry/store"
 )
 
 // imageSink is the stage where a checkpoint goes. Its lifecycle is
@@ -64,23 +66,79 @@ func (s *packSink) seal(_ context.Context, m *checkpoint.Manifest, _ map[string]
 }
 func (s *packSink) abort() {}
 
+// SnapshotStore keeps checkpoints as snapshots, taking their images
+// one by one: the snapshot store (package store), which dump does not
+// know, through its user's adapter.
+type SnapshotStore interface {
+	Begin(ctx context.Context, job string) (SnapshotWriter, error)
+}
+
+// SnapshotWriter adds one snapshot: its images, then its record, written
+// last, so that a snapshot exists only once whole.
+type SnapshotWriter interface {
+	Create(name string) (io.WriteCloser, error)
+	// Commit writes the record with meta (the checkpoint's manifest). It
+	// returns the store's description of the snapshot (Result.Snapshot)
+	// and the bytes it stored.
+	Commit(meta []byte) (snapshot any, stored int64, err error)
+	// Abort drops an uncommitted snapshot; a no-op after Commit.
+	Abort() error
+}
+
 // storeSink: CRIU's directory taken into the snapshot store.
 type storeSink struct {
 	tmp, job string
 	opts     Options
-	snapshot *store.Snapshot
+	snapshot any
 }
 
 func (s *storeSink) begin(*checkpoint.Manifest) error { return nil }
+
 func (s *storeSink) seal(ctx context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
 	defer os.RemoveAll(s.tmp)
-	snap, err := finishStore(ctx, s.tmp, s.job, m, s.opts)
+	s.opts.Progress.SetPhase("storing")
+	if _, err := seal(s.tmp, m, false); err != nil {
+		return 0, err
+	}
+	meta, err := os.ReadFile(filepath.Join(s.tmp, checkpoint.ManifestFile))
+	if err != nil {
+		return 0, err
+	}
+	w, err := s.opts.Store.Begin(ctx, s.job)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = w.Abort() }() // no-op after Commit
+	for name := range m.Files {
+		if err := s.add(w, name); err != nil {
+			return 0, fmt.Errorf("storing %s: %w", name, err)
+		}
+	}
+	snap, stored, err := w.Commit(meta)
 	if err != nil {
 		return 0, err
 	}
 	s.snapshot = snap
-	return snap.StoredBytes, nil
+	return stored, nil
 }
+
+func (s *storeSink) add(w SnapshotWriter, name string) error {
+	f, err := os.Open(filepath.Join(s.tmp, name))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fw, err := w.Create(name)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(fw, s.opts.Progress.Reader(f)); err != nil {
+		fw.Close()
+		return err
+	}
+	return fw.Close()
+}
+
 func (s *storeSink) abort() {}
 
 // streamSink: CRIU streams its images into an image writer whose output

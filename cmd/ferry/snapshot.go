@@ -193,7 +193,7 @@ func snapshotJob(ctx context.Context, c *cli.Context, s *job.Registry, st *store
 	res, err := dump.Job(ctx, s, name, dump.Options{
 		Progress:       meter,
 		Criu:           bin,
-		Store:          st,
+		Store:          storeSink{st},
 		LeaveRunning:   !end,
 		TCPEstablished: c.Bool("tcp-established"),
 		FileLocks:      c.Bool("file-locks"),
@@ -222,7 +222,7 @@ func criuFor(ctx context.Context, c *cli.Context) (*criu.Binary, error) {
 }
 
 func printSnapshot(c *cli.Context, res *dump.Result, dir string) {
-	sn := res.Snapshot
+	sn := snapshotOf(res)
 	state := "still running"
 	if res.JobEnded {
 		state = "ended"
@@ -271,10 +271,10 @@ func checkpointAll(c *cli.Context) error {
 				return fmt.Errorf("%w (it keeps running)", err)
 			}
 			if _, err := s.Update(rec.Name, func(r *job.Record) error {
-				r.Resume = &job.ResumePoint{Store: dir, Snapshot: res.Snapshot.ID}
+				r.Resume = &job.ResumePoint{Store: dir, Snapshot: snapshotOf(res).ID}
 				return nil
 			}); err != nil {
-				return fmt.Errorf("snapshot %s taken, but recording it for restore --all: %w", res.Snapshot.ID, err)
+				return fmt.Errorf("snapshot %s taken, but recording it for restore --all: %w", snapshotOf(res).ID, err)
 			}
 			printSnapshot(c, res, dir)
 			return nil
