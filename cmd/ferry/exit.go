@@ -50,6 +50,7 @@ const (
 	exitStore             = 24 // the snapshot store cannot be opened or used (busy, not a store, newer format)
 	exitNoSnapshot        = 25 // no snapshot matches JOB[@SNAPSHOT] (or the prefix is ambiguous)
 	exitSnapshotted       = 26 // --checkpoint-on-term: the job was ended by its final snapshot
+	exitOutputLost        = 28 // the checkpoint could not be written or delivered whole; the job keeps running
 	exitInterrupted       = 130
 )
 
@@ -62,6 +63,7 @@ var exitCodes = []struct {
 	code int
 }{
 	{errNotRoot, exitNotRoot},
+	{dump.ErrOutputLost, exitOutputLost},
 	{job.ErrNotFound, exitNoJob},
 	{job.ErrExists, exitNameInUse},
 	{job.ErrInvalidName, exitNameInUse},
