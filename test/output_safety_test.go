@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // A job is ended only once its checkpoint is whole where it was sent: a
@@ -222,4 +224,49 @@ func TestCheckpointStdoutToFile(t *testing.T) {
 		t.Fatalf("restored count starts at %d, checkpointed at %d", after[0], before[len(before)-1])
 	}
 	assertConsecutive(t, after)
+}
+
+// TestCheckpointReaderStalls: `ferry checkpoint J -o - | R` where R stops
+// reading: ferry blocks on the full pipe with the job frozen; Ctrl-C
+// (exit 130) and --timeout (exit 12, as any checkpoint --timeout) must
+// still end it, and the job runs on.
+func TestCheckpointReaderStalls(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	e.must("run", "--name", "rs", "--", "sh", "-c", counter)
+	eventually(t, 10*time.Second, "count to reach 20", func() bool { return e.logLines("rs") >= 20 })
+	for _, tc := range []struct {
+		flags []string
+		sig   bool
+		want  int
+	}{
+		{nil, true, 130},
+		{[]string{"--timeout", "3s"}, false, 12},
+	} {
+		pr, pw, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		args := append([]string{"--root", e.root, "checkpoint", "--compress", "none", "rs", "-o", "-"}, tc.flags...)
+		cmd := exec.Command(ferryBin, args...)
+		var errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = pw, &errb
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		pw.Close()
+		// Read nothing: the pipe fills and ferry's writes block.
+		var code int
+		if tc.sig {
+			code = signalExit(t, cmd, unix.SIGINT)
+		} else {
+			code = waitExit(t, cmd)
+		}
+		pr.Close()
+		if code != tc.want {
+			t.Fatalf("checkpoint %v to a reader that stopped reading: exit %d, stderr %q; want %d", tc.flags, code, errb.String(), tc.want)
+		}
+		assertOneLine(t, result{stderr: errb.String()}, "rs")
+		e.assertRunsOn("rs")
+	}
 }

@@ -152,6 +152,12 @@ job and ends each once its snapshot is durable, for a reboot:
 		if err != nil {
 			return err
 		}
+		streamTo := c.App.Writer
+		if out == "-" {
+			var release func()
+			streamTo, release = pipeOut(ctx, streamTo)
+			defer release()
+		}
 		opts := dump.Options{
 			Progress:       meter,
 			Criu:           bin,
@@ -167,7 +173,7 @@ job and ends each once its snapshot is durable, for a reboot:
 			CgroupRoot:     c.String("cgroup-root"),
 			CriuLogLevel:   criuLogLevel(c),
 			Stream:         stream,
-			StreamTo:       c.App.Writer,
+			StreamTo:       streamTo,
 			Image: image.WriterOptions{
 				NoCompress: c.String("compress") == "none",
 				Level:      c.Int("level"),
@@ -328,4 +334,32 @@ func checkStdout(c *cli.Context) error {
 		return nil
 	}
 	return fmt.Errorf("%w: standard output is /dev/null or was closed, so the checkpoint would be lost with the job; send it to a file or a pipe (or add --leave-running to discard it)", dump.ErrBadOutput)
+}
+
+// pipeOut is where -o - writes when standard output is a pipe: a
+// description of that pipe of its own, non-blocking and written through
+// the runtime's poller (standard output's own, which others may share, is
+// left as it was). A reader that stops reading would otherwise hold ferry
+// in write(2), and the job frozen, past Ctrl-C, SIGTERM and --timeout;
+// this way the write fails when ctx ends, and the job runs on. Anything
+// else (a file, a terminal) is w itself.
+func pipeOut(ctx context.Context, w io.Writer) (io.Writer, func()) {
+	f, ok := w.(*os.File)
+	if !ok {
+		return w, func() {}
+	}
+	if fi, err := f.Stat(); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		return w, func() {}
+	}
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return w, func() {} // no reader left (ENXIO): the first write says so
+	}
+	p := os.NewFile(uintptr(fd), "/dev/stdout")
+	if p.SetWriteDeadline(time.Time{}) != nil {
+		p.Close()
+		return w, func() {}
+	}
+	stop := context.AfterFunc(ctx, func() { _ = p.SetWriteDeadline(time.Unix(1, 0)) })
+	return p, func() { stop(); p.Close() }
 }
