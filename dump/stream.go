@@ -233,10 +233,20 @@ func (s *sink) Write(p []byte) (int, error) {
 		err = io.ErrShortWrite
 	}
 	if err != nil {
-		s.err = &OutputError{Output: outputName(s.out), Err: err}
+		s.err = s.lost(err)
 		return n, s.err
 	}
 	return n, nil
+}
+
+// lost is the error of a failed write to the output: an OutputError for
+// a file or standard output; a migration's link (any other writer) keeps
+// its own error, which the migration reports as its own failure.
+func (s *sink) lost(err error) error {
+	if _, ok := s.w.(*os.File); !ok {
+		return err
+	}
+	return &OutputError{Output: outputName(s.out), Err: err}
 }
 
 // commit makes the stream durable and puts it in place. For "-" every
