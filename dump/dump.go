@@ -502,47 +502,21 @@ func finish(tmp, out string, m *checkpoint.Manifest, force bool) (int64, error) 
 
 // finishStream packs the checkpoint in tmp into one image stream: to
 // opts.StreamTo for "-", else to a file created beside out, fsynced and
-// renamed into place. It returns the stream's size.
+// renamed into place (see sink). It returns the stream's size.
 func finishStream(tmp, out string, m *checkpoint.Manifest, opts Options) (int64, error) {
 	opts.Progress.SetPhase("packing")
 	if _, err := seal(tmp, m, false); err != nil {
 		return 0, err
 	}
-	if out == "-" {
-		cw := &countingWriter{w: opts.StreamTo, meter: opts.Progress}
-		if _, _, err := checkpoint.Pack(tmp, cw, m, opts.Image); err != nil {
-			return 0, fmt.Errorf("writing the checkpoint to standard output: %w", err)
-		}
-		return cw.n, nil
-	}
-	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-*")
+	sk, err := openSink(out, opts)
 	if err != nil {
 		return 0, err
 	}
-	defer os.Remove(f.Name()) // no-op once renamed
-	defer f.Close()
-	if err := f.Chmod(0o600); err != nil {
-		return 0, err
+	defer sk.abort() // no-op once committed
+	if _, _, err := checkpoint.Pack(tmp, sk, m, opts.Image); err != nil {
+		return 0, fmt.Errorf("writing %s: %w", outputName(out), err)
 	}
-	cw := &countingWriter{w: f, meter: opts.Progress}
-	if _, _, err := checkpoint.Pack(tmp, cw, m, opts.Image); err != nil {
-		return 0, fmt.Errorf("writing %s: %w", out, err)
-	}
-	if err := f.Sync(); err != nil {
-		return 0, fmt.Errorf("syncing %s: %w", out, err)
-	}
-	if err := f.Close(); err != nil {
-		return 0, err
-	}
-	if opts.Force {
-		if err := os.RemoveAll(out); err != nil {
-			return 0, fmt.Errorf("replacing %q: %w", out, err)
-		}
-	}
-	if err := os.Rename(f.Name(), out); err != nil {
-		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
-	}
-	return cw.n, syncDir(filepath.Dir(out))
+	return sk.commit()
 }
 
 type countingWriter struct {

@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
@@ -163,7 +164,11 @@ func cliArgs(o *rpc.CriuOpts, dir, workDir string, stream bool) []string {
 }
 
 // sink is where a stream goes: a temporary file beside the output, moved
-// into place once complete and durable, or a pipe.
+// into place once complete and durable, or a pipe (standard output, a
+// migration's connection). The job is ended only once commit returned:
+// a write that failed (the reader quit, the disk is full) fails the whole
+// checkpoint with an OutputError, the job runs on, and a temporary file
+// is removed.
 type sink struct {
 	w     io.Writer
 	f     *os.File
@@ -171,11 +176,18 @@ type sink struct {
 	out   string
 	force bool
 	meter *progress.Meter
+	err   error // the first write error: every later write fails alike
+	// A standard output redirected to a regular file is cut back to
+	// trunc (its size when the stream began at its end; -1: never) if
+	// the stream does not commit: a partial stream is of no use, and on
+	// a full disk it holds the space.
+	trunc     int64
+	committed bool
 }
 
 func openSink(out string, opts Options) (*sink, error) {
 	if out == "-" {
-		return &sink{w: opts.StreamTo, out: out, meter: opts.Progress}, nil
+		return &sink{w: opts.StreamTo, out: out, meter: opts.Progress, trunc: appendingAt(opts.StreamTo)}, nil
 	}
 	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-*")
 	if err != nil {
@@ -186,26 +198,76 @@ func openSink(out string, opts Options) (*sink, error) {
 		os.Remove(f.Name())
 		return nil, err
 	}
-	return &sink{w: f, f: f, out: out, force: opts.Force, meter: opts.Progress}, nil
+	return &sink{w: f, f: f, out: out, force: opts.Force, meter: opts.Progress, trunc: -1}, nil
+}
+
+// appendingAt is the size of w when w is a regular file whose offset is
+// at its end (> or >> redirection), else -1.
+func appendingAt(w io.Writer) int64 {
+	f, ok := w.(*os.File)
+	if !ok {
+		return -1
+	}
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return -1
+	}
+	if fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0); err == nil && fl&unix.O_APPEND != 0 {
+		return fi.Size() // >>: every write goes to the end
+	}
+	off, err := f.Seek(0, io.SeekCurrent)
+	if err != nil || off != fi.Size() {
+		return -1
+	}
+	return off
 }
 
 func (s *sink) Write(p []byte) (int, error) {
+	if s.err != nil {
+		return 0, s.err
+	}
 	n, err := s.w.Write(p)
 	s.n += int64(n)
 	s.meter.Add(int64(n))
-	return n, err
+	if err == nil && n < len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		s.err = s.lost(err)
+		return n, s.err
+	}
+	return n, nil
 }
 
-// commit makes the stream durable and puts it in place.
+// lost is the error of a failed write to the output: an OutputError for
+// a file or standard output; a migration's link (any other writer) keeps
+// its own error, which the migration reports as its own failure.
+func (s *sink) lost(err error) error {
+	if _, ok := s.w.(*os.File); !ok {
+		return err
+	}
+	return &OutputError{Output: outputName(s.out), Err: err}
+}
+
+// commit makes the stream durable and puts it in place. For "-" every
+// byte has been written (a write that returned is in the reader's pipe);
+// standard output redirected to a regular file is fsynced.
 func (s *sink) commit() (int64, error) {
+	if s.err != nil {
+		return 0, s.err
+	}
 	if s.f == nil {
+		if err := syncIfFile(s.w); err != nil {
+			return 0, &OutputError{Output: outputName(s.out), Err: fmt.Errorf("syncing: %w", err)}
+		}
+		s.committed = true
 		return s.n, nil
 	}
 	if err := s.f.Sync(); err != nil {
-		return 0, fmt.Errorf("syncing %s: %w", s.out, err)
+		return 0, &OutputError{Output: s.out, Err: fmt.Errorf("syncing: %w", err)}
 	}
 	if err := s.f.Close(); err != nil {
-		return 0, err
+		return 0, &OutputError{Output: s.out, Err: err}
 	}
 	if s.force {
 		if err := os.RemoveAll(s.out); err != nil {
@@ -216,11 +278,22 @@ func (s *sink) commit() (int64, error) {
 		return 0, fmt.Errorf("moving checkpoint into place: %w", err)
 	}
 	s.f = nil
-	return s.n, syncDir(filepath.Dir(s.out))
+	if err := syncDir(filepath.Dir(s.out)); err != nil {
+		return 0, &OutputError{Output: s.out, Err: err}
+	}
+	return s.n, nil
 }
 
-// abort removes an unfinished stream file.
+// abort removes an unfinished stream file, or cuts a partial stream off
+// the regular file standard output was redirected to.
 func (s *sink) abort() {
+	if s.f == nil && !s.committed && s.trunc >= 0 && s.n > 0 {
+		if f, ok := s.w.(*os.File); ok {
+			_ = f.Truncate(s.trunc)
+			_, _ = f.Seek(s.trunc, io.SeekStart)
+		}
+		s.trunc = -1
+	}
 	if s.f != nil {
 		s.f.Close()
 		os.Remove(s.f.Name())

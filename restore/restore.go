@@ -201,7 +201,7 @@ func fromStream(ctx context.Context, s *job.Registry, opts Options) (*job.Record
 		return fromStreamEarly(ctx, s, opts)
 	}
 	t0 := time.Now()
-	a, from, closeSrc, err := openArchive(opts)
+	a, from, closeSrc, err := openArchive(ctx, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -484,29 +484,53 @@ func aerrNow(indexed <-chan struct{}, aerr *error) error {
 	}
 }
 
-// openArchive indexes a .ferry file, or reads a whole stream from stdin.
-func openArchive(opts Options) (*image.Archive, string, func(), error) {
+// openArchive opens the checkpoint stream to restore: standard input, a
+// file (indexed, not read), or a FIFO (read whole, like a pipe). Waiting
+// for a FIFO's writer and reading a pipe end when ctx does (Ctrl-C,
+// SIGTERM, --timeout), with ctx's error: a writer that never comes or goes
+// silent cannot hold a restore, nor anything it started, forever.
+func openArchive(ctx context.Context, opts Options) (*image.Archive, string, func(), error) {
+	read := image.ReadArchive
 	if opts.Checkpoint == "-" {
-		read := image.ReadArchive
+		src, closeIn := opts.Stdin, func() {}
+		if f, ok := src.(*os.File); ok {
+			in, err := image.NewInput(ctx, f)
+			if err != nil {
+				return nil, "", nil, fmt.Errorf("reading checkpoint from standard input: %w", err)
+			}
+			src, closeIn = in, func() { in.Close() }
+		}
 		if opts.Early {
 			read = image.StreamArchive
 		}
-		a, err := read(opts.Progress.Reader(opts.Stdin))
+		a, err := read(opts.Progress.Reader(src))
 		if err != nil {
+			closeIn()
 			return nil, "", nil, fmt.Errorf("reading checkpoint from standard input: %w", err)
 		}
-		return a, "standard input", a.Close, nil
+		return a, "standard input", func() { a.Close(); closeIn() }, nil
 	}
-	f, err := os.Open(opts.Checkpoint)
+	in, err := image.OpenInput(ctx, opts.Checkpoint)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil, "", nil, fmt.Errorf("%q: %w", opts.Checkpoint, err)
+		}
 		return nil, "", nil, fmt.Errorf("%q: %w: %w", opts.Checkpoint, checkpoint.ErrNotCheckpoint, err)
 	}
-	a, err := image.OpenArchive(f)
+	if !in.Regular() {
+		a, err := read(opts.Progress.Reader(in))
+		if err != nil {
+			in.Close()
+			return nil, "", nil, fmt.Errorf("reading checkpoint from %s: %w", opts.Checkpoint, err)
+		}
+		return a, opts.Checkpoint, func() { a.Close(); in.Close() }, nil
+	}
+	a, err := image.OpenArchive(in.File())
 	if err != nil {
-		f.Close()
+		in.Close()
 		return nil, "", nil, fmt.Errorf("reading checkpoint from %s: %w", opts.Checkpoint, err)
 	}
-	return a, opts.Checkpoint, func() { f.Close() }, nil
+	return a, opts.Checkpoint, func() { in.Close() }, nil
 }
 
 // Restorer is the job.Restorer the shim uses for ferry's own jobs: it runs

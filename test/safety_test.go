@@ -1,8 +1,11 @@
 package test
 
 import (
+	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -40,14 +43,24 @@ func (e *env) assertRunsAgain(name string) {
 	assertConsecutive(e.t, numbers(e.t, e.must("logs", name)))
 }
 
-// startFerry starts ferry without waiting; the test's cleanup kills it
-// if the test did not.
-func (e *env) startFerry(stdout *os.File, extraEnv []string, args ...string) (*exec.Cmd, *strings.Builder) {
+// spawn is how spawnFerry starts ferry: its stdin and stdout (nil:
+// /dev/null for stdin, the returned buffer for stdout) and more
+// environment.
+type spawn struct {
+	stdin  io.Reader
+	stdout io.Writer
+	env    []string
+}
+
+// spawnFerry starts ferry without waiting; its stderr (and stdout, unless
+// given) goes to the returned buffer. The test's cleanup kills it, even
+// stopped, if the test did not end it.
+func (e *env) spawnFerry(s spawn, args ...string) (*exec.Cmd, *bytes.Buffer) {
 	e.t.Helper()
 	cmd := exec.Command(ferryBin, append([]string{"--root", e.root}, args...)...)
-	cmd.Env = append(os.Environ(), extraEnv...)
-	var stderr strings.Builder
-	cmd.Stdout, cmd.Stderr = stdout, &stderr
+	cmd.Env = append(os.Environ(), s.env...)
+	out := &bytes.Buffer{}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = s.stdin, cmp.Or[io.Writer](s.stdout, out), out
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
@@ -58,7 +71,7 @@ func (e *env) startFerry(stdout *os.File, extraEnv []string, args ...string) (*e
 			_ = cmd.Wait()
 		}
 	})
-	return cmd, &stderr
+	return cmd, out
 }
 
 func exitCode(err error) int {
@@ -84,7 +97,7 @@ func TestCheckpointKilledGivesJobBack(t *testing.T) {
 
 	// While CRIU works (a CRIU that takes its time starting).
 	slow := e.criuWrapper("sleep 3")
-	cmd, _ := e.startFerry(nil, nil, "--criu", slow, "checkpoint", "-o", filepath.Join(dir, "a"), "k")
+	cmd, _ := e.spawnFerry(spawn{}, "--criu", slow, "checkpoint", "-o", filepath.Join(dir, "a"), "k")
 	eventually(t, 10*time.Second, "the checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("k") })
 	if v := e.must("list"); !strings.Contains(v, "checkpointing, frozen") {
 		t.Errorf("ferry list during the checkpoint says:\n%s", v)
@@ -100,7 +113,7 @@ func TestCheckpointKilledGivesJobBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	cmd, _ = e.startFerry(w, nil, "checkpoint", "-o", "-", "k")
+	cmd, _ = e.spawnFerry(spawn{stdout: w}, "checkpoint", "-o", "-", "k")
 	w.Close()
 	eventually(t, 20*time.Second, "the streamed checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("k") })
 	time.Sleep(300 * time.Millisecond) // the pipe fills; ferry waits on it
@@ -127,7 +140,7 @@ func TestCheckpointStoppedHolderLosesLease(t *testing.T) {
 	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("s") >= 10 })
 	out := filepath.Join(t.TempDir(), "s.ckpt")
 	slow := e.criuWrapper("sleep 2")
-	cmd, stderr := e.startFerry(nil, []string{"FERRY_LEASE_TTL=1s"}, "--criu", slow, "checkpoint", "-o", out, "s")
+	cmd, stderr := e.spawnFerry(spawn{env: []string{"FERRY_LEASE_TTL=1s"}}, "--criu", slow, "checkpoint", "-o", out, "s")
 	eventually(t, 10*time.Second, "the checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("s") })
 	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
@@ -158,7 +171,7 @@ func TestOneOperationAtATime(t *testing.T) {
 	eventually(t, 10*time.Second, "count", func() bool { return e.logLines("b") >= 10 })
 	dir := t.TempDir()
 	slow := e.criuWrapper("sleep 3")
-	first, stderr := e.startFerry(nil, nil, "--criu", slow, "checkpoint", "-o", filepath.Join(dir, "1"), "b")
+	first, stderr := e.spawnFerry(spawn{}, "--criu", slow, "checkpoint", "-o", filepath.Join(dir, "1"), "b")
 	eventually(t, 10*time.Second, "the first checkpoint to freeze the job", func() bool { return e.frozenByCheckpoint("b") })
 	for _, args := range [][]string{
 		{"checkpoint", "-o", filepath.Join(dir, "2"), "b"},
@@ -414,7 +427,7 @@ func TestCheckpointPidKilledGivesTreeBack(t *testing.T) {
 		return strings.TrimSpace(string(b)) == "1"
 	}
 	slow := e.criuWrapper("sleep 3")
-	cmd, _ := e.startFerry(nil, nil, "--criu", slow, "checkpoint", "--pid", fmt.Sprint(pid), "-o", filepath.Join(t.TempDir(), "p"))
+	cmd, _ := e.spawnFerry(spawn{}, "--criu", slow, "checkpoint", "--pid", fmt.Sprint(pid), "-o", filepath.Join(t.TempDir(), "p"))
 	eventually(t, 10*time.Second, "the checkpoint to freeze the tree's cgroup", frozen)
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()

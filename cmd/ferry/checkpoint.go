@@ -3,10 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"maps"
+	"os"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -14,6 +17,7 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/dump"
 	"github.com/ferry-cr/ferry/image"
@@ -61,6 +65,10 @@ job and ends each once its snapshot is durable, for a reboot:
 		&cli.BoolFlag{Name: "all", Usage: "with --store: snapshot and end every running job (before a reboot)"},
 	},
 	Action: func(c *cli.Context) error {
+		// A reader of -o - that quits (| head) must fail a write, not kill
+		// ferry with SIGPIPE while it holds the job frozen; so must a
+		// closed stderr. Asked for, SIGPIPE makes such writes return EPIPE.
+		signal.Notify(make(chan os.Signal, 1), unix.SIGPIPE)
 		if c.Bool("all") {
 			if c.NArg() != 0 || c.IsSet("pid") || !c.IsSet("store") {
 				return usageError{fmt.Errorf("checkpoint --all takes --store DIR and no JOB or --pid")}
@@ -129,6 +137,11 @@ job and ends each once its snapshot is durable, for a reboot:
 		if err != nil {
 			return err
 		}
+		if out == "-" {
+			if err := checkStdout(c); err != nil {
+				return err
+			}
+		}
 		ctx := c.Context
 		if d := c.Duration("timeout"); d > 0 {
 			var cancel func()
@@ -138,6 +151,12 @@ job and ends each once its snapshot is durable, for a reboot:
 		meter, err := newMeter(c, "checkpoint")
 		if err != nil {
 			return err
+		}
+		streamTo := c.App.Writer
+		if out == "-" {
+			var release func()
+			streamTo, release = pipeOut(ctx, streamTo)
+			defer release()
 		}
 		opts := dump.Options{
 			Progress:       meter,
@@ -154,7 +173,7 @@ job and ends each once its snapshot is durable, for a reboot:
 			CgroupRoot:     c.String("cgroup-root"),
 			CriuLogLevel:   criuLogLevel(c),
 			Stream:         stream,
-			StreamTo:       c.App.Writer,
+			StreamTo:       streamTo,
 			Image: image.WriterOptions{
 				NoCompress: c.String("compress") == "none",
 				Level:      c.Int("level"),
@@ -168,6 +187,11 @@ job and ends each once its snapshot is durable, for a reboot:
 		}
 		meter.Done(err)
 		if err != nil {
+			var oe *dump.OutputError
+			if errors.As(err, &oe) && !strings.Contains(err.Error(), "\n") {
+				// One failure: say it plainly, and that the job is whole.
+				return fmt.Errorf("%w; %s was not ended", oe, name)
+			}
 			return withCode(err, exitCheckpoint)
 		}
 		// With -o - the checkpoint itself is on standard output.
@@ -296,4 +320,46 @@ func newMeter(c *cli.Context, op string) (*progress.Meter, error) {
 		return nil, usageError{err}
 	}
 	return progress.New(c.App.ErrWriter, mode, op, 0), nil
+}
+
+// checkStdout refuses -o - when standard output is the null device, as it
+// is when ferry was started with it closed (the Go runtime opens
+// /dev/null there): the checkpoint would vanish and the job be ended for
+// it. Refused before anything is frozen, as a bad output (exit 17), like
+// a missing directory: nothing was attempted. With --leave-running
+// nothing is lost, so a checkpoint may be discarded on purpose.
+func checkStdout(c *cli.Context) error {
+	f, ok := c.App.Writer.(*os.File)
+	if !ok || c.Bool("leave-running") || !dump.IsDevNull(f) {
+		return nil
+	}
+	return fmt.Errorf("%w: standard output is /dev/null or was closed, so the checkpoint would be lost with the job; send it to a file or a pipe (or add --leave-running to discard it)", dump.ErrBadOutput)
+}
+
+// pipeOut is where -o - writes when standard output is a pipe: a
+// description of that pipe of its own, non-blocking and written through
+// the runtime's poller (standard output's own, which others may share, is
+// left as it was). A reader that stops reading would otherwise hold ferry
+// in write(2), and the job frozen, past Ctrl-C, SIGTERM and --timeout;
+// this way the write fails when ctx ends, and the job runs on. Anything
+// else (a file, a terminal) is w itself.
+func pipeOut(ctx context.Context, w io.Writer) (io.Writer, func()) {
+	f, ok := w.(*os.File)
+	if !ok {
+		return w, func() {}
+	}
+	if fi, err := f.Stat(); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		return w, func() {}
+	}
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return w, func() {} // no reader left (ENXIO): the first write says so
+	}
+	p := os.NewFile(uintptr(fd), "/dev/stdout")
+	if p.SetWriteDeadline(time.Time{}) != nil {
+		p.Close()
+		return w, func() {}
+	}
+	stop := context.AfterFunc(ctx, func() { _ = p.SetWriteDeadline(time.Unix(1, 0)) })
+	return p, func() { stop(); p.Close() }
 }

@@ -52,6 +52,7 @@ const (
 	exitNoSnapshot        = 25 // no snapshot matches JOB[@SNAPSHOT] (or the prefix is ambiguous)
 	exitSnapshotted       = 26 // --checkpoint-on-term: the job was ended by its final snapshot
 	exitBusy              = 27 // another ferry operation holds the job (a checkpoint, a migration, a snapshot)
+	exitOutputLost        = 28 // the checkpoint could not be written or delivered whole; the job keeps running
 	exitInterrupted       = 130
 )
 
@@ -64,6 +65,7 @@ var exitCodes = []struct {
 	code int
 }{
 	{errNotRoot, exitNotRoot},
+	{dump.ErrOutputLost, exitOutputLost},
 	{job.ErrNotFound, exitNoJob},
 	{job.ErrExists, exitNameInUse},
 	{job.ErrInvalidName, exitNameInUse},

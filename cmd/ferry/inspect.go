@@ -32,12 +32,23 @@ var inspectCommand = &cli.Command{
 		var files []*pb.FileIndex
 		var raw, stored uint64
 		if checkpoint.IsStream(path) {
-			f, err := os.Open(path)
+			in, err := openInput(c, path)
 			if err != nil {
-				return fmt.Errorf("%q: %w: %w", path, checkpoint.ErrNotCheckpoint, err)
+				return err
 			}
-			defer f.Close()
-			pm, t, err := image.ReadIndex(f)
+			defer in.Close()
+			var pm *pb.Manifest
+			var t *pb.Trailer
+			if in.Regular() {
+				pm, t, err = image.ReadIndex(in.File())
+			} else {
+				// A pipe or FIFO has no index to seek to: read it whole.
+				var a *image.Archive
+				if a, err = image.ReadArchive(in); err == nil {
+					pm, t = a.Manifest(), a.Trailer()
+					a.Close()
+				}
+			}
 			if err != nil {
 				return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
 			}
@@ -109,16 +120,12 @@ var verifyCommand = &cli.Command{
 			fmt.Fprintf(c.App.Writer, "%s: directory complete (file sizes match; directories carry no checksums)\n", path)
 			return nil
 		}
-		var r io.Reader = os.Stdin
-		if path != "-" {
-			f, err := os.Open(path)
-			if err != nil {
-				return fmt.Errorf("%q: %w: %w", path, checkpoint.ErrNotCheckpoint, err)
-			}
-			defer f.Close()
-			r = f
+		in, err := openInput(c, path)
+		if err != nil {
+			return err
 		}
-		_, t, err := checkpoint.Verify(r)
+		defer in.Close()
+		_, t, err := checkpoint.Verify(in)
 		if err != nil {
 			return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
 		}
@@ -157,4 +164,21 @@ func joinCmd(cmd []string) string {
 		s += a
 	}
 	return s
+}
+
+// openInput opens a checkpoint stream to read, path or "-" for standard
+// input, so that waiting for a FIFO's writer or a stalled pipe ends on
+// Ctrl-C or SIGTERM (exit 130).
+func openInput(c *cli.Context, path string) (*image.Input, error) {
+	if path == "-" {
+		return image.NewInput(c.Context, os.Stdin)
+	}
+	in, err := image.OpenInput(c.Context, path)
+	if err != nil {
+		if c.Context.Err() != nil {
+			return nil, fmt.Errorf("%q: %w", path, err)
+		}
+		return nil, fmt.Errorf("%q: %w: %w", path, checkpoint.ErrNotCheckpoint, err)
+	}
+	return in, nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -39,8 +40,12 @@ stops it.`,
 		&cli.BoolFlag{Name: "all", Usage: "with --store: restore every job checkpoint --all ended into the store"},
 		checkpointEveryFlag, keepFlag,
 		&cli.BoolFlag{Name: "checkpoint-on-term", Usage: "with --store: wait for the job; on SIGTERM/SIGINT snapshot it into the store and end it"},
+		&cli.DurationFlag{Name: "timeout", Usage: "give up after this long (reading CHECKPOINT or - included); nothing is left running"},
 	},
 	Action: func(c *cli.Context) error {
+		if c.IsSet("timeout") && (c.Bool("all") || c.IsSet("store")) {
+			return usageError{fmt.Errorf("restore --timeout bounds a restore of CHECKPOINT or -, not of --store or --all")}
+		}
 		if c.Bool("all") {
 			if !c.IsSet("store") {
 				return usageError{fmt.Errorf("restore --all needs --store DIR")}
@@ -72,7 +77,13 @@ stops it.`,
 			return err
 		}
 		meter.SetPhase("restoring")
-		rec, err := restore.Job(c.Context, s, restore.Options{
+		ctx := c.Context
+		if d := c.Duration("timeout"); d > 0 {
+			var cancel func()
+			ctx, cancel = context.WithTimeoutCause(ctx, d, fmt.Errorf("--timeout %s passed", d))
+			defer cancel()
+		}
+		rec, err := restore.Job(ctx, s, restore.Options{
 			Progress:   meter,
 			Criu:       bin,
 			Checkpoint: c.Args().First(),

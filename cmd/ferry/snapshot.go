@@ -239,18 +239,50 @@ func checkpointToStore(c *cli.Context, s *job.Registry, name string) error {
 		return err
 	}
 	defer st.Close()
+	keep := keepFor(c, s, name, dir)
 	res, err := snapshotJob(c.Context, c, s, st, name, !c.Bool("leave-running") && c.IsSet("leave-running"))
 	if err != nil {
 		return err
 	}
+	// Pruned before anything is printed: a reader of our output that is
+	// gone (a shim that ended with its job) must not cost the policy.
+	perr := pruneAfter(c, st, name, keep)
 	if c.Bool("json") {
-		return writeJSON(c, res)
-	}
-	printSnapshot(c, res, dir)
-	if k := c.Int("keep"); k > 0 {
-		if _, err := st.Prune(c.Context, name, k); err != nil {
-			return withCode(fmt.Errorf("snapshot taken, but pruning: %w", err), exitStore)
+		if err := writeJSON(c, res); err != nil {
+			return err
 		}
+	} else {
+		printSnapshot(c, res, dir)
+	}
+	return perr
+}
+
+// keepFor is how many snapshots of job name the store in dir keeps after
+// a snapshot: --keep when given, else the job's own periodic policy for
+// that store (run --keep, or carried on by restore --store); 0 keeps all.
+func keepFor(c *cli.Context, s *job.Registry, name, dir string) int {
+	if c.IsSet("keep") {
+		return c.Int("keep")
+	}
+	rec, err := s.Load(name)
+	if err != nil || rec.Snapshots == nil || filepath.Clean(rec.Snapshots.Store) != filepath.Clean(dir) {
+		return 0
+	}
+	return rec.Snapshots.Keep
+}
+
+// pruneAfter applies keep (0: none) to job name's snapshots once a
+// snapshot has committed. It runs to the end even if ferry was meanwhile
+// interrupted: the snapshot is taken, and the policy holds after every
+// one; the store's lock bounds it to the snapshots being added.
+func pruneAfter(c *cli.Context, st *store.Store, name string, keep int) error {
+	if keep <= 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(c.Context), 5*time.Minute)
+	defer cancel()
+	if _, err := st.Prune(ctx, name, keep); err != nil {
+		return withCode(fmt.Errorf("snapshot taken, but pruning: %w", err), exitStore)
 	}
 	return nil
 }
@@ -266,9 +298,13 @@ func checkpointAll(c *cli.Context) error {
 			return v.State == "running" || v.State == "frozen"
 		},
 		func(s *job.Registry, st *store.Store, dir string, rec *job.Record) error {
+			keep := keepFor(c, s, rec.Name, dir)
 			res, err := snapshotJob(c.Context, c, s, st, rec.Name, true)
 			if err != nil {
 				return fmt.Errorf("%w (it keeps running)", err)
+			}
+			if err := pruneAfter(c, st, rec.Name, keep); err != nil {
+				fmt.Fprintf(c.App.ErrWriter, "ferry: %s: %v\n", rec.Name, err)
 			}
 			if _, err := s.Update(rec.Name, func(r *job.Record) error {
 				r.Resume = &job.ResumePoint{Store: dir, Snapshot: snapshotOf(res).ID}
@@ -440,11 +476,17 @@ func waitOrSnapshot(c *cli.Context, s *job.Registry, st *store.Store, name strin
 		case <-c.Context.Done():
 			ctx, cancel := context.WithTimeout(context.WithoutCancel(c.Context), 10*time.Minute)
 			defer cancel()
+			dir, _ := storeDir(c, s)
+			keep := keepFor(c, s, name, dir)
 			res, err := snapshotJob(ctx, c, s, st, name, true)
 			if err != nil {
 				return fmt.Errorf("final snapshot on termination: %w", err)
 			}
-			dir, _ := storeDir(c, s)
+			// The final snapshot is one like any other: the job's --keep
+			// holds after it too.
+			if err := pruneAfter(c, st, name, keep); err != nil {
+				fmt.Fprintf(c.App.ErrWriter, "ferry: %v\n", err)
+			}
 			printSnapshot(c, res, dir)
 			return cli.Exit("", exitSnapshotted)
 		case <-tick.C:

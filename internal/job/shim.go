@@ -112,6 +112,11 @@ func snapshotEvery(ctx context.Context, s *Registry, name string, p SnapshotPoli
 			args = append(args, "--keep", strconv.Itoa(p.Keep))
 		}
 		cmd := exec.CommandContext(ctx, self, args...)
+		// Ended with the job: SIGTERM, not SIGKILL, so that a snapshot
+		// still dumping gives up cleanly and one that has committed still
+		// applies --keep (the checkpoint prunes before it reports).
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+		cmd.WaitDelay = 30 * time.Second
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			if ctx.Err() != nil {
