@@ -43,12 +43,13 @@ type run struct {
 	pipes   [2]string // the tree's stdout and stderr pipes ("pipe:[ino]"), if any
 	initExe *checkpoint.Executable
 
-	stop       *stopper
-	sink       imageSink
-	res        *Result
-	handedOver bool             // the gate's handover succeeded: CRIU ended the tree
-	streamed   map[string]int64 // the images CRIU streamed, by name and size
-	lazy       *criu.Daemon     // post-copy: CRIU serving the memory
+	stop        *stopper
+	sink        imageSink
+	res         *Result
+	handedOver  bool             // the gate committed: CRIU ends the tree
+	handoverErr error            // the gate's handover (or commit) failed: CRIU rolled back
+	streamed    map[string]int64 // the images CRIU streamed, by name and size
+	lazy        *criu.Daemon     // post-copy: CRIU serving the memory
 
 	releasePipes func() // post-copy: the pipe size limit back as it was
 }
@@ -177,7 +178,7 @@ func prepare(ctx context.Context, t *target, opts Options) (_ *run, retErr error
 	r.how, err = decide(request{
 		toPipe: r.out == "-", stream: r.opts.Stream, store: opts.Store != nil,
 		leaveRunning: opts.LeaveRunning, postCopy: opts.PostCopy != nil,
-		handover: opts.Handover != nil, pagesLast: opts.PagesLast,
+		handover: opts.Handover != nil, pagesLast: opts.PagesLast, tcpEstablished: r.plan.TCPEstablished,
 		cgroup: t.freezeCg != nil, cgroupV2: t.freezeCg != nil && t.freezeCg.Version == 2,
 		wrapped:     t.wrapper != nil,
 		criuStreams: func() bool { return opts.Criu.HasStream(ctx) },
@@ -345,11 +346,7 @@ func (r *run) dump(ctx context.Context) error {
 	case sinkLazy:
 		err = r.dumpLazy(ctx)
 	default:
-		call := criu.Call{Type: rpc.CriuReqType_DUMP, Opts: r.copts, Wrapper: r.t.wrapper}
-		_, err = criu.Do(ctx, r.opts.Criu.Path, call)
-		if err != nil && r.retrySeize(ctx, err) {
-			_, err = criu.Do(ctx, r.opts.Criu.Path, call)
-		}
+		err = r.dumpDir(ctx)
 	}
 	if r.t.byPath {
 		for _, f := range []string{"dump.log", "stats-dump"} {
@@ -408,34 +405,86 @@ func (r *run) retrySeize(ctx context.Context, err error) bool {
 	return r.stop.retry(ctx)
 }
 
-// dumpStreamed runs `criu dump --stream` into the stream sink. A gated
-// dump (stop-copy migration) seals and hands over inside CRIU's
-// post-dump action.
+// gate runs at CRIU's post-dump action of a gated dump: every image is
+// written, the tree still seized and its TCP connections locked. It seals
+// the checkpoint, hands it over (a migration) and commits the lease: nil
+// lets CRIU end the tree with its connections in repair mode (peers see
+// no FIN or RST, and nothing they send is acknowledged by a copy that will
+// not run on); an error rolls CRIU back.
+func (r *run) gate(ctx context.Context, sizes map[string]int64) error {
+	if !r.stop.isStopped() {
+		return errNoLateFreeze // CRIU rolls back
+	}
+	if err := r.seal(ctx, sizes); err != nil {
+		return err
+	}
+	if r.opts.Handover != nil {
+		r.opts.Progress.SetPhase("handing over")
+		if r.handoverErr = r.opts.Handover(ctx); r.handoverErr != nil {
+			return r.handoverErr
+		}
+	}
+	// The point of no return: from here CRIU ends the tree.
+	if err := r.stop.commit(cmp.Or(r.opts.EndReason, "checkpointed")); err != nil {
+		r.handoverErr = err
+		return err
+	}
+	r.handedOver = true
+	return nil
+}
+
+// gated settles what CRIU's return means after a gated dump.
+func (r *run) gated(err error) error {
+	switch {
+	case r.handedOver:
+		// The checkpoint is committed: whatever CRIU says now, this copy
+		// must go (ended below if CRIU did not).
+		if err != nil {
+			r.log.Warn("criu failed after the commit; ferry ends the tree itself", "tree", r.t.name, "err", err)
+		}
+		return nil
+	case r.handoverErr != nil:
+		r.stop.mu.Lock()
+		r.stop.stopped = true // CRIU rolled back; the cgroup stays frozen
+		r.stop.mu.Unlock()
+		return &refusal{err: r.handoverErr}
+	}
+	return err
+}
+
+// dumpDir runs CRIU over RPC into the scratch directory. A gated dump
+// (TCP connections kept) seals and commits at CRIU's post-dump
+// notification.
+func (r *run) dumpDir(ctx context.Context) error {
+	call := criu.Call{Type: rpc.CriuReqType_DUMP, Opts: r.copts, Wrapper: r.t.wrapper}
+	if r.how.gated {
+		_ = os.Remove(filepath.Join(r.t.workDir, "stats-dump")) // CRIU writes it after the verdict
+		r.copts.NotifyScripts = proto.Bool(true)
+		call.Notify = func(script string, _ int32) error {
+			if script == "post-dump" {
+				return r.gate(ctx, nil)
+			}
+			return nil
+		}
+	}
+	_, err := criu.Do(ctx, r.opts.Criu.Path, call)
+	if err != nil && !r.how.gated && r.retrySeize(ctx, err) {
+		_, err = criu.Do(ctx, r.opts.Criu.Path, call)
+	}
+	if r.how.gated {
+		return r.gated(err)
+	}
+	return err
+}
+
+// dumpStreamed runs `criu dump --stream` into the stream sink; a gated
+// dump goes through the gate at CRIU's post-dump action.
 func (r *run) dumpStreamed(ctx context.Context) error {
 	ss := r.sink.(*streamSink)
 	var gate func(map[string]int64) error
-	var handoverErr error
 	if r.how.gated {
 		_ = os.Remove(filepath.Join(r.t.workDir, "stats-dump")) // CRIU writes it after the verdict
-		gate = func(sizes map[string]int64) error {
-			if !r.stop.isStopped() {
-				return errNoLateFreeze // CRIU rolls back
-			}
-			if err := r.seal(ctx, sizes); err != nil {
-				return err
-			}
-			r.opts.Progress.SetPhase("handing over")
-			if handoverErr = r.opts.Handover(ctx); handoverErr != nil {
-				return handoverErr
-			}
-			// The point of no return: from here CRIU ends the tree.
-			if err := r.stop.commit(cmp.Or(r.opts.EndReason, "checkpointed")); err != nil {
-				handoverErr = err
-				return err
-			}
-			r.handedOver = true
-			return nil
-		}
+		gate = func(sizes map[string]int64) error { return r.gate(ctx, sizes) }
 	}
 	var freeze func() error
 	if r.how.stop == stopLate {
@@ -445,28 +494,17 @@ func (r *run) dumpStreamed(ctx context.Context) error {
 		return streamDump(ctx, r.opts.Criu.Path, r.t.wrapper, r.copts, r.tmp, r.t.workDir, ss.w, ss.held, freeze, gate)
 	}
 	sizes, gateErr, err := do()
-	if err != nil && r.how.stop != stopLate && r.retrySeize(ctx, err) {
+	if err != nil && r.how.stop != stopLate && !r.how.gated && r.retrySeize(ctx, err) {
 		// Nothing of the tree was written: CRIU fails before that.
 		sizes, gateErr, err = do()
 	}
-	switch {
-	case r.handedOver:
-		// The destination holds the job: whatever CRIU says now, this
-		// copy must go (ended below if CRIU did not).
-		if err != nil {
-			r.log.Warn("criu failed after the handover; ferry ends the tree itself", "tree", r.t.name, "err", err)
-		}
-		r.streamed = sizes
-		return nil
-	case handoverErr != nil:
-		r.stop.mu.Lock()
-		r.stop.stopped = true // CRIU rolled back; the cgroup stays frozen
-		r.stop.mu.Unlock()
-		return &refusal{err: handoverErr}
-	case gateErr != nil:
+	r.streamed = sizes
+	if r.handedOver || r.handoverErr != nil {
+		return r.gated(err)
+	}
+	if gateErr != nil {
 		return gateErr
 	}
-	r.streamed = sizes
 	return err
 }
 
@@ -569,6 +607,9 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 		res.Memory = inv.Memory.RSS
 		res.LazyPages = lazyPages(r.tmp)
 	default:
+		if sizes == nil && r.how.sink != sinkStreamed {
+			sizes = dirSizes(r.tmp)
+		}
 		if st, err := stats.CriuGetDumpStats(r.workDir); err == nil {
 			res.CriuStats = st
 			res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())
@@ -644,4 +685,16 @@ func (r *run) retract() {
 	if r.out != "-" && r.how.sink != sinkStore {
 		os.RemoveAll(r.out)
 	}
+}
+
+// dirSizes is the size of each file in dir.
+func dirSizes(dir string) map[string]int64 {
+	entries, _ := os.ReadDir(dir)
+	sizes := make(map[string]int64, len(entries))
+	for _, e := range entries {
+		if info, err := e.Info(); err == nil && info.Mode().IsRegular() {
+			sizes[e.Name()] = info.Size()
+		}
+	}
+	return sizes
 }

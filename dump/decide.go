@@ -90,6 +90,7 @@ type method struct {
 // the host.
 type request struct {
 	toPipe, stream, store, leaveRunning, postCopy, handover, pagesLast bool
+	tcpEstablished                                                     bool // the plan keeps established TCP connections
 
 	cgroup   bool // the tree is exactly a cgroup that can be frozen
 	cgroupV2 bool
@@ -131,11 +132,18 @@ func decide(r request) (method, error) {
 	// TCP connections are locked and in repair mode: peers see no FIN or
 	// RST. CRIU can kill a frozen tree only under cgroup v2, and the
 	// action's socket is reached only from ferry's namespaces.
-	m.gated = m.sink == sinkStreamed && r.handover && !r.leaveRunning && r.cgroup && r.cgroupV2 && !r.wrapped
+	//
+	// A checkpoint that keeps TCP connections (--tcp-established, and the
+	// job ended) is gated too, for the same reason: ending the tree after
+	// CRIU unlocked its connections would send each peer a FIN, and the
+	// restored connection would be dead. CRIU alone leaves them locked.
+	canGate := !r.leaveRunning && r.cgroup && r.cgroupV2 && !r.wrapped
+	migrating := r.handover && m.sink == sinkStreamed
+	m.gated = canGate && (migrating || r.tcpEstablished && (m.sink == sinkStreamed || m.sink == sinkDir))
 	m.holdPages = m.gated && r.pagesLast
-	m.warm = m.gated || r.postCopy
+	m.warm = m.gated && migrating || r.postCopy
 	switch {
-	case (m.gated || r.postCopy) && !r.wrapped:
+	case (m.gated && migrating || r.postCopy) && !r.wrapped:
 		// The pre-dump action's script reaches ferry through files in
 		// ferry's mount namespace, so CRIU must run there.
 		m.stop = stopLate

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -123,23 +122,9 @@ func (g *treeGuard) tasks() map[int]taskState {
 		if err != nil {
 			continue
 		}
-		out[pid] = taskState{start: st.StartTime, stopped: st.State == 'T' || st.State == 't', tracer: tracerOf(pid)}
+		out[pid] = taskState{start: st.StartTime, stopped: st.State == 'T' || st.State == 't', tracer: proc.TracerPID(pid)}
 	}
 	return out
-}
-
-func tracerOf(pid int) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for l := range strings.SplitSeq(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
-			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n
-		}
-	}
-	return 0
 }
 
 func (g *treeGuard) Frozen() (bool, error) {
@@ -159,19 +144,13 @@ func (g *treeGuard) Frozen() (bool, error) {
 // resumes them), then continues the tasks that are stopped now but were
 // not before, and thaws the cgroup unless it was frozen before.
 func (g *treeGuard) GiveBack(ctx context.Context, wasFrozen bool) error {
-	deadline := time.Now().Add(time.Minute)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
-		seized := false
-		for pid, now := range g.tasks() {
-			if was, ok := g.before[pid]; now.tracer != 0 && (!ok || was.start != now.start || was.tracer != now.tracer) {
-				seized = true
-			}
+	criu := map[int]bool{}
+	for pid, now := range g.tasks() {
+		if was, ok := g.before[pid]; now.tracer != 0 && (!ok || was.start != now.start || was.tracer != now.tracer) {
+			criu[now.tracer] = true
 		}
-		if !seized {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
+	proc.WaitGone(criu, time.Minute) // CRIU lets go of the tree, leaving it stopped or resumed
 	var errs []error
 	for pid, now := range g.tasks() {
 		if was, ok := g.before[pid]; now.stopped && (!ok || was.start != now.start || !was.stopped) {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -43,7 +44,8 @@ type guarded struct {
 	foreign bool
 	initPID int
 	log     *slog.Logger
-	stopped []int // a foreign tree's tasks stopped when the lease was taken
+	stopped []int        // a foreign tree's tasks stopped when the lease was taken
+	tracers map[int]bool // processes tracing the job's tasks then
 }
 
 func (g *guarded) Frozen() (bool, error) {
@@ -51,6 +53,8 @@ func (g *guarded) Frozen() (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	pids, _ := cg.Procs()
+	g.tracers = proc.Tracers(pids)
 	if g.foreign {
 		// CRIU seizes a foreign tree's tasks and leaves them stopped;
 		// giving it back continues those the lease found running.
@@ -69,10 +73,22 @@ func (g *guarded) Frozen() (bool, error) {
 	return st == freezer.Frozen || st == freezer.Freezing, nil
 }
 
+// GiveBack waits (a minute at most) for a CRIU that outlived the lease's
+// holder to let go of the job (CRIU thaws a cgroup it found frozen once it
+// has seized the tasks, and freezes it again when it lets them go), then
+// puts the job back as it was.
 func (g *guarded) GiveBack(ctx context.Context, wasFrozen bool) error {
 	cg, err := cgroup.Open(g.cgroup)
 	if err != nil {
 		return err
+	}
+	pids, _ := cg.Procs()
+	criu := proc.Tracers(pids)
+	for t := range g.tracers {
+		delete(criu, t)
+	}
+	if len(criu) > 0 && !proc.WaitGone(criu, time.Minute) {
+		g.log.Warn("a tracer of the job's tasks is still there after a minute; giving the job back anyway")
 	}
 	if wasFrozen {
 		return cg.Freeze(ctx)

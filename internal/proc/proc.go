@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Root is the procfs mount point; tests may point it elsewhere.
@@ -150,4 +151,52 @@ func NSpid(pid int) ([]int, error) {
 		return pids, nil
 	}
 	return nil, errors.New("no NSpid line in status")
+}
+
+// TracerPID is the pid of the process that traces pid by ptrace (0: none,
+// or pid is gone).
+func TracerPID(pid int) int {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/status", Root, pid))
+	if err != nil {
+		return 0
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "TracerPid:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
+}
+
+// Tracers is the set of processes tracing any of pids, by pid.
+func Tracers(pids []int) map[int]bool {
+	out := map[int]bool{}
+	for _, pid := range pids {
+		if t := TracerPID(pid); t != 0 {
+			out[t] = true
+		}
+	}
+	return out
+}
+
+// WaitGone waits until none of pids runs any more (gone or a zombie), or
+// until d has passed; it says whether they all went.
+func WaitGone(pids map[int]bool, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		left := false
+		for pid := range pids {
+			if st, err := ReadStat(pid); err == nil && st.State != 'Z' && st.State != 'X' {
+				left = true
+			}
+		}
+		if !left {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
