@@ -1,0 +1,379 @@
+package test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ferry-cr/ferry/internal/proc"
+)
+
+// Nothing is left behind by a ferry killed with SIGKILL: a record stuck
+// in "starting", a cgroup, scratch space in /dev/shm or a serve
+// directory. The next ferry command tells what is abandoned (its owner is
+// gone) and clears it; a retried restore under the same name works.
+
+// bigJob is the workload the tests kill ferry around: a counter, printed
+// each second, and 200 MiB of memory, so that dumping and restoring it
+// takes long enough to be interrupted.
+const bigMiB = "200"
+
+// startFerry starts the ferry binary with e's state directory, its
+// output in a buffer, and makes sure it is gone when the test ends.
+func (e *env) startFerry(args ...string) (*exec.Cmd, *bytes.Buffer) {
+	e.t.Helper()
+	cmd := exec.Command(ferryBin, append([]string{"--root", e.root}, args...)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return cmd, &out
+}
+
+// in is e for subtest t: the same state directory, with failures
+// reported to t (e's own cleanup stays with the parent).
+func (e *env) in(t *testing.T) *env { return &env{t: t, root: e.root} }
+
+// kill9 sends SIGKILL to a ferry the test started and reaps it.
+func kill9(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+}
+
+// descendants lists the processes below pid (CRIU, a gate), children
+// first.
+func descendants(pid int) []int {
+	var out []int
+	kids, _ := proc.Children(pid)
+	for _, k := range kids {
+		out = append(out, k)
+		out = append(out, descendants(k)...)
+	}
+	return out
+}
+
+// waitGone waits until none of pids is alive any more (a killed ferry's
+// CRIU finishing on its own); the test signals none of them.
+func waitGone(t *testing.T, pids []int) {
+	t.Helper()
+	starts := map[int]uint64{}
+	for _, p := range pids {
+		if st, err := proc.ReadStat(p); err == nil {
+			starts[p] = st.StartTime
+		}
+	}
+	eventually(t, 90*time.Second, fmt.Sprintf("the killed ferry's children %v to end", pids), func() bool {
+		for p, s := range starts {
+			if proc.Alive(p, s) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// openUnder returns the entry of base (its first path component below
+// base) under which process pid has a file or directory open, or "".
+func openUnder(pid int, base string) string {
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	for _, fd := range fds {
+		l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+		if err != nil {
+			continue
+		}
+		if rest, ok := strings.CutPrefix(l, base+"/"); ok && rest != "" {
+			return filepath.Join(base, strings.SplitN(rest, "/", 2)[0])
+		}
+	}
+	return ""
+}
+
+// ownedBy lists the entries of dir whose scratch name says pid owns them.
+func ownedBy(dir string, pid int) []string {
+	var out []string
+	entries, _ := os.ReadDir(dir)
+	for _, en := range entries {
+		if strings.HasPrefix(en.Name(), ".ferry-scratch-") && strings.Contains(en.Name(), fmt.Sprintf("-%d-", pid)) {
+			out = append(out, filepath.Join(dir, en.Name()))
+		}
+	}
+	return out
+}
+
+// serveLeftovers is the serve directories a killed restore with pid left.
+func (e *env) serveLeftovers(pid int) []string {
+	return append(ownedBy(filepath.Join(e.root, "serve"), pid), ownedBy("/run/ferry-serve", pid)...)
+}
+
+// record reads job name's record straight from the state directory
+// (without running ferry, which takes a while): its status and cgroup.
+func (e *env) record(name string) (status, cgroup string) {
+	var r struct {
+		Status string `json:"status"`
+		Cgroup string `json:"cgroup"`
+	}
+	data, err := os.ReadFile(filepath.Join(e.root, "jobs", name, "job.json"))
+	if err != nil || json.Unmarshal(data, &r) != nil {
+		return "", ""
+	}
+	return r.Status, r.Cgroup
+}
+
+// counts is the counter values job name has logged ("count N ..." lines).
+func (e *env) counts(name string) []int {
+	e.t.Helper()
+	var out []int
+	for _, l := range e.lines(name, "count ") {
+		n, err := strconv.Atoi(strings.Fields(l)[0])
+		if err != nil {
+			e.t.Fatalf("count line %q", l)
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// assertCountsFrom waits for job name to log two more counts after its
+// first skip lines, and checks that they start at first and go up by one.
+func (e *env) assertCountsFrom(name string, skip, first int) {
+	e.t.Helper()
+	e.waitLines(name, "count ", skip+2)
+	got := e.counts(name)[skip:]
+	if got[0] != first {
+		e.t.Fatalf("%s counts from %d after the restore, want %d (carried on from the checkpoint)", name, got[0], first)
+	}
+	assertConsecutive(e.t, got)
+}
+
+// assertStale checks that ferry list tells the truth about job name: its
+// start was abandoned.
+func (e *env) assertStale(name string) jobView {
+	e.t.Helper()
+	var v jobView
+	eventually(e.t, 90*time.Second, name+" to be listed stale", func() bool {
+		v = e.job(name)
+		return v.State == "stale"
+	})
+	text := e.must("list")
+	if !strings.Contains(text, "stale (owner gone)") || !strings.Contains(text, "ferry rm "+name) {
+		e.t.Errorf("ferry list does not say %s was abandoned:\n%s", name, text)
+	}
+	if v.Cgroup == "" {
+		e.t.Fatalf("stale record of %s names no cgroup", name)
+	}
+	if _, err := os.Stat(v.Cgroup); err != nil {
+		e.t.Fatalf("the abandoned start left no cgroup to clear (%v): the test tests nothing", err)
+	}
+	return v
+}
+
+// TestKilledRestoreLeavesNothingStuck kills `ferry restore` with SIGKILL
+// at two moments: while CRIU starts in the shim (before it has read
+// anything), and while CRIU reads the checkpoint the killed ferry was
+// serving it. Each time the record is left "starting" with a cgroup and a
+// serve directory; ferry list must say it is stale, kill and rm must clear
+// it, and a retried restore under the same name must run the job from its
+// checkpoint.
+func TestKilledRestoreLeavesNothingStuck(t *testing.T) {
+	requireCriu(t)
+	e := newEnv(t)
+	w := buildWorkload(t)
+	e.must("run", "--name", "big", "--", w, "demo", bigMiB)
+	e.waitLines("big", "count ", 2)
+	ckpt := filepath.Join(t.TempDir(), "big.ferry")
+	e.must("checkpoint", "-o", ckpt, "big")
+	cs := e.counts("big")
+	last := cs[len(cs)-1]
+
+	t.Run("killed while CRIU starts: kill and rm clear it", func(t *testing.T) {
+		e := e.in(t)
+		mark := filepath.Join(t.TempDir(), "criu-started")
+		slow := e.criuWrapper(fmt.Sprintf(`if [ "$1" = restore ]; then touch %s; sleep 2; fi`, mark))
+		cmd, out := e.startFerry("--criu", slow, "restore", "--name", "big", ckpt)
+		eventually(t, 60*time.Second, "CRIU to start restoring", func() bool {
+			_, err := os.Stat(mark)
+			return err == nil
+		})
+		if st, _ := e.record("big"); st != "starting" {
+			t.Fatalf("record of big is %q while CRIU starts, want starting", st)
+		}
+		pid := cmd.Process.Pid
+		kill9(t, cmd)
+		t.Logf("killed ferry restore (pid %d): %s", pid, out)
+
+		v := e.assertStale("big")
+		if len(e.serveLeftovers(pid)) == 0 {
+			t.Errorf("the killed restore left no serve directory named after it")
+		}
+		// A stale record holds neither freeze nor thaw.
+		if r := e.ferry("thaw", "big"); r.code != 10 {
+			t.Errorf("thaw of a stale job: %s, want exit 10 (not running)", r)
+		}
+		e.must("kill", "big")
+		k := e.job("big")
+		if k.State != "exited" || k.Exit == nil || k.Exit.Reason != "start abandoned" {
+			t.Fatalf("after ferry kill: state %q exit %+v, want exited, start abandoned", k.State, k.Exit)
+		}
+		if _, err := os.Stat(v.Cgroup); !os.IsNotExist(err) {
+			t.Fatalf("ferry kill left the cgroup %s of the abandoned start (%v)", v.Cgroup, err)
+		}
+		if left := e.serveLeftovers(pid); len(left) != 0 {
+			t.Errorf("ferry kill left the killed restore's serve directories %v", left)
+		}
+		e.must("rm", "big")
+		if _, ok := e.list()["big"]; ok {
+			t.Fatalf("ferry rm left the record of big")
+		}
+		assertNoJobCgroups(t, "big")
+
+		e.must("restore", "--name", "big", ckpt)
+		e.assertCountsFrom("big", 0, last+1)
+		e.must("kill", "big")
+	})
+
+	t.Run("killed while CRIU reads the stream: a retried restore replaces it", func(t *testing.T) {
+		e := e.in(t)
+		skip := len(e.counts("big"))
+		cmd, out := e.startFerry("restore", "--name", "big", ckpt)
+		pid := cmd.Process.Pid
+		// The restored tree's first task is in the job's cgroup beside
+		// CRIU: CRIU has read the tree and now reads its memory from the
+		// stream. Stop the ferry serving it there, then kill it.
+		eventually(t, 60*time.Second, "CRIU to fork the restored tree", func() bool {
+			_, cg := e.record("big")
+			data, err := os.ReadFile(filepath.Join(cg, "cgroup.procs"))
+			return err == nil && len(strings.Fields(string(data))) >= 2
+		})
+		if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := e.record("big"); st != "starting" {
+			t.Fatalf("the restore was over (record %q) before it could be interrupted", st)
+		}
+		kill9(t, cmd)
+		t.Logf("killed ferry restore (pid %d) mid-stream: %s", pid, out)
+
+		v := e.assertStale("big")
+		if len(e.serveLeftovers(pid)) == 0 {
+			t.Errorf("the killed restore left no serve directory named after it")
+		}
+		e.must("restore", "--name", "big", ckpt)
+		e.assertCountsFrom("big", skip, last+1)
+		if _, err := os.Stat(v.Cgroup); !os.IsNotExist(err) {
+			t.Errorf("the retried restore left the cgroup %s of the abandoned start (%v)", v.Cgroup, err)
+		}
+		if left := e.serveLeftovers(pid); len(left) != 0 {
+			t.Errorf("the retried restore left the killed restore's serve directories %v", left)
+		}
+	})
+}
+
+// TestKilledSnapshotLeavesNothingInShm kills `ferry checkpoint --store`
+// with SIGKILL while the job's image sits in /dev/shm, and then a `ferry
+// restore --store` while it rebuilds the snapshot there: the next ferry
+// command must remove what each left, and the job must run on (the
+// first) and come back from its snapshot (the second).
+func TestKilledSnapshotLeavesNothingInShm(t *testing.T) {
+	requireCriu(t)
+	e := newEnv(t)
+	w := buildWorkload(t)
+	st := filepath.Join(t.TempDir(), "store")
+	e.must("run", "--name", "snap", "--", w, "demo", bigMiB)
+	e.waitLines("snap", "count ", 2)
+
+	t.Run("checkpoint --store", func(t *testing.T) {
+		e := e.in(t)
+		cmd, out := e.startFerry("checkpoint", "--store", st, "--leave-running", "snap")
+		pid := cmd.Process.Pid
+		var scratch string
+		eventually(t, 60*time.Second, "the checkpoint's scratch directory in /dev/shm to fill", func() bool {
+			if scratch == "" {
+				scratch = openUnder(pid, "/dev/shm")
+			}
+			return scratch != "" && dirSize(t, scratch) > 32<<20
+		})
+		t.Cleanup(func() { os.RemoveAll(scratch) }) // made by the ferry this test started
+		kids := descendants(pid)
+		kill9(t, cmd)
+		t.Logf("killed ferry checkpoint (pid %d) with %s in /dev/shm: %s", pid, scratch, out)
+		waitGone(t, kids)
+		if _, err := os.Stat(scratch); err != nil {
+			t.Fatalf("the killed checkpoint left nothing in /dev/shm (%v): the test tests nothing", err)
+		}
+		if !strings.HasPrefix(filepath.Base(scratch), ".ferry-scratch-") {
+			t.Skipf("dump does not name its scratch space with internal/scratch yet (%s)", scratch)
+		}
+		if v := e.job("snap"); v.State == "frozen" {
+			// Until the freeze is a lease that the shim ends, the job
+			// stays frozen when the ferry that froze it is killed.
+			t.Logf("the killed checkpoint left the job frozen: thawing it")
+			e.must("thaw", "snap")
+		}
+		n := len(e.counts("snap"))
+		e.waitLines("snap", "count ", n+2)
+		assertConsecutive(t, e.counts("snap"))
+
+		e.snapshot(st, "snap")
+		if _, err := os.Stat(scratch); !os.IsNotExist(err) {
+			t.Errorf("the next checkpoint left the killed one's %s (%v)", scratch, err)
+		}
+		if left := ownedBy("/dev/shm", pid); len(left) != 0 {
+			t.Errorf("left in /dev/shm: %v", left)
+		}
+	})
+
+	t.Run("restore --store", func(t *testing.T) {
+		e := e.in(t)
+		before := e.counts("snap")
+		e.snapshot(st, "snap")
+		after := e.counts("snap")
+		cmd, out := e.startFerry("restore", "--store", st, "--name", "snap2", "snap")
+		pid := cmd.Process.Pid
+		var scratch string
+		eventually(t, 60*time.Second, "the restore to rebuild the snapshot in /dev/shm", func() bool {
+			scratch = openUnder(pid, "/dev/shm")
+			return scratch != "" && dirSize(t, scratch) > 16<<20
+		})
+		t.Cleanup(func() { os.RemoveAll(scratch) }) // made by the ferry this test started
+		if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := e.record("snap2"); st != "" {
+			t.Fatalf("the snapshot was rebuilt (record %q) before the restore could be interrupted", st)
+		}
+		kill9(t, cmd)
+		t.Logf("killed ferry restore --store (pid %d) with %s in /dev/shm: %s", pid, scratch, out)
+		if _, err := os.Stat(scratch); err != nil {
+			t.Fatalf("the killed restore left nothing in /dev/shm (%v): the test tests nothing", err)
+		}
+
+		e.must("restore", "--store", st, "--name", "snap2", "snap")
+		if _, err := os.Stat(scratch); !os.IsNotExist(err) {
+			t.Errorf("the next restore left the killed one's %s (%v)", scratch, err)
+		}
+		if left := ownedBy("/dev/shm", pid); len(left) != 0 {
+			t.Errorf("left in /dev/shm: %v", left)
+		}
+		// The snapshot was taken between the two readings: the restored
+		// counter carries on from a value in between.
+		e.waitLines("snap2", "count ", 2)
+		got := e.counts("snap2")
+		if got[0] <= before[len(before)-1] || got[0] > after[len(after)-1]+1 {
+			t.Fatalf("snap2 counts from %d, want a value in (%d, %d]", got[0], before[len(before)-1], after[len(after)-1]+1)
+		}
+		assertConsecutive(t, got)
+	})
+}
