@@ -282,10 +282,11 @@ func TestKilledRestoreLeavesNothingStuck(t *testing.T) {
 }
 
 // TestKilledSnapshotLeavesNothingInShm kills `ferry checkpoint --store`
-// with SIGKILL while the job's image sits in /dev/shm, and then a `ferry
-// restore --store` while it rebuilds the snapshot there: the next ferry
-// command must remove what each left, and the job must run on (the
-// first) and come back from its snapshot (the second).
+// with SIGKILL while the job's image sits in /dev/shm, a `ferry checkpoint
+// -o DIR` while its images fill a directory beside its output, and a
+// `ferry restore --store` while it rebuilds the snapshot in /dev/shm: the
+// next ferry command must remove what each left, the job must run on (the
+// checkpoints) and come back from its snapshot (the restore).
 func TestKilledSnapshotLeavesNothingInShm(t *testing.T) {
 	requireCriu(t)
 	e := newEnv(t)
@@ -332,6 +333,42 @@ func TestKilledSnapshotLeavesNothingInShm(t *testing.T) {
 		}
 		if left := ownedBy("/dev/shm", pid); len(left) != 0 {
 			t.Errorf("left in /dev/shm: %v", left)
+		}
+	})
+
+	t.Run("checkpoint beside its output", func(t *testing.T) {
+		e := e.in(t)
+		outDir := t.TempDir()
+		cmd, out := e.startFerry("checkpoint", "--format", "dir", "--leave-running", "-o", filepath.Join(outDir, "snap.ckpt"), "snap")
+		pid := cmd.Process.Pid
+		var scratch string
+		eventually(t, 60*time.Second, "the checkpoint's directory beside its output to fill", func() bool {
+			if scratch == "" {
+				scratch = openUnder(pid, outDir)
+			}
+			return scratch != "" && dirSize(t, scratch) > 32<<20
+		})
+		t.Cleanup(func() { os.RemoveAll(scratch) }) // made by the ferry this test started
+		kids := descendants(pid)
+		kill9(t, cmd)
+		t.Logf("killed ferry checkpoint (pid %d) with %s: %s", pid, scratch, out)
+		waitGone(t, kids)
+		if _, err := os.Stat(scratch); err != nil {
+			t.Fatalf("the killed checkpoint left nothing beside its output (%v): the test tests nothing", err)
+		}
+		if !strings.HasPrefix(filepath.Base(scratch), ".ferry-scratch-") {
+			t.Skipf("dump does not name its scratch space with internal/scratch yet (%s)", scratch)
+		}
+		if v := e.job("snap"); v.State == "frozen" {
+			t.Logf("the killed checkpoint left the job frozen: thawing it")
+			e.must("thaw", "snap")
+		}
+		e.must("checkpoint", "--format", "dir", "--leave-running", "-o", filepath.Join(outDir, "again.ckpt"), "snap")
+		if _, err := os.Stat(scratch); !os.IsNotExist(err) {
+			t.Errorf("the next checkpoint into %s left the killed one's %s (%v)", outDir, scratch, err)
+		}
+		if _, err := os.Stat(filepath.Join(outDir, "again.ckpt", "ferry.json")); err != nil {
+			t.Errorf("the next checkpoint: %v", err)
 		}
 	})
 
