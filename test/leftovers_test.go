@@ -414,3 +414,109 @@ func TestKilledSnapshotLeavesNothingInShm(t *testing.T) {
 		assertConsecutive(t, got)
 	})
 }
+
+// abandoned writes the record a `ferry run` killed mid-start leaves for
+// job name: "starting", owned by a process that is gone, with a cgroup of
+// its own (made beside the probe job's, as ferry names them, or named
+// cgName when given) holding a task the test started. It returns the
+// cgroup and the task.
+func (e *env) abandoned(probeCgroup, name, cgName string) (string, *exec.Cmd) {
+	e.t.Helper()
+	owner := exec.Command("sleep", "600")
+	if err := owner.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	ost, err := proc.ReadStat(owner.Process.Pid)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	_ = owner.Process.Kill()
+	_ = owner.Wait()
+
+	id := fmt.Sprintf("%016x", time.Now().UnixNano())
+	if cgName == "" {
+		cgName = name + "-" + id[:8]
+	}
+	cg := filepath.Join(filepath.Dir(probeCgroup), cgName)
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	left := exec.Command("sleep", "600")
+	if err := left.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() {
+		_ = left.Process.Kill()
+		_ = left.Wait()
+		_ = os.Remove(cg)
+	})
+	if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte(strconv.Itoa(left.Process.Pid)), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+	rec := map[string]any{
+		"name": name, "id": id, "command": []string{"/bin/sh"}, "dir": "/",
+		"created": time.Now().UTC(), "status": "starting",
+		"cgroup": cg, "cgroupVersion": e.job("probe").CgroupVersion,
+		"ownerPid": ost.PID, "ownerStart": ost.StartTime,
+	}
+	data, _ := json.Marshal(rec)
+	dir := filepath.Join(e.root, "jobs", name)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "job.json"), data, 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	return cg, left
+}
+
+// TestAbandonedStartWithLeftovers: a start abandoned with a task still in
+// the job's cgroup. A fresh `ferry run` under that name kills the task,
+// removes the cgroup and runs; a record whose cgroup is not the job's own
+// is never acted on.
+func TestAbandonedStartWithLeftovers(t *testing.T) {
+	e := newEnv(t)
+	e.must("run", "--name", "probe", "--", "sleep", "600")
+	probe := e.job("probe").Cgroup
+
+	cg, left := e.abandoned(probe, "again", "")
+	if v := e.job("again"); v.State != "stale" {
+		t.Fatalf("abandoned start listed as %q, want stale", v.State)
+	}
+	e.must("run", "--name", "again", "--", "sh", "-c", counter)
+	if st, err := proc.ReadStat(left.Process.Pid); err == nil && st.State != 'Z' {
+		t.Errorf("the task left in the abandoned cgroup survived (state %c)", st.State)
+	}
+	if _, err := os.Stat(cg); !os.IsNotExist(err) {
+		t.Errorf("the abandoned cgroup %s is still there (%v)", cg, err)
+	}
+	eventually(t, 10*time.Second, "the new job to count", func() bool { return e.logLines("again") >= 3 })
+	if n := numbers(t, e.must("logs", "again")); n[0] != 1 {
+		t.Errorf("the new job's log starts at %d: the abandoned one's log was kept", n[0])
+	}
+
+	// A record naming a cgroup that is not ferry/NAME-ID: left alone.
+	other, task := e.abandoned(probe, "foreign", "not-ferrys")
+	r := e.ferry("rm", "foreign")
+	if r.code == 0 || !strings.Contains(r.stderr, "left alone") {
+		t.Errorf("rm of a record naming another cgroup: %s", r)
+	}
+	if !proc.Alive(task.Process.Pid, mustStart(t, task.Process.Pid)) {
+		t.Errorf("rm killed a task outside the job's own cgroup")
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("rm removed a cgroup that is not the job's own: %v", err)
+	}
+	// Let env's cleanup forget it: the test's cleanup ends the task and
+	// removes the cgroup.
+	_ = os.RemoveAll(filepath.Join(e.root, "jobs", "foreign"))
+}
+
+func mustStart(t *testing.T, pid int) uint64 {
+	t.Helper()
+	st, err := proc.ReadStat(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.StartTime
+}
