@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -519,4 +520,77 @@ func mustStart(t *testing.T, pid int) uint64 {
 		t.Fatal(err)
 	}
 	return st.StartTime
+}
+
+// TestKilledServeRetriedMigration kills the destination's `ferry serve`
+// with SIGKILL while its CRIU starts to restore a migrated job: the job
+// runs on at the source, the destination's record is stale, and a second
+// migration under the same name, to a new serve on the same state
+// directory, goes through with the job's counter carried on.
+func TestKilledServeRetriedMigration(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7072")
+	if r := src.ferryIn(h.a, "run", "--name", "mk", "--", w, "demo", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("mk", "count ", 2)
+
+	mark := filepath.Join(t.TempDir(), "criu-started")
+	slow := dst.criuWrapper(fmt.Sprintf(`if [ "$1" = restore ]; then touch %s; sleep 2; fi`, mark))
+	logPath := filepath.Join(t.TempDir(), "serve.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	serve := exec.Command("nsenter", "--net=/run/netns/"+h.b, ferryBin, "--root", dst.root, "serve", "--listen", listen, "--token-file", token)
+	serve.Env = append(os.Environ(), "FERRY_CRIU="+slow)
+	serve.Stdout, serve.Stderr = logf, logf
+	if err := serve.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = serve.Process.Kill(); _ = serve.Wait() })
+	eventually(t, 10*time.Second, "ferry serve to listen", func() bool {
+		b, _ := os.ReadFile(logPath)
+		return strings.Contains(string(b), "serving migrations")
+	})
+
+	mig, out := src.startFerryIn(h.a, "migrate", "mk", "--to", listen, "--token-file", token)
+	eventually(t, 60*time.Second, "the destination's CRIU to start restoring", func() bool {
+		_, err := os.Stat(mark)
+		return err == nil
+	})
+	if st, _ := dst.record("mk"); st != "starting" {
+		t.Fatalf("destination record of mk is %q while its CRIU starts, want starting", st)
+	}
+	kill9(t, serve)
+	done := make(chan error, 1)
+	go func() { done <- mig.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatalf("migrate to a destination killed mid-restore succeeded: %s", out)
+		}
+	case <-time.After(120 * time.Second):
+		t.Fatalf("migrate did not end within 120s of its destination's death")
+	}
+	t.Logf("migrate to a killed destination: %s", out)
+	if v := src.job("mk"); v.State != "running" {
+		t.Fatalf("source job after its destination died: %q", v.State)
+	}
+	old := dst.assertStale("mk")
+
+	dst.serve(h.b, listen, token)
+	if r := src.ferryIn(h.a, "migrate", "mk", "--to", listen, "--token-file", token); r.code != 0 {
+		t.Fatalf("retried migration onto the abandoned name: %s", r)
+	}
+	cs := src.counts("mk")
+	dst.assertCountsFrom("mk", 0, cs[len(cs)-1]+1)
+	if _, err := os.Stat(old.Cgroup); !os.IsNotExist(err) {
+		t.Errorf("the retried migration left the abandoned cgroup %s (%v)", old.Cgroup, err)
+	}
 }
