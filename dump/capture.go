@@ -22,6 +22,7 @@ import (
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/scratch"
 )
 
 // run is one checkpoint in progress: what the stages share.
@@ -218,14 +219,17 @@ func (r *run) scratch() error {
 	if r.how.sink != sinkDir {
 		base = scratchDir(r.inv.Memory.RSS, base, r.out == "-")
 	}
-	tmp, err := os.MkdirTemp(base, "."+filepath.Base(r.out)+".partial-")
+	// Named after this process: should it be killed, the next ferry
+	// command removes what it left (scratch.Sweep).
+	prefix := filepath.Base(r.out)
+	if r.out == "-" {
+		prefix = "checkpoint"
+	}
+	tmp, err := scratch.Dir(base, prefix)
 	if err != nil {
 		return fmt.Errorf("creating checkpoint directory: %w", err)
 	}
 	r.tmp = tmp
-	if err := os.Chmod(tmp, 0o700); err != nil {
-		return err
-	}
 	if r.imgDir, err = os.Open(tmp); err != nil {
 		return err
 	}

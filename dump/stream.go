@@ -16,6 +16,7 @@ import (
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/scratch"
 	"github.com/ferry-cr/ferry/internal/progress"
 )
 
@@ -189,7 +190,7 @@ func openSink(out string, opts Options) (*sink, error) {
 	if out == "-" {
 		return &sink{w: opts.StreamTo, out: out, meter: opts.Progress, trunc: appendingAt(opts.StreamTo)}, nil
 	}
-	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".partial-*")
+	f, err := scratch.File(filepath.Dir(out), filepath.Base(out))
 	if err != nil {
 		return nil, err
 	}

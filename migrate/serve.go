@@ -113,7 +113,9 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn) (kept bool, err error
 		sv.answer(c, false, err.Error(), "")
 		return false, err
 	}
-	if old, err := sv.Store.Load(name); err == nil && (old.Status != job.Exited || old.InitAlive()) {
+	// A record a killed restore abandoned (Stale) does not hold the name:
+	// the restore clears it.
+	if old, err := sv.Store.Load(name); err == nil && (old.Status != job.Exited || old.InitAlive()) && !old.Stale() {
 		reason := fmt.Sprintf("a job named %q already exists here", name)
 		sv.answer(c, false, reason, "")
 		return false, errors.New(reason)

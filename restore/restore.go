@@ -28,6 +28,7 @@ import (
 	"github.com/ferry-cr/ferry/internal/criu"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/internal/progress"
+	"github.com/ferry-cr/ferry/internal/scratch"
 )
 
 // restoreTimeout bounds one CRIU restore run by the shim.
@@ -104,17 +105,25 @@ const (
 	shortServeDir = "/run/ferry-serve"
 )
 
-// tempServeDir makes a new directory named prefix* in base, or in
-// shortServeDir when base is too deep for a socket name of sock bytes in
-// it: a unix socket's path is limited (108 bytes with the NUL).
+// tempServeDir makes a new scratch directory (package scratch, so that
+// what a killed ferry leaves is swept by the next) named after prefix in
+// base, or in shortServeDir when base is too deep for a socket name of
+// sock bytes in it: a unix socket's path is limited (108 bytes with the
+// NUL).
 func tempServeDir(base, prefix string, sock int) (string, error) {
-	if len(base)+len("/"+prefix+"1234567890/")+sock >= maxSocketPath {
-		base = shortServeDir
-	}
+	prefix = strings.TrimSuffix(prefix, "-")
 	if err := os.MkdirAll(base, 0o700); err != nil {
 		return "", err
 	}
-	return os.MkdirTemp(base, prefix)
+	dir, err := scratch.Dir(base, prefix)
+	if err != nil || len(dir)+len("/")+sock < maxSocketPath {
+		return dir, err
+	}
+	_ = os.Remove(dir)
+	if err := os.MkdirAll(shortServeDir, 0o700); err != nil {
+		return "", err
+	}
+	return scratch.Dir(shortServeDir, prefix)
 }
 
 // Job restores the checkpoint opts.Checkpoint as a job of store s and

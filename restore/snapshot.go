@@ -11,6 +11,7 @@ import (
 
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/job"
+	"github.com/ferry-cr/ferry/internal/scratch"
 	"github.com/ferry-cr/ferry/store"
 )
 
@@ -28,7 +29,7 @@ func FromSnapshot(ctx context.Context, s *job.Registry, st *store.Store, snap st
 		return nil, err
 	}
 	defer r.Close()
-	dir, err := os.MkdirTemp(scratchFor(r), "ferry-snapshot-")
+	dir, err := scratch.Dir(scratchFor(r), "snapshot")
 	if err != nil {
 		return nil, err
 	}
@@ -59,16 +60,29 @@ func FromSnapshot(ctx context.Context, s *job.Registry, st *store.Store, snap st
 	return Job(ctx, s, opts)
 }
 
+// shmDir is the tmpfs where a snapshot is rebuilt when there is room.
+const shmDir = "/dev/shm"
+
+// ScratchBases are the directories a restore with Options.ServeDir
+// serveDir makes scratch space in (package scratch), named after the
+// ferry process that owns it: what a killed restore left there is for the
+// next ferry command to sweep.
+func ScratchBases(serveDir string) []string {
+	return []string{shmDir, os.TempDir(), shortServeDir, serveDir}
+}
+
 // scratchFor picks where a snapshot is rebuilt: /dev/shm when it has
-// room for it twice over, else the system's temporary directory.
+// room for it twice over, else the system's temporary directory. Either
+// way the directory is scratch space (package scratch), so what a killed
+// restore leaves is swept by the next ferry command.
 func scratchFor(r *store.Reader) string {
 	var need int64
 	for _, name := range r.Names() {
 		need += r.Size(name)
 	}
 	var sf unix.Statfs_t
-	if unix.Statfs("/dev/shm", &sf) == nil && int64(sf.Bavail)*int64(sf.Bsize) > 2*need+64<<20 {
-		return "/dev/shm"
+	if unix.Statfs(shmDir, &sf) == nil && int64(sf.Bavail)*int64(sf.Bsize) > 2*need+64<<20 {
+		return shmDir
 	}
 	return os.TempDir()
 }

@@ -74,7 +74,7 @@ func TestCheckpointFailureKeepsJobRunning(t *testing.T) {
 	if _, err := os.Stat(out); !os.IsNotExist(err) {
 		t.Errorf("failed checkpoint left %s", out)
 	}
-	if left, _ := filepath.Glob(filepath.Join(filepath.Dir(out), ".victim.ckpt.partial-*")); len(left) != 0 {
+	if left, _ := filepath.Glob(filepath.Join(filepath.Dir(out), ".ferry-scratch-victim.ckpt-*")); len(left) != 0 {
 		t.Errorf("failed checkpoint left partial output %v", left)
 	}
 	n := e.logLines("victim")

@@ -127,6 +127,10 @@ func TestCheckpointKilledGivesJobBack(t *testing.T) {
 	if v := e.job("k"); v.State != "exited" || v.Exit == nil || v.Exit.Reason != "checkpointed" {
 		t.Fatalf("job after the last checkpoint: %+v", v)
 	}
+	// What the killed checkpoints left was swept by the next command.
+	if left, _ := filepath.Glob(filepath.Join(dir, ".ferry-scratch-*")); len(left) != 0 {
+		t.Errorf("partial output left: %v", left)
+	}
 }
 
 // TestCheckpointStoppedHolderLosesLease: a ferry that is itself stopped

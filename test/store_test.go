@@ -157,7 +157,7 @@ func TestSnapshotStore(t *testing.T) {
 		_ = cmd.Wait()
 		// ferry had no chance to remove its scratch copy of CRIU's images.
 		for _, d := range []string{"/dev/shm", os.TempDir()} {
-			leftovers, _ := filepath.Glob(filepath.Join(d, ".-.partial-*"))
+			leftovers, _ := filepath.Glob(filepath.Join(d, ".ferry-scratch-checkpoint-*"))
 			for _, l := range leftovers {
 				if fi, err := os.Stat(l); err == nil && fi.ModTime().After(started) {
 					_ = os.RemoveAll(l)

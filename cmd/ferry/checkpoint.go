@@ -29,6 +29,7 @@ import (
 
 var checkpointCommand = &cli.Command{
 	Name:      "checkpoint",
+	Before:    sweepScratch,
 	Usage:     "checkpoint a running job",
 	ArgsUsage: "JOB | --pid PID | --all --store DIR",
 	Description: `Freezes the job, captures it with CRIU into the checkpoint directory given

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 
@@ -39,6 +40,10 @@ var killCommand = &cli.Command{
 	Name:      "kill",
 	Usage:     "end a job: SIGTERM, then SIGKILL after a grace period; the record is kept",
 	ArgsUsage: "JOB",
+	Description: `A job still starting is ended by killing what its start has put in its
+cgroup; a start whose ferry was killed (ferry list: stale) is cleared: what
+is left in the job's cgroup is killed and the cgroup removed.`,
+	Before: sweepScratch,
 	Flags: []cli.Flag{
 		&cli.DurationFlag{Name: "grace", Aliases: []string{"t"}, Value: job.DefaultGrace, Usage: "time between SIGTERM and SIGKILL"},
 	},
@@ -55,19 +60,22 @@ var rmCommand = &cli.Command{
 	Name:      "rm",
 	Usage:     "forget an ended job (its record and log)",
 	ArgsUsage: "JOB",
+	Description: `Also clears a start whose ferry was killed (ferry list: stale): what is
+left in the job's cgroup is killed and the cgroup removed.`,
+	Before: sweepScratch,
 	Action: func(c *cli.Context) error {
 		s, name, err := jobArg(c)
 		if err != nil {
 			return err
 		}
-		rec, err := s.Load(name)
-		if err != nil {
-			return err
+		err = s.Forget(c.Context, name, slog.Default())
+		switch {
+		case errors.Is(err, job.ErrRunning):
+			return fmt.Errorf("%w: ferry kill %s first", err, name)
+		case errors.Is(err, job.ErrStarting):
+			return fmt.Errorf("%w: wait, or ferry kill %s", err, name)
 		}
-		if rec.InitAlive() {
-			return fmt.Errorf("job %q is still running: ferry kill %s first", name, name)
-		}
-		return s.Remove(name)
+		return err
 	},
 }
 

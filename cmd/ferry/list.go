@@ -48,8 +48,11 @@ var listCommand = &cli.Command{
 			if v.Exit != nil && v.State == "exited" {
 				state = "exited (" + v.Exit.String() + ")"
 			}
-			if v.Operation != "" && v.State != "exited" && v.State != "lost" {
+			if v.Operation != "" && v.State != "exited" && v.State != "lost" && v.State != "stale" {
 				state = operationState(v.Operation, v.State)
+			}
+			if v.State == "stale" {
+				state = "stale (owner gone)"
 			}
 			if v.Migration != nil {
 				state += ", migration in doubt"
@@ -65,13 +68,16 @@ var listCommand = &cli.Command{
 			if m := v.Migration; m != nil {
 				fmt.Fprintf(c.App.Writer, "%s: %s; to settle: %s\n", v.Name, m.Note, m.Resolve)
 			}
+			if v.State == "stale" {
+				fmt.Fprintf(c.App.Writer, "%s: the ferry that was starting it (pid %d) is gone; ferry rm %s clears it, and a restore under this name replaces it\n", v.Name, v.OwnerPID, v.Name)
+			}
 		}
 		return nil
 	},
 }
 
 func pidOrDash(pid int, state string) string {
-	if pid <= 0 || state == "exited" || state == "lost" {
+	if pid <= 0 || state == "exited" || state == "lost" || state == "stale" {
 		return "-"
 	}
 	return fmt.Sprint(pid)

@@ -19,6 +19,7 @@ import (
 
 var serveCommand = &cli.Command{
 	Name:      "serve",
+	Before:    sweepScratch,
 	Usage:     "receive migrated jobs from peers that hold the shared token",
 	ArgsUsage: " ",
 	Description: `Listens for ferry migrate. A peer must prove it holds the token in
@@ -78,6 +79,7 @@ address back), and running.`,
 
 var migrateCommand = &cli.Command{
 	Name:      "migrate",
+	Before:    sweepScratch,
 	Usage:     "move a running job to another host (ferry serve there)",
 	ArgsUsage: "JOB",
 	Description: `Moves JOB to the ferry serve at --to. The job runs in at most one place at

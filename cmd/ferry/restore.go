@@ -14,6 +14,7 @@ import (
 
 var restoreCommand = &cli.Command{
 	Name:      "restore",
+	Before:    sweepScratch,
 	Usage:     "bring a checkpoint back as a running job",
 	ArgsUsage: "CHECKPOINT | - | --store DIR JOB[@SNAPSHOT] | --all --store DIR",
 	Description: `Restores the checkpoint into fresh PID and IPC namespaces, so its original

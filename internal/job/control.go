@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -23,12 +24,37 @@ const (
 	// shimRecordTimeout bounds how long Kill waits for the shim to record
 	// the exit before recording it itself.
 	shimRecordTimeout = 5 * time.Second
+	// startLetGoTimeout bounds how long Kill waits, after killing what a
+	// start in progress has put in the job's cgroup, for the ferry or the
+	// shim behind that start to give up on it.
+	startLetGoTimeout = 15 * time.Second
+	// cgroupTimeout bounds killing what is left in a cgroup and removing it.
+	cgroupTimeout = 15 * time.Second
 )
+
+// Errors of Forget, with the job's name (NameError).
+var (
+	ErrRunning  = errors.New("still running")
+	ErrStarting = errors.New("still starting")
+)
+
+// errSettled has an update return without saving: the record had moved on.
+var errSettled = errors.New("record settled meanwhile")
 
 // InitAlive reports whether the job's init is still the process ferry
 // started (pid and start time match) and has not exited.
 func (r *Record) InitAlive() bool {
 	return r.Status == Running && proc.Alive(r.InitPID, r.InitStart)
+}
+
+// Stale reports whether the record was abandoned mid-start: it still says
+// "starting" but the process that created it (ferry run, restore, serve)
+// and the shim that process spawned are both gone, so no one will ever
+// finish the start or undo it. A record without an owner (written by an
+// older ferry) counts as stale once it has no live shim either.
+func (r *Record) Stale() bool {
+	return r.Status == Starting && !proc.Alive(r.OwnerPID, r.OwnerStart) &&
+		(r.ShimStart == 0 || !proc.Alive(r.ShimPID, r.ShimStart))
 }
 
 // OpenCgroup opens the job's cgroup.
@@ -117,6 +143,9 @@ func (s *Registry) Kill(ctx context.Context, name string, grace time.Duration, l
 	}
 	rec, err := s.running(name)
 	if err != nil {
+		if errors.Is(err, ErrNotRunning) && rec != nil && rec.Status == Starting {
+			return s.killStart(ctx, rec, grace, log)
+		}
 		if errors.Is(err, ErrNotRunning) && rec != nil && rec.Status == Running {
 			// Init gone but the record was never closed (shim killed,
 			// host rebooted): close it now.
@@ -154,6 +183,140 @@ func (s *Registry) Kill(ctx context.Context, name string, grace time.Duration, l
 		}
 	}
 	return s.markGone(ctx, rec, "killed", log)
+}
+
+// killStart ends a job that is not running yet. A start in progress (its
+// owner or its shim alive) is ended by killing what it has put in the
+// job's cgroup; Kill then waits for the start to fail and be undone, or
+// to turn stale. What a start abandoned is cleared (clearAbandoned) and
+// the record kept, as exited.
+func (s *Registry) killStart(ctx context.Context, rec *Record, grace time.Duration, log *slog.Logger) error {
+	if !rec.Stale() {
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cgroupTimeout)
+		err := killOwnCgroup(kctx, rec)
+		cancel()
+		if err != nil {
+			return err
+		}
+		waitFor(ctx, startLetGoTimeout, func() bool {
+			r, err := s.Load(rec.Name)
+			return err != nil || r.ID != rec.ID || r.Status != Starting || r.Stale()
+		})
+	}
+	running := false
+	_, err := s.Update(rec.Name, func(r *Record) error {
+		switch {
+		case r.ID != rec.ID || r.Status == Exited:
+			return errSettled // undone, or ended
+		case r.Status == Running:
+			running = true // started after all
+			return errSettled
+		case !r.Stale():
+			return &NameError{Name: r.Name, Err: ErrStarting}
+		}
+		return s.clearAbandoned(ctx, r, log)
+	})
+	switch {
+	case running:
+		return s.Kill(ctx, rec.Name, grace, log)
+	case errors.Is(err, errSettled), errors.Is(err, ErrNotFound):
+		return nil
+	}
+	return err
+}
+
+// clearAbandoned clears what an abandoned start (Record.Stale) left: it
+// kills whatever is left in the job's cgroup, removes the cgroup, and
+// marks rec exited ("start abandoned"). The caller holds the job's lock
+// and saves rec.
+func (s *Registry) clearAbandoned(ctx context.Context, rec *Record, log *slog.Logger) error {
+	if err := dropOwnCgroup(ctx, rec); err != nil {
+		return err
+	}
+	log.Info("cleared a start that was abandoned", "job", rec.Name, "owner", rec.OwnerPID, "shim", rec.ShimPID)
+	rec.Status = Exited
+	rec.Exit = &ExitStatus{Time: time.Now().UTC(), Reason: ReasonAbandoned}
+	return nil
+}
+
+// Forget removes a job that does not run: its record and log, and its
+// cgroup with whatever is left in it should something have left it (an
+// abandoned start, a shim killed before it cleaned up). A job whose init
+// lives is refused (ErrRunning), and so is a start in progress
+// (ErrStarting).
+func (s *Registry) Forget(ctx context.Context, name string, log *slog.Logger) error {
+	_, err := s.Update(name, func(r *Record) error {
+		switch {
+		case r.InitAlive():
+			return &NameError{Name: name, Err: ErrRunning}
+		case r.Status == Starting && !r.Stale():
+			return &NameError{Name: name, Err: ErrStarting}
+		}
+		if err := dropOwnCgroup(ctx, r); err != nil {
+			return err
+		}
+		if r.Status == Starting {
+			log.Info("cleared a start that was abandoned", "job", r.Name, "owner", r.OwnerPID, "shim", r.ShimPID)
+		}
+		if err := s.Remove(name); err != nil {
+			return err
+		}
+		return errSettled
+	})
+	if errors.Is(err, errSettled) {
+		return nil
+	}
+	return err
+}
+
+// ownCgroup opens the job's cgroup, which must be the one ferry made for
+// it (ferry/NAME-ID), so that a record never has ferry kill the tasks of
+// some other cgroup; nil when the record has none or it is gone.
+func ownCgroup(rec *Record) (*cgroup.Cgroup, error) {
+	if rec.Cgroup == "" {
+		return nil, nil
+	}
+	cg, err := cgroup.Open(rec.Cgroup)
+	if errors.Is(err, freezer.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	id := rec.ID[:min(8, len(rec.ID))]
+	if filepath.Base(cg.Path) != rec.Name+"-"+id || filepath.Base(filepath.Dir(cg.Path)) != "ferry" {
+		return nil, fmt.Errorf("job %q: its record names cgroup %q, not one ferry made for it: left alone", rec.Name, rec.Cgroup)
+	}
+	return cg, nil
+}
+
+// killOwnCgroup kills every task in the job's own cgroup (ownCgroup).
+func killOwnCgroup(ctx context.Context, rec *Record) error {
+	cg, err := ownCgroup(rec)
+	if cg == nil || err != nil {
+		return err
+	}
+	if err := cg.Kill(ctx); err != nil {
+		return fmt.Errorf("killing what is left of job %q: %w", rec.Name, err)
+	}
+	return nil
+}
+
+// dropOwnCgroup kills every task in the job's own cgroup and removes it.
+func dropOwnCgroup(ctx context.Context, rec *Record) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cgroupTimeout)
+	defer cancel()
+	if err := killOwnCgroup(ctx, rec); err != nil {
+		return err
+	}
+	cg, err := ownCgroup(rec)
+	if cg == nil || err != nil {
+		return err
+	}
+	if err := cg.Remove(ctx); err != nil {
+		return fmt.Errorf("removing the cgroup of job %q: %w", rec.Name, err)
+	}
+	return nil
 }
 
 // markGone waits for the shim to record the job's end; when the shim is
@@ -202,7 +365,7 @@ func waitFor(ctx context.Context, d time.Duration, cond func() bool) bool {
 // says now.
 type View struct {
 	*Record
-	State   string `json:"state"` // running, frozen, freezing, exited, lost
+	State   string `json:"state"` // running, frozen, freezing, exited, lost, starting, stale
 	MainPID int    `json:"mainPid,omitempty"`
 	RSS     int64  `json:"rssBytes"`
 	Tasks   int    `json:"tasks"`
@@ -214,6 +377,9 @@ func (s *Registry) Inspect(rec *Record) *View {
 	switch {
 	case rec.Status == Exited:
 		v.State = "exited"
+		return v
+	case rec.Status == Starting && rec.Stale():
+		v.State = "stale" // its start was abandoned: see Stale
 		return v
 	case rec.Status == Starting:
 		v.State = "starting"

@@ -46,7 +46,8 @@ type RestoreSpec struct {
 // StartRestored creates the record and cgroup of a job that comes back
 // from a checkpoint and has a shim restore it (the shim must be the
 // restored tree's parent). A record of that name that has exited is
-// replaced; a live one is not.
+// replaced, and so is one whose start was abandoned (Record.Stale: its
+// leftovers are cleared first); a live one is not.
 func StartRestored(ctx context.Context, s *Registry, spec RestoreSpec) (*Record, error) {
 	log := spec.Logger
 	if log == nil {
@@ -54,13 +55,6 @@ func StartRestored(ctx context.Context, s *Registry, spec RestoreSpec) (*Record,
 	}
 	if err := ValidateName(spec.Name); err != nil {
 		return nil, err
-	}
-	old, err := s.Load(spec.Name)
-	if err == nil && (old.Status != Exited || old.InitAlive()) {
-		return nil, &NameError{Name: spec.Name, Err: ErrExists}
-	}
-	if err != nil {
-		old = nil // no such job: a new one
 	}
 	rec := &Record{
 		Name:        spec.Name,
@@ -77,7 +71,7 @@ func StartRestored(ctx context.Context, s *Registry, spec RestoreSpec) (*Record,
 		RestoreLazy:    spec.LazyPages,
 		Snapshots:      spec.Snapshots,
 	}
-	return launch(ctx, s, rec, old, spec.CgroupRoot, log)
+	return launch(ctx, s, rec, true, spec.CgroupRoot, log)
 }
 
 // InitRestorer restores a foreign tree from inside a new job's namespaces,

@@ -3,6 +3,7 @@ package job
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/ferry-cr/ferry/internal/cgroup"
+	"github.com/ferry-cr/ferry/internal/proc"
 )
 
 // Hidden first arguments with which the ferry binary re-executes itself as a
@@ -77,14 +79,16 @@ func Start(ctx context.Context, s *Registry, spec Spec) (*Record, error) {
 
 		Snapshots: spec.Snapshots,
 	}
-	return launch(ctx, s, rec, nil, spec.CgroupRoot, log)
+	return launch(ctx, s, rec, false, spec.CgroupRoot, log)
 }
 
-// launch is what starting and restoring a job share: write the record
-// (replacing old, the record of an ended job of that name, if any), give
-// the job a cgroup, and have a shim bring it up. Every step is undone if a
-// later one fails; old is put back.
-func launch(ctx context.Context, s *Registry, rec *Record, old *Record, cgroupRoot string, log *slog.Logger) (_ *Record, retErr error) {
+// launch is what starting and restoring a job share: claim the name with
+// the job's first record, naming this process as its owner (replacing the
+// record of an ended job of that name when replaceEnded, and clearing one
+// a killed start abandoned), give the job a cgroup, and have a shim bring
+// it up. Every step is undone if a later one fails; a replaced record is
+// put back.
+func launch(ctx context.Context, s *Registry, rec *Record, replaceEnded bool, cgroupRoot string, log *slog.Logger) (_ *Record, retErr error) {
 	if cgroupRoot == "" {
 		cgroupRoot = cgroup.DefaultRoot
 	}
@@ -92,13 +96,12 @@ func launch(ctx context.Context, s *Registry, rec *Record, old *Record, cgroupRo
 	if err != nil {
 		return nil, err
 	}
-	if old != nil {
-		// The job ended (typically: checkpointed). Its directory and log
-		// carry on; only the record is replaced.
-		err = s.Save(rec)
-	} else {
-		err = s.Create(rec)
+	me, err := proc.ReadStat(os.Getpid())
+	if err != nil {
+		return nil, fmt.Errorf("reading this process's start time: %w", err)
 	}
+	rec.OwnerPID, rec.OwnerStart = me.PID, me.StartTime
+	old, err := s.claim(ctx, rec, replaceEnded, log)
 	if err != nil {
 		return nil, err
 	}
@@ -108,6 +111,8 @@ func launch(ctx context.Context, s *Registry, rec *Record, old *Record, cgroupRo
 		}
 		var err error
 		if old != nil {
+			// The job ended (typically: checkpointed). Its directory
+			// and log carry on; only the record was replaced.
 			err = s.Save(old)
 		} else {
 			err = s.Remove(rec.Name)
@@ -161,6 +166,14 @@ func spawnShim(ctx context.Context, s *Registry, name string, log *slog.Logger) 
 	}
 	readyW.Close()
 	shim := cmd.Process
+	// Until the shim has the job running, the record names it beside its
+	// owner: a start this process abandons is still the shim's to finish
+	// or fail (see Record.Stale).
+	if err := s.recordShim(name, shim.Pid); err != nil {
+		_ = shim.Kill()
+		_, _ = shim.Wait()
+		return err
+	}
 
 	type answer struct {
 		line string
@@ -205,6 +218,72 @@ func spawnShim(ctx context.Context, s *Registry, name string, log *slog.Logger) 
 		return fmt.Errorf("%w: the shim exited without a report (%w)%s", ErrStart, a.err, last)
 	}
 	return ErrStart
+}
+
+// claim writes rec, the first record of a job, under its name, and
+// returns the record it replaced, if any. The name is free when no job
+// has it, when its job ended and replaceEnded (a restore carries on a
+// checkpointed job's directory and log), and when a killed start
+// abandoned it (Record.Stale): what that start left in the job's cgroup
+// is killed, the cgroup removed, and the name taken over (by a restore,
+// keeping the directory; by a fresh start, without it). The check and
+// the write are one step under the job's lock.
+func (s *Registry) claim(ctx context.Context, rec *Record, replaceEnded bool, log *slog.Logger) (*Record, error) {
+	err := s.Create(rec)
+	if !errors.Is(err, ErrExists) {
+		return nil, err
+	}
+	var old *Record
+	_, err = s.Update(rec.Name, func(cur *Record) error {
+		switch {
+		case cur.Stale():
+			if err := s.clearAbandoned(ctx, cur, log); err != nil {
+				return err
+			}
+		case cur.Status == Exited && !cur.InitAlive() && replaceEnded:
+		default:
+			return &NameError{Name: rec.Name, Err: ErrExists}
+		}
+		prev := *cur
+		old = &prev
+		if !replaceEnded {
+			return errFresh
+		}
+		*cur = *rec
+		return nil
+	})
+	switch {
+	case errors.Is(err, ErrNotFound):
+		// A directory without a record: one being made or removed.
+		return nil, &NameError{Name: rec.Name, Err: ErrExists}
+	case errors.Is(err, errFresh):
+		// A fresh start over an abandoned one: the name is free once the
+		// old directory is gone.
+		if err := s.Remove(rec.Name); err != nil {
+			return nil, err
+		}
+		return nil, s.Create(rec)
+	case err != nil:
+		return nil, err
+	}
+	return old, nil
+}
+
+// errFresh has claim's update return without saving.
+var errFresh = errors.New("start afresh")
+
+// recordShim notes in job name's record the shim spawned for it, with its
+// start time.
+func (s *Registry) recordShim(name string, pid int) error {
+	st, err := proc.ReadStat(pid)
+	if err != nil {
+		return fmt.Errorf("reading the shim's start time: %w", err)
+	}
+	_, err = s.Update(name, func(r *Record) error {
+		r.ShimPID, r.ShimStart = pid, st.StartTime
+		return nil
+	})
+	return err
 }
 
 // startError is the shim's own account of why a job did not start; it

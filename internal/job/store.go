@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ferry-cr/ferry/internal/scratch"
 )
 
 // DefaultRoot is the state directory used when neither --root nor FERRY_ROOT
@@ -68,9 +70,17 @@ type Record struct {
 	Cgroup        string `json:"cgroup,omitempty"`
 	CgroupVersion int    `json:"cgroupVersion,omitempty"`
 
-	ShimPID   int    `json:"shimPid,omitempty"`
-	InitPID   int    `json:"initPid,omitempty"`   // host pid of ferry's init (pid 1 inside)
-	InitStart uint64 `json:"initStart,omitempty"` // start time of InitPID in clock ticks, guards against pid reuse
+	// OwnerPID and OwnerStart name the process that created the record
+	// (ferry run, restore, serve) by pid and start time, and ShimStart the
+	// start time of ShimPID, recorded as soon as the shim is spawned: a
+	// record still "starting" whose owner and shim are both gone was
+	// abandoned mid-start (see Stale).
+	OwnerPID   int    `json:"ownerPid,omitempty"`
+	OwnerStart uint64 `json:"ownerStart,omitempty"`
+	ShimPID    int    `json:"shimPid,omitempty"`
+	ShimStart  uint64 `json:"shimStart,omitempty"`
+	InitPID    int    `json:"initPid,omitempty"`   // host pid of ferry's init (pid 1 inside)
+	InitStart  uint64 `json:"initStart,omitempty"` // start time of InitPID in clock ticks, guards against pid reuse
 
 	Exit *ExitStatus `json:"exit,omitempty"`
 
@@ -132,13 +142,18 @@ type ExitStatus struct {
 	Reason string    `json:"reason,omitempty"` // what ended it, when ferry knows (killed, start failed)
 }
 
+// ReasonAbandoned is the exit reason of a job whose start was abandoned:
+// the process starting it was killed before the job ran, and a later
+// ferry command cleared what it left.
+const ReasonAbandoned = "start abandoned"
+
 // String renders an exit status the way `ferry list` shows it.
 func (e *ExitStatus) String() string {
 	if e == nil {
 		return ""
 	}
-	if e.Reason == "checkpointed" {
-		return "checkpointed"
+	if e.Reason == "checkpointed" || e.Reason == ReasonAbandoned {
+		return e.Reason
 	}
 	s := fmt.Sprintf("status %d", e.Code)
 	if e.Signal != "" {
@@ -219,11 +234,43 @@ func randomHex(n int) string {
 }
 
 // Create makes the job's directory and writes its first record. It fails
-// with ErrExists when a job of that name exists.
+// with ErrExists when a job of that name exists. The directory appears
+// with its record in it (made as scratch space, see package scratch, and
+// renamed into place), so that a process killed meanwhile leaves no
+// directory without a record to hold the name.
 func (s *Registry) Create(rec *Record) error {
 	if err := ValidateName(rec.Name); err != nil {
 		return err
 	}
+	data, err := encode(rec)
+	if err != nil {
+		return err
+	}
+	tmp, err := scratch.Dir(filepath.Join(s.Root, "jobs"), "job")
+	if err != nil {
+		return fmt.Errorf("creating job directory: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(tmp, recordFile), data); err != nil {
+		_ = os.RemoveAll(tmp)
+		return err
+	}
+	err = unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, s.Dir(rec.Name), unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) {
+		// A filesystem without RENAME_NOREPLACE: mkdir claims the name.
+		_ = os.RemoveAll(tmp)
+		return s.createInPlace(rec)
+	}
+	if err != nil {
+		_ = os.RemoveAll(tmp)
+		if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.ENOTEMPTY) {
+			return &NameError{Name: rec.Name, Err: ErrExists}
+		}
+		return fmt.Errorf("creating job directory: %w", err)
+	}
+	return syncDir(filepath.Join(s.Root, "jobs"))
+}
+
+func (s *Registry) createInPlace(rec *Record) error {
 	if err := os.Mkdir(s.Dir(rec.Name), 0o700); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			return &NameError{Name: rec.Name, Err: ErrExists}
@@ -278,11 +325,19 @@ func (l *limitedReader) Read(p []byte) (int, error) {
 // Save writes rec atomically: a temporary file in the same directory,
 // fsync, rename, fsync of the directory.
 func (s *Registry) Save(rec *Record) error {
+	data, err := encode(rec)
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(s.Dir(rec.Name), recordFile), data)
+}
+
+func encode(rec *Record) ([]byte, error) {
 	data, err := json.MarshalIndent(rec, "", "  ")
 	if err != nil {
-		return fmt.Errorf("encoding record of job %q: %w", rec.Name, err)
+		return nil, fmt.Errorf("encoding record of job %q: %w", rec.Name, err)
 	}
-	return writeFileAtomic(filepath.Join(s.Dir(rec.Name), recordFile), append(data, '\n'))
+	return append(data, '\n'), nil
 }
 
 // Update applies fn to the current record of job name under the job's lock
@@ -386,6 +441,10 @@ func writeFileAtomic(path string, data []byte) (retErr error) {
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("replacing %q: %w", path, err)
 	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("syncing %q: %w", dir, err)
