@@ -16,8 +16,8 @@ import (
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
-	"github.com/ferry-cr/ferry/internal/scratch"
 	"github.com/ferry-cr/ferry/internal/progress"
+	"github.com/ferry-cr/ferry/internal/scratch"
 )
 
 // Streaming: CRIU's images go from CRIU's pipes straight into the image
