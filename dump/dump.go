@@ -421,14 +421,15 @@ func readCmdline(pid int) ([]string, error) {
 
 // killTree ends a foreign tree that CRIU left stopped.
 func killTree(_ context.Context, inv *Inventory) error {
-	return signalTree(inv, unix.SIGKILL)
+	return signalTree(inv, unix.SIGKILL, nil)
 }
 
 // signalTree signals every task of the tree rooted at inv.Root as it is
 // now (CRIU left it stopped, so it cannot change under us; the walk may be
-// older than the tree's newest tasks). The root must still be the task
-// that was walked, so that a reused pid is never hit.
-func signalTree(inv *Inventory, sig unix.Signal) error {
+// older than the tree's newest tasks), but those skip names. The root
+// must still be the task that was walked, so that a reused pid is never
+// hit.
+func signalTree(inv *Inventory, sig unix.Signal, skip func(pid int) bool) error {
 	var rootStart uint64
 	for _, task := range inv.Tasks {
 		if task.PID == inv.Root {
@@ -444,6 +445,9 @@ func signalTree(inv *Inventory, sig unix.Signal) error {
 	}
 	var errs []error
 	for _, pid := range pids {
+		if skip != nil && skip(pid) {
+			continue
+		}
 		if err := unix.Kill(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
 			errs = append(errs, fmt.Errorf("signalling %d: %w", pid, err))
 		}

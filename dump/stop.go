@@ -259,37 +259,19 @@ func (s *stopper) close() {
 	}
 }
 
-// continueRunning sends SIGCONT to the tasks of the tree (as it is now:
-// CRIU left it stopped, so it cannot change under us) that were not
-// stopped or traced when the walk saw them: a task its user stopped, or
-// one stopped under ptrace, stays as it was. The root must still be the
-// task that was walked, so that a reused pid is never hit.
+// continueRunning sends SIGCONT to the tasks of the tree that CRIU left
+// stopped, but not to those that were stopped (or traced) when the walk
+// saw them: a task its user stopped, or one stopped under ptrace, stays as
+// it was.
 func continueRunning(inv *Inventory) error {
-	var rootStart uint64
 	wasStopped := map[int]uint64{}
 	for _, task := range inv.Tasks {
-		if task.PID == inv.Root {
-			rootStart = task.StartTime
-		}
 		if task.Stopped {
 			wasStopped[task.PID] = task.StartTime
 		}
 	}
-	if !proc.Alive(inv.Root, rootStart) {
-		return nil // gone already
-	}
-	pids, err := tree(inv.Root)
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, pid := range pids {
-		if start, ok := wasStopped[pid]; ok && proc.Alive(pid, start) {
-			continue
-		}
-		if err := unix.Kill(pid, unix.SIGCONT); err != nil && !errors.Is(err, unix.ESRCH) {
-			errs = append(errs, fmt.Errorf("signalling %d: %w", pid, err))
-		}
-	}
-	return errors.Join(errs...)
+	return signalTree(inv, unix.SIGCONT, func(pid int) bool {
+		start, ok := wasStopped[pid]
+		return ok && proc.Alive(pid, start)
+	})
 }

@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"os/exec"
@@ -41,19 +40,8 @@ func TestKeepAfterFinalSnapshot(t *testing.T) {
 	e := newEnv(t)
 	requireCriu(t)
 	st := filepath.Join(t.TempDir(), "store")
-	var out bytes.Buffer
-	cmd := exec.Command(ferryBin, "--root", e.root, "run", "--name", "kp", "--store", st,
+	cmd, out := e.spawnFerry(spawn{}, "run", "--name", "kp", "--store", st,
 		"--checkpoint-every", "1s", "--keep", "2", "--checkpoint-on-term", "--", "sh", "-c", counter)
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		}
-	})
 	eventually(t, 20*time.Second, "ferry run to start the job", func() bool {
 		_, ok := e.list()["kp"]
 		return ok
@@ -64,7 +52,7 @@ func TestKeepAfterFinalSnapshot(t *testing.T) {
 	}
 	var ee *exec.ExitError
 	if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 26 {
-		t.Fatalf("ferry run --checkpoint-on-term after SIGTERM: %v (want exit 26)\n%s", err, &out)
+		t.Fatalf("ferry run --checkpoint-on-term after SIGTERM: %v (want exit 26)\n%s", err, out)
 	}
 	if v := e.job("kp"); v.State != "exited" {
 		t.Fatalf("job after its final snapshot: %s", v.State)

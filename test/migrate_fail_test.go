@@ -4,12 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -132,22 +132,7 @@ func interrupt(t *testing.T, cmd *exec.Cmd) int {
 	if err := cmd.Process.Signal(unix.SIGINT); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return ee.ExitCode()
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return 0
-	case <-time.After(60 * time.Second):
-		t.Fatal("ferry migrate did not stop within 60s of SIGINT")
-		return -1
-	}
+	return waitExit(t, cmd)
 }
 
 // stoppedForMigration reports whether a migration has stopped the job:
@@ -174,63 +159,86 @@ func stoppedForMigration(v jobView) bool {
 	return false
 }
 
-func TestMigrateInterrupted(t *testing.T) {
+// midMigration is a migration of a 64 MiB job through a link that
+// stalls after 4 MiB, caught in the middle of its transfer (stop-copy:
+// the image stream; post-copy: the pages, the destination's copy already
+// running).
+type midMigration struct {
+	mode      string
+	src, dst  *env
+	name, sum string
+	before    []int         // the job's verify lines before the migration
+	cmd       *exec.Cmd     // the source's ferry migrate
+	out       *bytes.Buffer // its output
+	stop      func()        // takes the stalled link down
+}
+
+// eachMidMigration runs f on a midMigration in each mode this host can
+// run, with ports from port on.
+func eachMidMigration(t *testing.T, name string, port int, f func(t *testing.T, m *midMigration)) {
 	requireCriu(t)
 	w := buildWorkload(t)
 	h := newHosts(t)
 	src, dst := newEnv(t), newEnv(t)
 	token := writeToken(t, "correct horse battery staple 42")
-	listen := net.JoinHostPort(h.addrB, "7110")
+	listen := net.JoinHostPort(h.addrB, strconv.Itoa(port))
 	dst.serve(h.b, listen, token)
-
-	if r := src.ferryIn(h.a, "run", "--name", "ij", "--", w, "memory", "64"); r.code != 0 {
+	if r := src.ferryIn(h.a, "run", "--name", name, "--", w, "memory", "64"); r.code != 0 {
 		t.Fatalf("run: %s", r)
 	}
-	src.waitLines("ij", "verify ", 1)
-	sum := src.lines("ij", "sum ")[0]
-
+	src.waitLines(name, "verify ", 1)
+	sum := src.lines(name, "sum ")[0]
 	modes := []string{"stop-copy"}
 	if src.lazyPages() {
 		modes = append(modes, "post-copy")
 	}
 	for i, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
-			// The link hangs after 4 MiB: the migration is mid-transfer
-			// (stop-copy: the image stream; post-copy: the pages, the
-			// destination's copy already running) when Ctrl-C comes.
-			via := net.JoinHostPort(h.addrB, []string{"7111", "7112"}[i])
+			via := net.JoinHostPort(h.addrB, strconv.Itoa(port+1+i))
 			stop := sync.OnceFunc(stallingProxy(t, h.b, via, listen, 4<<20))
 			defer stop()
-			before, _ := src.verifyLines("ij")
-			cmd, out := src.startFerryIn(h.a, "migrate", "ij", "--to", via, "--token-file", token, "--mode", mode)
+			before, _ := src.verifyLines(name)
+			cmd, out := src.startFerryIn(h.a, "migrate", name, "--to", via, "--token-file", token, "--mode", mode)
 			eventually(t, 30*time.Second, "the job to stop for its migration", func() bool {
-				return stoppedForMigration(src.job("ij"))
+				return stoppedForMigration(src.job(name))
 			})
 			time.Sleep(500 * time.Millisecond) // into the transfer
-			code := interrupt(t, cmd)
-			if code != 130 || !strings.Contains(out.String(), "migration interrupted, ij keeps running here") {
-				t.Fatalf("interrupted migrate: exit %d\n%s", code, out)
-			}
-			t.Log(out.String())
-			// The destination may be restoring already (stop-copy starts
-			// CRIU before the memory arrives) and cannot tell a stalled
-			// link from a slow one: once the link goes down, it must drop
-			// whatever it started.
-			stop()
-			eventually(t, 20*time.Second, "the destination to drop what it started", func() bool {
-				for _, v := range dst.list() {
-					if v.State != "exited" {
-						return false
-					}
-				}
-				return true
-			})
-			assertKeptHere(t, src, dst, "ij", sum, before)
-			if v := src.job("ij"); v.Migration != nil {
-				t.Fatalf("the source kept a migration note after a clean rollback: %+v", v.Migration)
-			}
+			f(t, &midMigration{mode: mode, src: src, dst: dst, name: name, sum: sum, before: before, cmd: cmd, out: out, stop: stop})
 		})
 	}
+}
+
+// destinationDrops waits until the destination has dropped whatever it
+// started: once the link goes down it cannot tell a stalled link from a
+// slow one.
+func (m *midMigration) destinationDrops(t *testing.T) {
+	t.Helper()
+	m.stop()
+	eventually(t, 30*time.Second, "the destination to drop what it started", func() bool {
+		for _, v := range m.dst.list() {
+			if v.State != "exited" {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// TestMigrateInterrupted: Ctrl-C of the source mid-transfer: the source
+// keeps its job running and says so; the destination drops its copy.
+func TestMigrateInterrupted(t *testing.T) {
+	eachMidMigration(t, "ij", 7110, func(t *testing.T, m *midMigration) {
+		code := interrupt(t, m.cmd)
+		if code != 130 || !strings.Contains(m.out.String(), "migration interrupted, ij keeps running here") {
+			t.Fatalf("interrupted migrate: exit %d\n%s", code, m.out)
+		}
+		t.Log(m.out.String())
+		m.destinationDrops(t)
+		assertKeptHere(t, m.src, m.dst, "ij", m.sum, m.before)
+		if v := m.src.job("ij"); v.Migration != nil {
+			t.Fatalf("the source kept a migration note after a clean rollback: %+v", v.Migration)
+		}
+	})
 }
 
 // The destination starts its restore before the source dumps, and the

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -348,100 +347,36 @@ func readFile(t *testing.T, path string) string {
 // and how to settle it, and the destination, cut from the job's memory,
 // drops its copy; settled, the job continues where it stopped.
 func TestMigrateSourceKilled(t *testing.T) {
-	requireCriu(t)
-	w := buildWorkload(t)
-	h := newHosts(t)
-	src, dst := newEnv(t), newEnv(t)
-	token := writeToken(t, "correct horse battery staple 42")
-	listen := net.JoinHostPort(h.addrB, "7120")
-	dst.serve(h.b, listen, token)
-	if r := src.ferryIn(h.a, "run", "--name", "kj", "--", w, "memory", "64"); r.code != 0 {
-		t.Fatalf("run: %s", r)
-	}
-	src.waitLines("kj", "verify ", 1)
-	sum := src.lines("kj", "sum ")[0]
-
-	modes := []string{"stop-copy"}
-	if src.lazyPages() {
-		modes = append(modes, "post-copy")
-	}
-	for i, mode := range modes {
-		t.Run(mode, func(t *testing.T) {
-			via := net.JoinHostPort(h.addrB, []string{"7121", "7122"}[i])
-			stop := sync.OnceFunc(stallingProxy(t, h.b, via, listen, 4<<20))
-			defer stop()
-			before, _ := src.verifyLines("kj")
-			cmd, _ := src.startFerryIn(h.a, "migrate", "kj", "--to", via, "--token-file", token, "--mode", mode)
-			eventually(t, 30*time.Second, "the job to stop for its migration", func() bool {
-				return stoppedForMigration(src.job("kj"))
+	eachMidMigration(t, "kj", 7120, func(t *testing.T, m *midMigration) {
+		_ = m.cmd.Process.Kill()
+		_ = m.cmd.Wait()
+		m.destinationDrops(t) // the link goes down with the source
+		src := m.src
+		if m.mode == "stop-copy" {
+			eventually(t, 15*time.Second, "the source job to run again", func() bool {
+				v := src.job("kj")
+				return v.State == "running" && v.Operation == ""
 			})
-			time.Sleep(500 * time.Millisecond) // into the transfer
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-			stop() // the link goes down with the source
-			eventually(t, 30*time.Second, "the destination to drop what it started", func() bool {
-				for _, v := range dst.list() {
-					if v.State != "exited" {
-						return false
-					}
-				}
-				return true
-			})
-			if mode == "stop-copy" {
-				eventually(t, 15*time.Second, "the source job to run again", func() bool {
-					v := src.job("kj")
-					return v.State == "running" && v.Operation == ""
-				})
-				assertKeptHere(t, src, dst, "kj", sum, before)
-				return
-			}
-			v := src.job("kj")
-			if v.State != "frozen" || !strings.Contains(v.Operation, "must never run again") {
-				t.Fatalf("post-copy source after its ferry was killed: state %q, operation %q", v.State, v.Operation)
-			}
-			if l := src.must("list"); !strings.Contains(l, "post-copy migration") {
-				t.Errorf("ferry list does not say why the job is frozen:\n%s", l)
-			}
-			n, _ := src.verifyLines("kj")
-			time.Sleep(300 * time.Millisecond)
-			if m, _ := src.verifyLines("kj"); len(m) != len(n) {
-				t.Fatalf("the kept copy ran: %d verify lines, then %d", len(n), len(m))
-			}
-			// Settled: no copy runs anywhere, so the source's goes on.
-			src.must("thaw", "kj")
-			src.assertContinues("kj", sum, before[len(before)-1]+1)
-			if v := src.job("kj"); v.Operation != "" {
-				t.Errorf("the note outlived the thaw: %q", v.Operation)
-			}
-		})
-	}
-}
-
-// TestCheckpointPidKilledGivesTreeBack: a tree ferry did not start, which
-// is exactly its cgroup, is frozen by `ferry checkpoint --pid`; kill -9 of
-// that ferry leaves it to the guardian, which thaws it.
-func TestCheckpointPidKilledGivesTreeBack(t *testing.T) {
-	requireCriu(t)
-	e := newEnv(t)
-	dir, cg := testCgroup(t)
-	pid, read := foreignTreeIn(t, cg)
-	eventually(t, 10*time.Second, "foreign counter", func() bool { return len(read()) >= 5 })
-	frozen := func() bool {
-		b, _ := os.ReadFile(filepath.Join(dir, "cgroup.freeze"))
-		return strings.TrimSpace(string(b)) == "1"
-	}
-	slow := e.criuWrapper("sleep 3")
-	cmd, _ := e.spawnFerry(spawn{}, "--criu", slow, "checkpoint", "--pid", fmt.Sprint(pid), "-o", filepath.Join(t.TempDir(), "p"))
-	eventually(t, 10*time.Second, "the checkpoint to freeze the tree's cgroup", frozen)
-	_ = cmd.Process.Kill()
-	_ = cmd.Wait()
-	eventually(t, 15*time.Second, "the guardian to thaw the tree", func() bool { return !frozen() })
-	n := len(read())
-	eventually(t, 10*time.Second, "the tree to count on", func() bool { return len(read()) > n+5 })
-	got := read()
-	for i := 1; i < len(got); i++ {
-		if got[i] != got[i-1]+1 {
-			t.Fatalf("count jumps from %d to %d", got[i-1], got[i])
+			assertKeptHere(t, src, m.dst, "kj", m.sum, m.before)
+			return
 		}
-	}
+		v := src.job("kj")
+		if v.State != "frozen" || !strings.Contains(v.Operation, "must never run again") {
+			t.Fatalf("post-copy source after its ferry was killed: state %q, operation %q", v.State, v.Operation)
+		}
+		if l := src.must("list"); !strings.Contains(l, "post-copy migration") {
+			t.Errorf("ferry list does not say why the job is frozen:\n%s", l)
+		}
+		n, _ := src.verifyLines("kj")
+		time.Sleep(300 * time.Millisecond)
+		if now, _ := src.verifyLines("kj"); len(now) != len(n) {
+			t.Fatalf("the kept copy ran: %d verify lines, then %d", len(n), len(now))
+		}
+		// Settled: no copy runs anywhere, so the source's goes on.
+		src.must("thaw", "kj")
+		src.assertContinues("kj", m.sum, m.before[len(m.before)-1]+1)
+		if v := src.job("kj"); v.Operation != "" {
+			t.Errorf("the note outlived the thaw: %q", v.Operation)
+		}
+	})
 }

@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"os"
@@ -272,18 +271,7 @@ func TestSnapshotStore(t *testing.T) {
 	})
 
 	t.Run("run --checkpoint-on-term snapshots the job on SIGTERM", func(t *testing.T) {
-		var out bytes.Buffer
-		cmd := exec.Command(ferryBin, "--root", e.root, "run", "--name", "term", "--store", st, "--checkpoint-on-term", "--", w, "memory", "16")
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if cmd.ProcessState == nil {
-				_ = cmd.Process.Kill()
-				_ = cmd.Wait()
-			}
-		})
+		cmd, out := e.spawnFerry(spawn{}, "run", "--name", "term", "--store", st, "--checkpoint-on-term", "--", w, "memory", "16")
 		eventually(t, 20*time.Second, "ferry run to start the job", func() bool {
 			_, ok := e.list()["term"]
 			return ok
@@ -296,10 +284,10 @@ func TestSnapshotStore(t *testing.T) {
 		}
 		var ee *exec.ExitError
 		if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 26 {
-			t.Fatalf("ferry run --checkpoint-on-term after SIGTERM: %v (want exit 26)\n%s", err, &out)
+			t.Fatalf("ferry run --checkpoint-on-term after SIGTERM: %v (want exit 26)\n%s", err, out)
 		}
 		if !strings.Contains(out.String(), "snapshot term@") {
-			t.Fatalf("no snapshot reported:\n%s", &out)
+			t.Fatalf("no snapshot reported:\n%s", out)
 		}
 		if v := e.job("term"); v.State != "exited" {
 			t.Fatalf("job after its final snapshot: %s", v.State)
