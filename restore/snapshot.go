@@ -12,7 +12,6 @@ import (
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/job"
 	"github.com/ferry-cr/ferry/internal/scratch"
-	"github.com/ferry-cr/ferry/store"
 )
 
 // FromSnapshot restores snapshot snap of store st as a job of s. The
@@ -23,11 +22,10 @@ import (
 // (ferry run --checkpoint-every) carries on taking them into the same
 // store unless opts.Snapshots says otherwise: a requeued batch job keeps
 // its policy without being given it again.
-func FromSnapshot(ctx context.Context, s *job.Registry, st *store.Store, snap store.Snapshot, opts Options) (*job.Record, error) {
-	r, err := st.OpenSnapshot(ctx, snap)
-	if err != nil {
-		return nil, err
-	}
+//
+// The snapshot comes through the Snapshot interface: restore does not
+// know the snapshot store (package store), whose reader the caller opens.
+func FromSnapshot(ctx context.Context, s *job.Registry, r Snapshot, opts Options) (*job.Record, error) {
 	defer r.Close()
 	dir, err := scratch.Dir(scratchFor(r), "snapshot")
 	if err != nil {
@@ -41,7 +39,7 @@ func FromSnapshot(ctx context.Context, s *job.Registry, st *store.Store, snap st
 	opts.Progress.SetTotal(total)
 	for _, name := range r.Names() {
 		if err := extract(r, dir, name, opts); err != nil {
-			return nil, fmt.Errorf("reading %s@%s from the store: %w", snap.Job, snap.ID, err)
+			return nil, fmt.Errorf("reading %s from the store: %w", r, err)
 		}
 	}
 	if err := os.WriteFile(filepath.Join(dir, checkpoint.ManifestFile), r.Meta(), 0o600); err != nil {
@@ -60,6 +58,19 @@ func FromSnapshot(ctx context.Context, s *job.Registry, st *store.Store, snap st
 	return Job(ctx, s, opts)
 }
 
+// Snapshot is one snapshot of a store, open for reading: its files, each
+// checked against its hashes as it is read, and its meta (the
+// checkpoint's manifest). The snapshot store's reader is one; String
+// names the snapshot (JOB@ID).
+type Snapshot interface {
+	Names() []string
+	Size(name string) int64
+	Open(name string) (io.ReadCloser, error)
+	Meta() []byte
+	Close() error
+	String() string
+}
+
 // shmDir is the tmpfs where a snapshot is rebuilt when there is room.
 const shmDir = "/dev/shm"
 
@@ -75,7 +86,7 @@ func ScratchBases(serveDir string) []string {
 // room for it twice over, else the system's temporary directory. Either
 // way the directory is scratch space (package scratch), so what a killed
 // restore leaves is swept by the next ferry command.
-func scratchFor(r *store.Reader) string {
+func scratchFor(r Snapshot) string {
 	var need int64
 	for _, name := range r.Names() {
 		need += r.Size(name)
@@ -87,7 +98,7 @@ func scratchFor(r *store.Reader) string {
 	return os.TempDir()
 }
 
-func extract(r *store.Reader, dir, name string, opts Options) error {
+func extract(r Snapshot, dir, name string, opts Options) error {
 	if name != filepath.Base(name) || name == checkpoint.ManifestFile {
 		return fmt.Errorf("the snapshot holds a file named %q", name)
 	}

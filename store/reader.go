@@ -121,6 +121,9 @@ func checkFileRecord(f *pb.StoreFile) error {
 func (r *Reader) Snapshot() Snapshot { return r.snap }
 
 // Meta returns the opaque bytes given to Commit.
+// String names the snapshot, JOB@ID.
+func (r *Reader) String() string { return r.snap.Job + "@" + r.snap.ID }
+
 func (r *Reader) Meta() []byte { return r.rec.Meta }
 
 // Names lists the snapshot's files in the order they were created.

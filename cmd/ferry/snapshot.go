@@ -420,7 +420,12 @@ func restoreSnapshot(c *cli.Context, s *job.Registry, st *store.Store, dir strin
 		return nil, err
 	}
 	meter.SetPhase("restoring")
-	rec, err := restore.FromSnapshot(c.Context, s, st, snap, restore.Options{
+	r, err := st.OpenSnapshot(c.Context, snap)
+	if err != nil {
+		meter.Done(err)
+		return nil, withCode(fmt.Errorf("restoring %s@%s: %w", snap.Job, snap.ID, err), exitRestore)
+	}
+	rec, err := restore.FromSnapshot(c.Context, s, r, restore.Options{
 		Progress:   meter,
 		Criu:       bin,
 		ServeDir:   filepath.Join(s.Root, "serve"),
