@@ -3,10 +3,12 @@ package restore
 import (
 	"context"
 	"errors"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -56,11 +58,20 @@ func TestLazyRestoreHeld(t *testing.T) {
 		asked, answer := make(chan struct{}), make(chan error, 1)
 		refused = new(error)
 		served := make(chan error, 1)
+		// As restoreFrom serves a lazySource: the first request waits for
+		// ready, whose error refuses it and every later one.
+		ready := sync.OnceValue(func() error {
+			close(asked)
+			return <-answer
+		})
 		go func() {
-			served <- srv.Serve(context.Background(), heldImages(dir, func() error {
-				close(asked)
-				return <-answer
-			}, refused))
+			served <- srv.Serve(context.Background(), func(name string) (func(io.Writer) error, bool) {
+				if err := ready(); err != nil {
+					*refused = err
+					return nil, false
+				}
+				return fileImage(dir, name)
+			})
 		}()
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		t.Cleanup(cancel)

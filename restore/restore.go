@@ -8,7 +8,6 @@
 package restore
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -19,7 +18,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/ferry-cr/ferry/image"
@@ -130,7 +128,21 @@ func tempServeDir(base, prefix string, sock int) (string, error) {
 // returns its record once the restored tree runs.
 func Job(ctx context.Context, s *job.Registry, opts Options) (*job.Record, error) {
 	if checkpoint.IsStream(opts.Checkpoint) {
-		return fromStream(ctx, s, opts)
+		if opts.Early && !opts.Stopped {
+			return nil, errors.New("an early restore must hold the job stopped until the stream has proved whole")
+		}
+		if opts.Early && opts.Prepared != nil && opts.Checkpoint == "-" {
+			src, err := newEarlySource(opts)
+			if err != nil {
+				return nil, err
+			}
+			return restoreFrom(ctx, s, src, opts)
+		}
+		src, err := newStreamSource(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
+		return restoreFrom(ctx, s, src, opts)
 	}
 	dir, err := filepath.Abs(opts.Checkpoint)
 	if err != nil {
@@ -144,13 +156,22 @@ func Job(ctx context.Context, s *job.Registry, opts Options) (*job.Record, error
 	if err != nil {
 		return nil, err
 	}
-	if err := check(m, dir, opts); err != nil {
-		return nil, err
-	}
+	d := dirSource{path: dir, m: m}
 	if opts.LazyPages && opts.LazyReady != nil {
-		return lazyServed(ctx, s, m, dir, opts)
+		if len(dir)+len("/"+criu.ServeSocket) >= maxSocketPath {
+			// No room for the serve socket's path: the daemon, then the
+			// restore, one after the other.
+			if err := check(m, dir, opts); err != nil {
+				return nil, err
+			}
+			if err := opts.LazyReady(ctx); err != nil {
+				return nil, err
+			}
+			return start(ctx, s, m, dir, opts)
+		}
+		return restoreFrom(ctx, s, &lazySource{dirSource: d, images: cmp.Or(opts.LazyImages, dir), ready_: opts.LazyReady}, opts)
 	}
-	return start(ctx, s, m, dir, opts)
+	return restoreFrom(ctx, s, &d, opts)
 }
 
 // check says whether this host can restore m at all.
@@ -195,77 +216,22 @@ func start(ctx context.Context, s *job.Registry, m *checkpoint.Manifest, dir str
 	})
 }
 
-// fromStream restores a .ferry stream without unpacking it: CRIU is
-// pointed at a directory that holds only the manifest and the serve
-// socket, and this process hands CRIU each image as it asks, checked and
-// decompressed on the fly (CRIU's --stream). A file is indexed by its
-// record headers; a pipe is read whole and checked first (see
-// image.Archive). A chunk that fails its check cuts CRIU's pipe, which
-// fails the restore, and the shim leaves nothing behind.
-func fromStream(ctx context.Context, s *job.Registry, opts Options) (*job.Record, error) {
-	if opts.Early && !opts.Stopped {
-		return nil, errors.New("an early restore must hold the job stopped until the stream has proved whole")
-	}
-	if opts.Early && opts.Prepared != nil && opts.Checkpoint == "-" {
-		return fromStreamEarly(ctx, s, opts)
-	}
-	t0 := time.Now()
-	a, from, closeSrc, err := openArchive(ctx, opts)
-	if err != nil {
-		return nil, err
-	}
-	defer closeSrc()
-	log := cmp.Or(opts.Logger, slog.Default())
-	log.Debug("checkpoint indexed", "from", from, "bytes", a.Trailer().GetStoredBytes(), "took", time.Since(t0))
-	dir, err := tempServeDir(opts.ServeDir, "restore-", len(criu.ServeSocket))
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
-	raw, err := a.ReadFile(checkpoint.ManifestFile, maxManifest)
-	if err != nil {
-		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, checkpoint.ManifestFile), raw, 0o600); err != nil {
-		return nil, err
-	}
-	m, err := checkpoint.LoadManifest(dir)
-	if err != nil {
-		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
-	}
-	st := &streamed{a: a, m: m, from: from}
-	if err := st.begin(opts, int64(len(raw))); err != nil {
-		return nil, err
-	}
-	if err := check(m, from, opts); err != nil {
-		return nil, err
-	}
-	srv, err := criu.ListenServe(dir)
-	if err != nil {
-		return nil, err
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx, st.serve(opts)) }()
-	t1 := time.Now()
-	rec, err := start(ctx, s, m, dir, opts)
-	log.Debug("restore ended", "err", err, "took", time.Since(t1))
-	srv.Close()
-	return st.settle(ctx, s, rec, err, <-served, log, t0)
-}
-
 // streamed is a stream being served to a restore: its archive and its
 // manifest, and the files still to come when CRIU starts (an early
 // restore's: the job's memory).
 type streamed struct {
-	a     *image.Archive
-	m     *checkpoint.Manifest
-	from  string
-	later map[string]bool
+	a        *image.Archive
+	m        *checkpoint.Manifest
+	from     string
+	later    map[string]bool
+	progress *progress.Meter
+	log      *slog.Logger
+	t0       time.Time
 }
 
 // begin notes the files still to come, checks the others against the
 // manifest (of manifestBytes) and sets the progress total.
-func (st *streamed) begin(opts Options, manifestBytes int64) error {
+func (st *streamed) begin(manifestBytes int64) error {
 	st.later = map[string]bool{}
 	for _, name := range st.a.Remaining() {
 		st.later[name] = true
@@ -282,7 +248,7 @@ func (st *streamed) begin(opts Options, manifestBytes int64) error {
 			total += size
 		}
 	}
-	opts.Progress.SetTotal(total)
+	st.progress.SetTotal(total)
 	return nil
 }
 
@@ -296,39 +262,36 @@ func (st *streamed) checkSizes() error {
 	return nil
 }
 
-// serve answers CRIU's image requests (criu.Server.Serve) from the
-// archive.
-func (st *streamed) serve(opts Options) func(name string) (func(io.Writer) error, bool) {
-	return func(name string) (func(io.Writer) error, bool) {
-		if !st.a.Has(name) || name == checkpoint.ManifestFile {
-			return nil, false
-		}
-		return func(w io.Writer) error {
-			if pipe, ok := w.(*os.File); ok {
-				_, err := st.a.SpliceTo(name, pipe, opts.Progress.Add)
-				return err
-			}
-			_, err := st.a.WriteTo(name, opts.Progress.Writer(w))
-			return err
-		}, true
+// image answers CRIU's request for the image name from the archive.
+func (st *streamed) image(name string) (func(io.Writer) error, bool) {
+	if !st.a.Has(name) || name == checkpoint.ManifestFile {
+		return nil, false
 	}
+	return func(w io.Writer) error {
+		if pipe, ok := w.(*os.File); ok {
+			_, err := st.a.SpliceTo(name, pipe, st.progress.Add)
+			return err
+		}
+		_, err := st.a.WriteTo(name, st.progress.Writer(w))
+		return err
+	}, true
 }
 
 // settle ends a restore from the stream, which returned rec and err, its
 // serving serr. A restore that started before the stream's last files
 // had come holds the job until the stream has proved whole, and discards
 // it if it does not.
-func (st *streamed) settle(ctx context.Context, s *job.Registry, rec *job.Record, err, serr error, log *slog.Logger, t0 time.Time) (*job.Record, error) {
+func (st *streamed) settle(ctx context.Context, s *job.Registry, rec *job.Record, err, serr error) (*job.Record, error) {
 	if err == nil && len(st.later) > 0 {
 		if serr = st.a.Wait(); serr == nil {
 			st.later = nil
 			serr = st.checkSizes()
 		}
-		log.Debug("checkpoint complete", "bytes", st.a.Trailer().GetStoredBytes(), "err", serr, "since start", time.Since(t0))
+		st.log.Debug("checkpoint complete", "bytes", st.a.Trailer().GetStoredBytes(), "err", serr, "since start", time.Since(st.t0))
 		if serr != nil {
 			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 			defer cancel()
-			if derr := s.Discard(dctx, rec.Name, log); derr != nil {
+			if derr := s.Discard(dctx, rec.Name, st.log); derr != nil {
 				return nil, fmt.Errorf("reading checkpoint from %s: %w; and discarding the restored copy: %w", st.from, serr, derr)
 			}
 			_ = s.Remove(rec.Name)
@@ -341,156 +304,6 @@ func (st *streamed) settle(ctx context.Context, s *job.Registry, rec *job.Record
 		return nil, fmt.Errorf("reading checkpoint from %s: %w (the restore was aborted and nothing of it is left)", st.from, serr)
 	}
 	return rec, err
-}
-
-// fromStreamEarly is fromStream for an early restore from Stdin whose
-// first record holds the whole manifest as known before the dump
-// (Options.Prepared): CRIU starts from it at once, before the rest of the
-// stream has come, and waits at its first image until the stream names
-// its remaining files (image.StreamArchiveFrom) and what came before them
-// checks out; BeforeStart runs there too. A migration destination so
-// takes the restore's start-up (a ferry shim, CRIU's exec and kernel
-// probing: 100-300 ms here) out of the downtime, since its source dumps
-// only once Prepared says CRIU waits.
-func fromStreamEarly(ctx context.Context, s *job.Registry, opts Options) (*job.Record, error) {
-	const from = "standard input"
-	t0 := time.Now()
-	log := cmp.Or(opts.Logger, slog.Default())
-	rd, err := image.NewReader(opts.Progress.Reader(opts.Stdin))
-	if err != nil {
-		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
-	}
-	head := checkpoint.FromProto(rd.Manifest())
-	if err := check(head, from, opts); err != nil {
-		return nil, err
-	}
-	dir, err := tempServeDir(opts.ServeDir, "restore-", len(criu.ServeSocket))
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
-	if err := checkpoint.WriteHead(dir, head); err != nil {
-		return nil, err
-	}
-	// The rest of the stream is read on from its first record.
-	var (
-		a    *image.Archive
-		aerr error
-	)
-	indexed := make(chan struct{})
-	go func() {
-		defer close(indexed)
-		a, aerr = image.StreamArchiveFrom(rd)
-	}()
-	// A stream that fails before CRIU has asked for anything ends the
-	// restore at once, wherever its start-up is.
-	sctx, scancel := context.WithCancel(ctx)
-	defer scancel()
-	go func() {
-		select {
-		case <-indexed:
-			if aerr != nil {
-				scancel()
-			}
-		case <-sctx.Done():
-		}
-	}()
-	st := &streamed{from: from}
-	beforeStart := opts.BeforeStart
-	opts.BeforeStart = nil
-	gctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	// ready runs at CRIU's first image request: CRIU is up.
-	ready := sync.OnceValue(func() error {
-		log.Debug("restore waits at its first image", "after", time.Since(t0))
-		opts.Prepared()
-		select {
-		case <-indexed:
-		case <-gctx.Done():
-			return gctx.Err()
-		}
-		if aerr != nil {
-			return fmt.Errorf("reading checkpoint from %s: %w", from, aerr)
-		}
-		log.Debug("checkpoint indexed", "from", from, "took", time.Since(t0))
-		raw, err := a.ReadFile(checkpoint.ManifestFile, maxManifest)
-		if err != nil {
-			return fmt.Errorf("reading checkpoint from %s: %w", from, err)
-		}
-		if st.m, err = checkpoint.DecodeManifest(bytes.NewReader(raw), from); err != nil {
-			return err
-		}
-		if !checkpoint.SameRestore(head, st.m) {
-			return fmt.Errorf("%s: the stream's manifest differs from its first record: %w", from, image.ErrCorrupt)
-		}
-		st.a = a
-		if err := st.begin(opts, int64(len(raw))); err != nil {
-			return err
-		}
-		if beforeStart != nil {
-			return beforeStart(gctx)
-		}
-		return nil
-	})
-	var refused error // ready's error, once CRIU was refused for it
-	srv, err := criu.ListenServe(dir)
-	if err != nil {
-		return nil, err
-	}
-	served := make(chan error, 1)
-	go func() {
-		served <- srv.Serve(ctx, func(name string) (func(io.Writer) error, bool) {
-			if err := ready(); err != nil {
-				refused = err
-				return nil, false
-			}
-			return st.serve(opts)(name)
-		})
-	}()
-	t1 := time.Now()
-	rec, err := start(sctx, s, head, dir, opts)
-	log.Debug("restore ended", "err", err, "took", time.Since(t1))
-	cancel()
-	srv.Close()
-	serr := <-served
-	if err != nil && refused == nil && aerrNow(indexed, &aerr) != nil {
-		// Cut short by the stream: that is the reason to give.
-		err = fmt.Errorf("reading checkpoint from %s: %w (the restore was aborted and nothing of it is left)", from, aerr)
-	}
-	// refused is set before Serve returns (it answers on one goroutine).
-	if err != nil && refused != nil && !errors.Is(refused, context.Canceled) {
-		err = fmt.Errorf("%w (the restore waited for it and was aborted before it began)", refused)
-	}
-	if st.a == nil || err != nil && refused != nil {
-		// CRIU never got past its first image. The stream may still be
-		// arriving (the caller ends it); its archive is freed once its
-		// reader stops.
-		go func() {
-			<-indexed
-			if a != nil {
-				a.Close()
-			}
-		}()
-		if err == nil {
-			// Not reached: CRIU cannot restore without its images.
-			err = fmt.Errorf("%s: restored without its images", from)
-		} else if serr != nil {
-			err = fmt.Errorf("%w (serving the images: %w)", err, serr)
-		}
-		return nil, err
-	}
-	defer a.Close()
-	return st.settle(ctx, s, rec, err, serr, log, t0)
-}
-
-// aerrNow is *aerr once indexed is closed, else nil.
-func aerrNow(indexed <-chan struct{}, aerr *error) error {
-	select {
-	case <-indexed:
-		return *aerr
-	default:
-		return nil
-	}
 }
 
 // openArchive opens the checkpoint stream to restore: standard input, a
