@@ -127,7 +127,7 @@ func (p *postCopySource) close() {
 func waitPrepared(c *conn, log *slog.Logger) func(ctx context.Context) error {
 	return func(ctx context.Context) error {
 		t0 := time.Now()
-		m, err := c.recv(stepTimeout)
+		m, err := recvWord(c, stepTimeout, false)
 		if err != nil {
 			return fmt.Errorf("waiting for the destination to prepare its restore: %w", err)
 		}

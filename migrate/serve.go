@@ -206,7 +206,11 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 		hooked = true
 		return sv.hook(ctx, "pre-restore", ropts.Name, nc)
 	}
+	// The source, which holds its job frozen meanwhile, hears that we are
+	// at work: it gives up on a destination that goes silent.
+	stopBeat := heartbeat(c)
 	rec, err := restore.Job(rctx, sv.Store, ropts)
+	stopBeat()
 	if err != nil {
 		if hooked {
 			_ = sv.hook(context.WithoutCancel(ctx), "discarded", ropts.Name, nc)

@@ -164,12 +164,10 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 			return fmt.Errorf("sending the checkpoint: %w", err)
 		}
 		log.Debug("checkpoint sent", "job", name, "bytes", dw.n, "since start", time.Since(start))
-		m, err := c.recv(restoreTimeout)
-		if err == nil && m.GetPrepared() != nil {
-			// A Prepared the dump did not wait for (it wrote its stream's
-			// first record only after CRIU: a CRIU without --stream).
-			m, err = c.recv(restoreTimeout)
-		}
+		// Heard from at least every peerSilence while it restores (a
+		// Prepared the dump did not wait for, from a CRIU without
+		// --stream, is skipped too).
+		m, err := recvWord(c, restoreTimeout, true)
 		if err != nil {
 			return fmt.Errorf("waiting for the destination to restore: %w", err)
 		}

@@ -44,6 +44,7 @@ type Envelope struct {
 	//	*Envelope_Dropped
 	//	*Envelope_Complete
 	//	*Envelope_Prepared
+	//	*Envelope_Restoring
 	Msg           isEnvelope_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -221,6 +222,15 @@ func (x *Envelope) GetPrepared() *Prepared {
 	return nil
 }
 
+func (x *Envelope) GetRestoring() *Restoring {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_Restoring); ok {
+			return x.Restoring
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Msg interface {
 	isEnvelope_Msg()
 }
@@ -285,6 +295,10 @@ type Envelope_Prepared struct {
 	Prepared *Prepared `protobuf:"bytes,15,opt,name=prepared,proto3,oneof"`
 }
 
+type Envelope_Restoring struct {
+	Restoring *Restoring `protobuf:"bytes,16,opt,name=restoring,proto3,oneof"`
+}
+
 func (*Envelope_Hello) isEnvelope_Msg() {}
 
 func (*Envelope_Auth) isEnvelope_Msg() {}
@@ -314,6 +328,8 @@ func (*Envelope_Dropped) isEnvelope_Msg() {}
 func (*Envelope_Complete) isEnvelope_Msg() {}
 
 func (*Envelope_Prepared) isEnvelope_Msg() {}
+
+func (*Envelope_Restoring) isEnvelope_Msg() {}
 
 // Capabilities is what a host's kernel and CRIU can do for migration.
 type Capabilities struct {
@@ -873,6 +889,54 @@ func (x *Restored) GetRestoreNs() int64 {
 	return 0
 }
 
+// Restoring (destination to source, every few seconds while its restore
+// runs): the destination is alive and at work. A source that holds its
+// job frozen hears from the destination at least this often, and gives
+// up on one that goes silent (see package migrate: peerSilence).
+type Restoring struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ElapsedNs     int64                  `protobuf:"varint,1,opt,name=elapsed_ns,json=elapsedNs,proto3" json:"elapsed_ns,omitempty"` // since the restore started
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Restoring) Reset() {
+	*x = Restoring{}
+	mi := &file_proto_migrate_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Restoring) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Restoring) ProtoMessage() {}
+
+func (x *Restoring) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Restoring.ProtoReflect.Descriptor instead.
+func (*Restoring) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Restoring) GetElapsedNs() int64 {
+	if x != nil {
+		return x.ElapsedNs
+	}
+	return 0
+}
+
 // Gone: the source's copy has ended; the destination may resume.
 type Gone struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -882,7 +946,7 @@ type Gone struct {
 
 func (x *Gone) Reset() {
 	*x = Gone{}
-	mi := &file_proto_migrate_proto_msgTypes[10]
+	mi := &file_proto_migrate_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -894,7 +958,7 @@ func (x *Gone) String() string {
 func (*Gone) ProtoMessage() {}
 
 func (x *Gone) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[10]
+	mi := &file_proto_migrate_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -907,7 +971,7 @@ func (x *Gone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Gone.ProtoReflect.Descriptor instead.
 func (*Gone) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{10}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{11}
 }
 
 // Running: the destination's copy runs.
@@ -920,7 +984,7 @@ type Running struct {
 
 func (x *Running) Reset() {
 	*x = Running{}
-	mi := &file_proto_migrate_proto_msgTypes[11]
+	mi := &file_proto_migrate_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -932,7 +996,7 @@ func (x *Running) String() string {
 func (*Running) ProtoMessage() {}
 
 func (x *Running) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[11]
+	mi := &file_proto_migrate_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -945,7 +1009,7 @@ func (x *Running) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Running.ProtoReflect.Descriptor instead.
 func (*Running) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{11}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Running) GetName() string {
@@ -968,7 +1032,7 @@ type AttachPages struct {
 
 func (x *AttachPages) Reset() {
 	*x = AttachPages{}
-	mi := &file_proto_migrate_proto_msgTypes[12]
+	mi := &file_proto_migrate_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -980,7 +1044,7 @@ func (x *AttachPages) String() string {
 func (*AttachPages) ProtoMessage() {}
 
 func (x *AttachPages) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[12]
+	mi := &file_proto_migrate_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -993,7 +1057,7 @@ func (x *AttachPages) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachPages.ProtoReflect.Descriptor instead.
 func (*AttachPages) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{12}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AttachPages) GetSession() []byte {
@@ -1014,7 +1078,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_proto_migrate_proto_msgTypes[13]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1026,7 +1090,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[13]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1039,7 +1103,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{13}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
 }
 
 // Dropped (post-copy, destination to source): the destination's copy is
@@ -1054,7 +1118,7 @@ type Dropped struct {
 
 func (x *Dropped) Reset() {
 	*x = Dropped{}
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1066,7 +1130,7 @@ func (x *Dropped) String() string {
 func (*Dropped) ProtoMessage() {}
 
 func (x *Dropped) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1079,7 +1143,7 @@ func (x *Dropped) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Dropped.ProtoReflect.Descriptor instead.
 func (*Dropped) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Dropped) GetReason() string {
@@ -1101,7 +1165,7 @@ type Complete struct {
 
 func (x *Complete) Reset() {
 	*x = Complete{}
-	mi := &file_proto_migrate_proto_msgTypes[15]
+	mi := &file_proto_migrate_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1113,7 +1177,7 @@ func (x *Complete) String() string {
 func (*Complete) ProtoMessage() {}
 
 func (x *Complete) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[15]
+	mi := &file_proto_migrate_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1126,7 +1190,7 @@ func (x *Complete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Complete.ProtoReflect.Descriptor instead.
 func (*Complete) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{15}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{16}
 }
 
 // Abort ends the migration; the sender says why.
@@ -1139,7 +1203,7 @@ type Abort struct {
 
 func (x *Abort) Reset() {
 	*x = Abort{}
-	mi := &file_proto_migrate_proto_msgTypes[16]
+	mi := &file_proto_migrate_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1215,7 @@ func (x *Abort) String() string {
 func (*Abort) ProtoMessage() {}
 
 func (x *Abort) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[16]
+	mi := &file_proto_migrate_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1228,7 @@ func (x *Abort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Abort.ProtoReflect.Descriptor instead.
 func (*Abort) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{16}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Abort) GetReason() string {
@@ -1178,7 +1242,7 @@ var File_proto_migrate_proto protoreflect.FileDescriptor
 
 const file_proto_migrate_proto_rawDesc = "" +
 	"\n" +
-	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xae\x06\n" +
+	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xeb\x06\n" +
 	"\bEnvelope\x12/\n" +
 	"\x05hello\x18\x01 \x01(\v2\x17.ferry.migrate.v1.HelloH\x00R\x05hello\x12,\n" +
 	"\x04auth\x18\x02 \x01(\v2\x16.ferry.migrate.v1.AuthH\x00R\x04auth\x12/\n" +
@@ -1195,7 +1259,8 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\x06commit\x18\f \x01(\v2\x18.ferry.migrate.v1.CommitH\x00R\x06commit\x125\n" +
 	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adropped\x128\n" +
 	"\bcomplete\x18\x0e \x01(\v2\x1a.ferry.migrate.v1.CompleteH\x00R\bcomplete\x128\n" +
-	"\bprepared\x18\x0f \x01(\v2\x1a.ferry.migrate.v1.PreparedH\x00R\bpreparedB\x05\n" +
+	"\bprepared\x18\x0f \x01(\v2\x1a.ferry.migrate.v1.PreparedH\x00R\bprepared\x12;\n" +
+	"\trestoring\x18\x10 \x01(\v2\x1b.ferry.migrate.v1.RestoringH\x00R\trestoringB\x05\n" +
 	"\x03msg\"\x8d\x01\n" +
 	"\fCapabilities\x12\x1d\n" +
 	"\n" +
@@ -1234,7 +1299,10 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\bRestored\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
-	"restore_ns\x18\x02 \x01(\x03R\trestoreNs\"\x06\n" +
+	"restore_ns\x18\x02 \x01(\x03R\trestoreNs\"*\n" +
+	"\tRestoring\x12\x1d\n" +
+	"\n" +
+	"elapsed_ns\x18\x01 \x01(\x03R\telapsedNs\"\x06\n" +
 	"\x04Gone\"\x1d\n" +
 	"\aRunning\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"'\n" +
@@ -1260,7 +1328,7 @@ func file_proto_migrate_proto_rawDescGZIP() []byte {
 	return file_proto_migrate_proto_rawDescData
 }
 
-var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_proto_migrate_proto_goTypes = []any{
 	(*Envelope)(nil),     // 0: ferry.migrate.v1.Envelope
 	(*Capabilities)(nil), // 1: ferry.migrate.v1.Capabilities
@@ -1272,13 +1340,14 @@ var file_proto_migrate_proto_goTypes = []any{
 	(*Data)(nil),         // 7: ferry.migrate.v1.Data
 	(*DataEnd)(nil),      // 8: ferry.migrate.v1.DataEnd
 	(*Restored)(nil),     // 9: ferry.migrate.v1.Restored
-	(*Gone)(nil),         // 10: ferry.migrate.v1.Gone
-	(*Running)(nil),      // 11: ferry.migrate.v1.Running
-	(*AttachPages)(nil),  // 12: ferry.migrate.v1.AttachPages
-	(*Commit)(nil),       // 13: ferry.migrate.v1.Commit
-	(*Dropped)(nil),      // 14: ferry.migrate.v1.Dropped
-	(*Complete)(nil),     // 15: ferry.migrate.v1.Complete
-	(*Abort)(nil),        // 16: ferry.migrate.v1.Abort
+	(*Restoring)(nil),    // 10: ferry.migrate.v1.Restoring
+	(*Gone)(nil),         // 11: ferry.migrate.v1.Gone
+	(*Running)(nil),      // 12: ferry.migrate.v1.Running
+	(*AttachPages)(nil),  // 13: ferry.migrate.v1.AttachPages
+	(*Commit)(nil),       // 14: ferry.migrate.v1.Commit
+	(*Dropped)(nil),      // 15: ferry.migrate.v1.Dropped
+	(*Complete)(nil),     // 16: ferry.migrate.v1.Complete
+	(*Abort)(nil),        // 17: ferry.migrate.v1.Abort
 }
 var file_proto_migrate_proto_depIdxs = []int32{
 	2,  // 0: ferry.migrate.v1.Envelope.hello:type_name -> ferry.migrate.v1.Hello
@@ -1288,20 +1357,21 @@ var file_proto_migrate_proto_depIdxs = []int32{
 	7,  // 4: ferry.migrate.v1.Envelope.data:type_name -> ferry.migrate.v1.Data
 	8,  // 5: ferry.migrate.v1.Envelope.data_end:type_name -> ferry.migrate.v1.DataEnd
 	9,  // 6: ferry.migrate.v1.Envelope.restored:type_name -> ferry.migrate.v1.Restored
-	10, // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
-	11, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
-	16, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
-	12, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
-	13, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
-	14, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
-	15, // 13: ferry.migrate.v1.Envelope.complete:type_name -> ferry.migrate.v1.Complete
+	11, // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
+	12, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
+	17, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
+	13, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
+	14, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
+	15, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
+	16, // 13: ferry.migrate.v1.Envelope.complete:type_name -> ferry.migrate.v1.Complete
 	5,  // 14: ferry.migrate.v1.Envelope.prepared:type_name -> ferry.migrate.v1.Prepared
-	1,  // 15: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
-	16, // [16:16] is the sub-list for method output_type
-	16, // [16:16] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	10, // 15: ferry.migrate.v1.Envelope.restoring:type_name -> ferry.migrate.v1.Restoring
+	1,  // 16: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
+	17, // [17:17] is the sub-list for method output_type
+	17, // [17:17] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_proto_migrate_proto_init() }
@@ -1325,6 +1395,7 @@ func file_proto_migrate_proto_init() {
 		(*Envelope_Dropped)(nil),
 		(*Envelope_Complete)(nil),
 		(*Envelope_Prepared)(nil),
+		(*Envelope_Restoring)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1332,7 +1403,7 @@ func file_proto_migrate_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_migrate_proto_rawDesc), len(file_proto_migrate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
