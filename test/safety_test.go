@@ -1,17 +1,20 @@
 package test
 
 import (
+	"context"
 	"bytes"
 	"cmp"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -379,4 +382,90 @@ func TestMigrateSourceKilled(t *testing.T) {
 			t.Errorf("the note outlived the thaw: %q", v.Operation)
 		}
 	})
+}
+
+// silencingProxy forwards everything from client to target, and from
+// target to client only until limit bytes have gone from client to
+// target: from then on the target seems to have gone silent, while it
+// still hears the client.
+func silencingProxy(t *testing.T, ns, listen, target string, limit int64) func() {
+	t.Helper()
+	return proxy(t, ns, listen, target, func(c, d net.Conn) {
+		var sent atomic.Int64
+		go func() {
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := d.Read(buf)
+				if n > 0 && sent.Load() < limit {
+					if _, err := c.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := c.Read(buf)
+			if n > 0 {
+				sent.Add(int64(n))
+				if _, err := d.Write(buf[:n]); err != nil {
+					break
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
+		c.Close()
+		d.Close()
+	})
+}
+
+// TestMigrateSilentDestination: a destination that goes silent once the
+// job's stream is on its way (here: its answers stop reaching the source)
+// does not hold the source's job frozen for long: after the silence bound
+// (30 s; 3 s here) the source gives up, the job runs on at the source, and
+// the destination, told so, drops its copy.
+func TestMigrateSilentDestination(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7140")
+	dst.serve(h.b, listen, token)
+	if r := src.ferryIn(h.a, "run", "--name", "sd", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("sd", "verify ", 1)
+	sum := src.lines("sd", "sum ")[0]
+	before, _ := src.verifyLines("sd")
+	via := net.JoinHostPort(h.addrB, "7141")
+	defer silencingProxy(t, h.b, via, listen, 32<<20)()
+
+	// Bounded: the bug was a source frozen for the 10 minutes of a restore.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "nsenter", "--net=/run/netns/"+h.a, ferryBin, "--root", src.root,
+		"migrate", "sd", "--to", via, "--token-file", token, "--mode", "stop-copy")
+	cmd.Env = append(os.Environ(), "FERRY_PEER_SILENCE=3s")
+	t0 := time.Now()
+	out, err := cmd.CombinedOutput()
+	took := time.Since(t0)
+	if code := exitCode(err); code != 19 || !strings.Contains(string(out), "silent") {
+		t.Fatalf("migrate to a destination gone silent: exit %d after %s\n%s", code, took, out)
+	}
+	t.Logf("gave up after %s: %s", took.Round(time.Millisecond), strings.TrimSpace(string(out)))
+	eventually(t, 30*time.Second, "the destination to drop its copy", func() bool {
+		for _, v := range dst.list() {
+			if v.State != "exited" {
+				return false
+			}
+		}
+		return true
+	})
+	assertKeptHere(t, src, dst, "sd", sum, before)
 }
