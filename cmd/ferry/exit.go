@@ -50,6 +50,7 @@ const (
 	exitStore             = 24 // the snapshot store cannot be opened or used (busy, not a store, newer format)
 	exitNoSnapshot        = 25 // no snapshot matches JOB[@SNAPSHOT] (or the prefix is ambiguous)
 	exitSnapshotted       = 26 // --checkpoint-on-term: the job was ended by its final snapshot
+	exitVersion           = 29 // the migration peer speaks another protocol version (nothing of the job was sent)
 	exitInterrupted       = 130
 )
 
@@ -85,6 +86,7 @@ var exitCodes = []struct {
 	{dump.ErrNoProcess, exitNoJob},
 	{dump.ErrBadPid, exitBadPid},
 	{migrate.ErrAuth, exitAuth},
+	{migrate.ErrVersion, exitVersion},
 	{migrate.ErrRefused, exitRefused},
 	{migrate.ErrInDoubt, exitInDoubt},
 	{migrate.ErrUnsupportedMode, exitModeUnavailable},
