@@ -344,7 +344,7 @@ func (sv *Server) serverHandshake(nc net.Conn, hello *pb.Hello) (*conn, error) {
 		sv.answer(c, false, fmt.Sprintf("protocol version %d, this destination speaks %d", a.GetVersion(), ProtocolVersion), "")
 		return c, versionError(a.GetVersion(), ProtocolVersion, "the source")
 	case !hmac.Equal(a.GetMac(), want):
-		sv.answer(c, false, "authentication failed (wrong token, or a relay in the middle)", "")
+		sv.answer(c, false, "the token's proof did not check out (wrong token, or a relay in the middle)", "")
 		return c, errors.New("wrong token (or a relay in the middle)")
 	}
 	mine, err := proof(sv.Token, proofDest, cs)
