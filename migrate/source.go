@@ -192,7 +192,8 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 	rep.BytesSent = int64(dw.n)
 
 	// The source copy is gone: let the destination run its own.
-	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout); err == nil {
+	// (A failed send is the reason reported below, not the nil before it.)
+	if err = c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout); err == nil {
 		m, err = c.recv(stepTimeout)
 		if err == nil && m.GetRunning() != nil {
 			rep.Downtime = time.Since(res.FrozenAt)
