@@ -2,11 +2,19 @@ package migrate
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -380,5 +388,80 @@ func TestServeSurvivesAcceptErrors(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("Serve did not return after cancel")
+	}
+}
+
+// pkiFiles writes a CA and, for each name, a certificate it signed for
+// 127.0.0.1 (PEM files in dir), and returns their paths: ca, then cert and
+// key per name.
+func pkiFiles(t *testing.T, dir string, names ...string) (string, map[string][2]string) {
+	t.Helper()
+	caPub, caKey, _ := ed25519.GenerateKey(rand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caPub, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	write := func(name, typ string, der []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	ca := write("ca.pem", "CERTIFICATE", caDER)
+	out := map[string][2]string{}
+	for i, n := range names {
+		pub, key, _ := ed25519.GenerateKey(rand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(int64(2 + i)), Subject: pkix.Name{CommonName: n},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, pub, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kb, _ := x509.MarshalPKCS8PrivateKey(key)
+		out[n] = [2]string{write(n+".pem", "CERTIFICATE", der), write(n+".key", "PRIVATE KEY", kb)}
+	}
+	return ca, out
+}
+
+// Certificates add to the token: under a CA, a peer needs both a
+// certificate the CA issued and the token.
+func TestPKIAddsToTheToken(t *testing.T) {
+	dir := t.TempDir()
+	ca, certs := pkiFiles(t, dir, "dest", "src")
+	_, strangers := pkiFiles(t, t.TempDir(), "stranger")
+	load := func(c [2]string, ca string) PKI {
+		p, err := LoadPKI(c[0], c[1], ca)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	sv := &Server{Token: goodToken, PKI: load(certs["dest"], ca)}
+	if srvErr, cliErr, _ := pair(t, sv, goodToken, load(certs["src"], ca)); srvErr != nil || cliErr != nil {
+		t.Fatalf("CA-issued certificates and the token: server %v, client %v", srvErr, cliErr)
+	}
+	if srvErr, cliErr, _ := pair(t, sv, otherToken, load(certs["src"], ca)); srvErr == nil || !errors.Is(cliErr, ErrAuth) {
+		t.Fatalf("CA-issued certificates, wrong token: server %v, client %v", srvErr, cliErr)
+	}
+	if srvErr, cliErr, _ := pair(t, sv, goodToken, load(strangers["stranger"], ca)); srvErr == nil || !errors.Is(cliErr, ErrAuth) {
+		t.Fatalf("a certificate of another CA: server %v, client %v", srvErr, cliErr)
+	}
+	if srvErr, cliErr, _ := pair(t, sv, goodToken, PKI{}); srvErr == nil || !errors.Is(cliErr, ErrAuth) {
+		t.Fatalf("no certificate: server %v, client %v", srvErr, cliErr)
+	}
+	// The source checks the destination's certificate against the CA too.
+	sv = &Server{Token: goodToken, PKI: load(strangers["stranger"], "")}
+	if _, cliErr, _ := pair(t, sv, goodToken, load(certs["src"], ca)); !errors.Is(cliErr, ErrAuth) || !strings.Contains(cliErr.Error(), "certificate") {
+		t.Fatalf("a destination with a certificate of another CA: %v", cliErr)
+	}
+	if _, err := LoadPKI(certs["src"][0], "", ""); err == nil {
+		t.Fatal("--tls-cert without --tls-key accepted")
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"math/big"
@@ -360,6 +361,35 @@ func TestMigrateSecure(t *testing.T) {
 		assertKeptHere(t, src, dst, "sj", sum, before)
 	})
 
+	t.Run("certificates add to the token, never replace it", func(t *testing.T) {
+		dir := t.TempDir()
+		ca := secCA(t, dir, "ca")
+		dcert, dkey := ca.issue(t, dir, "dest", h.addrB)
+		scert, skey := ca.issue(t, dir, "src", h.addrA)
+		other := secCA(t, dir, "other")
+		ocert, okey := other.issue(t, dir, "stranger", h.addrA)
+		pkiListen := net.JoinHostPort(h.addrB, "7205")
+		pkiDst := newEnv(t)
+		pkiDst.serveWith(h.b, pkiListen, token, []string{"--tls-cert", dcert, "--tls-key", dkey, "--tls-ca", ca.path})
+		bad := writeToken(t, "not the token, but long enough")
+		before, _ := src.verifyLines("sj")
+		for what, args := range map[string][]string{
+			"no certificate":                         {"--token-file", token},
+			"a certificate of another CA":            {"--token-file", token, "--tls-cert", ocert, "--tls-key", okey, "--tls-ca", ca.path},
+			"the CA's certificate but a wrong token": {"--token-file", bad, "--tls-cert", scert, "--tls-key", skey, "--tls-ca", ca.path},
+		} {
+			r := src.ferryIn(h.a, append([]string{"migrate", "sj", "--to", pkiListen, "--mode", "stop-copy"}, args...)...)
+			if r.code != 20 {
+				t.Fatalf("%s: %s", what, r)
+			}
+			t.Logf("%s: %s", what, strings.TrimSpace(r.stderr))
+		}
+		if l := pkiDst.list(); len(l) != 0 {
+			t.Fatalf("the destination has jobs: %v", l)
+		}
+		assertKeptHere(t, src, pkiDst, "sj", sum, before)
+	})
+
 	t.Run("a recording relay finds no clear text of the job's memory", func(t *testing.T) {
 		// The canary is in the job's memory: a plain checkpoint shows it.
 		plain := filepath.Join(t.TempDir(), "plain.ferry")
@@ -397,6 +427,55 @@ func TestMigrateSecure(t *testing.T) {
 			t.Fatal("the token crossed the link")
 		}
 	})
+}
+
+// secAuthority is a test CA.
+type secAuthority struct {
+	path string
+	cert *x509.Certificate
+	key  ed25519.PrivateKey
+}
+
+func secPEM(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func secCA(t *testing.T, dir, name string) *secAuthority {
+	t.Helper()
+	pub, key, _ := ed25519.GenerateKey(rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, pub, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	a := &secAuthority{path: filepath.Join(dir, name+".pem"), cert: c, key: key}
+	secPEM(t, a.path, "CERTIFICATE", der)
+	return a
+}
+
+// issue writes a certificate for ip and its key, and returns their paths.
+func (a *secAuthority) issue(t *testing.T, dir, name, ip string) (string, string) {
+	t.Helper()
+	pub, key, _ := ed25519.GenerateKey(rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP(ip)}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.cert, pub, a.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalPKCS8PrivateKey(key)
+	cert, keyPath := filepath.Join(dir, name+".pem"), filepath.Join(dir, name+".key")
+	secPEM(t, cert, "CERTIFICATE", der)
+	secPEM(t, keyPath, "PRIVATE KEY", kb)
+	return cert, keyPath
 }
 
 type lockedWriter struct {
