@@ -181,14 +181,18 @@ func (sv *Server) log() *slog.Logger {
 // held frozen, report, and thaw once the source's copy is gone.
 func (sv *Server) handle(ctx context.Context, nc net.Conn, release func()) (kept bool, err error) {
 	log := sv.log().With("peer", nc.RemoteAddr().String())
-	stopConn := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
-	defer stopConn()
+	stopHandshake := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
 	c, err := sv.authenticate(nc)
+	stopHandshake()
 	release()
 	if err != nil {
 		log.Warn("refused a migration", "reason", err)
 		return false, nil
 	}
+	// From here every receive sets a deadline of its own: a deadline
+	// alone would not hold them (see conn.cutOff).
+	stopConn := context.AfterFunc(ctx, c.cutOff)
+	defer stopConn()
 	m, err := c.recv(stepTimeout)
 	if err != nil {
 		return false, fmt.Errorf("waiting for an offer: %w", err)

@@ -6,7 +6,7 @@ package migrate
 // crosses it. See the package documentation for the reasoning.
 
 import (
-	"bufio"
+	"bytes"
 	"crypto/ed25519"
 	"crypto/hmac"
 	"crypto/rand"
@@ -298,14 +298,13 @@ func (sv *Server) serverHandshake(nc net.Conn, hello *pb.Hello) (*conn, error) {
 	if err := writeFrame(nc, &pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion}}}); err != nil {
 		return nil, err
 	}
-	br := bufio.NewReaderSize(nc, handshakeBuffer)
-	first, err := br.Peek(3)
-	if err != nil {
+	first := make([]byte, 3)
+	if _, err := io.ReadFull(nc, first); err != nil {
 		return nil, err
 	}
 	// A TLS handshake record: content type 22, version 3.x.
 	if first[0] != 22 || first[1] != 3 {
-		m, err := readFrame(br)
+		m, err := readFrame(io.MultiReader(bytes.NewReader(first), nc))
 		if err != nil {
 			return nil, fmt.Errorf("the peer does not speak TLS: %w", err)
 		}
@@ -321,7 +320,8 @@ func (sv *Server) serverHandshake(nc net.Conn, hello *pb.Hello) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	tc := tls.Server(&bufferedConn{Conn: nc, r: br}, cfg)
+	// (The first bytes go first; then TLS reads nc itself, unbuffered.)
+	tc := tls.Server(&bufferedConn{Conn: nc, r: io.MultiReader(bytes.NewReader(first), nc)}, cfg)
 	if err := tc.Handshake(); err != nil {
 		return nil, fmt.Errorf("TLS: %w", err)
 	}
