@@ -42,8 +42,9 @@ type Server struct {
 	// (0: 64), MaxPendingPerHost those from one address (0: 8).
 	MaxPending, MaxPendingPerHost int
 
-	sessions sessions // post-copy migrations waiting for their page link
-	pending  pending
+	sessions   sessions // post-copy migrations waiting for their page link
+	pending    pending
+	refusedLog rateLimit
 }
 
 // Serve accepts migrations on ln until ctx ends, each in a goroutine of
@@ -152,6 +153,33 @@ func (p *pending) admit(addr net.Addr, max, perHost int) (release func(), ok boo
 	}), true
 }
 
+// rateLimit lets a few log lines a second through, so that a flood of
+// failed handshakes does not flood the log; the next line let through
+// says how many were not.
+type rateLimit struct {
+	mu      sync.Mutex
+	second  time.Time
+	n       int
+	dropped int
+}
+
+// allow says whether to log now, and how many lines were dropped since
+// the last one logged.
+func (r *rateLimit) allow() (dropped int, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if now := time.Now(); now.Sub(r.second) >= time.Second {
+		r.second, r.n = now, 0
+	}
+	if r.n >= 10 {
+		r.dropped++
+		return 0, false
+	}
+	r.n++
+	dropped, r.dropped = r.dropped, 0
+	return dropped, true
+}
+
 // refusals logs connections closed for want of a place, at most once a
 // second: a flood must not flood the log too.
 type refusals struct {
@@ -186,7 +214,9 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn, release func()) (kept
 	stopHandshake()
 	release()
 	if err != nil {
-		log.Warn("refused a migration", "reason", err)
+		if n, ok := sv.refusedLog.allow(); ok {
+			log.Warn("refused a migration", "reason", err, "unlogged before", n)
+		}
 		return false, nil
 	}
 	// From here every receive sets a deadline of its own: a deadline

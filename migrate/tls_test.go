@@ -465,3 +465,22 @@ func TestPKIAddsToTheToken(t *testing.T) {
 		t.Fatal("--tls-cert without --tls-key accepted")
 	}
 }
+
+// A flood of refusals logs ten lines a second, then says how many it
+// left out.
+func TestRefusalLogLimit(t *testing.T) {
+	var r rateLimit
+	logged := 0
+	for range 25 {
+		if _, ok := r.allow(); ok {
+			logged++
+		}
+	}
+	if logged != 10 {
+		t.Fatalf("%d of 25 refusals in a second logged, want 10", logged)
+	}
+	r.second = r.second.Add(-time.Second) // a second later
+	if n, ok := r.allow(); !ok || n != 15 {
+		t.Fatalf("the next second: %d left out, %v", n, ok)
+	}
+}
