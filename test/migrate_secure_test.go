@@ -29,6 +29,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -889,8 +890,8 @@ func TestMigratePostCopySecure(t *testing.T) {
 		case strings.HasPrefix(key, "unix:"):
 			// Every directory from the root down must be closed to others.
 			for d := filepath.Dir(strings.TrimPrefix(key, "unix:")); len(d) > len(dst.root); d = filepath.Dir(d) {
-				if st, err := os.Stat(d); err == nil && st.Mode().Perm()&0o077 != 0 {
-					t.Errorf("socket %s lies in %s, mode %04o", key, d, st.Mode().Perm())
+				if st, err := os.Stat(d); err == nil && (st.Mode().Perm()&0o077 != 0 || st.Sys().(*syscall.Stat_t).Uid != 0) {
+					t.Errorf("socket %s lies in %s, mode %04o, owner %d", key, d, st.Mode().Perm(), st.Sys().(*syscall.Stat_t).Uid)
 				}
 			}
 		}
