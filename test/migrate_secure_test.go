@@ -716,8 +716,40 @@ func TestServeFlood(t *testing.T) {
 		if !strings.Contains(srv.text(), "too many have not proved the token") {
 			t.Errorf("serve did not close excess connections:\n%s", srv.text())
 		}
-		// The idle ones were closed at their deadline (10s): serve's end is
-		// gone, a read sees the close.
+	})
+
+	t.Run("a connection that does not prove the token is closed at the handshake deadline", func(t *testing.T) {
+		listen := net.JoinHostPort(h.addrB, "7223")
+		_, srv := dst.serveProc(h.b, listen, token, "")
+		for _, slow := range []bool{false, true} {
+			nc, err := dialIn(t, h.a, listen, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t0 := time.Now()
+			_ = nc.SetReadDeadline(time.Now().Add(60 * time.Second))
+			if _, err := secRead(nc); err != nil { // the clear-text hello
+				t.Fatal(err)
+			}
+			if slow {
+				// A TLS record header, a byte at a time.
+				go func() {
+					for _, b := range []byte{22, 3, 1, 0, 200} {
+						time.Sleep(time.Second)
+						if _, err := nc.Write([]byte{b}); err != nil {
+							return
+						}
+					}
+				}()
+			}
+			_, err = nc.Read(make([]byte, 1))
+			nc.Close()
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Fatalf("serve kept a connection that proved nothing (slow: %v) for a minute", slow)
+			}
+			t.Logf("slow %v: closed by serve after %v (%v)", slow, time.Since(t0).Round(time.Second), err)
+		}
+		eventually(t, 5*time.Second, "the refusals in the log", func() bool { return strings.Count(srv.text(), "refused a migration") >= 2 })
 	})
 
 	t.Run("out of descriptors, serve pauses and then accepts again", func(t *testing.T) {
