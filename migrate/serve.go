@@ -133,6 +133,10 @@ func (p *pending) admit(addr net.Addr, max, perHost int) (release func(), ok boo
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
+	if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
+		// One IPv6 host commonly holds a whole /64.
+		host = ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.byHost == nil {

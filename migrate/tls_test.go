@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -326,6 +327,13 @@ func TestPendingCaps(t *testing.T) {
 	}
 	if _, ok := p.admit(addr("10.0.0.3:1"), 5, 3); ok {
 		t.Fatal("a 6th connection let in (cap 5)")
+	}
+	// IPv6 addresses of one /64 are one host.
+	var p6 pending
+	for i := range 3 {
+		if _, ok := p6.admit(addr(fmt.Sprintf("[2001:db8::%d]:1", i+1)), 5, 2); ok != (i < 2) {
+			t.Fatalf("IPv6 connection %d of one /64: let in %v", i, ok)
+		}
 	}
 	rel[0]()
 	rel[0]() // twice gives back one place
