@@ -2,8 +2,6 @@ package migrate
 
 import (
 	"bufio"
-	"crypto/hmac"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -22,8 +20,10 @@ import (
 )
 
 // ProtocolVersion is the version of the conversation below; a peer that
-// speaks another is refused with a clear reason.
-const ProtocolVersion = 3
+// speaks another is refused with a clear reason. Version 4 runs TLS 1.3
+// with proofs of the token bound to the TLS session (see tls.go); 3 and
+// older authenticated in clear.
+const ProtocolVersion = 4
 
 // Limits and deadlines of the conversation. Every step has a deadline,
 // so a silent peer or a cut cable ends the migration instead of hanging it.
@@ -42,16 +42,18 @@ var ErrAuth = errors.New("migration peer refused: authentication failed")
 // ErrRefused is a destination that refused the job.
 var ErrRefused = errors.New("destination refused the job")
 
-// conn frames Envelopes over a byte stream (TCP today; a tls.Conn fits
-// the same net.Conn).
+// conn frames Envelopes over a byte stream: a tls.Conn.
 type conn struct {
-	c    net.Conn
-	r    *bufio.Reader
-	rx   int64 // bytes received
-	tx   int64 // bytes sent
-	mu   sync.Mutex
-	wbuf []byte // reused by send: a migration sends gigabytes a MiB at a time
-	rbuf []byte // reused by recv (Unmarshal copies what it keeps)
+	c net.Conn
+	r *bufio.Reader
+	// limit is the largest message recv takes: a few KiB until the peer
+	// has proved the token, then maxMessage.
+	limit uint32
+	rx    int64 // bytes received
+	tx    int64 // bytes sent
+	mu    sync.Mutex
+	wbuf  []byte // reused by send: a migration sends gigabytes a MiB at a time
+	rbuf  []byte // reused by recv (Unmarshal copies what it keeps)
 	// cut is set by an interruption (see cutOff): the data and the waits
 	// stop, while a last control message (Abort) can still go.
 	cut atomic.Bool
@@ -75,7 +77,29 @@ func (c *conn) cutOff() {
 // destination that may run its copy.
 func (c *conn) keep() { c.cut.Store(false) }
 
-func newConn(c net.Conn) *conn { return &conn{c: c, r: bufio.NewReaderSize(c, 256<<10)} }
+// readBuffer is the read buffer of an authenticated connection.
+const readBuffer = 256 << 10
+
+func newConn(c net.Conn) *conn {
+	return &conn{c: c, r: bufio.NewReaderSize(c, readBuffer), limit: maxMessage}
+}
+
+// newHandshakeConn is a conn for a peer that has not proved the token
+// yet: a small buffer, small messages (see authenticated).
+func newHandshakeConn(c net.Conn) *conn {
+	return &conn{c: c, r: bufio.NewReaderSize(c, handshakeBuffer), limit: handshakeMessage}
+}
+
+// authenticated lifts the limits of a handshake conn: the peer proved
+// the token.
+func (c *conn) authenticated() {
+	c.limit = maxMessage
+	if c.r.Buffered() == 0 {
+		c.r = bufio.NewReaderSize(c.c, readBuffer)
+	} else {
+		c.r = bufio.NewReaderSize(c.r, readBuffer)
+	}
+}
 
 func (c *conn) send(m *pb.Envelope, d time.Duration) error {
 	c.mu.Lock()
@@ -159,8 +183,8 @@ func (c *conn) recv(d time.Duration) (*pb.Envelope, error) {
 		return nil, err
 	}
 	n := binary.LittleEndian.Uint32(hdr[:])
-	if n > maxMessage {
-		return nil, fmt.Errorf("peer sent a message of %d bytes (limit %d)", n, maxMessage)
+	if n > c.limit {
+		return nil, fmt.Errorf("peer sent a message of %d bytes (limit %d)", n, c.limit)
 	}
 	if cap(c.rbuf) < int(n) {
 		c.rbuf = make([]byte, n)
@@ -304,10 +328,4 @@ func ReadToken(path string) ([]byte, error) {
 		return nil, fmt.Errorf("token in %s is %d bytes; use at least %d (e.g. head -c 32 /dev/urandom | base64 > %s)", path, len(tok), minTokenLen, path)
 	}
 	return tok, nil
-}
-
-func mac(token, nonce []byte) []byte {
-	h := hmac.New(sha256.New, token)
-	h.Write(nonce)
-	return h.Sum(nil)
 }

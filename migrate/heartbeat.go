@@ -34,7 +34,6 @@ func peerSilence() time.Duration {
 func heartbeat(c *conn) (stop func()) {
 	done := make(chan struct{})
 	ended := make(chan struct{})
-	t0 := time.Now()
 	go func() {
 		defer close(ended)
 		t := time.NewTicker(heartbeatEvery)
@@ -45,7 +44,7 @@ func heartbeat(c *conn) (stop func()) {
 				return
 			case <-t.C:
 			}
-			if c.send(&pb.Envelope{Msg: &pb.Envelope_Restoring{Restoring: &pb.Restoring{ElapsedNs: int64(time.Since(t0))}}}, stepTimeout) != nil {
+			if c.send(&pb.Envelope{Msg: &pb.Envelope_Restoring{Restoring: &pb.Restoring{}}}, stepTimeout) != nil {
 				return
 			}
 		}

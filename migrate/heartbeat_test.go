@@ -7,6 +7,7 @@ import (
 	"time"
 
 	pb "github.com/ferry-cr/ferry/proto"
+	gproto "google.golang.org/protobuf/proto"
 )
 
 // A source hears heartbeats while the destination restores, and its wait
@@ -68,4 +69,18 @@ func TestHeartbeatSends(t *testing.T) {
 		t.Fatal("no heartbeat")
 	}
 	stop()
+}
+
+// A heartbeat is told from every other message by its size alone (a relay
+// that sees only TLS records can tell it: see test/migrate_secure_test.go,
+// heartbeatRecord): 3 bytes of Envelope behind the 4-byte length.
+func TestHeartbeatSize(t *testing.T) {
+	b, err := gproto.Marshal(&pb.Envelope{Msg: &pb.Envelope_Restoring{Restoring: &pb.Restoring{}}})
+	if err != nil || len(b) != 3 {
+		t.Fatalf("a Restoring envelope is %d bytes (%v), want 3", len(b), err)
+	}
+	r, _ := gproto.Marshal(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: "j"}}})
+	if len(r) <= len(b) {
+		t.Fatalf("a Restored is no longer than a heartbeat")
+	}
 }

@@ -8,13 +8,16 @@ package migrate
 // longer grows with memory: the destination runs as soon as it is
 // restored, faulting in what it touches while the rest streams behind.
 //
-// The page link is a second connection to the same `ferry serve`,
-// authenticated like the first and attached to the migration by a
-// session value; after that it carries CRIU's page-server protocol
-// untouched. The source hands its socket to CRIU (--ps-socket). The
-// destination's ferry relays it to the daemon over loopback, which gives
-// it the first word on a failed link: it kills the destination's copy
-// before the daemon learns of the failure and lets go of the job's
+// The page link is a second connection to the same `ferry serve`, secured
+// and authenticated like the first (TLS, proofs of the token) and
+// attached to the migration by a session value it names inside TLS;
+// after that it carries CRIU's page-server protocol inside TLS. CRIU
+// speaks no TLS of ours, so on each side ferry relays between the link
+// and one end of a socketpair whose other end CRIU gets (--ps-socket):
+// nothing listens for CRIU, on loopback or anywhere, so no other process
+// of the host can take the relay's place. The destination's relay also
+// gives ferry the first word on a failed link: it kills the destination's
+// copy before the daemon learns of the failure and lets go of the job's
 // userfaultfds (after which missing pages would read as zeros).
 //
 // Never lost, never twice, in post-copy terms:
@@ -38,7 +41,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -59,8 +64,10 @@ const pageLinkGrace = 5 * time.Second
 // postCopySource is the source's half of a post-copy migration.
 type postCopySource struct {
 	c         *conn    // the control connection
-	link      net.Conn // the page link
-	file      *os.File // the page link's socket, for CRIU
+	link      net.Conn // the page link (TLS)
+	file      *os.File // CRIU's end of the socketpair relayed to the link
+	ours      net.Conn // ferry's end
+	relayed   atomic.Int64
 	to        string
 	start     time.Time
 	rep       *Report
@@ -74,50 +81,85 @@ type postCopySource struct {
 	keepCtl func() bool
 }
 
-// openPageLink opens and attaches the page link of session.
+// openPageLink opens and attaches the page link of session, and starts
+// relaying it to the end of a socketpair whose other end is for CRIU.
 func openPageLink(ctx context.Context, opts Options, c *conn, session []byte, start time.Time, rep *Report, log *slog.Logger) (*postCopySource, error) {
 	if len(session) == 0 {
 		return nil, errors.New("the destination named no session for the page link")
 	}
-	nc, err := dial(ctx, opts.To)
+	lc, _, err := connect(ctx, opts)
 	if err != nil {
-		return nil, err
-	}
-	lc := newConn(nc)
-	if _, err := handshake(lc, opts.Token); err != nil {
-		nc.Close()
 		return nil, fmt.Errorf("page link: %w", err)
 	}
 	if err := lc.send(&pb.Envelope{Msg: &pb.Envelope_AttachPages{AttachPages: &pb.AttachPages{Session: session}}}, stepTimeout); err != nil {
-		nc.Close()
+		lc.c.Close()
 		return nil, fmt.Errorf("page link: %w", err)
 	}
-	f, err := nc.(*net.TCPConn).File()
-	if err == nil {
-		// CRIU reads and writes with blocking calls.
-		err = unix.SetNonblock(int(f.Fd()), false)
-	}
+	criuEnd, ours, err := socketPair()
 	if err != nil {
-		nc.Close()
+		lc.c.Close()
 		return nil, fmt.Errorf("page link: %w", err)
 	}
-	return &postCopySource{c: c, link: nc, file: f, to: opts.To, start: start, rep: rep, log: log}, nil
+	p := &postCopySource{c: c, link: lc.c, file: criuEnd, ours: ours, to: opts.To, start: start, rep: rep, log: log}
+	go p.relay(&bufferedConn{Conn: lc.c, r: lc.r})
+	return p, nil
 }
 
-// countLink notes the bytes the page link has carried (acknowledged by
-// the destination's kernel; CRIU writes them, not us).
+// relay joins CRIU's end of the page link to the link until either ends.
+// The link's end reaches CRIU at once, as a closed socket would; CRIU's
+// end does not reach the destination (which would take it for a failed
+// transfer) before close or shut decide what it was.
+func (p *postCopySource) relay(link net.Conn) {
+	go func() {
+		_, _ = io.Copy(p.ours, link)
+		if uc, ok := p.ours.(*net.UnixConn); ok {
+			_ = uc.CloseWrite()
+		}
+	}()
+	_, _ = io.Copy(countWriter{link, &p.relayed}, p.ours)
+}
+
+// countWriter counts what goes through it.
+type countWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (c countWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// socketPair returns the two ends of a connected unix stream socket: one
+// as a blocking file for CRIU, one as a net.Conn for the relay.
+func socketPair() (*os.File, net.Conn, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	criuEnd := os.NewFile(uintptr(fds[0]), "page-link-criu")
+	f := os.NewFile(uintptr(fds[1]), "page-link")
+	ours, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		criuEnd.Close()
+		return nil, nil, err
+	}
+	return criuEnd, ours, nil
+}
+
+// countLink notes the bytes the page link has carried from CRIU.
 func (p *postCopySource) countLink() {
-	if info, err := unix.GetsockoptTCPInfo(int(p.file.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-		p.linkBytes = int64(info.Bytes_acked)
-	}
+	p.linkBytes = p.relayed.Load()
 }
 
-// close closes the page link (both descriptors), noting what it carried.
+// close closes the page link and both ends of the relay, noting what it
+// carried.
 func (p *postCopySource) close() {
-	if p.linkBytes == 0 {
-		p.countLink()
-	}
+	p.countLink()
 	p.file.Close()
+	p.ours.Close()
 	p.link.Close()
 }
 
@@ -190,7 +232,12 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 			dropped = cm.m.GetDropped().GetReason()
 		}
 	}
-	shut := func() { _ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR) }
+	// shut cuts the link: CRIU's page server sees its end, and so does
+	// the destination.
+	shut := func() {
+		_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
+		p.link.Close()
+	}
 	for {
 		// The verdicts, in order of precedence. Our copy ends only once
 		// CRIU has served every page AND the destination says it has them
@@ -342,45 +389,30 @@ type bufferedConn struct {
 
 func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 
-// relay joins the lazy-pages daemon's connection (accepted on loopback)
-// to the page link. sourceGone is closed when the source's side ends.
+// relay joins the lazy-pages daemon's end of the page link (a socketpair:
+// the daemon gets the other end as --ps-socket) to the page link.
+// sourceGone is closed when the source's side ends.
 type relay struct {
-	ln         *net.TCPListener
 	link       net.Conn
+	ours       net.Conn
+	daemonEnd  *os.File // for the daemon; closed here once it has started
 	sourceGone chan struct{}
-	mu         sync.Mutex
-	daemon     net.Conn
-	closed     bool
+	closeOnce  sync.Once
 }
 
 func newRelay(link net.Conn) (*relay, error) {
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	daemonEnd, ours, err := socketPair()
 	if err != nil {
 		return nil, err
 	}
-	r := &relay{ln: ln, link: link, sourceGone: make(chan struct{})}
+	r := &relay{link: link, ours: ours, daemonEnd: daemonEnd, sourceGone: make(chan struct{})}
 	go r.run()
 	return r, nil
 }
 
-func (r *relay) addr() *net.TCPAddr { return r.ln.Addr().(*net.TCPAddr) }
-
 func (r *relay) run() {
-	dc, err := r.ln.Accept()
-	r.ln.Close()
-	if err != nil {
-		return
-	}
-	r.mu.Lock()
-	if r.closed {
-		r.mu.Unlock()
-		dc.Close()
-		return
-	}
-	r.daemon = dc
-	r.mu.Unlock()
 	go func() {
-		_, _ = io.Copy(r.link, dc)
+		_, _ = io.Copy(r.link, r.ours)
 		if tc, ok := r.link.(interface{ CloseWrite() error }); ok {
 			_ = tc.CloseWrite()
 		}
@@ -388,19 +420,16 @@ func (r *relay) run() {
 	// Source to daemon. When the source's side ends, the daemon is not
 	// told (its connection stays open) until close: first the caller
 	// decides whether the transfer was complete or the copy must die.
-	_, _ = io.Copy(dc, r.link)
+	_, _ = io.Copy(r.ours, r.link)
 	close(r.sourceGone)
 }
 
 func (r *relay) close() {
-	r.mu.Lock()
-	r.closed = true
-	if r.daemon != nil {
-		r.daemon.Close()
-	}
-	r.mu.Unlock()
-	r.ln.Close()
-	r.link.Close()
+	r.closeOnce.Do(func() {
+		r.ours.Close()
+		r.link.Close()
+		r.daemonEnd.Close()
+	})
 }
 
 // startingDaemon is a lazy-pages daemon being started beside the restore.
@@ -412,15 +441,25 @@ type startingDaemon struct {
 
 // startDaemon starts CRIU's lazy-pages daemon in the background (see
 // restore.StartLazyPages).
-func startDaemon(ctx context.Context, b *criu.Binary, images, work string, pages *net.TCPAddr, log *slog.Logger) *startingDaemon {
+func startDaemon(ctx context.Context, b *criu.Binary, images, work string, pages *os.File, log *slog.Logger) *startingDaemon {
 	s := &startingDaemon{done: make(chan struct{})}
 	t0 := time.Now()
 	go func() {
 		defer close(s.done)
-		s.daemon, s.err = restore.StartLazyPages(ctx, b, images, work, pages)
+		s.daemon, s.err = startLazyPages(ctx, b, images, work, pages)
+		pages.Close() // the daemon has its own copy
 		log.Debug("lazy-pages daemon started", "err", s.err, "took", time.Since(t0))
 	}()
 	return s
+}
+
+// startLazyPages is restore.StartLazyPages with the page link a socket the
+// daemon inherits (--ps-socket) rather than an address it connects to,
+// which any local process could have taken first.
+func startLazyPages(ctx context.Context, b *criu.Binary, images, work string, pages *os.File) (*restore.LazyPages, error) {
+	return criu.Command{Path: b.Path, Args: []string{"lazy-pages", "--images-dir", images, "--work-dir", work,
+		"--log-file", "lazy-pages.log", "-v2", "--page-server", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0)))},
+		ExtraFiles: []*os.File{pages}}.StartReady(ctx)
 }
 
 // wait returns the daemon once it listens, or why it never will.
@@ -492,7 +531,7 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		return err
 	}
 	defer rl.close()
-	starting := startDaemon(ctx, sv.Restore.Criu, early.Daemon, early.Dir, rl.addr(), log)
+	starting := startDaemon(ctx, sv.Restore.Criu, early.Daemon, early.Dir, rl.daemonEnd, log)
 	defer starting.stop()
 	var fillErr error
 	filled := make(chan struct{})

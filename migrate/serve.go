@@ -2,8 +2,6 @@ package migrate
 
 import (
 	"context"
-	"crypto/hmac"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -38,31 +36,66 @@ type Server struct {
 	// the source's runs on: give them back) and running (our copy runs).
 	Hook string
 
-	sessions sessions // post-copy migrations waiting for their page link
+	// PKI adds certificates to the token's proof (optional).
+	PKI PKI
+	// MaxPending caps the connections that have not proved the token yet
+	// (0: 64), MaxPendingPerHost those from one address (0: 8).
+	MaxPending, MaxPendingPerHost int
+
+	sessions   sessions // post-copy migrations waiting for their page link
+	pending    pending
+	refusedLog rateLimit
 }
 
 // Serve accepts migrations on ln until ctx ends, each in a goroutine of
 // its own, and waits for those in flight before returning.
+//
+// Anyone who can reach the port can connect, so a connection costs
+// little until its peer has proved the token: it must do so within
+// handshakeTimeout, with small buffers, and only MaxPending such
+// connections (MaxPendingPerHost from one address) are let in at once;
+// more are closed at once. A failing accept (out of descriptors, say)
+// is retried after a pause, never the end of Serve.
 func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
 	log := sv.log()
 	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
 	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	var backoff time.Duration
+	var refused refusals
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return err
 			}
-			return err
+			// EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: wait for
+			// connections to end, as a flood's do at their deadline.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			if backoff == time.Second || backoff == 5*time.Millisecond {
+				log.Warn("accepting a connection failed; retrying", "err", err, "in", backoff)
+			}
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+				return nil
+			}
+			continue
+		}
+		backoff = 0
+		release, ok := sv.pending.admit(nc.RemoteAddr(), sv.MaxPending, sv.MaxPendingPerHost)
+		if !ok {
+			nc.Close()
+			refused.note(log, nc.RemoteAddr())
+			continue
 		}
 		wg.Go(func() {
 			peer := nc.RemoteAddr().String()
-			kept, err := sv.handle(ctx, nc)
+			kept, err := sv.handle(ctx, nc, release)
 			if !kept {
 				nc.Close()
 			}
@@ -71,6 +104,100 @@ func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
 			}
 		})
 	}
+}
+
+// Defaults of Server.MaxPending and MaxPendingPerHost.
+const (
+	defaultMaxPending        = 64
+	defaultMaxPendingPerHost = 8
+)
+
+// pending counts the connections that have not proved the token yet, in
+// all and by remote address.
+type pending struct {
+	mu     sync.Mutex
+	n      int
+	byHost map[string]int
+}
+
+// admit takes a place for a connection from addr, if there is one; release
+// gives it back (once: later calls do nothing).
+func (p *pending) admit(addr net.Addr, max, perHost int) (release func(), ok bool) {
+	if max <= 0 {
+		max = defaultMaxPending
+	}
+	if perHost <= 0 {
+		perHost = defaultMaxPendingPerHost
+	}
+	host := addr.String()
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
+		// One IPv6 host commonly holds a whole /64.
+		host = ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.byHost == nil {
+		p.byHost = map[string]int{}
+	}
+	if p.n >= max || p.byHost[host] >= perHost {
+		return nil, false
+	}
+	p.n++
+	p.byHost[host]++
+	return sync.OnceFunc(func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		p.n--
+		if p.byHost[host]--; p.byHost[host] <= 0 {
+			delete(p.byHost, host)
+		}
+	}), true
+}
+
+// rateLimit lets a few log lines a second through, so that a flood of
+// failed handshakes does not flood the log; the next line let through
+// says how many were not.
+type rateLimit struct {
+	mu      sync.Mutex
+	second  time.Time
+	n       int
+	dropped int
+}
+
+// allow says whether to log now, and how many lines were dropped since
+// the last one logged.
+func (r *rateLimit) allow() (dropped int, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if now := time.Now(); now.Sub(r.second) >= time.Second {
+		r.second, r.n = now, 0
+	}
+	if r.n >= 10 {
+		r.dropped++
+		return 0, false
+	}
+	r.n++
+	dropped, r.dropped = r.dropped, 0
+	return dropped, true
+}
+
+// refusals logs connections closed for want of a place, at most once a
+// second: a flood must not flood the log too.
+type refusals struct {
+	last  time.Time
+	count int
+}
+
+func (r *refusals) note(log *slog.Logger, addr net.Addr) {
+	r.count++
+	if time.Since(r.last) < time.Second {
+		return
+	}
+	log.Warn("closed connections at once: too many have not proved the token yet", "count", r.count, "last peer", addr.String())
+	r.last, r.count = time.Now(), 0
 }
 
 func (sv *Server) log() *slog.Logger {
@@ -84,22 +211,29 @@ func (sv *Server) log() *slog.Logger {
 // link to its migration (kept: the connection now belongs to that
 // migration) or run a migration: accept the offer, restore the stream
 // held frozen, report, and thaw once the source's copy is gone.
-func (sv *Server) handle(ctx context.Context, nc net.Conn) (kept bool, err error) {
+func (sv *Server) handle(ctx context.Context, nc net.Conn, release func()) (kept bool, err error) {
 	log := sv.log().With("peer", nc.RemoteAddr().String())
-	stopConn := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
-	defer stopConn()
-	c := newConn(nc)
-	if err := sv.authenticate(c); err != nil {
-		log.Warn("refused a migration", "reason", err, "bytes", c.rx)
+	stopHandshake := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
+	c, err := sv.authenticate(nc)
+	stopHandshake()
+	release()
+	if err != nil {
+		if n, ok := sv.refusedLog.allow(); ok {
+			log.Warn("refused a migration", "reason", err, "unlogged before", n)
+		}
 		return false, nil
 	}
+	// From here every receive sets a deadline of its own: a deadline
+	// alone would not hold them (see conn.cutOff).
+	stopConn := context.AfterFunc(ctx, c.cutOff)
+	defer stopConn()
 	m, err := c.recv(stepTimeout)
 	if err != nil {
 		return false, fmt.Errorf("waiting for an offer: %w", err)
 	}
 	if ap := m.GetAttachPages(); ap != nil {
-		_ = nc.SetDeadline(time.Time{})
-		if !sv.sessions.attach(ap.GetSession(), &bufferedConn{Conn: nc, r: c.r}) {
+		_ = c.c.SetDeadline(time.Time{})
+		if !sv.sessions.attach(ap.GetSession(), &bufferedConn{Conn: c.c, r: c.r}) {
 			return false, errors.New("a page link named no migration in progress")
 		}
 		return true, nil
@@ -263,36 +397,13 @@ func (sv *Server) reportRestored(c *conn, name string, d time.Duration) error {
 	return c.send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: name, RestoreNs: int64(d)}}}, stepTimeout)
 }
 
-// authenticate sends a fresh nonce and checks the source's HMAC of it in
-// constant time, before anything of a job is accepted.
-func (sv *Server) authenticate(c *conn) error {
-	nonce := make([]byte, 32)
-	if _, err := rand.Read(nonce); err != nil {
-		return err
-	}
+// authenticate opens the secure link with a source (see
+// serverHandshake) before anything of a job is accepted, and tells the
+// source what this host can do.
+func (sv *Server) authenticate(nc net.Conn) (*conn, error) {
 	host, _ := os.Hostname()
 	caps := &pb.Capabilities{LazyPages: sv.Caps.LazyPages, SoftDirty: sv.Caps.SoftDirty, EarlyRestore: true, Prepares: true}
-	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Nonce: nonce, Host: host, Capabilities: caps}}}, stepTimeout); err != nil {
-		return err
-	}
-	m, err := c.recv(stepTimeout)
-	if err != nil {
-		return err
-	}
-	a := m.GetAuth()
-	switch {
-	case a == nil:
-		sv.answer(c, false, "authentication required", "")
-		return fmt.Errorf("peer sent %T instead of auth", m.GetMsg())
-	case a.GetVersion() != ProtocolVersion:
-		sv.answer(c, false, fmt.Sprintf("protocol version %d, this destination speaks %d", a.GetVersion(), ProtocolVersion), "")
-		return fmt.Errorf("protocol version %d", a.GetVersion())
-	case !hmac.Equal(a.GetMac(), mac(sv.Token, nonce)):
-		sv.answer(c, false, "authentication failed (wrong token)", "")
-		return errors.New("wrong token")
-	}
-	sv.answer(c, true, "", "")
-	return nil
+	return sv.serverHandshake(nc, &pb.Hello{Version: ProtocolVersion, Host: host, Capabilities: caps})
 }
 
 func (sv *Server) answerSession(c *conn, name string, session []byte) {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"time"
 
 	"github.com/ferry-cr/ferry/dump"
@@ -18,6 +17,7 @@ import (
 type Options struct {
 	To          string // ADDR:PORT of a `ferry serve`
 	Token       []byte
+	PKI         PKI // certificates that add to the token (optional)
 	Mode        Mode
 	MaxDowntime time.Duration
 	// Dump is how the job is checkpointed (CRIU, logger, compression,
@@ -84,18 +84,13 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 		defer held.Close()
 	}
 
-	nc, err := dial(ctx, opts.To)
+	c, hello, err := connect(ctx, opts)
 	if err != nil {
 		return nil, err
 	}
-	defer nc.Close()
-	c := newConn(nc)
+	defer c.c.Close()
 	stopConn := context.AfterFunc(ctx, c.cutOff)
 	defer stopConn()
-	hello, err := handshake(c, opts.Token)
-	if err != nil {
-		return nil, err
-	}
 	dest := Capabilities{LazyPages: hello.GetCapabilities().GetLazyPages(), SoftDirty: hello.GetCapabilities().GetSoftDirty()}
 	src := opts.Source
 	if rec.Foreign {
@@ -207,7 +202,8 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 	rep.BytesSent = int64(dw.n)
 
 	// The source copy is gone: let the destination run its own.
-	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout); err == nil {
+	// (A failed send is the reason reported below, not the nil before it.)
+	if err = c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout); err == nil {
 		m, err = c.recv(stepTimeout)
 		if err == nil && m.GetRunning() != nil {
 			rep.Downtime = time.Since(res.FrozenAt)
@@ -266,31 +262,25 @@ func chooseFor(want Mode, sit Situation) (Decision, error) {
 // ErrUnsupportedMode is a mode this host or this ferry cannot run.
 var ErrUnsupportedMode = errors.New("migration mode unavailable")
 
-// handshake answers the destination's Hello with proof of the token and
-// returns the Hello.
-func handshake(c *conn, token []byte) (*pb.Hello, error) {
-	m, err := c.recv(stepTimeout)
+// connect dials the destination and opens the secure link (see
+// clientHandshake); an interruption (ctx) ends the handshake at once.
+func connect(ctx context.Context, opts Options) (*conn, *pb.Hello, error) {
+	nc, err := dial(ctx, opts.To)
 	if err != nil {
-		return nil, fmt.Errorf("waiting for the destination's hello: %w", err)
+		return nil, nil, err
 	}
-	h := m.GetHello()
-	if h == nil {
-		return nil, errors.New("destination did not open with hello: is it a ferry serve?")
+	stop := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
+	host, _, _ := net.SplitHostPort(opts.To)
+	c, hello, err := clientHandshake(nc, opts.Token, opts.PKI, host)
+	if !stop() && err == nil {
+		err = ctx.Err()
 	}
-	if h.GetVersion() != ProtocolVersion {
-		c.abort(fmt.Sprintf("protocol version %d, this source speaks %d", h.GetVersion(), ProtocolVersion))
-		return nil, fmt.Errorf("destination speaks migration protocol %d, this ferry %d: use the same ferry on both hosts", h.GetVersion(), ProtocolVersion)
-	}
-	host, _ := os.Hostname()
-	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Auth{Auth: &pb.Auth{Version: ProtocolVersion, Mac: mac(token, h.GetNonce()), Host: host}}}, stepTimeout); err != nil {
-		return nil, fmt.Errorf("authenticating: %w", err)
-	}
-	m, err = c.recv(stepTimeout)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrAuth, err)
+		nc.Close()
+		if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
+			err = fmt.Errorf("%w (%w)", err, cerr)
+		}
+		return nil, nil, err
 	}
-	if a := m.GetAnswer(); a == nil || !a.GetOk() {
-		return nil, fmt.Errorf("%w: %s", ErrAuth, m.GetAnswer().GetReason())
-	}
-	return h, nil
+	return c, hello, nil
 }

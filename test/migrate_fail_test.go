@@ -1,11 +1,8 @@
 package test
 
 import (
-	"bufio"
 	"bytes"
-	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -16,40 +13,10 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	gproto "google.golang.org/protobuf/proto"
-
-	pb "github.com/ferry-cr/ferry/proto"
 )
 
 // Migrations whose last word is lost, and migrations interrupted on the
 // source: the job must never run twice nor be lost.
-
-// cutAfterRestored relays a migration and cuts both connections right
-// after the destination's Restored reaches the source: the source ends
-// its copy, and neither side hears the other again.
-func cutAfterRestored(c, d net.Conn) {
-	defer c.Close()
-	defer d.Close()
-	go func() { _, _ = io.Copy(d, c) }()
-	r := bufio.NewReader(d)
-	for {
-		var hdr [4]byte
-		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			return
-		}
-		body := make([]byte, binary.LittleEndian.Uint32(hdr[:]))
-		if _, err := io.ReadFull(r, body); err != nil {
-			return
-		}
-		if _, err := c.Write(append(hdr[:], body...)); err != nil {
-			return
-		}
-		var m pb.Envelope
-		if gproto.Unmarshal(body, &m) == nil && m.GetRestored() != nil {
-			return
-		}
-	}
-}
 
 func TestMigrateInDoubt(t *testing.T) {
 	requireCriu(t)
@@ -60,7 +27,7 @@ func TestMigrateInDoubt(t *testing.T) {
 	listen := net.JoinHostPort(h.addrB, "7100")
 	dst.serve(h.b, listen, token)
 	via := net.JoinHostPort(h.addrB, "7101")
-	defer proxy(t, h.b, via, listen, cutAfterRestored)()
+	defer proxy(t, h.b, via, listen, cutAfterRestoredTLS)()
 
 	if r := src.ferryIn(h.a, "run", "--name", "dj", "--", w, "memory", "32"); r.code != 0 {
 		t.Fatalf("run: %s", r)

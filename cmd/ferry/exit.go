@@ -53,6 +53,7 @@ const (
 	exitSnapshotted       = 26 // --checkpoint-on-term: the job was ended by its final snapshot
 	exitBusy              = 27 // another ferry operation holds the job (a checkpoint, a migration, a snapshot)
 	exitOutputLost        = 28 // the checkpoint could not be written or delivered whole; the job keeps running
+	exitVersion           = 29 // the migration peer speaks another protocol version (nothing of the job was sent)
 	exitInterrupted       = 130
 )
 
@@ -91,6 +92,7 @@ var exitCodes = []struct {
 	{dump.ErrNoProcess, exitNoJob},
 	{dump.ErrBadPid, exitBadPid},
 	{migrate.ErrAuth, exitAuth},
+	{migrate.ErrVersion, exitVersion},
 	{migrate.ErrRefused, exitRefused},
 	{migrate.ErrInDoubt, exitInDoubt},
 	{migrate.ErrUnsupportedMode, exitModeUnavailable},

@@ -22,11 +22,16 @@ var serveCommand = &cli.Command{
 	Before:    sweepScratch,
 	Usage:     "receive migrated jobs from peers that hold the shared token",
 	ArgsUsage: " ",
-	Description: `Listens for ferry migrate. A peer must prove it holds the token in
---token-file (HMAC of a fresh nonce, compared in constant time) before any
-job data is accepted; refusals are logged with the peer's address. Each
-incoming job is restored as a job of this ferry's --root, held frozen until
-the source confirms its copy is gone, then started.
+	Description: `Listens for ferry migrate. Every connection runs TLS 1.3, and the peer
+must prove it holds the token in --token-file (an HMAC bound to the TLS
+session, compared in constant time) before this host proves it in turn and
+before any job data is accepted; refusals are logged with the peer's
+address. --tls-cert, --tls-key and --tls-ca add certificates to that proof,
+never replace it. A connection that has not proved the token within 10s is
+closed, and only a few such connections are let in at once (--max-pending,
+--max-pending-per-host). Each incoming job is restored as a job of this
+ferry's --root, held frozen until the source confirms its copy is gone,
+then started.
 
 --hook PATH runs "PATH EVENT JOB" (FERRY_PEER=ADDR:PORT in its environment)
 at three moments: pre-restore, when the whole checkpoint has arrived and the
@@ -38,6 +43,9 @@ address back), and running.`,
 		&cli.StringFlag{Name: "listen", Required: true, Usage: "`ADDR:PORT` to listen on"},
 		&cli.StringFlag{Name: "token-file", Required: true, Usage: "file holding the shared secret (mode 0600, at least 16 bytes)"},
 		&cli.StringFlag{Name: "hook", Usage: "run `PATH EVENT JOB` at pre-restore (take over the source's addresses; failing refuses the job), discarded and running"},
+		&cli.IntFlag{Name: "max-pending", Value: 64, Usage: "connections that have not proved the token yet let in at once (more are closed at once)"},
+		&cli.IntFlag{Name: "max-pending-per-host", Value: 8, Usage: "the same, from one address"},
+		tlsCertFlag, tlsKeyFlag, tlsCAFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := exactArgs(c, 0, ""); err != nil {
@@ -49,6 +57,13 @@ address back), and running.`,
 		token, err := migrate.ReadToken(c.String("token-file"))
 		if err != nil {
 			return usageError{err}
+		}
+		pki, err := loadPKI(c)
+		if err != nil {
+			return err
+		}
+		if c.Int("max-pending") < 1 || c.Int("max-pending-per-host") < 1 {
+			return usageError{fmt.Errorf("--max-pending and --max-pending-per-host must be at least 1")}
 		}
 		s, err := registry(c)
 		if err != nil {
@@ -69,7 +84,8 @@ address back), and running.`,
 		}
 		slog.Info("serving migrations", "listen", ln.Addr().String(), "root", s.Root)
 		sv := &migrate.Server{
-			Store: s, Token: token, Logger: slog.Default(), Hook: c.String("hook"),
+			Store: s, Token: token, PKI: pki, Logger: slog.Default(), Hook: c.String("hook"),
+			MaxPending: c.Int("max-pending"), MaxPendingPerHost: c.Int("max-pending-per-host"),
 			Caps:    migrate.CapabilitiesFromFeatures(bin.Features(c.Context, "mem_dirty_track", "uffd", "uffd-noncoop")),
 			Restore: restore.Options{Criu: bin, ServeDir: filepath.Join(s.Root, "serve"), CgroupRoot: c.String("cgroup-root"), Logger: slog.Default()},
 		}
@@ -94,7 +110,14 @@ destination at once, and moves the memory behind it (CRIU lazy pages over a
 second connection to the same port); the source stays frozen until every
 page has arrived, and resumes only if the destination drops its copy.
 --mode auto picks from both hosts' capabilities, the job's memory and
---max-downtime, and says why.`,
+--max-downtime, and says why.
+
+Both connections run TLS 1.3. This host proves it holds the token, then
+checks the destination's proof before it says anything of the job: a
+destination that cannot prove it (an impostor, or a relay in the middle)
+gets nothing and migrate exits 20. --tls-cert, --tls-key and --tls-ca add
+certificates (the destination's must name the host of --to), never replace
+the token.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "to", Required: true, Usage: "destination `ADDR:PORT`"},
 		&cli.StringFlag{Name: "token-file", Required: true, Usage: "file holding the shared secret"},
@@ -108,6 +131,7 @@ page has arrived, and resumes only if the destination drops its copy.
 		&cli.DurationFlag{Name: "timeout", Usage: "give up (the job keeps running here) after this long"},
 		&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
 		progressFlag,
+		tlsCertFlag, tlsKeyFlag, tlsCAFlag,
 	},
 	Action: func(c *cli.Context) error {
 		s, name, err := jobArg(c)
@@ -132,6 +156,10 @@ page has arrived, and resumes only if the destination drops its copy.
 		if err != nil {
 			return usageError{err}
 		}
+		pki, err := loadPKI(c)
+		if err != nil {
+			return err
+		}
 		bin, err := findCriu(c)
 		if err != nil {
 			return err
@@ -147,7 +175,7 @@ page has arrived, and resumes only if the destination drops its copy.
 			defer cancel()
 		}
 		rep, err := migrate.Migrate(ctx, s, name, migrate.Options{
-			To: c.String("to"), Token: token, Mode: mode, MaxDowntime: c.Duration("max-downtime"),
+			To: c.String("to"), Token: token, PKI: pki, Mode: mode, MaxDowntime: c.Duration("max-downtime"),
 			Source: migrate.CapabilitiesFromFeatures(bin.Features(ctx, "mem_dirty_track", "uffd", "uffd-noncoop")),
 			Logger: slog.Default(),
 			Dump: dump.Options{
@@ -169,4 +197,19 @@ page has arrived, and resumes only if the destination drops its copy.
 			humanBytes(int64(rep.Throughput)), rep.Downtime.Round(time.Millisecond), rep.Reason)
 		return nil
 	},
+}
+
+// Certificates a site may add to the token (both commands).
+var (
+	tlsCertFlag = &cli.StringFlag{Name: "tls-cert", Usage: "present this PEM certificate (with --tls-key) instead of a throwaway one"}
+	tlsKeyFlag  = &cli.StringFlag{Name: "tls-key", Usage: "the private key of --tls-cert (PEM)"}
+	tlsCAFlag   = &cli.StringFlag{Name: "tls-ca", Usage: "accept only peers whose certificate chains to this PEM CA (in addition to the token)"}
+)
+
+func loadPKI(c *cli.Context) (migrate.PKI, error) {
+	p, err := migrate.LoadPKI(c.String("tls-cert"), c.String("tls-key"), c.String("tls-ca"))
+	if err != nil {
+		return p, usageError{err}
+	}
+	return p, nil
 }
