@@ -83,7 +83,7 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 	if r.how.warm {
 		image.Warm(2 * runtime.GOMAXPROCS(0)) // the stream is written while the job is frozen
 	}
-	if err := r.sink.begin(r.manifest()); err != nil {
+	if err := r.sink.begin(ctx, r.manifest()); err != nil {
 		return nil, err
 	}
 	defer func() {
@@ -226,6 +226,15 @@ func (r *run) scratch() error {
 		prefix = "checkpoint"
 	}
 	tmp, err := scratch.Dir(base, prefix)
+	if err == nil && r.how.sink.streamed() && len(tmp)+1+len(criu.CaptureSocket) > maxSocketPath {
+		// A streamed dump's directory holds only CRIU's sockets, whose
+		// paths must fit in a socket address: a deep temporary directory
+		// will not do.
+		os.Remove(tmp)
+		if err = os.MkdirAll(shortScratch, 0o700); err == nil {
+			tmp, err = scratch.Dir(shortScratch, prefix)
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("creating checkpoint directory: %w", err)
 	}
@@ -239,6 +248,15 @@ func (r *run) scratch() error {
 	r.logPath = filepath.Join(r.t.workDir, "dump.log")
 	return nil
 }
+
+// maxSocketPath is the room for a unix socket's path (sun_path less the
+// NUL); shortScratch is where a streamed dump's sockets go when the
+// temporary directory is too deep for them (restore's serve sockets go
+// there too; the next ferry command sweeps what a killed one left).
+const (
+	maxSocketPath = 107
+	shortScratch  = "/run/ferry-serve"
+)
 
 // close releases the run's files, and its scratch after a failure.
 func (r *run) close(err *error) {
@@ -344,10 +362,10 @@ func (r *run) manifest() *checkpoint.Manifest {
 func (r *run) dump(ctx context.Context) error {
 	var err error
 	r.stop.criuStarted()
-	switch r.how.sink {
-	case sinkStreamed:
+	switch {
+	case r.how.sink.streamed():
 		err = r.dumpStreamed(ctx)
-	case sinkLazy:
+	case r.how.sink == sinkLazy:
 		err = r.dumpLazy(ctx)
 	default:
 		err = r.dumpDir(ctx)
@@ -484,7 +502,7 @@ func (r *run) dumpDir(ctx context.Context) error {
 // dumpStreamed runs `criu dump --stream` into the stream sink; a gated
 // dump goes through the gate at CRIU's post-dump action.
 func (r *run) dumpStreamed(ctx context.Context) error {
-	ss := r.sink.(*streamSink)
+	ss := r.sink.(streamedSink)
 	var gate func(map[string]int64) error
 	if r.how.gated {
 		_ = os.Remove(filepath.Join(r.t.workDir, "stats-dump")) // CRIU writes it after the verdict
@@ -495,7 +513,7 @@ func (r *run) dumpStreamed(ctx context.Context) error {
 		freeze = r.stop.freezeLate(ctx)
 	}
 	do := func() (map[string]int64, error, error) {
-		return streamDump(ctx, r.opts.Criu.Path, r.t.wrapper, r.copts, r.tmp, r.t.workDir, ss.w, ss.held, freeze, gate)
+		return streamDump(ctx, r.opts.Criu.Path, r.t.wrapper, r.copts, r.tmp, r.t.workDir, ss.create, ss.heldPages(), freeze, gate)
 	}
 	sizes, gateErr, err := do()
 	if err != nil && r.how.stop != stopLate && !r.how.gated && r.retrySeize(ctx, err) {
@@ -611,7 +629,7 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 		res.Memory = inv.Memory.RSS
 		res.LazyPages = lazyPages(r.tmp)
 	default:
-		if sizes == nil && r.how.sink != sinkStreamed {
+		if sizes == nil && !r.how.sink.streamed() {
 			sizes = dirSizes(r.tmp)
 		}
 		if st, err := stats.CriuGetDumpStats(r.workDir); err == nil {
@@ -622,7 +640,7 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 			res.Memory = pagesBytes(sizes)
 		}
 	}
-	if r.how.sink == sinkStreamed {
+	if r.how.sink.streamed() {
 		res.Processes, res.Threads = countNames(sizes)
 	} else {
 		res.Processes, res.Threads = countTasks(r.tmp)
@@ -632,7 +650,7 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 	if res.CriuStats != nil {
 		m.CriuStats, _ = json.Marshal(res.CriuStats)
 	}
-	if r.how.sink == sinkStreamed {
+	if r.how.sink.streamed() {
 		os.RemoveAll(r.tmp) // only CRIU's sockets
 	}
 	size, err := r.sink.seal(ctx, m, sizes)
@@ -640,12 +658,12 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 		return err
 	}
 	res.Size = size
-	if s, ok := r.sink.(*storeSink); ok {
-		res.Snapshot = s.snapshot
+	if s, ok := r.sink.(interface{ snapshotAdded() any }); ok {
+		res.Snapshot = s.snapshotAdded()
 	}
 	res.FrozenAt = r.stop.frozenSince()
 	res.Frozen = time.Since(res.FrozenAt)
-	if r.opts.LeaveRunning && r.how.sink != sinkStreamed && res.CriuStats != nil {
+	if r.opts.LeaveRunning && !r.how.sink.streamed() && res.CriuStats != nil {
 		// CRIU stopped and resumed the tree itself: its figure is the truth.
 		res.Frozen = time.Duration(res.CriuStats.GetFrozenTime()) * time.Microsecond
 	}

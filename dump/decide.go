@@ -27,10 +27,19 @@ const (
 	// sinkStore: CRIU writes scratch space, whose images the snapshot
 	// store takes in (keeping only the chunks it lacks).
 	sinkStore
+	// sinkStoreStreamed: CRIU streams its images straight into the
+	// snapshot store, for a job whose images tmpfs has no room for: the
+	// job stands still while the store takes them in (streamed images
+	// must not change while they drain), but nothing is spooled to disk.
+	sinkStoreStreamed
 )
 
+// streamed says whether CRIU streams its images into the sink (criu dump
+// --stream) rather than writing scratch space.
+func (k sinkKind) streamed() bool { return k == sinkStreamed || k == sinkStoreStreamed }
+
 func (k sinkKind) String() string {
-	return [...]string{"directory", "packed stream", "streamed", "lazy stream", "store"}[k]
+	return [...]string{"directory", "packed stream", "streamed", "lazy stream", "store", "streamed store"}[k]
 }
 
 // stopKind is how the tree is held still.
@@ -116,6 +125,8 @@ func decide(r request) (method, error) {
 	// still for as long as compression takes.
 	spool := r.leaveRunning && r.tmpfsRoom
 	switch {
+	case r.store && !r.tmpfsRoom && r.criuStreams != nil && r.criuStreams():
+		m.sink = sinkStoreStreamed
 	case r.store:
 		m.sink = sinkStore
 	case r.postCopy:
@@ -147,7 +158,7 @@ func decide(r request) (method, error) {
 		// The pre-dump action's script reaches ferry through files in
 		// ferry's mount namespace, so CRIU must run there.
 		m.stop = stopLate
-	case r.cgroup && (!r.leaveRunning || m.sink == sinkStreamed):
+	case r.cgroup && (!r.leaveRunning || m.sink.streamed()):
 		m.stop = stopFirst
 	default:
 		m.stop = stopByCRIU
@@ -157,7 +168,7 @@ func decide(r request) (method, error) {
 		m.leaves = leavesDead
 	case r.cgroup:
 		m.leaves = leavesAsFound
-	case r.leaveRunning && m.sink != sinkStreamed:
+	case r.leaveRunning && !m.sink.streamed():
 		m.leaves = leavesRunning // images are in files: the tree may run on at once
 	default:
 		m.leaves = leavesStopped

@@ -32,6 +32,10 @@ func TestDecide(t *testing.T) {
 			method{sink: sinkPacked, stop: stopFirst, leaves: leavesAsFound}},
 		{"store snapshot", with(job, func(r *request) { r.store, r.leaveRunning = true, true }),
 			method{sink: sinkStore, toPipe: true, stop: stopByCRIU, leaves: leavesAsFound}},
+		{"store snapshot, no room in tmpfs: streamed into the store, frozen throughout", with(job, func(r *request) { r.store, r.leaveRunning, r.tmpfsRoom = true, true, false }),
+			method{sink: sinkStoreStreamed, toPipe: true, stop: stopFirst, leaves: leavesAsFound}},
+		{"store snapshot, no room in tmpfs, criu without --stream: spooled", with(job, func(r *request) { r.store, r.leaveRunning, r.tmpfsRoom, r.criuStreams = true, true, false, no }),
+			method{sink: sinkStore, toPipe: true, stop: stopByCRIU, leaves: leavesAsFound}},
 		{"stop-copy migration: gated, late freeze, pages last", with(job, func(r *request) { r.stream, r.toPipe, r.handover, r.pagesLast = true, true, true, true }),
 			method{sink: sinkStreamed, toPipe: true, stop: stopLate, leaves: leavesDead, gated: true, holdPages: true, warm: true}},
 		{"stop-copy migration on cgroup v1: not gated (criu cannot kill a frozen v1 tree)", with(job, func(r *request) { r.stream, r.toPipe, r.handover, r.cgroupV2 = true, true, true, false }),
@@ -60,7 +64,7 @@ func TestDecide(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got.sink == sinkStreamed && tc.req.criuStreams == nil {
+			if got.sink.streamed() && tc.req.criuStreams == nil {
 				t.Fatal("streamed without asking CRIU")
 			}
 			if got != tc.want {

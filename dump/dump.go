@@ -651,8 +651,9 @@ func networkLock(ctx context.Context, b *criu.Binary) rpc.CriuNetworkLockMethod 
 	return rpc.CriuNetworkLockMethod_IPTABLES
 }
 
-// shmDir is the tmpfs ferry uses for scratch space.
-const shmDir = "/dev/shm"
+// shmDir is the tmpfs ferry uses for scratch space (FERRY_SCRATCH_TMPFS
+// names another, for tests).
+var shmDir = cmp.Or(os.Getenv("FERRY_SCRATCH_TMPFS"), "/dev/shm")
 
 // scratchDir picks where CRIU's images wait to be packed: tmpfs when it
 // has room for twice the tree's resident memory, else beside the output

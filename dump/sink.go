@@ -2,6 +2,7 @@ package dump
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
+	"github.com/ferry-cr/ferry/internal/progress"
 )
 
 // imageSink is the stage where a checkpoint goes. Its lifecycle is
@@ -18,9 +20,18 @@ import (
 // makes the checkpoint whole and durable where it was sent and returns
 // its size; abort leaves nothing of an unsealed checkpoint behind.
 type imageSink interface {
-	begin(m *checkpoint.Manifest) error
+	begin(ctx context.Context, m *checkpoint.Manifest) error
 	seal(ctx context.Context, m *checkpoint.Manifest, streamed map[string]int64) (int64, error)
 	abort()
+}
+
+// streamedSink is a sink CRIU streams its images into: create makes
+// each image's file; heldPages, if not nil, holds the pages files back
+// (held.go).
+type streamedSink interface {
+	imageSink
+	create(name string) (io.WriteCloser, error)
+	heldPages() *heldFiles
 }
 
 // newSink makes the sink the method names. tmp is the scratch directory
@@ -36,6 +47,8 @@ func newSink(how method, tmp, out, job string, opts Options) imageSink {
 		return &packSink{tmp: tmp, out: out, opts: opts}
 	case sinkStore:
 		return &storeSink{tmp: tmp, job: job, opts: opts}
+	case sinkStoreStreamed:
+		return &storeStreamSink{job: job, opts: opts}
 	default:
 		return &dirSink{tmp: tmp, out: out, force: opts.Force}
 	}
@@ -47,7 +60,7 @@ type dirSink struct {
 	force    bool
 }
 
-func (s *dirSink) begin(*checkpoint.Manifest) error { return nil }
+func (s *dirSink) begin(context.Context, *checkpoint.Manifest) error { return nil }
 func (s *dirSink) seal(_ context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
 	return finish(s.tmp, s.out, m, s.force)
 }
@@ -59,7 +72,7 @@ type packSink struct {
 	opts     Options
 }
 
-func (s *packSink) begin(*checkpoint.Manifest) error { return nil }
+func (s *packSink) begin(context.Context, *checkpoint.Manifest) error { return nil }
 func (s *packSink) seal(_ context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
 	defer os.RemoveAll(s.tmp)
 	return finishStream(s.tmp, s.out, m, s.opts)
@@ -92,7 +105,7 @@ type storeSink struct {
 	snapshot any
 }
 
-func (s *storeSink) begin(*checkpoint.Manifest) error { return nil }
+func (s *storeSink) begin(context.Context, *checkpoint.Manifest) error { return nil }
 
 func (s *storeSink) seal(ctx context.Context, m *checkpoint.Manifest, _ map[string]int64) (int64, error) {
 	defer os.RemoveAll(s.tmp)
@@ -139,7 +152,70 @@ func (s *storeSink) add(w SnapshotWriter, name string) error {
 	return fw.Close()
 }
 
-func (s *storeSink) abort() {}
+func (s *storeSink) abort()             {}
+func (s *storeSink) snapshotAdded() any { return s.snapshot }
+
+// storeStreamSink: CRIU's images streamed straight into the snapshot
+// store (its writer hashes and compresses them on every core as they
+// come).
+type storeStreamSink struct {
+	job      string
+	opts     Options
+	w        SnapshotWriter
+	snapshot any
+}
+
+func (s *storeStreamSink) begin(context.Context, *checkpoint.Manifest) error {
+	var err error
+	s.w, err = s.opts.Store.Begin(context.Background(), s.job)
+	return err
+}
+
+func (s *storeStreamSink) create(name string) (io.WriteCloser, error) {
+	fw, err := s.w.Create(name)
+	if err != nil {
+		return nil, err
+	}
+	return &meteredFile{WriteCloser: fw, meter: s.opts.Progress}, nil
+}
+
+func (s *storeStreamSink) heldPages() *heldFiles { return nil }
+
+func (s *storeStreamSink) seal(_ context.Context, m *checkpoint.Manifest, streamed map[string]int64) (int64, error) {
+	s.opts.Progress.SetPhase("storing")
+	m.Files = streamed
+	meta, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return 0, err
+	}
+	snap, stored, err := s.w.Commit(append(meta, '\n'))
+	if err != nil {
+		return 0, err
+	}
+	s.snapshot = snap
+	return stored, nil
+}
+
+func (s *storeStreamSink) abort() {
+	if s.w != nil {
+		_ = s.w.Abort() // a no-op after Commit
+	}
+}
+
+func (s *storeStreamSink) snapshotAdded() any { return s.snapshot }
+
+// meteredFile counts what is written to an image's file in the progress
+// meter.
+type meteredFile struct {
+	io.WriteCloser
+	meter *progress.Meter
+}
+
+func (f *meteredFile) Write(p []byte) (int, error) {
+	n, err := f.WriteCloser.Write(p)
+	f.meter.Add(int64(n))
+	return n, err
+}
 
 // streamSink: CRIU streams its images into an image writer whose output
 // is a file (renamed into place once durable) or a pipe. With holdPages
@@ -153,7 +229,7 @@ type streamSink struct {
 	held      *heldFiles
 }
 
-func (s *streamSink) begin(m *checkpoint.Manifest) error {
+func (s *streamSink) begin(_ context.Context, m *checkpoint.Manifest) error {
 	var err error
 	if s.file, err = openSink(s.out, s.opts); err != nil {
 		return err
@@ -166,6 +242,9 @@ func (s *streamSink) begin(m *checkpoint.Manifest) error {
 	}
 	return nil
 }
+
+func (s *streamSink) create(name string) (io.WriteCloser, error) { return s.w.Create(name) }
+func (s *streamSink) heldPages() *heldFiles                      { return s.held }
 
 func (s *streamSink) seal(_ context.Context, m *checkpoint.Manifest, streamed map[string]int64) (int64, error) {
 	return finishStreamed(s.w, s.file, m, streamed, s.held)
@@ -194,7 +273,7 @@ type lazySink struct {
 	w    *image.Writer
 }
 
-func (s *lazySink) begin(m *checkpoint.Manifest) error {
+func (s *lazySink) begin(_ context.Context, m *checkpoint.Manifest) error {
 	s.out = &countingWriter{w: s.opts.StreamTo, meter: s.opts.Progress}
 	var err error
 	s.w, err = image.NewWriter(s.out, checkpoint.ToProto(m), s.opts.Image)

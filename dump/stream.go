@@ -26,7 +26,8 @@ import (
 // command line, so the RPC options are spelled as flags here.
 
 // streamDump runs `criu dump --stream` with the options of copts and
-// captures every image it sends into iw. dir holds only CRIU's sockets.
+// captures every image it sends into a file made by create. dir holds
+// only CRIU's sockets.
 //
 // With freeze, CRIU runs it at its pre-dump action, once CRIU has started
 // and probed the kernel and before it touches the tree: the caller stops
@@ -43,7 +44,7 @@ import (
 // complete set of images: nil lets CRIU finish as copts asks (end the tree
 // with its sockets silent), an error rolls it back. The gate's error is
 // returned as is, so the caller can tell it from CRIU's.
-func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, iw *image.Writer, held *heldFiles, freeze func() error, gate func(sizes map[string]int64) error) (sizes map[string]int64, gateErr error, err error) {
+func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *rpc.CriuOpts, dir, workDir string, create func(name string) (io.WriteCloser, error), held *heldFiles, freeze func() error, gate func(sizes map[string]int64) error) (sizes map[string]int64, gateErr error, err error) {
 	capture, err := criu.ListenCapture(dir)
 	if err != nil {
 		return nil, nil, err
@@ -102,7 +103,7 @@ func streamDump(ctx context.Context, criuPath string, wrapper []string, copts *r
 		if held != nil && isPages(name) {
 			return held.create(name), nil
 		}
-		return iw.Create(name)
+		return create(name)
 	})
 	err = <-criuErr
 	if actions != nil {
