@@ -719,8 +719,8 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		}
 	}
 	if !committed {
-		// Whole, but the source never said to run it.
-		return sv.inDoubt(rec.Name, nc, fmt.Errorf("every page arrived but the source did not commit: %w", ctlLost))
+		// Whole, but the source never said to run it: still held.
+		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("every page arrived but the source did not commit: %w", ctlLost), log)
 	}
 	if !gone {
 		log.Warn("post-copy complete, the source did not confirm its copy ended", "err", ctlLost)

@@ -295,20 +295,19 @@ func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	if err != nil {
 		return err
 	}
+	// Held (handover.go: dstHeld) until the source says Gone.
 	if err := sv.reportRestored(c, rec.Name, took); err != nil {
-		return sv.inDoubt(rec.Name, nc, fmt.Errorf("reporting the restore: %w", err))
+		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("reporting the restore: %w", err), log)
 	}
 	m, err := c.recv(stepTimeout)
 	var ab *abortError
 	switch {
 	case errors.As(err, &ab):
-		// The source resumed its copy: ours must never run.
-		sv.drop(ctx, rec.Name, nc, log)
-		return fmt.Errorf("source aborted after our restore (%s); dropped our copy", ab.reason)
+		return sv.lost(ctx, dstHeld, true, rec.Name, nc, fmt.Errorf("source aborted after our restore (%s)", ab.reason), log)
 	case err != nil:
-		return sv.inDoubt(rec.Name, nc, fmt.Errorf("waiting for the source to end its copy: %w", err))
+		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("waiting for the source to end its copy: %w", err), log)
 	case m.GetGone() == nil:
-		return sv.inDoubt(rec.Name, nc, fmt.Errorf("source sent %T instead of gone", m.GetMsg()))
+		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("source sent %T instead of gone", m.GetMsg()), log)
 	}
 	if err := sv.start(ctx, rec.Name, nc); err != nil {
 		return fmt.Errorf("starting the migrated job: %w", err)
@@ -426,6 +425,20 @@ func (sv *Server) drop(ctx context.Context, name string, nc net.Conn, log *slog.
 	if err := sv.hook(context.WithoutCancel(ctx), "discarded", name, nc); err != nil {
 		log.Error("the discarded hook failed", "err", err)
 	}
+}
+
+// lost applies the destination's rule (handover.go: dstOnLost) to our
+// copy of name when the migration ends in state st without the source's
+// word; aborted says the source said Abort. cause is why it ended.
+func (sv *Server) lost(ctx context.Context, st dstState, aborted bool, name string, nc net.Conn, cause error, log *slog.Logger) error {
+	switch dstOnLost(st, aborted) {
+	case drop:
+		sv.drop(ctx, name, nc, log)
+		return fmt.Errorf("%w; dropped our copy", cause)
+	case keepHeld:
+		return sv.inDoubt(name, nc, cause)
+	}
+	return nil // the copy is the job
 }
 
 // inDoubt keeps our copy frozen, since the source may or may not have

@@ -598,9 +598,11 @@ esac
 	if got := dialPinger(t, h.b, addr).ping(t); got != 5 {
 		t.Fatalf("a new connection after migration got pong %d, want 5", got)
 	}
-	if got := dst.lines("tj", "served "); len(got) == 0 || got[len(got)-1] != "5" {
-		t.Errorf("destination's log ends with served %v, want 5", got)
-	}
+	// The job logs after it answers, and its shim copies the log on: wait.
+	eventually(t, 10*time.Second, "the destination's log to say served 5", func() bool {
+		served := dst.lines("tj", "served ")
+		return len(served) > 0 && served[len(served)-1] == "5"
+	})
 	b, _ := os.ReadFile(events)
 	if ev := string(b); !strings.HasPrefix(ev, "pre-restore tj "+h.addrA) || !strings.Contains(ev, "running tj") {
 		t.Errorf("hook events:\n%s", ev)
