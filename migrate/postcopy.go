@@ -73,6 +73,8 @@ type postCopySource struct {
 	rep       *Report
 	log       *slog.Logger
 	runningAt time.Time // when the destination reported its copy running
+	registry  *job.Registry
+	name      string
 	linkBytes int64
 	// keepCtl stops Migrate's rule that an interruption kills the
 	// control connection: once the destination may run its copy, the
@@ -192,6 +194,13 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 	if p.keepCtl != nil {
 		p.keepCtl()
 	}
+	// From Commit on the destination may run its copy: should this
+	// process die, the record says so and how to settle it (handover.go:
+	// srcServing; the lease holds Keep). A clean end clears it.
+	note := &job.MigrationNote{Peer: p.to, Role: "source", Time: time.Now().UTC(),
+		Note:    "frozen here while its post-copy move to " + p.to + " runs: the destination may run the job",
+		Resolve: settleHint(p.name, p.to)}
+	_, _ = p.registry.Update(p.name, func(r *job.Record) error { r.Migration = note; return nil })
 	// From here on the destination may run its copy, so ours must not run
 	// again unless it says its own is gone: even an unsent Commit counts.
 	if err := p.c.send(&pb.Envelope{Msg: &pb.Envelope_Commit{Commit: &pb.Commit{}}}, stepTimeout); err != nil {
@@ -319,8 +328,12 @@ func (p *postCopySource) doubt(serveErr, why error) error {
 func (p *postCopySource) finish(ctx context.Context, s *job.Registry, name string, res *dump.Result, err error) (*Report, error) {
 	p.close()
 	rep := p.rep
+	clearNote := func() {
+		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = nil; return nil })
+	}
 	switch {
 	case err == nil:
+		clearNote()
 		if !p.runningAt.IsZero() {
 			rep.Downtime = p.runningAt.Sub(res.FrozenAt)
 		}
@@ -334,11 +347,12 @@ func (p *postCopySource) finish(ctx context.Context, s *job.Registry, name strin
 	case errors.Is(err, dump.ErrKeepStopped):
 		note := &job.MigrationNote{Peer: p.to, Role: "source", Time: time.Now().UTC(),
 			Note:    "held frozen here: its post-copy move to " + p.to + " failed and whether the copy there was dropped is unknown",
-			Resolve: fmt.Sprintf("if %s does not run on %s: ferry thaw %s; if it does: ferry kill %s", name, p.to, name, name)}
+			Resolve: settleHint(name, p.to)}
 		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
 		p.log.Error("migration in doubt", "job", name, "to", p.to, "err", err)
 		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
 	}
+	clearNote()
 	p.c.abort("the source failed and keeps the job: " + err.Error())
 	return nil, keptHere(ctx, name, err)
 }

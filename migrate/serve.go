@@ -238,6 +238,9 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn, release func()) (kept
 		}
 		return true, nil
 	}
+	if st := m.GetSettle(); st != nil {
+		return false, sv.settle(ctx, c, nc, st, log)
+	}
 	offer := m.GetOffer()
 	if offer == nil {
 		return false, fmt.Errorf("peer sent %T instead of an offer", m.GetMsg())

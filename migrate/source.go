@@ -144,6 +144,7 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 			return nil, keptHere(ctx, name, err)
 		}
 		defer pc.close()
+		pc.registry, pc.name = s, name
 		pc.keepCtl = func() bool {
 			stopped := stopConn()
 			c.keep()
@@ -184,7 +185,7 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 		// connection closes without a word).
 		note := &job.MigrationNote{Peer: opts.To, Role: "source", Time: time.Now().UTC(),
 			Note:    "handed over to " + opts.To + " but not ended here: " + err.Error(),
-			Resolve: fmt.Sprintf("ferry kill %s here, then on %s: ferry thaw %s", name, opts.To, rep.RemoteName)}
+			Resolve: settleHint(name, opts.To)}
 		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
 		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
 	}
@@ -219,7 +220,7 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 	}
 	note := &job.MigrationNote{Peer: opts.To, Role: "source", Time: time.Now().UTC(),
 		Note:    "ended here after " + opts.To + " restored it; its start there was not confirmed",
-		Resolve: fmt.Sprintf("on %s: ferry thaw %s (it is held frozen there)", opts.To, rep.RemoteName)}
+		Resolve: settleHint(name, opts.To)}
 	_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
 	log.Error("migration in doubt", "job", name, "to", opts.To, "err", err)
 	return rep, fmt.Errorf("%w: %s was ended here and restored on %s, but its start there was not confirmed (%v); settle it with: %s",

@@ -47,6 +47,8 @@ type Envelope struct {
 	//	*Envelope_Complete
 	//	*Envelope_Prepared
 	//	*Envelope_Restoring
+	//	*Envelope_Settle
+	//	*Envelope_Settled
 	Msg           isEnvelope_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -233,6 +235,24 @@ func (x *Envelope) GetRestoring() *Restoring {
 	return nil
 }
 
+func (x *Envelope) GetSettle() *Settle {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_Settle); ok {
+			return x.Settle
+		}
+	}
+	return nil
+}
+
+func (x *Envelope) GetSettled() *Settled {
+	if x != nil {
+		if x, ok := x.Msg.(*Envelope_Settled); ok {
+			return x.Settled
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Msg interface {
 	isEnvelope_Msg()
 }
@@ -301,6 +321,14 @@ type Envelope_Restoring struct {
 	Restoring *Restoring `protobuf:"bytes,16,opt,name=restoring,proto3,oneof"`
 }
 
+type Envelope_Settle struct {
+	Settle *Settle `protobuf:"bytes,17,opt,name=settle,proto3,oneof"`
+}
+
+type Envelope_Settled struct {
+	Settled *Settled `protobuf:"bytes,18,opt,name=settled,proto3,oneof"`
+}
+
 func (*Envelope_Hello) isEnvelope_Msg() {}
 
 func (*Envelope_Auth) isEnvelope_Msg() {}
@@ -332,6 +360,10 @@ func (*Envelope_Complete) isEnvelope_Msg() {}
 func (*Envelope_Prepared) isEnvelope_Msg() {}
 
 func (*Envelope_Restoring) isEnvelope_Msg() {}
+
+func (*Envelope_Settle) isEnvelope_Msg() {}
+
+func (*Envelope_Settled) isEnvelope_Msg() {}
 
 // Capabilities is what a host's kernel and CRIU can do for migration.
 type Capabilities struct {
@@ -947,6 +979,111 @@ func (*Restoring) Descriptor() ([]byte, []int) {
 	return file_proto_migrate_proto_rawDescGZIP(), []int{10}
 }
 
+// Settle (source to destination, in place of an Offer): the migration of
+// job to this destination ended in doubt, and the source's copy is
+// `source`: "ended" (stop-copy: ended once the destination had restored
+// it) or "frozen" (post-copy: whole and held frozen here while the
+// destination may have run its own). The destination settles it by the
+// handover's rules and answers Settled.
+type Settle struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Job           string                 `protobuf:"bytes,1,opt,name=job,proto3" json:"job,omitempty"`
+	Source        string                 `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Settle) Reset() {
+	*x = Settle{}
+	mi := &file_proto_migrate_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Settle) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Settle) ProtoMessage() {}
+
+func (x *Settle) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Settle.ProtoReflect.Descriptor instead.
+func (*Settle) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Settle) GetJob() string {
+	if x != nil {
+		return x.Job
+	}
+	return ""
+}
+
+func (x *Settle) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+// Settled: what the destination's copy is now: "running" (it is the job:
+// run now, or running already), "dropped" (a held copy that never ran,
+// dropped so that the source's runs), or "none" (no copy here).
+type Settled struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	State         string                 `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Settled) Reset() {
+	*x = Settled{}
+	mi := &file_proto_migrate_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Settled) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Settled) ProtoMessage() {}
+
+func (x *Settled) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_migrate_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Settled.ProtoReflect.Descriptor instead.
+func (*Settled) Descriptor() ([]byte, []int) {
+	return file_proto_migrate_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Settled) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
 // Gone: the source's copy has ended; the destination may resume.
 type Gone struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -956,7 +1093,7 @@ type Gone struct {
 
 func (x *Gone) Reset() {
 	*x = Gone{}
-	mi := &file_proto_migrate_proto_msgTypes[11]
+	mi := &file_proto_migrate_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1105,7 @@ func (x *Gone) String() string {
 func (*Gone) ProtoMessage() {}
 
 func (x *Gone) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[11]
+	mi := &file_proto_migrate_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1118,7 @@ func (x *Gone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Gone.ProtoReflect.Descriptor instead.
 func (*Gone) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{11}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{13}
 }
 
 // Running: the destination's copy runs.
@@ -994,7 +1131,7 @@ type Running struct {
 
 func (x *Running) Reset() {
 	*x = Running{}
-	mi := &file_proto_migrate_proto_msgTypes[12]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1006,7 +1143,7 @@ func (x *Running) String() string {
 func (*Running) ProtoMessage() {}
 
 func (x *Running) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[12]
+	mi := &file_proto_migrate_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1019,7 +1156,7 @@ func (x *Running) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Running.ProtoReflect.Descriptor instead.
 func (*Running) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{12}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Running) GetName() string {
@@ -1042,7 +1179,7 @@ type AttachPages struct {
 
 func (x *AttachPages) Reset() {
 	*x = AttachPages{}
-	mi := &file_proto_migrate_proto_msgTypes[13]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1191,7 @@ func (x *AttachPages) String() string {
 func (*AttachPages) ProtoMessage() {}
 
 func (x *AttachPages) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[13]
+	mi := &file_proto_migrate_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1204,7 @@ func (x *AttachPages) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachPages.ProtoReflect.Descriptor instead.
 func (*AttachPages) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{13}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AttachPages) GetSession() []byte {
@@ -1088,7 +1225,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1100,7 +1237,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[14]
+	mi := &file_proto_migrate_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1113,7 +1250,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{14}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{16}
 }
 
 // Dropped (post-copy, destination to source): the destination's copy is
@@ -1128,7 +1265,7 @@ type Dropped struct {
 
 func (x *Dropped) Reset() {
 	*x = Dropped{}
-	mi := &file_proto_migrate_proto_msgTypes[15]
+	mi := &file_proto_migrate_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1277,7 @@ func (x *Dropped) String() string {
 func (*Dropped) ProtoMessage() {}
 
 func (x *Dropped) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[15]
+	mi := &file_proto_migrate_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1290,7 @@ func (x *Dropped) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Dropped.ProtoReflect.Descriptor instead.
 func (*Dropped) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{15}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Dropped) GetReason() string {
@@ -1175,7 +1312,7 @@ type Complete struct {
 
 func (x *Complete) Reset() {
 	*x = Complete{}
-	mi := &file_proto_migrate_proto_msgTypes[16]
+	mi := &file_proto_migrate_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1187,7 +1324,7 @@ func (x *Complete) String() string {
 func (*Complete) ProtoMessage() {}
 
 func (x *Complete) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[16]
+	mi := &file_proto_migrate_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1200,7 +1337,7 @@ func (x *Complete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Complete.ProtoReflect.Descriptor instead.
 func (*Complete) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{16}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{18}
 }
 
 // Abort ends the migration; the sender says why.
@@ -1213,7 +1350,7 @@ type Abort struct {
 
 func (x *Abort) Reset() {
 	*x = Abort{}
-	mi := &file_proto_migrate_proto_msgTypes[17]
+	mi := &file_proto_migrate_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1225,7 +1362,7 @@ func (x *Abort) String() string {
 func (*Abort) ProtoMessage() {}
 
 func (x *Abort) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_migrate_proto_msgTypes[17]
+	mi := &file_proto_migrate_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1238,7 +1375,7 @@ func (x *Abort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Abort.ProtoReflect.Descriptor instead.
 func (*Abort) Descriptor() ([]byte, []int) {
-	return file_proto_migrate_proto_rawDescGZIP(), []int{17}
+	return file_proto_migrate_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Abort) GetReason() string {
@@ -1252,7 +1389,7 @@ var File_proto_migrate_proto protoreflect.FileDescriptor
 
 const file_proto_migrate_proto_rawDesc = "" +
 	"\n" +
-	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xeb\x06\n" +
+	"\x13proto/migrate.proto\x12\x10ferry.migrate.v1\"\xd6\a\n" +
 	"\bEnvelope\x12/\n" +
 	"\x05hello\x18\x01 \x01(\v2\x17.ferry.migrate.v1.HelloH\x00R\x05hello\x12,\n" +
 	"\x04auth\x18\x02 \x01(\v2\x16.ferry.migrate.v1.AuthH\x00R\x04auth\x12/\n" +
@@ -1270,7 +1407,9 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\adropped\x18\r \x01(\v2\x19.ferry.migrate.v1.DroppedH\x00R\adropped\x128\n" +
 	"\bcomplete\x18\x0e \x01(\v2\x1a.ferry.migrate.v1.CompleteH\x00R\bcomplete\x128\n" +
 	"\bprepared\x18\x0f \x01(\v2\x1a.ferry.migrate.v1.PreparedH\x00R\bprepared\x12;\n" +
-	"\trestoring\x18\x10 \x01(\v2\x1b.ferry.migrate.v1.RestoringH\x00R\trestoringB\x05\n" +
+	"\trestoring\x18\x10 \x01(\v2\x1b.ferry.migrate.v1.RestoringH\x00R\trestoring\x122\n" +
+	"\x06settle\x18\x11 \x01(\v2\x18.ferry.migrate.v1.SettleH\x00R\x06settle\x125\n" +
+	"\asettled\x18\x12 \x01(\v2\x19.ferry.migrate.v1.SettledH\x00R\asettledB\x05\n" +
 	"\x03msg\"\x8d\x01\n" +
 	"\fCapabilities\x12\x1d\n" +
 	"\n" +
@@ -1311,7 +1450,12 @@ const file_proto_migrate_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"restore_ns\x18\x02 \x01(\x03R\trestoreNs\"\v\n" +
-	"\tRestoring\"\x06\n" +
+	"\tRestoring\"2\n" +
+	"\x06Settle\x12\x10\n" +
+	"\x03job\x18\x01 \x01(\tR\x03job\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\"\x1f\n" +
+	"\aSettled\x12\x14\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\"\x06\n" +
 	"\x04Gone\"\x1d\n" +
 	"\aRunning\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"'\n" +
@@ -1337,7 +1481,7 @@ func file_proto_migrate_proto_rawDescGZIP() []byte {
 	return file_proto_migrate_proto_rawDescData
 }
 
-var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_proto_migrate_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_proto_migrate_proto_goTypes = []any{
 	(*Envelope)(nil),     // 0: ferry.migrate.v1.Envelope
 	(*Capabilities)(nil), // 1: ferry.migrate.v1.Capabilities
@@ -1350,13 +1494,15 @@ var file_proto_migrate_proto_goTypes = []any{
 	(*DataEnd)(nil),      // 8: ferry.migrate.v1.DataEnd
 	(*Restored)(nil),     // 9: ferry.migrate.v1.Restored
 	(*Restoring)(nil),    // 10: ferry.migrate.v1.Restoring
-	(*Gone)(nil),         // 11: ferry.migrate.v1.Gone
-	(*Running)(nil),      // 12: ferry.migrate.v1.Running
-	(*AttachPages)(nil),  // 13: ferry.migrate.v1.AttachPages
-	(*Commit)(nil),       // 14: ferry.migrate.v1.Commit
-	(*Dropped)(nil),      // 15: ferry.migrate.v1.Dropped
-	(*Complete)(nil),     // 16: ferry.migrate.v1.Complete
-	(*Abort)(nil),        // 17: ferry.migrate.v1.Abort
+	(*Settle)(nil),       // 11: ferry.migrate.v1.Settle
+	(*Settled)(nil),      // 12: ferry.migrate.v1.Settled
+	(*Gone)(nil),         // 13: ferry.migrate.v1.Gone
+	(*Running)(nil),      // 14: ferry.migrate.v1.Running
+	(*AttachPages)(nil),  // 15: ferry.migrate.v1.AttachPages
+	(*Commit)(nil),       // 16: ferry.migrate.v1.Commit
+	(*Dropped)(nil),      // 17: ferry.migrate.v1.Dropped
+	(*Complete)(nil),     // 18: ferry.migrate.v1.Complete
+	(*Abort)(nil),        // 19: ferry.migrate.v1.Abort
 }
 var file_proto_migrate_proto_depIdxs = []int32{
 	2,  // 0: ferry.migrate.v1.Envelope.hello:type_name -> ferry.migrate.v1.Hello
@@ -1366,21 +1512,23 @@ var file_proto_migrate_proto_depIdxs = []int32{
 	7,  // 4: ferry.migrate.v1.Envelope.data:type_name -> ferry.migrate.v1.Data
 	8,  // 5: ferry.migrate.v1.Envelope.data_end:type_name -> ferry.migrate.v1.DataEnd
 	9,  // 6: ferry.migrate.v1.Envelope.restored:type_name -> ferry.migrate.v1.Restored
-	11, // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
-	12, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
-	17, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
-	13, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
-	14, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
-	15, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
-	16, // 13: ferry.migrate.v1.Envelope.complete:type_name -> ferry.migrate.v1.Complete
+	13, // 7: ferry.migrate.v1.Envelope.gone:type_name -> ferry.migrate.v1.Gone
+	14, // 8: ferry.migrate.v1.Envelope.running:type_name -> ferry.migrate.v1.Running
+	19, // 9: ferry.migrate.v1.Envelope.abort:type_name -> ferry.migrate.v1.Abort
+	15, // 10: ferry.migrate.v1.Envelope.attach_pages:type_name -> ferry.migrate.v1.AttachPages
+	16, // 11: ferry.migrate.v1.Envelope.commit:type_name -> ferry.migrate.v1.Commit
+	17, // 12: ferry.migrate.v1.Envelope.dropped:type_name -> ferry.migrate.v1.Dropped
+	18, // 13: ferry.migrate.v1.Envelope.complete:type_name -> ferry.migrate.v1.Complete
 	5,  // 14: ferry.migrate.v1.Envelope.prepared:type_name -> ferry.migrate.v1.Prepared
 	10, // 15: ferry.migrate.v1.Envelope.restoring:type_name -> ferry.migrate.v1.Restoring
-	1,  // 16: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	11, // 16: ferry.migrate.v1.Envelope.settle:type_name -> ferry.migrate.v1.Settle
+	12, // 17: ferry.migrate.v1.Envelope.settled:type_name -> ferry.migrate.v1.Settled
+	1,  // 18: ferry.migrate.v1.Hello.capabilities:type_name -> ferry.migrate.v1.Capabilities
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_proto_migrate_proto_init() }
@@ -1405,6 +1553,8 @@ func file_proto_migrate_proto_init() {
 		(*Envelope_Complete)(nil),
 		(*Envelope_Prepared)(nil),
 		(*Envelope_Restoring)(nil),
+		(*Envelope_Settle)(nil),
+		(*Envelope_Settled)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1412,7 +1562,7 @@ func file_proto_migrate_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_migrate_proto_rawDesc), len(file_proto_migrate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

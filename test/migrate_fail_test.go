@@ -66,11 +66,19 @@ func TestMigrateInDoubt(t *testing.T) {
 	if now, _ := dst.verifyLines("dj"); len(now) != len(held) {
 		t.Fatalf("the held copy ran: %d verify lines, then %d", len(held), len(now))
 	}
-	// Settled as the note says, the job continues where it stopped.
-	dst.must("thaw", "dj")
+	// Settled from the source (a second migrate of a job in doubt there):
+	// it ended its copy, so the destination runs the one it holds, which
+	// continues where it stopped; no operator needed.
+	r = src.ferryIn(h.a, "migrate", "dj", "--to", listen, "--token-file", token)
+	if r.code != 0 || !strings.Contains(r.stdout, "settled the migration of dj") {
+		t.Fatalf("settling the migration: %s", r)
+	}
 	dst.assertContinues("dj", sum, before[len(before)-1])
-	if dv := dst.job("dj"); dv.Migration != nil {
-		t.Errorf("the note outlived the thaw: %+v", dv.Migration)
+	if dv := dst.job("dj"); dv.Migration != nil || dv.State != "running" {
+		t.Errorf("destination after settling: %s, note %+v", dv.State, dv.Migration)
+	}
+	if v := src.job("dj"); v.Migration != nil {
+		t.Errorf("the source's note outlived the settlement: %+v", v.Migration)
 	}
 }
 
@@ -138,6 +146,9 @@ type midMigration struct {
 	cmd       *exec.Cmd     // the source's ferry migrate
 	out       *bytes.Buffer // its output
 	stop      func()        // takes the stalled link down
+	h         *hosts
+	listen    string // the destination's serve, directly
+	token     string // its token file
 }
 
 // eachMidMigration runs f on a midMigration in each mode this host can
@@ -170,7 +181,8 @@ func eachMidMigration(t *testing.T, name string, port int, f func(t *testing.T, 
 				return stoppedForMigration(src.job(name))
 			})
 			time.Sleep(500 * time.Millisecond) // into the transfer
-			f(t, &midMigration{mode: mode, src: src, dst: dst, name: name, sum: sum, before: before, cmd: cmd, out: out, stop: stop})
+			f(t, &midMigration{mode: mode, src: src, dst: dst, name: name, sum: sum, before: before, cmd: cmd, out: out, stop: stop,
+				h: h, listen: listen, token: token})
 		})
 	}
 }

@@ -375,8 +375,11 @@ func TestMigrateSourceKilled(t *testing.T) {
 		if now, _ := src.verifyLines("kj"); len(now) != len(n) {
 			t.Fatalf("the kept copy ran: %d verify lines, then %d", len(n), len(now))
 		}
-		// Settled: no copy runs anywhere, so the source's goes on.
-		src.must("thaw", "kj")
+		// Settled from the source: the destination dropped its copy, so
+		// the source's, whole, goes on.
+		if r := src.ferryIn(m.h.a, "migrate", "kj", "--to", m.listen, "--token-file", m.token); r.code != 0 || !strings.Contains(r.stdout, "runs on here") {
+			t.Fatalf("settling the migration: %s", r)
+		}
 		src.assertContinues("kj", m.sum, m.before[len(m.before)-1]+1)
 		if v := src.job("kj"); v.Operation != "" {
 			t.Errorf("the note outlived the thaw: %q", v.Operation)

@@ -103,7 +103,9 @@ any moment: it is frozen and checkpointed straight into the connection (no
 file on either side), ended here only once the destination holds it, and
 started there only once it is gone here. On any failure before that, it
 keeps running here. If the last confirmation is lost, the copy that exists
-is held frozen and ferry list says so, with the command that settles it.
+is held frozen and ferry list says so, with the command that settles it;
+migrate of a job in doubt here settles it with the destination: the held
+copy runs where the other ended, and is dropped where the other is whole.
 
 --mode post-copy sends everything but the job's memory, starts it on the
 destination at once, and moves the memory behind it (CRIU lazy pages over a
@@ -173,6 +175,20 @@ the token.`,
 			var cancel func()
 			ctx, cancel = context.WithTimeout(ctx, d)
 			defer cancel()
+		}
+		if migrate.InDoubt(s, name) {
+			// A migration of the job ended in doubt here: settle it with
+			// the destination instead of migrating again.
+			st, err := migrate.Settle(ctx, s, name, migrate.Options{To: c.String("to"), Token: token, PKI: pki, Logger: slog.Default()})
+			meter.Done(err)
+			if err != nil {
+				return withCode(err, exitMigrate)
+			}
+			if c.Bool("json") {
+				return writeJSON(c, st)
+			}
+			fmt.Fprintf(c.App.Writer, "settled the migration of %s with %s: %s\n", st.Job, st.To, st.Outcome)
+			return nil
 		}
 		rep, err := migrate.Migrate(ctx, s, name, migrate.Options{
 			To: c.String("to"), Token: token, PKI: pki, Mode: mode, MaxDowntime: c.Duration("max-downtime"),
