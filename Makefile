@@ -15,8 +15,15 @@ TEST_TIMEOUT ?= 15m
 
 all: build ## same as build
 
-build: ## build bin/ferry (static, no cgo)
+build: bin/ferry-init ## build bin/ferry (static, no cgo) and bin/ferry-init (the jobs' small pid 1, static C)
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN) ./cmd/ferry
+
+# The jobs' pid 1 (internal/job/cinit): the system C compiler, installed
+# from Debian's packages when missing (as root).
+bin/ferry-init: internal/job/cinit/ferry-init.c
+	@mkdir -p bin
+	@command -v $(CC) >/dev/null 2>&1 || { echo "installing gcc for ferry-init"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; }
+	$(CC) -static -O2 -Wall -Wextra -o $@ $<
 
 deps: ## provision CRIU >= 4.2 into .deps/ when the system has none (changes nothing else)
 	@bash scripts/provision-criu.sh

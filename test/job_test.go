@@ -2,7 +2,6 @@ package test
 
 import (
 	"fmt"
-	"golang.org/x/sys/unix"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ticker prints a line every 50 ms, forever.
@@ -295,5 +296,47 @@ func TestUsageErrors(t *testing.T) {
 		if r := e.ferry(args...); r.code != 2 {
 			t.Errorf("ferry %v: %s, want exit 2", args, r)
 		}
+	}
+}
+
+// TestSmallInit: a job's pid 1 is ferry's small C init (bin/ferry-init,
+// beside the binary under test), not the Go binary: it reserves no large
+// address space for CRIU to walk, and it still forwards signals and
+// reports the command's status (TestSignalForwardingAndExitStatus).
+func TestSmallInit(t *testing.T) {
+	e := newEnv(t)
+	small := filepath.Join(filepath.Dir(ferryBin), "ferry-init")
+	if _, err := os.Stat(small); err != nil {
+		t.Skipf("no %s beside the binary under test (make build makes it): %v", small, err)
+	}
+	e.must("run", "--name", "si", "--", "sleep", "60")
+	var v jobView
+	eventually(t, 5*time.Second, "the job's main process", func() bool { v = e.job("si"); return v.MainPID > 0 })
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", v.InitPID))
+	if err != nil || exe != small {
+		t.Fatalf("the job's init is %q (%v), want %s", exe, err, small)
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", v.InitPID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(status), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmSize:" {
+			if kb, _ := strconv.Atoi(f[1]); kb > 16<<10 {
+				t.Errorf("the init's address space is %d KiB, want a small process", kb)
+			}
+		}
+	}
+	// Only fds 0, 1 and 2 reach the command.
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", v.MainPID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fds) != 3 {
+		names := []string{}
+		for _, f := range fds {
+			names = append(names, f.Name())
+		}
+		t.Errorf("the command holds fds %v, want 0 1 2", names)
 	}
 }

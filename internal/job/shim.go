@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -169,9 +170,13 @@ func startInit(s *Registry, rec *Record, log *slog.Logger) (initPID int, outR *o
 	defer okR.Close()
 	defer okW.Close()
 
-	argv := append([]string{"ferry-init", InitArg}, rec.Command...)
+	initPath, argv := self, append([]string{"ferry-init", InitArg}, rec.Command...)
+	if small := smallInit(self); small != "" {
+		initPath = small
+	}
 	flags := uintptr(syscall.CLONE_NEWPID | syscall.CLONE_NEWIPC)
 	if rec.Foreign && rec.RestoreFrom != "" {
+		initPath = self // the Go init restores the tree itself
 		// The init restores the tree itself, in a mount namespace of its
 		// own where it mounts a /proc of the new PID namespace.
 		argv = []string{"ferry-init", InitArg, initRestoreArg, rec.RestoreCriu, rec.RestoreFrom, s.Dir(rec.Name), strconv.FormatBool(rec.RestoreStopped)}
@@ -179,7 +184,7 @@ func startInit(s *Registry, rec *Record, log *slog.Logger) (initPID int, outR *o
 	}
 	// syscall.ForkExec rather than os/exec: it does not hold a pidfd, and
 	// it lets us ask for the new namespaces with plain clone flags.
-	pid, err := syscall.ForkExec(self, argv, &syscall.ProcAttr{
+	pid, err := syscall.ForkExec(initPath, argv, &syscall.ProcAttr{
 		Dir:   rec.Dir,
 		Env:   os.Environ(),
 		Files: []uintptr{devnull.Fd(), outW.Fd(), outW.Fd(), goR.Fd(), okW.Fd()},
@@ -386,4 +391,19 @@ func holdFrozen(rec *Record) error {
 		_ = unix.Kill(pid, unix.SIGCONT)
 	}
 	return nil
+}
+
+// SmallInit is the name of the job's small pid 1 (cinit/ferry-init.c,
+// built by make build beside the ferry binary). Where it is missing, the
+// ferry binary itself is the init (InitMain), which does the same with a
+// Go runtime that every checkpoint of the job then carries.
+const SmallInit = "ferry-init"
+
+// smallInit is the small init beside the ferry binary self, or "".
+func smallInit(self string) string {
+	p := filepath.Join(filepath.Dir(self), SmallInit)
+	if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() || st.Mode()&0o111 == 0 {
+		return ""
+	}
+	return p
 }
