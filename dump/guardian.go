@@ -139,6 +139,17 @@ func (g *treeGuard) Frozen() (bool, error) {
 	return st == freezer.Frozen || st == freezer.Freezing, nil
 }
 
+func (g *treeGuard) IsFrozen() (bool, error) {
+	if g.cg == nil {
+		return false, nil
+	}
+	if !proc.Alive(g.root, g.start) {
+		return false, errors.New("the tree is gone")
+	}
+	st, err := g.cg.State()
+	return st == freezer.Frozen || st == freezer.Freezing, err
+}
+
 // GiveBack waits (a minute at most) for a CRIU that outlived the
 // checkpoint to let go of the tree (it leaves the tasks stopped, or
 // resumes them), then continues the tasks that are stopped now but were

@@ -77,6 +77,15 @@ func (g *guarded) Frozen() (bool, error) {
 // holder to let go of the job (CRIU thaws a cgroup it found frozen once it
 // has seized the tasks, and freezes it again when it lets them go), then
 // puts the job back as it was.
+func (g *guarded) IsFrozen() (bool, error) {
+	cg, err := cgroup.Open(g.cgroup)
+	if err != nil {
+		return false, err
+	}
+	st, err := cg.State()
+	return st == freezer.Frozen || st == freezer.Freezing, err
+}
+
 func (g *guarded) GiveBack(ctx context.Context, wasFrozen bool) error {
 	cg, err := cgroup.Open(g.cgroup)
 	if err != nil {

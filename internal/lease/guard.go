@@ -16,8 +16,11 @@ import (
 
 // Job is what a guard needs of the job it guards.
 type Job interface {
-	// Frozen says whether the job stands frozen now.
+	// Frozen says whether the job stands frozen now, and notes how it
+	// stands for GiveBack (a lease is being taken).
 	Frozen() (bool, error)
+	// IsFrozen says whether the job stands frozen now, and nothing else.
+	IsFrozen() (bool, error)
 	// GiveBack puts the job back as it was when the lease was taken:
 	// thawed, unless it was frozen then.
 	GiveBack(ctx context.Context, wasFrozen bool) error
@@ -161,8 +164,9 @@ func (g *Guard) Handle(ctx context.Context, c *net.UnixConn) {
 			reply(message{OK: true})
 		}
 	}
-	gctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	gctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 90*time.Second)
 	defer cancel()
+	gaveBack := verdict == "" || verdict == released
 	switch verdict {
 	case "":
 		if expired {
@@ -184,6 +188,45 @@ func (g *Guard) Handle(ctx context.Context, c *net.UnixConn) {
 	g.mu.Unlock()
 	if verdict != Keep {
 		g.job.Note("", "")
+	}
+	if gaveBack && !wasFrozen {
+		c.Close() // the holder's Close returns now
+		g.watch(ctx, t)
+	}
+}
+
+// refreezeWatch is how long a guard watches a job it gave back.
+const refreezeWatch = time.Minute
+
+// watch gives the job back again should it be frozen anew soon after its
+// lease ended without a commit: a CRIU that outlived the holder, which
+// the holder started before it froze the job or before CRIU seized it,
+// puts back the freezer state it found (frozen) when it lets go. Another
+// lease taken meanwhile (a freeze by the user takes one) ends the watch.
+func (g *Guard) watch(ctx context.Context, t take) {
+	deadline := time.Now().Add(refreezeWatch)
+	for time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+		g.mu.Lock()
+		busy := g.held != nil
+		g.mu.Unlock()
+		if busy {
+			return
+		}
+		frozen, err := g.job.IsFrozen()
+		if err != nil {
+			return // the job is gone
+		}
+		if frozen {
+			g.log.Warn("the job was frozen again after its lease ended (a CRIU that outlived the holder): giving it back", "op", t.Op, "holder", t.PID)
+			gctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 90*time.Second)
+			g.giveBack(gctx, false, t)
+			cancel()
+		}
 	}
 }
 

@@ -31,6 +31,12 @@ func (j *fakeJob) Frozen() (bool, error) {
 	return j.frozen, j.frozeErr
 }
 
+func (j *fakeJob) IsFrozen() (bool, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.frozen, j.frozeErr
+}
+
 func (j *fakeJob) GiveBack(_ context.Context, wasFrozen bool) error {
 	j.mu.Lock()
 	j.frozen = wasFrozen
@@ -260,3 +266,21 @@ var (
 	stopSignal = syscall.SIGSTOP
 	contSignal = syscall.SIGCONT
 )
+
+// A CRIU that outlives the holder freezes the job again when it lets go
+// (it puts back the state it found): the guard gives it back again.
+func TestGuardGivesBackARefrozenJob(t *testing.T) {
+	j, path := guard(t)
+	l, err := Take(context.Background(), path, "checkpoint")
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.freeze()
+	l.Close() // died
+	j.wait(t)
+	j.freeze() // CRIU, letting go, puts back the frozen state it found
+	j.wait(t)
+	if frozen, ev := j.state(); frozen || len(ev) != 2 {
+		t.Fatalf("frozen=%v events=%v, want given back twice", frozen, ev)
+	}
+}
