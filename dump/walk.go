@@ -84,6 +84,12 @@ type FD struct {
 	Inode  uint64 `json:"inode,omitempty"`
 	Size   int64  `json:"size,omitempty"`  // regular and deleted files
 	Links  uint64 `json:"links,omitempty"` // link count of a deleted file
+	Blocks int64  `json:"blocks,omitempty"` // bytes on disk of a regular or deleted file (sparse files take less than Size)
+	// Locks are the file locks held through this fd, from its fdinfo's
+	// "lock:" lines (the kernel lists a flock or OFD lock on the open
+	// file it belongs to, a POSIX lock on its owner's fds), as /proc/locks
+	// prints them without the ordinal.
+	Locks []string `json:"locks,omitempty"`
 }
 
 // Socket is a socket held by the tree, with its peer when known.
@@ -141,7 +147,7 @@ func Walk(root int) (*Inventory, error) {
 	}
 	slices.SortFunc(inv.Sockets, func(a, b Socket) int { return int(a.Inode) - int(b.Inode) })
 	inv.IPC = countIPC(root)
-	inv.Locks = countLocks(pids)
+	inv.Locks = countLocks(pids, inv.Tasks)
 	return inv, nil
 }
 
@@ -317,6 +323,8 @@ func readFDs(pid int) []FD {
 					fd.Flags = v
 				case "ino":
 					fd.Inode, _ = strconv.ParseUint(v, 10, 64)
+				case "lock":
+					fd.Locks = append(fd.Locks, lockKey(v))
 				}
 			}
 		}
@@ -324,6 +332,7 @@ func readFDs(pid int) []FD {
 			var st unix.Stat_t
 			if unix.Stat(filepath.Join(dir, e.Name()), &st) == nil {
 				fd.Size = st.Size
+				fd.Blocks = st.Blocks * 512
 				if fd.Kind == "deleted" {
 					fd.Links = st.Nlink
 				}
@@ -630,24 +639,42 @@ func countIPC(root int) IPC {
 	return c
 }
 
-// countLocks counts the POSIX and flock locks the tree's processes hold.
-func countLocks(pids []int) int {
-	data, err := os.ReadFile("/proc/locks")
-	if err != nil {
-		return 0
-	}
-	in := map[string]bool{}
-	for _, p := range pids {
-		in[strconv.Itoa(p)] = true
-	}
-	n := 0
-	for line := range strings.SplitSeq(string(data), "\n") {
-		f := strings.Fields(line)
-		// "1: POSIX  ADVISORY  WRITE 1234 08:01:1234 0 EOF"; blocked
-		// waiters have a "->" field first.
-		if len(f) >= 5 && f[1] != "->" && in[f[4]] {
-			n++
+// countLocks counts the POSIX, OFD and flock locks the tree holds: those
+// its fds show (which include a flock lock inherited from a parent outside
+// the tree, whose /proc/locks line names that parent) and those
+// /proc/locks gives to one of its pids.
+func countLocks(pids []int, tasks []Task) int {
+	seen := map[string]bool{}
+	for _, t := range tasks {
+		for _, fd := range t.FDs {
+			for _, l := range fd.Locks {
+				seen[l] = true
+			}
 		}
 	}
-	return n
+	if data, err := os.ReadFile("/proc/locks"); err == nil {
+		in := map[string]bool{}
+		for _, p := range pids {
+			in[strconv.Itoa(p)] = true
+		}
+		for line := range strings.SplitSeq(string(data), "\n") {
+			f := strings.Fields(line)
+			// "1: POSIX  ADVISORY  WRITE 1234 08:01:1234 0 EOF"; blocked
+			// waiters have a "->" field first.
+			if len(f) >= 5 && f[1] != "->" && in[f[4]] {
+				seen[lockKey(line)] = true
+			}
+		}
+	}
+	return len(seen)
+}
+
+// lockKey is a lock line of /proc/locks or of an fdinfo without its
+// ordinal, with single spaces: the same lock reads the same from both.
+func lockKey(line string) string {
+	f := strings.Fields(line)
+	if len(f) > 0 && strings.HasSuffix(f[0], ":") {
+		f = f[1:]
+	}
+	return strings.Join(f, " ")
 }
