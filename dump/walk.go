@@ -82,8 +82,8 @@ type FD struct {
 	Pos    int64  `json:"pos,omitempty"`
 	Flags  string `json:"flags,omitempty"`
 	Inode  uint64 `json:"inode,omitempty"`
-	Size   int64  `json:"size,omitempty"`  // regular and deleted files
-	Links  uint64 `json:"links,omitempty"` // link count of a deleted file
+	Size   int64  `json:"size,omitempty"`   // regular and deleted files
+	Links  uint64 `json:"links,omitempty"`  // link count of a deleted file
 	Blocks int64  `json:"blocks,omitempty"` // bytes on disk of a regular or deleted file (sparse files take less than Size)
 	// Locks are the file locks held through this fd, from its fdinfo's
 	// "lock:" lines (the kernel lists a flock or OFD lock on the open
