@@ -88,13 +88,18 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 	for _, t := range inv.Tasks {
 		for _, fd := range t.FDs {
 			switch fd.Kind {
-			case "io_uring", "bpf-map", "bpf-prog", "perf_event", "userfaultfd", "fanotify":
+			case "io_uring", "bpf-map", "bpf-prog", "perf_event", "userfaultfd":
 				p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
 					Reason: fd.Kind + " cannot be checkpointed by CRIU"})
 			case "device":
 				if !harmlessDevices[fd.Target] {
 					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
 						Reason: "device files other than null, zero, random and full hold kernel state CRIU cannot carry"})
+				}
+			case "fanotify":
+				if fd.FsMarks > 0 {
+					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+						Reason: "a fanotify mark on a whole filesystem (FAN_MARK_FILESYSTEM), which CRIU does not carry (marks on files, directories and mounts it does)"})
 				}
 			case "deleted":
 				p.deletedFile(t.PID, fd)
@@ -130,14 +135,15 @@ func (p *Plan) deletedFile(pid int, fd FD) {
 	case fd.Links > 0:
 		p.LinkRemap = true
 		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) was unlinked but has other links: CRIU relinks it (link-remap)", pid, fd.Num, fd.Target))
-	case fd.Size > maxGhostLimit:
+	case fd.Blocks > maxGhostLimit:
 		p.Blockers = append(p.Blockers, Finding{PID: pid, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
-			Reason: fmt.Sprintf("a deleted file of %d bytes; ferry carries deleted files of up to %d bytes in a checkpoint", fd.Size, maxGhostLimit)})
-	case fd.Size > defaultGhostLimit:
-		// CRIU counts the space the file takes (blocks), a little over its
-		// size: leave a MiB of room, in whole MiB.
-		p.GhostLimit = max(p.GhostLimit, uint32((fd.Size+2<<20-1)&^(1<<20-1)))
-		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) is a deleted file of %d bytes: it travels inside the checkpoint", pid, fd.Num, fd.Target, fd.Size))
+			Reason: fmt.Sprintf("a deleted file taking %d bytes on disk; ferry carries deleted files of up to %d bytes in a checkpoint", fd.Blocks, maxGhostLimit)})
+	case fd.Blocks > defaultGhostLimit:
+		// CRIU compares the space the file takes (its blocks, not its
+		// apparent size: a sparse file's holes cost nothing and travel
+		// as holes) with the limit: leave a MiB of room, in whole MiB.
+		p.GhostLimit = max(p.GhostLimit, uint32((fd.Blocks+2<<20-1)&^(1<<20-1)))
+		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) is a deleted file taking %d bytes on disk: it travels inside the checkpoint", pid, fd.Num, fd.Target, fd.Blocks))
 	}
 }
 

@@ -50,29 +50,42 @@ func TestMakePlan(t *testing.T) {
 			i.IPC.Shm = 1
 		}, refused: "IPC namespace"},
 		{name: "small deleted file", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 4096})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 4096, Blocks: 4096})
 		}, check: func(t *testing.T, p *Plan) {
 			if p.GhostLimit != 0 || p.LinkRemap {
 				t.Errorf("plan for a small deleted file: %+v", p)
 			}
 		}},
 		{name: "large deleted file raises the ghost limit", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20, Blocks: 5 << 20})
 		}, check: func(t *testing.T, p *Plan) {
 			if p.GhostLimit < 5<<20+4096 {
 				t.Errorf("ghost limit %d, want room for a 5 MiB file and its last block", p.GhostLimit)
 			}
 		}},
 		{name: "deleted file linked elsewhere", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20, Links: 1})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20, Blocks: 5 << 20, Links: 1})
 		}, check: func(t *testing.T, p *Plan) {
 			if !p.LinkRemap {
 				t.Error("plan does not ask for link-remap")
 			}
 		}},
 		{name: "huge deleted file", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 2 << 30})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 2 << 30, Blocks: 2 << 30})
 		}, refused: "deleted file"},
+		{name: "huge sparse deleted file", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 2 << 30, Blocks: 16 << 10})
+		}, check: func(t *testing.T, p *Plan) {
+			if p.GhostLimit != 0 {
+				t.Errorf("ghost limit %d for a file taking 16 KiB", p.GhostLimit)
+			}
+		}},
+		{name: "fanotify with inode and mount marks", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "fanotify", Target: "anon_inode:[fanotify]"})
+		}},
+		{name: "fanotify with a filesystem mark", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "fanotify", Target: "anon_inode:[fanotify]", FsMarks: 1})
+		}, allow: Allowed{TCPEstablished: true, ExtUnixSk: true, FileLocks: true}, refused: "FAN_MARK_FILESYSTEM"},
 		{name: "SysV IPC in its own namespace", mod: func(i *Inventory) { i.IPC = IPC{Shm: 1, Sem: 1, Msg: 1} }},
 		{name: "session leader outside a foreign tree", mod: func(i *Inventory) {
 			i.OwnPIDNamespace = false

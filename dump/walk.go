@@ -90,6 +90,10 @@ type FD struct {
 	// file it belongs to, a POSIX lock on its owner's fds), as /proc/locks
 	// prints them without the ordinal.
 	Locks []string `json:"locks,omitempty"`
+	// FsMarks counts a fanotify fd's marks on a whole filesystem
+	// (FAN_MARK_FILESYSTEM), which CRIU 4.2 does not carry: its restore
+	// comes back without them. Inode and mount marks it carries.
+	FsMarks int `json:"fanotifyFsMarks,omitempty"`
 }
 
 // Socket is a socket held by the tree, with its peer when known.
@@ -325,6 +329,8 @@ func readFDs(pid int) []FD {
 					fd.Inode, _ = strconv.ParseUint(v, 10, 64)
 				case "lock":
 					fd.Locks = append(fd.Locks, lockKey(v))
+				case "fanotify sdev":
+					fd.FsMarks++
 				}
 			}
 		}
