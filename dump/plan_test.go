@@ -80,6 +80,13 @@ func TestMakePlan(t *testing.T) {
 				t.Errorf("ghost limit %d for a file taking 16 KiB", p.GhostLimit)
 			}
 		}},
+		{name: "another user's task with CAP_SYS_RESOURCE", mod: func(i *Inventory) {
+			i.Tasks[0].UID, i.Tasks[0].OtherUser = 65534, true
+		}},
+		{name: "another user's task without CAP_SYS_RESOURCE", mod: func(i *Inventory) {
+			i.Tasks[0].UID, i.Tasks[0].OtherUser = 65534, true
+			i.LacksCapSysResource = true
+		}, refused: "CAP_SYS_RESOURCE"},
 		{name: "fanotify with inode and mount marks", mod: func(i *Inventory) {
 			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "fanotify", Target: "anon_inode:[fanotify]"})
 		}},

@@ -31,6 +31,11 @@ type Inventory struct {
 	// has namespaces of its own (a ferry job has both).
 	OwnIPCNamespace bool `json:"ownIpcNamespace"`
 	OwnPIDNamespace bool `json:"ownPidNamespace"`
+	// LacksCapSysResource says ferry (and so the CRIU it runs) lacks
+	// CAP_SYS_RESOURCE here, as in containers that drop it: the kernel
+	// then lets CRIU read the resource limits (prlimit) only of tasks
+	// with exactly ferry's uids and gids, and CRIU reads every task's.
+	LacksCapSysResource bool `json:"lacksCapSysResource,omitempty"`
 }
 
 // Task is one process of the tree.
@@ -45,6 +50,10 @@ type Task struct {
 	Exe     string   `json:"exe"`
 	Cwd     string   `json:"cwd"`
 	UID     int      `json:"uid"`
+	GID     int      `json:"gid"`
+	// OtherUser says the task's real, effective or saved uid or gid is
+	// not ferry's own: reading its rlimits takes CAP_SYS_RESOURCE.
+	OtherUser bool `json:"otherUser,omitempty"`
 	// StartTime (clock ticks since boot) tells this task from a later one
 	// that reuses its pid.
 	StartTime uint64 `json:"startTime"`
@@ -125,6 +134,7 @@ func Walk(root int) (*Inventory, error) {
 	inv := &Inventory{Root: root}
 	inv.OwnPIDNamespace = nsDiffers(root, "pid")
 	inv.OwnIPCNamespace = nsDiffers(root, "ipc")
+	inv.LacksCapSysResource = !HasCapability(unix.CAP_SYS_RESOURCE)
 	sockInodes := map[uint64]*Socket{}
 	for _, pid := range pids {
 		t, err := readTask(pid)
@@ -199,8 +209,20 @@ func readTask(pid int) (*Task, error) {
 		switch k {
 		case "Threads":
 			t.Threads, _ = strconv.Atoi(f[0])
-		case "Uid":
-			t.UID, _ = strconv.Atoi(f[0])
+		case "Uid", "Gid":
+			own := os.Getuid()
+			if k == "Uid" {
+				t.UID, _ = strconv.Atoi(f[0])
+			} else {
+				t.GID, _ = strconv.Atoi(f[0])
+				own = os.Getgid()
+			}
+			// real, effective, saved (the fs id the kernel does not ask)
+			for _, id := range f[:min(3, len(f))] {
+				if id != strconv.Itoa(own) {
+					t.OtherUser = true
+				}
+			}
 		case "NSpid":
 			t.NSPID, _ = strconv.Atoi(f[len(f)-1])
 		case "NSpgid":
@@ -683,4 +705,20 @@ func lockKey(line string) string {
 		f = f[1:]
 	}
 	return strings.Join(f, " ")
+}
+
+// HasCapability says whether this process's effective capability set
+// (CapEff of /proc/self/status) holds capability bit cap.
+func HasCapability(cap int) bool {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			set, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && set&(1<<cap) != 0
+		}
+	}
+	return false
 }
