@@ -64,9 +64,19 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 			need(Finding{PID: s.PID, What: fmt.Sprintf("TCP connection %s -> %s", s.Local, s.Remote),
 				Reason: "established TCP connection to " + peer, Flag: "--tcp-established"}, allow.TCPEstablished)
 			p.TCPEstablished = p.TCPEstablished || allow.TCPEstablished
-		case s.Family == "unix" && s.PeerInode != 0 && !s.PeerInTree:
+		case s.Family == "unix" && s.PeerInode != 0 && !s.PeerInTree && s.Type == "dgram":
 			need(Finding{PID: s.PID, What: fmt.Sprintf("unix socket fd %d", s.FD),
-				Reason: "connected to a process outside the tree", Flag: "--ext-unix-sk"}, allow.ExtUnixSk)
+				Reason: "a datagram socket connected to a process outside the tree (restored connected to the same address)", Flag: "--ext-unix-sk"}, allow.ExtUnixSk)
+		case s.Family == "unix" && s.PeerInode != 0 && !s.PeerInTree:
+			// CRIU carries only both ends of a stream connection: with
+			// --ext-unix-sk it fails ("Can't dump half of stream unix
+			// connection"), so no flag is named.
+			kind := s.Type
+			if kind == "" {
+				kind = "stream"
+			}
+			p.Blockers = append(p.Blockers, Finding{PID: s.PID, What: fmt.Sprintf("unix socket fd %d (%s)", s.FD, kind),
+				Reason: "a " + kind + " connection to a process outside the tree, whose end CRIU cannot carry: have the peer disconnect first (or checkpoint it with the tree)"})
 		case s.Family == "netlink" || s.Family == "other":
 			// CRIU carries netlink sockets of common protocols; nothing to ask.
 		}

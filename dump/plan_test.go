@@ -32,9 +32,15 @@ func TestMakePlan(t *testing.T) {
 		{name: "listening TCP is fine", mod: func(i *Inventory) {
 			i.Sockets = []Socket{{PID: 10, Family: "tcp", State: "listen"}}
 		}},
-		{name: "unix peer outside", mod: func(i *Inventory) {
-			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", State: "connected", PeerInode: 99}}
+		{name: "unix datagram peer outside", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", Type: "dgram", State: "connected", PeerInode: 99}}
 		}, refused: "--ext-unix-sk"},
+		{name: "unix datagram peer outside allowed", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", Type: "dgram", State: "connected", PeerInode: 99}}
+		}, allow: Allowed{ExtUnixSk: true}},
+		{name: "unix stream peer outside: no flag helps", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", Type: "stream", State: "connected", PeerInode: 99}}
+		}, allow: Allowed{ExtUnixSk: true}, refused: "stream connection"},
 		{name: "unix peer inside", mod: func(i *Inventory) {
 			i.Sockets = []Socket{{PID: 10, Family: "unix", PeerInode: 99, PeerInTree: true}}
 		}},

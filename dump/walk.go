@@ -110,7 +110,8 @@ type Socket struct {
 	Inode      uint64 `json:"inode"`
 	PID        int    `json:"pid"`
 	FD         int    `json:"fd"`
-	Family     string `json:"family"` // unix, tcp, tcp6, udp, udp6, netlink, other
+	Family     string `json:"family"`         // unix, tcp, tcp6, udp, udp6, netlink, other
+	Type       string `json:"type,omitempty"` // of a unix socket: stream, dgram, seqpacket
 	State      string `json:"state"`
 	Local      string `json:"local,omitempty"`
 	Remote     string `json:"remote,omitempty"`
@@ -456,6 +457,7 @@ func describeSockets(root int, socks map[uint64]*Socket) {
 				continue
 			}
 			s.Family = "unix"
+			s.Type = map[string]string{"0001": "stream", "0002": "dgram", "0005": "seqpacket"}[fl[4]]
 			st, _ := strconv.ParseUint(fl[5], 16, 8)
 			s.State = map[uint64]string{1: "unconnected", 2: "connecting", 3: "connected", 4: "disconnecting"}[st]
 			if fl[4] == "0001" && st == 1 {

@@ -30,6 +30,8 @@
 //	                         pattern, checked every 20 ms; print "sparse N ok"
 //	workload nobody          a child running as uid 65534 counts; print "nobody N UID"
 //	workload unix-serve PATH a unix stream server answering each line with "N LINE"
+//	workload unix-dgram PATH a unix datagram socket connected to PATH sends "dg N"
+//	                         every 20 ms; print "sent N"
 package main
 
 import (
@@ -97,6 +99,8 @@ func main() {
 		nobody()
 	case "unix-serve":
 		unixServe(arg(2))
+	case "unix-dgram":
+		unixDgram(arg(2))
 	default:
 		fatal("unknown mode " + os.Args[1])
 	}
@@ -614,5 +618,22 @@ func unixServe(path string) {
 				fmt.Fprintf(c, "%d %s\n", n.Add(1), sc.Text())
 			}
 		}()
+	}
+}
+
+// unixDgram connects a datagram socket to PATH (bound by someone else)
+// and sends "dg N" on it every 20 ms. A send that fails is reported and
+// the count goes on.
+func unixDgram(path string) {
+	c, err := net.Dial("unixgram", path)
+	if err != nil {
+		fatal(err.Error())
+	}
+	for n := 1; ; n++ {
+		if _, err := fmt.Fprintf(c, "dg %d", n); err != nil {
+			fmt.Println("send failed:", err)
+		}
+		fmt.Printf("sent %d\n", n)
+		time.Sleep(20 * time.Millisecond)
 	}
 }
