@@ -129,6 +129,9 @@ job and ends each once its snapshot is durable, for a reboot:
 		if err != nil {
 			return err
 		}
+		if err := probeOutput(out); err != nil {
+			return err
+		}
 		ctx := c.Context
 		if d := c.Duration("timeout"); d > 0 {
 			var cancel func()

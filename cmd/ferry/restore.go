@@ -59,6 +59,9 @@ stops it.`,
 		if err := requireRoot(); err != nil {
 			return err
 		}
+		if err := checkRestoreSource(c.Args().First()); err != nil {
+			return err
+		}
 		s, err := registry(c)
 		if err != nil {
 			return err
