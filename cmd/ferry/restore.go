@@ -74,6 +74,7 @@ stops it.`,
 		if err != nil {
 			return err
 		}
+		warnListenersInUse(c.App.ErrWriter, s, c.Args().First())
 		meter.SetPhase("restoring")
 		rec, err := restore.Job(c.Context, s, restore.Options{
 			Progress:   meter,
