@@ -632,11 +632,18 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 		if sizes == nil && !r.how.sink.streamed() {
 			sizes = dirSizes(r.tmp)
 		}
-		if st, err := stats.CriuGetDumpStats(r.workDir); err == nil {
+		st, err := stats.CriuGetDumpStats(r.workDir)
+		if err != nil && r.imgDir != nil {
+			// CRIU run by path inside a foreign job's namespaces writes
+			// its statistics beside the images.
+			st, err = stats.CriuGetDumpStats(r.imgDir)
+		}
+		if err == nil {
 			res.CriuStats = st
 			res.Memory = int64(st.GetPagesWritten()) * int64(os.Getpagesize())
 		} else {
-			// Sealed inside CRIU's post-dump action: its statistics come later.
+			// Sealed inside CRIU's post-dump action: its statistics come
+			// later; the pages files say as much.
 			res.Memory = pagesBytes(sizes)
 		}
 	}

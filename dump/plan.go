@@ -64,9 +64,19 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 			need(Finding{PID: s.PID, What: fmt.Sprintf("TCP connection %s -> %s", s.Local, s.Remote),
 				Reason: "established TCP connection to " + peer, Flag: "--tcp-established"}, allow.TCPEstablished)
 			p.TCPEstablished = p.TCPEstablished || allow.TCPEstablished
-		case s.Family == "unix" && s.PeerInode != 0 && !s.PeerInTree:
+		case s.Family == "unix" && s.PeerInode != 0 && !s.PeerInTree && s.Type == "dgram":
 			need(Finding{PID: s.PID, What: fmt.Sprintf("unix socket fd %d", s.FD),
-				Reason: "connected to a process outside the tree", Flag: "--ext-unix-sk"}, allow.ExtUnixSk)
+				Reason: "a datagram socket connected to a process outside the tree (restored connected to the same address)", Flag: "--ext-unix-sk"}, allow.ExtUnixSk)
+		case s.Family == "unix" && s.PeerInode != 0 && !s.PeerInTree:
+			// CRIU carries only both ends of a stream connection: with
+			// --ext-unix-sk it fails ("Can't dump half of stream unix
+			// connection"), so no flag is named.
+			kind := s.Type
+			if kind == "" {
+				kind = "stream"
+			}
+			p.Blockers = append(p.Blockers, Finding{PID: s.PID, What: fmt.Sprintf("unix socket fd %d (%s)", s.FD, kind),
+				Reason: "a " + kind + " connection to a process outside the tree, whose end CRIU cannot carry: have the peer disconnect first (or checkpoint it with the tree)"})
 		case s.Family == "netlink" || s.Family == "other":
 			// CRIU carries netlink sockets of common protocols; nothing to ask.
 		}
@@ -88,7 +98,7 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 	for _, t := range inv.Tasks {
 		for _, fd := range t.FDs {
 			switch fd.Kind {
-			case "io_uring", "bpf-map", "bpf-prog", "perf_event", "userfaultfd", "fanotify":
+			case "io_uring", "bpf-map", "bpf-prog", "perf_event", "userfaultfd":
 				p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
 					Reason: fd.Kind + " cannot be checkpointed by CRIU"})
 			case "device":
@@ -96,14 +106,20 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
 						Reason: "device files other than null, zero, random and full hold kernel state CRIU cannot carry"})
 				}
+			case "fanotify":
+				if fd.FsMarks > 0 {
+					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+						Reason: "a fanotify mark on a whole filesystem (FAN_MARK_FILESYSTEM), which CRIU does not carry (marks on files, directories and mounts it does)"})
+				}
 			case "deleted":
 				p.deletedFile(t.PID, fd)
 			case "tty":
 				p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d is a terminal (%s); the restored tree gets it back only if it exists", t.PID, fd.Num, fd.Target))
 			}
 		}
-		if t.UID != 0 {
-			p.Notes = append(p.Notes, fmt.Sprintf("pid %d runs as uid %d; on hosts without CAP_SYS_RESOURCE CRIU cannot dump it", t.PID, t.UID))
+		if t.OtherUser && inv.LacksCapSysResource {
+			p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("a task running as uid %d gid %d", t.UID, t.GID),
+				Reason: "CRIU must read its resource limits, which the kernel allows for another user's task only with CAP_SYS_RESOURCE, and ferry runs here without it (see ferry doctor); run the tree's tasks as ferry's user or give ferry CAP_SYS_RESOURCE"})
 		}
 	}
 	if rootSID != 0 && rootSID != inv.Root {
@@ -130,14 +146,15 @@ func (p *Plan) deletedFile(pid int, fd FD) {
 	case fd.Links > 0:
 		p.LinkRemap = true
 		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) was unlinked but has other links: CRIU relinks it (link-remap)", pid, fd.Num, fd.Target))
-	case fd.Size > maxGhostLimit:
+	case fd.Blocks > maxGhostLimit:
 		p.Blockers = append(p.Blockers, Finding{PID: pid, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
-			Reason: fmt.Sprintf("a deleted file of %d bytes; ferry carries deleted files of up to %d bytes in a checkpoint", fd.Size, maxGhostLimit)})
-	case fd.Size > defaultGhostLimit:
-		// CRIU counts the space the file takes (blocks), a little over its
-		// size: leave a MiB of room, in whole MiB.
-		p.GhostLimit = max(p.GhostLimit, uint32((fd.Size+2<<20-1)&^(1<<20-1)))
-		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) is a deleted file of %d bytes: it travels inside the checkpoint", pid, fd.Num, fd.Target, fd.Size))
+			Reason: fmt.Sprintf("a deleted file taking %d bytes on disk; ferry carries deleted files of up to %d bytes in a checkpoint", fd.Blocks, maxGhostLimit)})
+	case fd.Blocks > defaultGhostLimit:
+		// CRIU compares the space the file takes (its blocks, not its
+		// apparent size: a sparse file's holes cost nothing and travel
+		// as holes) with the limit: leave a MiB of room, in whole MiB.
+		p.GhostLimit = max(p.GhostLimit, uint32((fd.Blocks+2<<20-1)&^(1<<20-1)))
+		p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d (%s) is a deleted file taking %d bytes on disk: it travels inside the checkpoint", pid, fd.Num, fd.Target, fd.Blocks))
 	}
 }
 

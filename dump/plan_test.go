@@ -32,9 +32,15 @@ func TestMakePlan(t *testing.T) {
 		{name: "listening TCP is fine", mod: func(i *Inventory) {
 			i.Sockets = []Socket{{PID: 10, Family: "tcp", State: "listen"}}
 		}},
-		{name: "unix peer outside", mod: func(i *Inventory) {
-			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", State: "connected", PeerInode: 99}}
+		{name: "unix datagram peer outside", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", Type: "dgram", State: "connected", PeerInode: 99}}
 		}, refused: "--ext-unix-sk"},
+		{name: "unix datagram peer outside allowed", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", Type: "dgram", State: "connected", PeerInode: 99}}
+		}, allow: Allowed{ExtUnixSk: true}},
+		{name: "unix stream peer outside: no flag helps", mod: func(i *Inventory) {
+			i.Sockets = []Socket{{PID: 10, FD: 3, Family: "unix", Type: "stream", State: "connected", PeerInode: 99}}
+		}, allow: Allowed{ExtUnixSk: true}, refused: "stream connection"},
 		{name: "unix peer inside", mod: func(i *Inventory) {
 			i.Sockets = []Socket{{PID: 10, Family: "unix", PeerInode: 99, PeerInTree: true}}
 		}},
@@ -50,29 +56,49 @@ func TestMakePlan(t *testing.T) {
 			i.IPC.Shm = 1
 		}, refused: "IPC namespace"},
 		{name: "small deleted file", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 4096})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 4096, Blocks: 4096})
 		}, check: func(t *testing.T, p *Plan) {
 			if p.GhostLimit != 0 || p.LinkRemap {
 				t.Errorf("plan for a small deleted file: %+v", p)
 			}
 		}},
 		{name: "large deleted file raises the ghost limit", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20, Blocks: 5 << 20})
 		}, check: func(t *testing.T, p *Plan) {
 			if p.GhostLimit < 5<<20+4096 {
 				t.Errorf("ghost limit %d, want room for a 5 MiB file and its last block", p.GhostLimit)
 			}
 		}},
 		{name: "deleted file linked elsewhere", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20, Links: 1})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 5 << 20, Blocks: 5 << 20, Links: 1})
 		}, check: func(t *testing.T, p *Plan) {
 			if !p.LinkRemap {
 				t.Error("plan does not ask for link-remap")
 			}
 		}},
 		{name: "huge deleted file", mod: func(i *Inventory) {
-			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 2 << 30})
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 2 << 30, Blocks: 2 << 30})
 		}, refused: "deleted file"},
+		{name: "huge sparse deleted file", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "deleted", Target: "/tmp/x (deleted)", Size: 2 << 30, Blocks: 16 << 10})
+		}, check: func(t *testing.T, p *Plan) {
+			if p.GhostLimit != 0 {
+				t.Errorf("ghost limit %d for a file taking 16 KiB", p.GhostLimit)
+			}
+		}},
+		{name: "another user's task with CAP_SYS_RESOURCE", mod: func(i *Inventory) {
+			i.Tasks[0].UID, i.Tasks[0].OtherUser = 65534, true
+		}},
+		{name: "another user's task without CAP_SYS_RESOURCE", mod: func(i *Inventory) {
+			i.Tasks[0].UID, i.Tasks[0].OtherUser = 65534, true
+			i.LacksCapSysResource = true
+		}, refused: "CAP_SYS_RESOURCE"},
+		{name: "fanotify with inode and mount marks", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "fanotify", Target: "anon_inode:[fanotify]"})
+		}},
+		{name: "fanotify with a filesystem mark", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "fanotify", Target: "anon_inode:[fanotify]", FsMarks: 1})
+		}, allow: Allowed{TCPEstablished: true, ExtUnixSk: true, FileLocks: true}, refused: "FAN_MARK_FILESYSTEM"},
 		{name: "SysV IPC in its own namespace", mod: func(i *Inventory) { i.IPC = IPC{Shm: 1, Sem: 1, Msg: 1} }},
 		{name: "session leader outside a foreign tree", mod: func(i *Inventory) {
 			i.OwnPIDNamespace = false

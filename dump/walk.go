@@ -31,6 +31,11 @@ type Inventory struct {
 	// has namespaces of its own (a ferry job has both).
 	OwnIPCNamespace bool `json:"ownIpcNamespace"`
 	OwnPIDNamespace bool `json:"ownPidNamespace"`
+	// LacksCapSysResource says ferry (and so the CRIU it runs) lacks
+	// CAP_SYS_RESOURCE here, as in containers that drop it: the kernel
+	// then lets CRIU read the resource limits (prlimit) only of tasks
+	// with exactly ferry's uids and gids, and CRIU reads every task's.
+	LacksCapSysResource bool `json:"lacksCapSysResource,omitempty"`
 }
 
 // Task is one process of the tree.
@@ -45,6 +50,10 @@ type Task struct {
 	Exe     string   `json:"exe"`
 	Cwd     string   `json:"cwd"`
 	UID     int      `json:"uid"`
+	GID     int      `json:"gid"`
+	// OtherUser says the task's real, effective or saved uid or gid is
+	// not ferry's own: reading its rlimits takes CAP_SYS_RESOURCE.
+	OtherUser bool `json:"otherUser,omitempty"`
 	// StartTime (clock ticks since boot) tells this task from a later one
 	// that reuses its pid.
 	StartTime uint64 `json:"startTime"`
@@ -82,8 +91,18 @@ type FD struct {
 	Pos    int64  `json:"pos,omitempty"`
 	Flags  string `json:"flags,omitempty"`
 	Inode  uint64 `json:"inode,omitempty"`
-	Size   int64  `json:"size,omitempty"`  // regular and deleted files
-	Links  uint64 `json:"links,omitempty"` // link count of a deleted file
+	Size   int64  `json:"size,omitempty"`   // regular and deleted files
+	Links  uint64 `json:"links,omitempty"`  // link count of a deleted file
+	Blocks int64  `json:"blocks,omitempty"` // bytes on disk of a regular or deleted file (sparse files take less than Size)
+	// Locks are the file locks held through this fd, from its fdinfo's
+	// "lock:" lines (the kernel lists a flock or OFD lock on the open
+	// file it belongs to, a POSIX lock on its owner's fds), as /proc/locks
+	// prints them without the ordinal.
+	Locks []string `json:"locks,omitempty"`
+	// FsMarks counts a fanotify fd's marks on a whole filesystem
+	// (FAN_MARK_FILESYSTEM), which CRIU 4.2 does not carry: its restore
+	// comes back without them. Inode and mount marks it carries.
+	FsMarks int `json:"fanotifyFsMarks,omitempty"`
 }
 
 // Socket is a socket held by the tree, with its peer when known.
@@ -91,7 +110,8 @@ type Socket struct {
 	Inode      uint64 `json:"inode"`
 	PID        int    `json:"pid"`
 	FD         int    `json:"fd"`
-	Family     string `json:"family"` // unix, tcp, tcp6, udp, udp6, netlink, other
+	Family     string `json:"family"`         // unix, tcp, tcp6, udp, udp6, netlink, other
+	Type       string `json:"type,omitempty"` // of a unix socket: stream, dgram, seqpacket
 	State      string `json:"state"`
 	Local      string `json:"local,omitempty"`
 	Remote     string `json:"remote,omitempty"`
@@ -115,6 +135,7 @@ func Walk(root int) (*Inventory, error) {
 	inv := &Inventory{Root: root}
 	inv.OwnPIDNamespace = nsDiffers(root, "pid")
 	inv.OwnIPCNamespace = nsDiffers(root, "ipc")
+	inv.LacksCapSysResource = !HasCapability(unix.CAP_SYS_RESOURCE)
 	sockInodes := map[uint64]*Socket{}
 	for _, pid := range pids {
 		t, err := readTask(pid)
@@ -141,7 +162,7 @@ func Walk(root int) (*Inventory, error) {
 	}
 	slices.SortFunc(inv.Sockets, func(a, b Socket) int { return int(a.Inode) - int(b.Inode) })
 	inv.IPC = countIPC(root)
-	inv.Locks = countLocks(pids)
+	inv.Locks = countLocks(pids, inv.Tasks)
 	return inv, nil
 }
 
@@ -189,8 +210,20 @@ func readTask(pid int) (*Task, error) {
 		switch k {
 		case "Threads":
 			t.Threads, _ = strconv.Atoi(f[0])
-		case "Uid":
-			t.UID, _ = strconv.Atoi(f[0])
+		case "Uid", "Gid":
+			own := os.Getuid()
+			if k == "Uid" {
+				t.UID, _ = strconv.Atoi(f[0])
+			} else {
+				t.GID, _ = strconv.Atoi(f[0])
+				own = os.Getgid()
+			}
+			// real, effective, saved (the fs id the kernel does not ask)
+			for _, id := range f[:min(3, len(f))] {
+				if id != strconv.Itoa(own) {
+					t.OtherUser = true
+				}
+			}
 		case "NSpid":
 			t.NSPID, _ = strconv.Atoi(f[len(f)-1])
 		case "NSpgid":
@@ -317,6 +350,10 @@ func readFDs(pid int) []FD {
 					fd.Flags = v
 				case "ino":
 					fd.Inode, _ = strconv.ParseUint(v, 10, 64)
+				case "lock":
+					fd.Locks = append(fd.Locks, lockKey(v))
+				case "fanotify sdev":
+					fd.FsMarks++
 				}
 			}
 		}
@@ -324,6 +361,7 @@ func readFDs(pid int) []FD {
 			var st unix.Stat_t
 			if unix.Stat(filepath.Join(dir, e.Name()), &st) == nil {
 				fd.Size = st.Size
+				fd.Blocks = st.Blocks * 512
 				if fd.Kind == "deleted" {
 					fd.Links = st.Nlink
 				}
@@ -419,6 +457,7 @@ func describeSockets(root int, socks map[uint64]*Socket) {
 				continue
 			}
 			s.Family = "unix"
+			s.Type = map[string]string{"0001": "stream", "0002": "dgram", "0005": "seqpacket"}[fl[4]]
 			st, _ := strconv.ParseUint(fl[5], 16, 8)
 			s.State = map[uint64]string{1: "unconnected", 2: "connecting", 3: "connected", 4: "disconnecting"}[st]
 			if fl[4] == "0001" && st == 1 {
@@ -630,24 +669,58 @@ func countIPC(root int) IPC {
 	return c
 }
 
-// countLocks counts the POSIX and flock locks the tree's processes hold.
-func countLocks(pids []int) int {
-	data, err := os.ReadFile("/proc/locks")
-	if err != nil {
-		return 0
-	}
-	in := map[string]bool{}
-	for _, p := range pids {
-		in[strconv.Itoa(p)] = true
-	}
-	n := 0
-	for line := range strings.SplitSeq(string(data), "\n") {
-		f := strings.Fields(line)
-		// "1: POSIX  ADVISORY  WRITE 1234 08:01:1234 0 EOF"; blocked
-		// waiters have a "->" field first.
-		if len(f) >= 5 && f[1] != "->" && in[f[4]] {
-			n++
+// countLocks counts the POSIX, OFD and flock locks the tree holds: those
+// its fds show (which include a flock lock inherited from a parent outside
+// the tree, whose /proc/locks line names that parent) and those
+// /proc/locks gives to one of its pids.
+func countLocks(pids []int, tasks []Task) int {
+	seen := map[string]bool{}
+	for _, t := range tasks {
+		for _, fd := range t.FDs {
+			for _, l := range fd.Locks {
+				seen[l] = true
+			}
 		}
 	}
-	return n
+	if data, err := os.ReadFile("/proc/locks"); err == nil {
+		in := map[string]bool{}
+		for _, p := range pids {
+			in[strconv.Itoa(p)] = true
+		}
+		for line := range strings.SplitSeq(string(data), "\n") {
+			f := strings.Fields(line)
+			// "1: POSIX  ADVISORY  WRITE 1234 08:01:1234 0 EOF"; blocked
+			// waiters have a "->" field first.
+			if len(f) >= 5 && f[1] != "->" && in[f[4]] {
+				seen[lockKey(line)] = true
+			}
+		}
+	}
+	return len(seen)
+}
+
+// lockKey is a lock line of /proc/locks or of an fdinfo without its
+// ordinal, with single spaces: the same lock reads the same from both.
+func lockKey(line string) string {
+	f := strings.Fields(line)
+	if len(f) > 0 && strings.HasSuffix(f[0], ":") {
+		f = f[1:]
+	}
+	return strings.Join(f, " ")
+}
+
+// HasCapability says whether this process's effective capability set
+// (CapEff of /proc/self/status) holds capability bit cap.
+func HasCapability(cap int) bool {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			set, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && set&(1<<cap) != 0
+		}
+	}
+	return false
 }

@@ -88,6 +88,9 @@ func (e *env) startFerryIn(ns string, args ...string) (*exec.Cmd, *bytes.Buffer)
 	var out bytes.Buffer
 	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, ferryBin, "--root", e.root}, args...)...)
 	cmd.Stdout, cmd.Stderr = &out, &out
+	// A CRIU that outlives a killed ferry holds its output pipe: Wait
+	// does not wait for it.
+	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}

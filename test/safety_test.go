@@ -63,6 +63,7 @@ func (e *env) spawnFerry(s spawn, args ...string) (*exec.Cmd, *bytes.Buffer) {
 	cmd.Env = append(os.Environ(), s.env...)
 	out := &bytes.Buffer{}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = s.stdin, cmp.Or[io.Writer](s.stdout, out), out
+	cmd.WaitDelay = 5 * time.Second // a CRIU that outlives a killed ferry holds its output
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}

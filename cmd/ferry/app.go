@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -61,8 +62,55 @@ func newApp() *cli.App {
 		if cmd.OnUsageError == nil {
 			cmd.OnUsageError = app.OnUsageError
 		}
+		checkRequired(cmd)
 	}
 	return app
+}
+
+// checkRequired moves the check of cmd's required flags from urfave/cli,
+// which prints the whole help and exits 1, into a Before that says in one
+// line what is missing, as a usage error (exit 2).
+func checkRequired(cmd *cli.Command) {
+	var names []string
+	for _, f := range cmd.Flags {
+		switch f := f.(type) {
+		case *cli.StringFlag:
+			if f.Required {
+				f.Required, names = false, append(names, f.Name)
+			}
+		case *cli.IntFlag:
+			if f.Required {
+				f.Required, names = false, append(names, f.Name)
+			}
+		case *cli.DurationFlag:
+			if f.Required {
+				f.Required, names = false, append(names, f.Name)
+			}
+		case *cli.BoolFlag:
+			if f.Required {
+				f.Required, names = false, append(names, f.Name)
+			}
+		}
+	}
+	if len(names) == 0 {
+		return
+	}
+	before := cmd.Before
+	cmd.Before = func(c *cli.Context) error {
+		var missing []string
+		for _, n := range names {
+			if !c.IsSet(n) {
+				missing = append(missing, "--"+n)
+			}
+		}
+		if len(missing) > 0 {
+			return usageError{fmt.Errorf("%s needs %s", c.Command.Name, strings.Join(missing, " and "))}
+		}
+		if before != nil {
+			return before(c)
+		}
+		return nil
+	}
 }
 
 func versionString() string {

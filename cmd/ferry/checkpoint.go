@@ -142,6 +142,8 @@ job and ends each once its snapshot is durable, for a reboot:
 			if err := checkStdout(c); err != nil {
 				return err
 			}
+		} else if err := probeOutput(out); err != nil {
+			return err
 		}
 		ctx := c.Context
 		if d := c.Duration("timeout"); d > 0 {
@@ -226,8 +228,19 @@ func writeJSON(c *cli.Context, v any) error {
 	return enc.Encode(v)
 }
 
-// printInventory renders the walk and the plan for people.
+// printInventory renders the walk and the plan for people, with the
+// verdict: checkpointable or not.
 func printInventory(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
+	printTree(w, inv, plan)
+	if err := plan.Refusal(); err == nil {
+		fmt.Fprintln(w, "checkpointable: yes")
+	} else {
+		fmt.Fprintln(w, "checkpointable: no")
+	}
+}
+
+// printTree renders the walk and the plan for people.
+func printTree(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
 	fmt.Fprintf(w, "tree of pid %d: %d processes, memory %s (RSS %s: anonymous %s, file %s, shared %s)\n",
 		inv.Root, len(inv.Tasks), humanBytes(inv.Memory.Size), humanBytes(inv.Memory.RSS),
 		humanBytes(inv.Memory.Anonymous), humanBytes(inv.Memory.FileRSS), humanBytes(inv.Memory.ShmemRSS))
@@ -271,11 +284,6 @@ func printInventory(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
 	}
 	for _, n := range plan.Notes {
 		fmt.Fprintf(w, "  note: %s\n", n)
-	}
-	if err := plan.Refusal(); err == nil {
-		fmt.Fprintln(w, "checkpointable: yes")
-	} else {
-		fmt.Fprintln(w, "checkpointable: no")
 	}
 }
 

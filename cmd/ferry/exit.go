@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"io/fs"
+	"net"
 
 	"github.com/urfave/cli/v2"
 
@@ -146,6 +147,9 @@ func exitCode(err error) int {
 	}
 	if errors.Is(err, context.Canceled) {
 		return exitInterrupted
+	}
+	if ae := (*net.AddrError)(nil); errors.As(err, &ae) {
+		return exitUsage // an address given on the command line that does not parse
 	}
 	return exitFailure
 }

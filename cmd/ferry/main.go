@@ -49,7 +49,7 @@ func main() {
 	if err != nil {
 		code := exitCode(err)
 		if msg := err.Error(); msg != "" {
-			fmt.Fprintf(os.Stderr, "ferry: %s\n", msg)
+			fmt.Fprintf(os.Stderr, "ferry: %s%s\n", msg, hint(err))
 		}
 		os.Exit(code)
 	}

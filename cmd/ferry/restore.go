@@ -65,6 +65,9 @@ stops it.`,
 		if err := requireRoot(); err != nil {
 			return err
 		}
+		if err := checkRestoreSource(c.Args().First()); err != nil {
+			return err
+		}
 		s, err := registry(c)
 		if err != nil {
 			return err
@@ -77,6 +80,7 @@ stops it.`,
 		if err != nil {
 			return err
 		}
+		warnListenersInUse(c.App.ErrWriter, s, c.Args().First())
 		meter.SetPhase("restoring")
 		ctx := c.Context
 		if d := c.Duration("timeout"); d > 0 {

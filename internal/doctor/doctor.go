@@ -52,6 +52,11 @@ type Report struct {
 	Namespaces map[string]bool `json:"namespaces"`
 	Kernel     string          `json:"kernel"`
 	Root       bool            `json:"root"`
+	// CapSysResource says ferry's effective capabilities hold
+	// CAP_SYS_RESOURCE. Without it (containers often drop it) CRIU cannot
+	// read the resource limits of a task of another user, so such trees
+	// are refused; everything else works.
+	CapSysResource bool `json:"capSysResource"`
 }
 
 // Run performs every check.
@@ -64,6 +69,10 @@ func Run(ctx context.Context, opts Options) *Report {
 	r.Root = os.Geteuid() == 0
 	if !r.Root {
 		r.Problems = append(r.Problems, "not running as root: ferry needs it for namespaces, cgroups and CRIU")
+	}
+	r.CapSysResource = hasCapability(unix.CAP_SYS_RESOURCE)
+	if !r.CapSysResource {
+		r.Notes = append(r.Notes, "no CAP_SYS_RESOURCE: a tree with a task of another user (uid or gid not ferry's) cannot be checkpointed here, and is refused")
 	}
 
 	for _, ns := range []string{"pid", "ipc", "mnt", "net"} {
@@ -156,6 +165,11 @@ func (r *Report) WriteTable(w io.Writer) error {
 	row := func(ok bool, what, detail string) { fmt.Fprintf(tw, "%s\t%s\t%s\n", mark(ok), what, detail) }
 	row(r.Root, "root", fmt.Sprintf("euid %d", os.Geteuid()))
 	row(r.Kernel != "", "kernel", r.Kernel)
+	if r.CapSysResource {
+		row(true, "CAP_SYS_RESOURCE", "tasks of other users can be checkpointed")
+	} else {
+		row(false, "CAP_SYS_RESOURCE", "missing: tasks of other users cannot be checkpointed")
+	}
 	if r.Criu.Error != "" {
 		row(false, "criu", r.Criu.Error)
 	} else {
@@ -210,4 +224,21 @@ func (r *Report) WriteTable(w io.Writer) error {
 func firstLine(s string) string {
 	l, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
 	return l
+}
+
+// hasCapability says whether this process's effective capability set
+// (CapEff of /proc/self/status) holds capability bit cap.
+func hasCapability(cap int) bool {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			var set uint64
+			_, err := fmt.Sscanf(strings.TrimSpace(v), "%x", &set)
+			return err == nil && set&(1<<cap) != 0
+		}
+	}
+	return false
 }

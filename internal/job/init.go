@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -55,6 +56,11 @@ func InitMain(args []string, restorer InitRestorer) {
 		fmt.Fprintln(os.Stderr, "ferry-init: no command")
 		os.Exit(127)
 	}
+	// The job starts with fds 0, 1 and 2 only: anything else the init
+	// inherited would be dumped with it (a lock held by the caller makes
+	// every checkpoint fail), and the ok pipe must not reach the command.
+	closeInherited(5)
+	unix.CloseOnExec(4)
 	goPipe := os.NewFile(3, "go")
 	okPipe := os.NewFile(4, "ok")
 	line, _ := bufio.NewReader(goPipe).ReadString('\n')
@@ -112,4 +118,43 @@ func InitMain(args []string, restorer InitRestorer) {
 		}
 		os.Exit(ws.ExitStatus())
 	}
+}
+
+// cloexecInherited marks every descriptor from 3 on close-on-exec. Go
+// opens its own that way, so this touches only those the process
+// inherited without the flag; ferry passes descriptors to its children
+// only through ExtraFiles, which are unaffected.
+func cloexecInherited() {
+	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err == nil {
+		return
+	}
+	for _, fd := range openFDs(3) {
+		unix.CloseOnExec(fd)
+	}
+}
+
+// closeInherited closes every descriptor from lo on that lacks
+// close-on-exec: in a Go process only inherited ones do (the runtime's
+// own and os.Open's carry the flag), so none of the runtime's is touched.
+func closeInherited(lo int) {
+	for _, fd := range openFDs(lo) {
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			unix.Close(fd)
+		}
+	}
+}
+
+// openFDs lists this process's open descriptors from lo on.
+func openFDs(lo int) []int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd >= lo {
+			fds = append(fds, fd)
+		}
+	}
+	return fds
 }

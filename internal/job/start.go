@@ -156,6 +156,10 @@ func spawnShim(ctx context.Context, s *Registry, name string, log *slog.Logger) 
 		return fmt.Errorf("creating shim pipe: %w", err)
 	}
 	defer readyR.Close()
+	// Whatever descriptors ferry's caller left open (a shell's fd 7, the
+	// lock of `flock FILE ferry run`) must not reach the shim, hence the
+	// job: a job holding its caller's lock can never be checkpointed.
+	cloexecInherited()
 	cmd := exec.Command(self, ShimArg, s.Root, name)
 	cmd.ExtraFiles = []*os.File{readyW} // fd 3 in the shim
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

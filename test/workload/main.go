@@ -23,6 +23,15 @@
 //	                         job's IPC namespace; print "sysv ok N" while they hold
 //	workload file PATH       map PATH shared and read it at an offset; print
 //	                         "file N OFFSET BYTE"
+//	workload fanotify DIR [inode|mount|fs]
+//	                         watch DIR with fanotify; print "fan N NAME" for each file
+//	                         closed after writing there ("fan 0 ready" first)
+//	workload sparse PATH GIB a deleted sparse file of GIB GiB with a few pages of
+//	                         pattern, checked every 20 ms; print "sparse N ok"
+//	workload nobody          a child running as uid 65534 counts; print "nobody N UID"
+//	workload unix-serve PATH a unix stream server answering each line with "N LINE"
+//	workload unix-dgram PATH a unix datagram socket connected to PATH sends "dg N"
+//	                         every 20 ms; print "sent N"
 package main
 
 import (
@@ -37,6 +46,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -77,6 +87,20 @@ func main() {
 		sysv()
 	case "file":
 		file(arg(2))
+	case "fanotify":
+		how := "inode"
+		if len(os.Args) > 3 {
+			how = os.Args[3]
+		}
+		fanotify(arg(2), how)
+	case "sparse":
+		sparse(arg(2), atoi(arg(3)))
+	case "nobody":
+		nobody()
+	case "unix-serve":
+		unixServe(arg(2))
+	case "unix-dgram":
+		unixDgram(arg(2))
 	default:
 		fatal("unknown mode " + os.Args[1])
 	}
@@ -466,6 +490,150 @@ func file(path string) {
 			fatal(fmt.Sprintf("read %d at %d, mapping has %d", buf[0], off, m[off]))
 		}
 		fmt.Printf("file %d %d %d\n", n, off, buf[0])
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// fanotify watches DIR with fanotify (notification class; a mark on the
+// directory's inode, its mount or its filesystem, as HOW says) and prints a
+// line for every file closed after writing there, with a running count:
+// "fan N NAME".
+func fanotify(dir, how string) {
+	fd, err := unix.FanotifyInit(unix.FAN_CLASS_NOTIF|unix.FAN_CLOEXEC, unix.O_RDONLY)
+	if err != nil {
+		fatal("fanotify_init: " + err.Error())
+	}
+	flags := map[string]uint{"inode": unix.FAN_MARK_ADD, "mount": unix.FAN_MARK_ADD | unix.FAN_MARK_MOUNT, "fs": unix.FAN_MARK_ADD | unix.FAN_MARK_FILESYSTEM}[how]
+	if flags == 0 {
+		fatal("fanotify: mark inode, mount or fs, not " + how)
+	}
+	if err := unix.FanotifyMark(fd, flags, unix.FAN_CLOSE_WRITE|unix.FAN_EVENT_ON_CHILD, unix.AT_FDCWD, dir); err != nil {
+		fatal("fanotify_mark: " + err.Error())
+	}
+	fmt.Println("fan 0 ready")
+	buf := make([]byte, 4096)
+	n := 0
+	for {
+		m, err := unix.Read(fd, buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			fatal("reading fanotify: " + err.Error())
+		}
+		for off := 0; off+int(unsafe.Sizeof(unix.FanotifyEventMetadata{})) <= m; {
+			ev := (*unix.FanotifyEventMetadata)(unsafe.Pointer(&buf[off]))
+			if ev.Event_len == 0 {
+				break
+			}
+			name := "?"
+			if ev.Fd >= 0 {
+				name, _ = os.Readlink(fmt.Sprintf("/proc/self/fd/%d", ev.Fd))
+				unix.Close(int(ev.Fd))
+			}
+			n++
+			fmt.Printf("fan %d %s\n", n, filepath.Base(name))
+			off += int(ev.Event_len)
+		}
+	}
+}
+
+// sparse creates PATH as a sparse file of GIB GiB with a few pages of
+// pattern at spread offsets, unlinks it and keeps it open, checking the
+// pattern every 20 ms: "sparse N ok".
+func sparse(path string, gib int) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		fatal(err.Error())
+	}
+	size := int64(gib) << 30
+	if err := f.Truncate(size); err != nil {
+		fatal(err.Error())
+	}
+	offs := []int64{0, size / 3, size / 2, size - 4096}
+	page := func(off int64) []byte {
+		b := make([]byte, 4096)
+		for i := range b {
+			b[i] = byte(off>>12) + byte(i)
+		}
+		return b
+	}
+	for _, off := range offs {
+		if _, err := f.WriteAt(page(off), off); err != nil {
+			fatal(err.Error())
+		}
+	}
+	if err := os.Remove(path); err != nil {
+		fatal(err.Error())
+	}
+	got := make([]byte, 4096)
+	for n := 1; ; n++ {
+		for _, off := range offs {
+			if _, err := f.ReadAt(got, off); err != nil {
+				fatal(err.Error())
+			}
+			if string(got) != string(page(off)) {
+				fatal(fmt.Sprintf("sparse file differs at %d", off))
+			}
+		}
+		if st, err := f.Stat(); err != nil || st.Size() != size {
+			fatal(fmt.Sprintf("sparse file size %v, want %d", st, size))
+		}
+		fmt.Printf("sparse %d ok\n", n)
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// nobody starts a shell running as uid and gid 65534 (a shell: this
+// binary may sit where nobody cannot reach it) that counts:
+// "nobody N UID".
+func nobody() {
+	cmd := exec.Command("/bin/sh", "-c", `u=$(id -u); i=0; while :; do i=$((i+1)); echo "nobody $i $u"; sleep 0.02; done`)
+	cmd.Dir = "/"
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	if err := cmd.Run(); err != nil {
+		fatal(err.Error())
+	}
+}
+
+// unixServe listens on the unix stream socket PATH and answers every line
+// a client sends with "N LINE", N counting answers across clients.
+func unixServe(path string) {
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		fatal(err.Error())
+	}
+	fmt.Println("unix listening")
+	var n atomic.Int64
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			fatal(err.Error())
+		}
+		go func() {
+			defer c.Close()
+			sc := bufio.NewScanner(c)
+			for sc.Scan() {
+				fmt.Fprintf(c, "%d %s\n", n.Add(1), sc.Text())
+			}
+		}()
+	}
+}
+
+// unixDgram connects a datagram socket to PATH (bound by someone else)
+// and sends "dg N" on it every 20 ms. A send that fails is reported and
+// the count goes on.
+func unixDgram(path string) {
+	c, err := net.Dial("unixgram", path)
+	if err != nil {
+		fatal(err.Error())
+	}
+	for n := 1; ; n++ {
+		if _, err := fmt.Fprintf(c, "dg %d", n); err != nil {
+			fmt.Println("send failed:", err)
+		}
+		fmt.Printf("sent %d\n", n)
 		time.Sleep(20 * time.Millisecond)
 	}
 }
