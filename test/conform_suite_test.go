@@ -1,0 +1,280 @@
+package test
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The conformance suite: each case is one small C program of test/conform
+// (built into bin/conform by `make conform`) in one mode, setting up one
+// kind of kernel state and printing "ok N" every 50 ms while that state
+// holds ("FAIL ..." when it does not). A case runs the program as a job,
+// checkpoints it, restores it and passes when the restored job goes on
+// printing "ok" with the count continued: no gap, no restart, no FAIL.
+
+// conformCase is one program in one mode.
+type conformCase struct {
+	prog, mode string
+	state      string   // what it holds, for the table
+	flags      []string // checkpoint flags the state needs
+	// port gives the program a free TCP/UDP port (on 127.0.0.1 or, with
+	// family "tcp6", on ::1) as its third argument.
+	port string
+	// after, if set, runs against the restored job (e.g. dials its
+	// listening socket) and returns what is wrong, or "".
+	after func(dir, port string) string
+	// xfail, if set, is why the case cannot pass today (a limit or defect
+	// of ferry, not of the test); xfailAt is the stage that fails
+	// ("checkpoint", "restore" or "held") and xfailSays a word the failure
+	// must name. A case marked so that passes fails the suite, so that the
+	// mark is dropped once ferry is fixed.
+	xfail, xfailAt, xfailSays string
+}
+
+func (c conformCase) name() string { return c.prog + "-" + c.mode }
+
+var conformCases = []conformCase{
+	// 1. process-tree shapes
+	{prog: "tree", mode: "threads", state: "3 threads counting, thread-local data, tids"},
+	{prog: "tree", mode: "session", state: "child leading a session with a grandchild"},
+	{prog: "tree", mode: "pgrp", state: "two children in a process group"},
+	{prog: "tree", mode: "zombie", state: "unreaped child with exit status 7"},
+	{prog: "tree", mode: "orphan", state: "orphan reparented to the reaper"},
+}
+
+// conformRow is one line of the results table.
+type conformRow struct {
+	name, state                 string
+	checkpoint, restore, held   string
+	note                        string
+}
+
+// conformBins builds the programs (make conform) once and returns their
+// directory; the test is skipped when no C compiler can be had.
+var conformBuild struct {
+	once sync.Once
+	dir  string
+	err  error
+}
+
+func conformBins(t *testing.T) string {
+	t.Helper()
+	conformBuild.once.Do(func() {
+		root, err := filepath.Abs("..")
+		if err != nil {
+			conformBuild.err = err
+			return
+		}
+		out, err := exec.Command("make", "-s", "-C", root, "conform").CombinedOutput()
+		if err != nil {
+			conformBuild.err = fmt.Errorf("make conform: %v\n%s", err, out)
+			return
+		}
+		conformBuild.dir = filepath.Join(root, "bin", "conform")
+	})
+	if conformBuild.err != nil {
+		t.Skipf("cannot build the conformance programs: %v", conformBuild.err)
+	}
+	return conformBuild.dir
+}
+
+// okLines parses a conformance program's log: the "ok N" counts in order
+// and the FAIL lines.
+func okLines(log string) (nums []int, fails []string) {
+	for _, l := range strings.Split(log, "\n") {
+		if rest, ok := strings.CutPrefix(l, "ok "); ok {
+			if n, err := strconv.Atoi(strings.TrimSpace(rest)); err == nil {
+				nums = append(nums, n)
+				continue
+			}
+		}
+		if strings.HasPrefix(l, "FAIL") {
+			fails = append(fails, l)
+		}
+	}
+	return nums, fails
+}
+
+// gap returns what is wrong with nums as one count from 1, or "".
+func gap(nums []int) string {
+	for i, n := range nums {
+		if n != i+1 {
+			return fmt.Sprintf("count goes %d -> %d (line %d): state lost or repeated", nums[max(i-1, 0)], n, i+1)
+		}
+	}
+	return ""
+}
+
+// waitOK waits until the job's log counts past n "ok" lines, says FAIL,
+// or the job is no longer running; it returns the log's counts and fails.
+func (e *env) waitOK(name string, n int, d time.Duration) (nums []int, fails []string, state string) {
+	deadline := time.Now().Add(d)
+	for {
+		r := e.ferry("logs", name)
+		nums, fails = okLines(r.stdout)
+		state = ""
+		if v, ok := e.list()[name]; ok {
+			state = v.State
+		}
+		if len(fails) > 0 || (len(nums) > 0 && nums[len(nums)-1] > n) || state != "running" || time.Now().After(deadline) {
+			return nums, fails, state
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// freePort returns a port on host that nothing listens on now.
+func freePort(t *testing.T, network, host string) string {
+	t.Helper()
+	ln, err := net.Listen(network, net.JoinHostPort(host, "0"))
+	if err != nil {
+		t.Skipf("cannot listen on %s %s: %v", network, host, err)
+	}
+	defer ln.Close()
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// runConform takes one case through run, checkpoint and restore, filling
+// row; it returns the stage that failed ("" for none) and why.
+func runConform(t *testing.T, bins string, c conformCase, row *conformRow) (stage, why string) {
+	dir := t.TempDir() // made before the env, so removed after its jobs end
+	e := newEnv(t)
+	name := c.name()
+	args := []string{"run", "--name", name, "--", filepath.Join(bins, c.prog), c.mode, dir}
+	port := ""
+	switch c.port {
+	case "tcp4":
+		port = freePort(t, "tcp4", "127.0.0.1")
+	case "tcp6":
+		port = freePort(t, "tcp6", "::1")
+	}
+	if port != "" {
+		args = append(args, port)
+	}
+	if r := e.ferry(args...); r.code != 0 {
+		return "run", "ferry run: " + r.String()
+	}
+	nums, fails, state := e.waitOK(name, 5, 20*time.Second)
+	if len(fails) > 0 || len(nums) < 5 {
+		return "run", fmt.Sprintf("before the checkpoint (job %s): %d ok lines, %q", state, len(nums), fails)
+	}
+
+	ckpt := filepath.Join(t.TempDir(), name+".ferry")
+	r := e.ferry(append(append([]string{"checkpoint", "-o", ckpt}, c.flags...), name)...)
+	if r.code != 0 {
+		row.checkpoint = fmt.Sprintf("exit %d", r.code)
+		why := strings.TrimSpace(r.stderr)
+		// A checkpoint that fails leaves the job running, its state whole.
+		before := nums[len(nums)-1]
+		nums, fails, state = e.waitOK(name, before+5, 20*time.Second)
+		if state != "running" || len(fails) > 0 || gap(nums) != "" || nums[len(nums)-1] <= before+5 {
+			why += fmt.Sprintf("; and afterwards the job is %s, %q, %s", state, fails, gap(nums))
+		}
+		return "checkpoint", why
+	}
+	row.checkpoint = "yes"
+	nums, _ = okLines(e.must("logs", name))
+	last := nums[len(nums)-1]
+
+	if r := e.ferry("restore", ckpt); r.code != 0 {
+		row.restore = fmt.Sprintf("exit %d", r.code)
+		return "restore", strings.TrimSpace(r.stderr)
+	}
+	row.restore = "yes"
+	nums, fails, state = e.waitOK(name, last+10, 20*time.Second)
+	switch {
+	case len(fails) > 0:
+		return "held", strings.Join(fails, "; ")
+	case gap(nums) != "":
+		return "held", gap(nums)
+	case nums[len(nums)-1] <= last+10:
+		return "held", fmt.Sprintf("restored job is %s and counted only from %d to %d", state, last, nums[len(nums)-1])
+	case state != "running":
+		return "held", "restored job is " + state
+	}
+	if c.after != nil {
+		if why := c.after(dir, port); why != "" {
+			return "held", why
+		}
+	}
+	row.held = "yes"
+	row.note = fmt.Sprintf("ok %d at checkpoint, %d after restore", last, nums[len(nums)-1])
+	return "", ""
+}
+
+// TestConformSuite runs every conformance case through ferry checkpoint and
+// ferry restore (two at a time) and logs a table of the results.
+func TestConformSuite(t *testing.T) {
+	requireRoot(t)
+	requireCriu(t)
+	bins := conformBins(t)
+	var mu sync.Mutex
+	rows := make([]*conformRow, len(conformCases))
+	t.Run("case", func(t *testing.T) {
+		for i, c := range conformCases {
+			row := &conformRow{name: c.name(), state: c.state, checkpoint: "-", restore: "-", held: "-"}
+			rows[i] = row
+			t.Run(c.name(), func(t *testing.T) {
+				t.Parallel()
+				stage, why := runConform(t, bins, c, row)
+				mu.Lock()
+				defer mu.Unlock()
+				switch {
+				case c.xfail == "" && stage != "":
+					row.note = "FAIL at " + stage
+					t.Errorf("%s failed at %s: %s", c.name(), stage, why)
+				case c.xfail != "" && stage == "":
+					row.note = "XPASS"
+					t.Errorf("%s is marked as an expected failure (%s) but passes: drop the mark", c.name(), c.xfail)
+				case c.xfail != "" && (stage != c.xfailAt || !strings.Contains(why, c.xfailSays)):
+					row.note = "FAIL at " + stage
+					t.Errorf("%s was expected to fail at %s saying %q (%s), but failed at %s: %s", c.name(), c.xfailAt, c.xfailSays, c.xfail, stage, why)
+				case c.xfail != "":
+					row.note = "expected failure: " + c.xfail
+					t.Logf("expected failure at %s: %s\n%s", stage, c.xfail, why)
+				}
+			})
+		}
+	})
+	var b strings.Builder
+	w := []int{len("program"), len("state"), len("checkpoint"), len("restore"), len("held")}
+	for _, r := range rows {
+		w[0], w[1] = max(w[0], len(r.name)), max(w[1], len(r.state))
+		w[2], w[3] = max(w[2], len(r.checkpoint)), max(w[3], len(r.restore))
+	}
+	line := func(cols ...string) {
+		fmt.Fprintf(&b, "%-*s  %-*s  %-*s  %-*s  %-*s  %s\n", w[0], cols[0], w[1], cols[1], w[2], cols[2], w[3], cols[3], w[4], cols[4], cols[5])
+	}
+	line("program", "state", "checkpoint", "restore", "held", "")
+	for _, r := range rows {
+		line(r.name, r.state, r.checkpoint, r.restore, r.held, r.note)
+	}
+	t.Log("conformance results:\n" + b.String())
+}
+
+// dialSays dials addr (tcp, tcp6 or unix) and returns what is wrong unless
+// the first line it reads starts with want.
+func dialSays(network, addr, want string) string {
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
+	if err != nil {
+		return fmt.Sprintf("restored listener on %s does not accept: %v", addr, err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	l, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil || !strings.HasPrefix(l, want) {
+		return fmt.Sprintf("restored listener on %s answered %q, %v; want %q", addr, l, err, want)
+	}
+	return ""
+}
+
+var _ = os.Getpid
