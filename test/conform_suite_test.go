@@ -26,8 +26,9 @@ type conformCase struct {
 	prog, mode string
 	state      string   // what it holds, for the table
 	flags      []string // checkpoint flags the state needs
-	// port gives the program a free TCP/UDP port (on 127.0.0.1 or, with
-	// family "tcp6", on ::1) as its third argument.
+	// port, if set, gives the program a third argument: a free port of
+	// this kind (tcp4, tcp6, udp4, udp6) on the loopback, or with
+	// "abstract" a fresh abstract unix socket name.
 	port string
 	// after, if set, runs against the restored job (e.g. dials its
 	// listening socket) and returns what is wrong, or "".
@@ -49,13 +50,53 @@ var conformCases = []conformCase{
 	{prog: "tree", mode: "pgrp", state: "two children in a process group"},
 	{prog: "tree", mode: "zombie", state: "unreaped child with exit status 7"},
 	{prog: "tree", mode: "orphan", state: "orphan reparented to the reaper"},
+	// 2. signals
+	{prog: "signals", mode: "pending", state: "pending per process and per thread, queued RT values"},
+	{prog: "signals", mode: "blocked", state: "different blocked masks in two threads"},
+	{prog: "signals", mode: "handlers", state: "SA_SIGINFO handler with sa_mask, SIG_IGN, SA_RESETHAND"},
+	{prog: "signals", mode: "altstack", state: "handler on a sigaltstack"},
+	// 3. timers
+	{prog: "timers", mode: "itimer", state: "ITIMER_REAL 10 ms, ITIMER_VIRTUAL/PROF armed"},
+	{prog: "timers", mode: "posix", state: "POSIX timers: 10 ms signal+value, one-shot, SIGEV_NONE"},
+	{prog: "timers", mode: "timerfd", state: "timerfd 10 ms and one-shot 1000 s"},
+	// 4. file descriptors
+	{prog: "fds", mode: "pipe", state: "pipe with 8000 bytes in flight"},
+	{prog: "fds", mode: "fifo", state: "FIFO with 8000 bytes in flight"},
+	{prog: "fds", mode: "eventfd", state: "eventfd counter, semaphore eventfd"},
+	{prog: "fds", mode: "signalfd", state: "signalfd with a signal pending"},
+	{prog: "fds", mode: "epoll", state: "epoll on a pipe and an edge-triggered eventfd"},
+	{prog: "fds", mode: "inotify", state: "inotify watch on a directory"},
+	{prog: "fds", mode: "fanotify", state: "fanotify mark on a directory"},
+	{prog: "fds", mode: "memfd", state: "sealed memfd, mapped shared"},
+	{prog: "fds", mode: "deleted", state: "deleted 256 KiB file open twice"},
+	{prog: "fds", mode: "sparse-deleted", state: "deleted sparse file, 2 GiB apparent, 8 KiB data"},
+	{prog: "fds", mode: "append", state: "O_APPEND file and a reader's offset"},
+	{prog: "fds", mode: "fdtable", state: "fd table shared with a CLONE_FILES child"},
+	{prog: "fds", mode: "offset", state: "file offset shared with a forked child"},
+	// 5. sockets (loopback only)
+	{prog: "sockets", mode: "unix-stream", state: "unix stream socketpair, data in flight both ways"},
+	{prog: "sockets", mode: "unix-dgram", state: "unix datagram socketpair, datagrams queued"},
+	{prog: "sockets", mode: "unix-seqpacket", state: "unix seqpacket socketpair, records queued"},
+	{prog: "sockets", mode: "unix-listen", state: "unix listeners (path, abstract), accepted connection", port: "abstract",
+		after: func(dir, name string) string {
+			return dialSays("unix", filepath.Join(dir, "sock"), "hello") + dialSays("unix", "@"+name, "hello")
+		}},
+	{prog: "sockets", mode: "unix-unconnected", state: "unconnected unix sockets, named dgram receiver", port: ""},
+	{prog: "sockets", mode: "tcp", state: "TCP listener and established connection on 127.0.0.1", port: "tcp4",
+		flags: []string{"--tcp-established"},
+		after: func(dir, port string) string { return dialSays("tcp", "127.0.0.1:"+port, "hello") }},
+	{prog: "sockets", mode: "tcp6", state: "TCP listener and established connection on ::1", port: "tcp6",
+		flags: []string{"--tcp-established"},
+		after: func(dir, port string) string { return dialSays("tcp6", "[::1]:"+port, "hello") }},
+	{prog: "sockets", mode: "udp", state: "UDP bound and connected sockets on 127.0.0.1", port: "udp4"},
+	{prog: "sockets", mode: "udp6", state: "UDP bound and connected sockets on ::1", port: "udp6"},
 }
 
 // conformRow is one line of the results table.
 type conformRow struct {
-	name, state                 string
-	checkpoint, restore, held   string
-	note                        string
+	name, state               string
+	checkpoint, restore, held string
+	note                      string
 }
 
 // conformBins builds the programs (make conform) once and returns their
@@ -104,6 +145,13 @@ func okLines(log string) (nums []int, fails []string) {
 	return nums, fails
 }
 
+// logTail is the part of log after "ok last", at most 10 lines.
+func logTail(log string, last int) string {
+	_, after, _ := strings.Cut(log, fmt.Sprintf("ok %d\n", last))
+	lines := strings.Split(strings.TrimSpace(after), "\n")
+	return strings.Join(lines[:min(len(lines), 10)], "\n")
+}
+
 // gap returns what is wrong with nums as one count from 1, or "".
 func gap(nums []int) string {
 	for i, n := range nums {
@@ -132,12 +180,25 @@ func (e *env) waitOK(name string, n int, d time.Duration) (nums []int, fails []s
 	}
 }
 
-// freePort returns a port on host that nothing listens on now.
-func freePort(t *testing.T, network, host string) string {
+// freePort returns a port on the loopback (kind tcp4, tcp6, udp4 or udp6)
+// that nothing uses now.
+func freePort(t *testing.T, kind string) string {
 	t.Helper()
-	ln, err := net.Listen(network, net.JoinHostPort(host, "0"))
+	host := "127.0.0.1"
+	if strings.HasSuffix(kind, "6") {
+		host = "::1"
+	}
+	if strings.HasPrefix(kind, "udp") {
+		c, err := net.ListenPacket(kind, net.JoinHostPort(host, "0"))
+		if err != nil {
+			t.Skipf("cannot use %s on %s: %v", kind, host, err)
+		}
+		defer c.Close()
+		return strconv.Itoa(c.LocalAddr().(*net.UDPAddr).Port)
+	}
+	ln, err := net.Listen(kind, net.JoinHostPort(host, "0"))
 	if err != nil {
-		t.Skipf("cannot listen on %s %s: %v", network, host, err)
+		t.Skipf("cannot use %s on %s: %v", kind, host, err)
 	}
 	defer ln.Close()
 	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
@@ -152,10 +213,11 @@ func runConform(t *testing.T, bins string, c conformCase, row *conformRow) (stag
 	args := []string{"run", "--name", name, "--", filepath.Join(bins, c.prog), c.mode, dir}
 	port := ""
 	switch c.port {
-	case "tcp4":
-		port = freePort(t, "tcp4", "127.0.0.1")
-	case "tcp6":
-		port = freePort(t, "tcp6", "::1")
+	case "":
+	case "abstract":
+		port = fmt.Sprintf("ferry-conform-%d-%d", os.Getpid(), time.Now().UnixNano())
+	default:
+		port = freePort(t, c.port)
 	}
 	if port != "" {
 		args = append(args, port)
@@ -193,7 +255,7 @@ func runConform(t *testing.T, bins string, c conformCase, row *conformRow) (stag
 	nums, fails, state = e.waitOK(name, last+10, 20*time.Second)
 	switch {
 	case len(fails) > 0:
-		return "held", strings.Join(fails, "; ")
+		return "held", strings.Join(fails, "; ") + "\nlog after the restore:\n" + logTail(e.must("logs", name), last)
 	case gap(nums) != "":
 		return "held", gap(nums)
 	case nums[len(nums)-1] <= last+10:
@@ -276,5 +338,3 @@ func dialSays(network, addr, want string) string {
 	}
 	return ""
 }
-
-var _ = os.Getpid
