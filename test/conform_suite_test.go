@@ -58,18 +58,18 @@ var conformCases = []conformCase{
 	// 3. timers
 	{prog: "timers", mode: "itimer", state: "ITIMER_REAL 10 ms, ITIMER_VIRTUAL/PROF armed"},
 	{prog: "timers", mode: "posix", state: "POSIX timers: 10 ms signal+value, one-shot, SIGEV_NONE"},
-	{prog: "timers", mode: "timerfd", state: "timerfd 10 ms and one-shot 1000 s"},
+	{prog: "timers", mode: "timerfd", state: "timerfd 10 ms and one-shot 1000 s", xfail: "the restored periodic timerfd is disarmed (it_value 0, interval kept) and never fires again; ferry neither refuses nor warns", xfailAt: "held", xfailSays: "timerfd has not fired"},
 	// 4. file descriptors
 	{prog: "fds", mode: "pipe", state: "pipe with 8000 bytes in flight"},
 	{prog: "fds", mode: "fifo", state: "FIFO with 8000 bytes in flight"},
-	{prog: "fds", mode: "eventfd", state: "eventfd counter, semaphore eventfd"},
+	{prog: "fds", mode: "eventfd", state: "eventfd counter, semaphore eventfd", xfail: "the restored eventfd has lost EFD_SEMAPHORE (CRIU restores the counter, not the flag); ferry neither refuses nor warns", xfailAt: "held", xfailSays: "semaphore eventfd read 2"},
 	{prog: "fds", mode: "signalfd", state: "signalfd with a signal pending"},
 	{prog: "fds", mode: "epoll", state: "epoll on a pipe and an edge-triggered eventfd"},
 	{prog: "fds", mode: "inotify", state: "inotify watch on a directory"},
-	{prog: "fds", mode: "fanotify", state: "fanotify mark on a directory"},
+	{prog: "fds", mode: "fanotify", state: "fanotify mark on a directory", xfail: "ferry refuses fanotify, which CRIU 4.2.1 checkpoints (issue 16 item 1)", xfailAt: "checkpoint", xfailSays: "fanotify"},
 	{prog: "fds", mode: "memfd", state: "sealed memfd, mapped shared"},
 	{prog: "fds", mode: "deleted", state: "deleted 256 KiB file open twice"},
-	{prog: "fds", mode: "sparse-deleted", state: "deleted sparse file, 2 GiB apparent, 8 KiB data"},
+	{prog: "fds", mode: "sparse-deleted", state: "deleted sparse file, 2 GiB apparent, 8 KiB data", xfail: "ferry compares a deleted file's apparent size, not the space it uses, with its 1 GiB cap (issue 16 item 1)", xfailAt: "checkpoint", xfailSays: "deleted file of"},
 	{prog: "fds", mode: "append", state: "O_APPEND file and a reader's offset"},
 	{prog: "fds", mode: "fdtable", state: "fd table shared with a CLONE_FILES child"},
 	{prog: "fds", mode: "offset", state: "file offset shared with a forked child"},
@@ -90,6 +90,31 @@ var conformCases = []conformCase{
 		after: func(dir, port string) string { return dialSays("tcp6", "[::1]:"+port, "hello") }},
 	{prog: "sockets", mode: "udp", state: "UDP bound and connected sockets on 127.0.0.1", port: "udp4"},
 	{prog: "sockets", mode: "udp6", state: "UDP bound and connected sockets on ::1", port: "udp6"},
+	// 6. SysV IPC (the job's own IPC namespace)
+	{prog: "sysv", mode: "shm", state: "SysV shm: shared with a child, keyed, detached"},
+	{prog: "sysv", mode: "sem", state: "SysV semaphore set"},
+	{prog: "sysv", mode: "msg", state: "SysV message queue holding 6 messages"},
+	// 7. file locks
+	{prog: "locks", mode: "posix", state: "POSIX write and read locks", flags: []string{"--file-locks"}},
+	{prog: "locks", mode: "flock", state: "flock exclusive and shared", flags: []string{"--file-locks"}},
+	{prog: "locks", mode: "ofd", state: "OFD write lock", flags: []string{"--file-locks"}},
+	// 8. memory
+	{prog: "mem", mode: "anon-private", state: "8 MiB private anonymous"},
+	{prog: "mem", mode: "anon-shared", state: "shared anonymous with a child"},
+	{prog: "mem", mode: "file-private", state: "private file mapping, written (COW)"},
+	{prog: "mem", mode: "file-shared", state: "shared file mapping, coherent with the file"},
+	{prog: "mem", mode: "mprotect", state: "rw/r/none pages of one mapping, faults"},
+	{prog: "mem", mode: "cow", state: "private memory diverged after fork"},
+	{prog: "mem", mode: "large", state: "64 MiB private anonymous"},
+	{prog: "mem", mode: "sparse", state: "1 GiB mapping, 16 pages touched"},
+	// 9. credentials, limits, cwd and umask
+	{prog: "creds", mode: "groups", state: "supplementary groups"},
+	{prog: "creds", mode: "prctl", state: "bounding set, no_new_privs, comm"},
+	{prog: "creds", mode: "uid", state: "task running as uid 1000", xfail: "CRIU needs CAP_SYS_RESOURCE for a task of another uid, which root lacks here; ferry does not refuse up front (issue 16 item 1)", xfailAt: "checkpoint", xfailSays: "CAP_SYS_RESOURCE"},
+	{prog: "creds", mode: "rlimits", state: "lowered rlimits"},
+	{prog: "creds", mode: "cwd-umask", state: "cwd in DIR/a/b, umask 027"},
+	// 10. stopped tasks
+	{prog: "stop", mode: "stopped", state: "child stopped by SIGSTOP, sibling running"},
 }
 
 // conformRow is one line of the results table.
@@ -173,6 +198,11 @@ func (e *env) waitOK(name string, n int, d time.Duration) (nums []int, fails []s
 		if v, ok := e.list()[name]; ok {
 			state = v.State
 		}
+		if state != "running" && state != "" {
+			// It ended: its last words may reach the log a moment later.
+			time.Sleep(300 * time.Millisecond)
+			nums, fails = okLines(e.ferry("logs", name).stdout)
+		}
 		if len(fails) > 0 || (len(nums) > 0 && nums[len(nums)-1] > n) || state != "running" || time.Now().After(deadline) {
 			return nums, fails, state
 		}
@@ -204,6 +234,8 @@ func freePort(t *testing.T, kind string) string {
 	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
 }
 
+var conformDumps sync.Mutex
+
 // runConform takes one case through run, checkpoint and restore, filling
 // row; it returns the stage that failed ("" for none) and why.
 func runConform(t *testing.T, bins string, c conformCase, row *conformRow) (stage, why string) {
@@ -231,7 +263,12 @@ func runConform(t *testing.T, bins string, c conformCase, row *conformRow) (stag
 	}
 
 	ckpt := filepath.Join(t.TempDir(), name+".ferry")
+	// One checkpoint at a time: two CRIU dumps at once of jobs whose tasks
+	// have the same pids in their namespaces collide in CRIU's parasite
+	// ("Can't create a directory (-17)").
+	conformDumps.Lock()
 	r := e.ferry(append(append([]string{"checkpoint", "-o", ckpt}, c.flags...), name)...)
+	conformDumps.Unlock()
 	if r.code != 0 {
 		row.checkpoint = fmt.Sprintf("exit %d", r.code)
 		why := strings.TrimSpace(r.stderr)

@@ -163,9 +163,10 @@ static void orphan_setup(void)
 	SYS(pipe(p));
 	pid_t mid = SYS(fork());
 	if (mid == 0) {
+		pid_t me = getpid();
 		pid_t g = SYS(fork());
 		if (g == 0) {
-			while (getppid() == mid)
+			while (getppid() == me)
 				pause_ms(1);
 			pid_t r = getppid();
 			SYS(write(p[1], &r, sizeof r));
