@@ -375,3 +375,75 @@ func dialSays(network, addr, want string) string {
 	}
 	return ""
 }
+
+// TestConformMigrate takes three representative conformance programs
+// (timers and their signals, an epoll set over a pipe and an eventfd,
+// memory diverged copy-on-write between two processes) through ferry
+// migrate between two network namespaces, in stop-copy and, where the
+// host has userfaultfd, post-copy: the destination's job must go on
+// counting where the source's stopped, without FAIL.
+func TestConformMigrate(t *testing.T) {
+	requireCriu(t)
+	bins := conformBins(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7090")
+	dst.serve(h.b, listen, token)
+	modes := []string{"stop-copy"}
+	if src.lazyPages() {
+		modes = append(modes, "post-copy")
+	} else {
+		t.Log("no userfaultfd here: post-copy not tried")
+	}
+	var table []string
+	for _, c := range []conformCase{
+		{prog: "timers", mode: "posix"}, {prog: "fds", mode: "epoll"}, {prog: "mem", mode: "cow"},
+	} {
+		for _, mode := range modes {
+			name := c.mode + "-" + mode
+			t.Run(name, func(t *testing.T) {
+				dir := t.TempDir()
+				if r := src.ferryIn(h.a, "run", "--name", name, "--", filepath.Join(bins, c.prog), c.mode, dir); r.code != 0 {
+					t.Fatalf("run: %s", r)
+				}
+				nums, fails, state := src.waitOK(name, 5, 20*time.Second)
+				if len(fails) > 0 || len(nums) < 5 {
+					t.Fatalf("before the migration (job %s): %d ok lines, %q", state, len(nums), fails)
+				}
+				r := src.ferryIn(h.a, "migrate", name, "--to", listen, "--token-file", token, "--mode", mode)
+				if r.code != 0 {
+					table = append(table, fmt.Sprintf("%-12s %-10s migrate exit %d", c.name(), mode, r.code))
+					t.Fatalf("migrate: %s", r)
+				}
+				nums, _ = okLines(src.must("logs", name))
+				last := nums[len(nums)-1]
+				if v := src.job(name); v.State != "exited" {
+					t.Errorf("source job after the migration: %s", v.State)
+				}
+				nums, fails, state = dst.waitOK(name, last+10, 20*time.Second)
+				if len(nums) > 0 && nums[0] != 1 {
+					// The destination's log starts at the migration.
+					if nums[0] != last+1 {
+						t.Fatalf("destination counts from %d, the source stopped at %d", nums[0], last)
+					}
+					nums = append(make([]int, 0, last+len(nums)), nums...)
+					for i := last; i >= 1; i-- {
+						nums = append([]int{i}, nums...)
+					}
+				}
+				switch {
+				case len(fails) > 0:
+					t.Fatalf("destination: %q", fails)
+				case gap(nums) != "":
+					t.Fatalf("destination: %s", gap(nums))
+				case len(nums) == 0 || nums[len(nums)-1] <= last+10 || state != "running":
+					t.Fatalf("destination job is %s and counted only from %d to %v", state, last, nums[len(nums)-1:])
+				}
+				table = append(table, fmt.Sprintf("%-12s %-10s held: ok %d at the migration, %d after", c.name(), mode, last, nums[len(nums)-1]))
+				dst.must("kill", name)
+			})
+		}
+	}
+	t.Log("conformance across migration:\n" + strings.Join(table, "\n"))
+}
