@@ -3,6 +3,8 @@
  * loopback. */
 #include "conform.h"
 #include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -289,6 +291,33 @@ static void udp_check(unsigned long n)
 	useq++;
 }
 
+/* packet: a raw packet socket bound to lo for no protocol (it receives
+ * nothing). */
+static int pk, lo;
+
+static void packet_setup(void)
+{
+	lo = if_nametoindex("lo");
+	CHECK(lo > 0, "no lo");
+	pk = SYS(socket(AF_PACKET, SOCK_RAW, 0));
+	struct sockaddr_ll a = {.sll_family = AF_PACKET, .sll_ifindex = lo};
+	SYS(bind(pk, (struct sockaddr *)&a, sizeof a));
+}
+
+static void packet_check(unsigned long n)
+{
+	(void)n;
+	struct sockaddr_ll a;
+	socklen_t l = sizeof a;
+	SYS(getsockname(pk, (struct sockaddr *)&a, &l));
+	CHECK(a.sll_family == AF_PACKET && a.sll_ifindex == lo, "packet socket bound to family %d ifindex %d, want lo (%d)", a.sll_family,
+	      a.sll_ifindex, lo);
+	int type;
+	l = sizeof type;
+	SYS(getsockopt(pk, SOL_SOCKET, SO_TYPE, &type, &l));
+	CHECK(type == SOCK_RAW, "packet socket of type %d", type);
+}
+
 int main(int argc, char **argv)
 {
 	static const struct mode modes[] = {
@@ -301,6 +330,7 @@ int main(int argc, char **argv)
 	    {"tcp6", tcp6_setup, tcp_check},
 	    {"udp", udp_setup, udp_check},
 	    {"udp6", udp6_setup, udp_check},
+	    {"packet", packet_setup, packet_check},
 	    {0},
 	};
 	return conform_main(argc, argv, modes);
