@@ -11,7 +11,7 @@ GOFLAGS_BUILD := -trimpath -ldflags "$(LDFLAGS)"
 TEST_TIMEOUT ?= 15m
 
 .DEFAULT_GOAL := build
-.PHONY: all build deps test unit-test integration demo bench lint fmt clean help proto check-proto
+.PHONY: all build deps conform test unit-test integration demo bench lint fmt clean help proto check-proto
 
 all: build ## same as build
 
@@ -28,7 +28,20 @@ bin/ferry-init: internal/job/cinit/ferry-init.c
 deps: ## provision CRIU >= 4.2 into .deps/ when the system has none (changes nothing else)
 	@bash scripts/provision-criu.sh
 
-test: deps build ## run unit and integration tests (as root: real CRIU, cgroups, namespaces), then a short fuzz run
+# The conformance programs (test/conform/*.c, one per kind of kernel state),
+# built with the system C compiler; test/conform/provision-cc.sh installs
+# Debian's gcc and libc6-dev when there is no cc (as root, like deps).
+CONFORM_BINS := $(patsubst test/conform/%.c,bin/conform/%,$(wildcard test/conform/*.c))
+CONFORM_CFLAGS ?= -O2 -Wall -static -pthread
+
+conform: $(CONFORM_BINS) ## build the conformance programs of test/conform into bin/conform/
+
+bin/conform/%: test/conform/%.c test/conform/conform.h
+	@command -v $(CC) >/dev/null || bash test/conform/provision-cc.sh
+	@mkdir -p bin/conform
+	$(CC) $(CONFORM_CFLAGS) -o $@ $<
+
+test: deps build conform ## run unit and integration tests (as root: real CRIU, cgroups, namespaces), then a short fuzz run
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=5000x -parallel=1 ./image/
 
