@@ -22,14 +22,14 @@ build: bin/ferry-init ## build bin/ferry (static, no cgo) and bin/ferry-init (th
 # from Debian's packages when missing (as root).
 bin/ferry-init: internal/job/cinit/ferry-init.c
 	@mkdir -p bin
-	@command -v $(CC) >/dev/null 2>&1 || { echo "installing gcc for ferry-init"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; }
+	@command -v $(CC) >/dev/null || bash scripts/provision-cc.sh
 	$(CC) -static -O2 -Wall -Wextra -o $@ $<
 
 deps: ## provision CRIU >= 4.2 into .deps/ when the system has none (changes nothing else)
 	@bash scripts/provision-criu.sh
 
 # The conformance programs (test/conform/*.c, one per kind of kernel state),
-# built with the system C compiler; test/conform/provision-cc.sh installs
+# built with the system C compiler; scripts/provision-cc.sh installs
 # Debian's gcc and libc6-dev when there is no cc (as root, like deps).
 CONFORM_BINS := $(patsubst test/conform/%.c,bin/conform/%,$(wildcard test/conform/*.c))
 CONFORM_CFLAGS ?= -O2 -Wall -static -pthread
@@ -37,7 +37,7 @@ CONFORM_CFLAGS ?= -O2 -Wall -static -pthread
 conform: $(CONFORM_BINS) ## build the conformance programs of test/conform into bin/conform/
 
 bin/conform/%: test/conform/%.c test/conform/conform.h
-	@command -v $(CC) >/dev/null || bash test/conform/provision-cc.sh
+	@command -v $(CC) >/dev/null || bash scripts/provision-cc.sh
 	@mkdir -p bin/conform
 	$(CC) $(CONFORM_CFLAGS) -o $@ $<
 

@@ -117,6 +117,10 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 				p.Notes = append(p.Notes, fmt.Sprintf("pid %d fd %d is a terminal (%s); the restored tree gets it back only if it exists", t.PID, fd.Num, fd.Target))
 			}
 		}
+		if t.Tracer != 0 {
+			p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("a task traced by pid %d", t.Tracer),
+				Reason: "CRIU seizes every task with ptrace and cannot take one that another tracer holds (a debugger, strace); detach the tracer first"})
+		}
 		if t.OtherUser && inv.LacksCapSysResource {
 			p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("a task running as uid %d gid %d", t.UID, t.GID),
 				Reason: "CRIU must read its resource limits, which the kernel allows for another user's task only with CAP_SYS_RESOURCE, and ferry runs here without it (see ferry doctor); run the tree's tasks as ferry's user or give ferry CAP_SYS_RESOURCE"})

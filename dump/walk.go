@@ -59,10 +59,13 @@ type Task struct {
 	StartTime uint64 `json:"startTime"`
 	// Stopped says the task was stopped (or stopped under ptrace) before
 	// the checkpoint: a failed checkpoint leaves it so.
-	Stopped bool      `json:"stopped,omitempty"`
-	Memory  MemTotals `json:"memory"`
-	Maps    []Mapping `json:"maps,omitempty"`
-	FDs     []FD      `json:"fds"`
+	Stopped bool `json:"stopped,omitempty"`
+	// Tracer is the pid of the process tracing the task (ptrace), 0 for
+	// none: CRIU cannot seize a traced task.
+	Tracer int       `json:"tracer,omitempty"`
+	Memory MemTotals `json:"memory"`
+	Maps   []Mapping `json:"maps,omitempty"`
+	FDs    []FD      `json:"fds"`
 }
 
 // MemTotals sums a task's (or the tree's) memory by kind, in bytes.
@@ -230,6 +233,8 @@ func readTask(pid int) (*Task, error) {
 			t.PGID, _ = strconv.Atoi(f[0])
 		case "NSsid":
 			t.SID, _ = strconv.Atoi(f[0])
+		case "TracerPid":
+			t.Tracer, _ = strconv.Atoi(f[0])
 		}
 	}
 	if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil {

@@ -66,10 +66,10 @@ var conformCases = []conformCase{
 	{prog: "fds", mode: "signalfd", state: "signalfd with a signal pending"},
 	{prog: "fds", mode: "epoll", state: "epoll on a pipe and an edge-triggered eventfd"},
 	{prog: "fds", mode: "inotify", state: "inotify watch on a directory"},
-	{prog: "fds", mode: "fanotify", state: "fanotify mark on a directory", xfail: "ferry refuses fanotify, which CRIU 4.2.1 checkpoints (issue 16 item 1)", xfailAt: "checkpoint", xfailSays: "fanotify"},
+	{prog: "fds", mode: "fanotify", state: "fanotify mark on a directory"},
 	{prog: "fds", mode: "memfd", state: "sealed memfd, mapped shared"},
 	{prog: "fds", mode: "deleted", state: "deleted 256 KiB file open twice"},
-	{prog: "fds", mode: "sparse-deleted", state: "deleted sparse file, 2 GiB apparent, 8 KiB data", xfail: "ferry compares a deleted file's apparent size, not the space it uses, with its 1 GiB cap (issue 16 item 1)", xfailAt: "checkpoint", xfailSays: "deleted file of"},
+	{prog: "fds", mode: "sparse-deleted", state: "deleted sparse file, 2 GiB apparent, 8 KiB data"},
 	{prog: "fds", mode: "append", state: "O_APPEND file and a reader's offset"},
 	{prog: "fds", mode: "fdtable", state: "fd table shared with a CLONE_FILES child"},
 	{prog: "fds", mode: "offset", state: "file offset shared with a forked child"},
@@ -111,13 +111,13 @@ var conformCases = []conformCase{
 	// 9. credentials, limits, cwd and umask
 	{prog: "creds", mode: "groups", state: "supplementary groups"},
 	{prog: "creds", mode: "prctl", state: "bounding set, no_new_privs, comm"},
-	{prog: "creds", mode: "uid", state: "task running as uid 1000", xfail: "CRIU needs CAP_SYS_RESOURCE for a task of another uid, which root lacks here; ferry does not refuse up front (issue 16 item 1)", xfailAt: "checkpoint", xfailSays: "CAP_SYS_RESOURCE"},
+	{prog: "creds", mode: "uid", state: "task running as uid 1000", xfail: "refused up front (16), as it must be on a host where ferry lacks CAP_SYS_RESOURCE (CRIU must read another user's task's limits); passes where ferry has it", xfailAt: "checkpoint", xfailSays: "CAP_SYS_RESOURCE"},
 	{prog: "creds", mode: "rlimits", state: "lowered rlimits"},
 	{prog: "creds", mode: "cwd-umask", state: "cwd in DIR/a/b, umask 027"},
 	// 10. stopped tasks
 	{prog: "stop", mode: "stopped", state: "child stopped by SIGSTOP, sibling running"},
 	{prog: "stop", mode: "ptraced", state: "child in a ptrace stop, traced by its parent",
-		xfail: "CRIU cannot seize a task traced inside the tree (\"zombie ... found while seizing\", after ferry's retry); ferry should refuse it up front (16) and does not", xfailAt: "checkpoint", xfailSays: "seizing"},
+		xfail: "refused up front (16): CRIU cannot seize a task that another tracer holds, even one inside the tree", xfailAt: "checkpoint", xfailSays: "traced"},
 }
 
 // conformRow is one line of the results table.

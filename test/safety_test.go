@@ -279,9 +279,10 @@ func taskState(t *testing.T, pid int) byte {
 }
 
 // TestFailedDumpLeavesTaskStates: a checkpoint of a tree ferry did not
-// start fails (CRIU cannot seize a task that another tracer holds), and
-// every task is left as it was: the one its user stopped stays stopped,
-// the traced one stays traced and stopped, the rest run on.
+// start leaves every task as it was when it fails: refused up front for
+// a task that another tracer holds (which stays traced and stopped), or
+// failed in CRIU (the task its user stopped stays stopped; the rest run
+// on).
 func TestFailedDumpLeavesTaskStates(t *testing.T) {
 	requireCriu(t)
 	requireRoot(t)
@@ -313,21 +314,29 @@ func TestFailedDumpLeavesTaskStates(t *testing.T) {
 	detach := traceStop(t, tracedPid)
 
 	e := newEnv(t)
+	// A traced task is refused up front: CRIU cannot seize it.
 	res := e.ferry("checkpoint", "--pid", fmt.Sprint(cmd.Process.Pid), "-o", filepath.Join(t.TempDir(), "x"))
-	if res.code == 0 {
-		t.Fatalf("checkpoint of a tree with a traced task succeeded: %s", res)
+	if res.code != 16 || !strings.Contains(res.stderr, "traced") {
+		t.Fatalf("checkpoint of a tree with a traced task: %s, want exit 16 naming the tracer", res)
+	}
+	if st := taskState(t, tracedPid); st != 't' {
+		t.Errorf("the traced task is %q after the refusal, want t", st)
+	}
+	detach()
+	// A dump that fails (here a CRIU that fails after ferry let it start)
+	// signals no task it did not stop: the user's stopped one stays so.
+	bad := fakeCriu(t, `echo "Error (criu/cr-dump.c:1): simulated failure" >&2; exit 1`)
+	res = e.ferry("--criu", bad, "checkpoint", "--pid", fmt.Sprint(cmd.Process.Pid), "-o", filepath.Join(t.TempDir(), "y"))
+	if res.code != 12 {
+		t.Fatalf("checkpoint with a failing CRIU: %s, want exit 12", res)
 	}
 	time.Sleep(200 * time.Millisecond)
 	if st := taskState(t, stoppedPid); st != 'T' {
 		t.Errorf("the task its user stopped is %q after the failed checkpoint, want T (stopped)", st)
 	}
-	if st := taskState(t, tracedPid); st != 't' {
-		t.Errorf("the traced task is %q after the failed checkpoint, want t (stopped under its tracer)", st)
-	}
 	if st := taskState(t, cmd.Process.Pid); st == 'T' || st == 't' {
 		t.Errorf("the tree's root is %q after the failed checkpoint, want it running", st)
 	}
-	detach()
 	// The rest runs on: the shell keeps starting a new sleep each round.
 	first := readFile(t, fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
 	eventually(t, 5*time.Second, "the tree's shell to go on", func() bool {
