@@ -13,6 +13,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 	gproto "google.golang.org/protobuf/proto"
@@ -194,6 +195,9 @@ func OpenArchive(f io.ReaderAt) (*Archive, error) {
 		case pb.RecordHeader_CHUNK:
 			if h.GetOffset() != af.size || h.GetRawLen() > maxChunkRaw {
 				return nil, fmt.Errorf("chunk of %q at byte %d out of place: %w", af.index.GetName(), off, ErrCorrupt)
+			}
+			if !knownCompression(h.GetCompression()) {
+				return nil, fmt.Errorf("chunk of %q at byte %d: %w", af.index.GetName(), off, unsupported(h.GetCompression()))
 			}
 			af.chunks = append(af.chunks, archiveChunk{h: h, at: int64(off + hlen)})
 			af.size += uint64(h.GetRawLen())
@@ -763,9 +767,23 @@ func (a *Archive) decodeChunk(name string, c archiveChunk) (data []byte, own boo
 			}
 			return nil, false, fmt.Errorf("chunk of %s: %w: zstd: %w", name, ErrCorrupt, err)
 		}
+	case pb.Compression_COMPRESSION_S2:
+		// The block's own length must be the header's (bounded) before
+		// it is decoded into out, which has just that room.
+		n, err := s2.DecodedLen(payload)
+		if err == nil && n != len(out) {
+			err = fmt.Errorf("%d bytes, header says %d", n, len(out))
+		}
+		if err == nil {
+			_, err = s2.Decode(out, payload)
+		}
+		if err != nil {
+			putChunkBuf(out)
+			return nil, false, fmt.Errorf("chunk of %s: %w: s2: %w", name, ErrCorrupt, err)
+		}
 	default:
 		putChunkBuf(out)
-		return nil, false, fmt.Errorf("chunk of %s: compression %d: %w", name, c.h.GetCompression(), ErrCorrupt)
+		return nil, false, fmt.Errorf("chunk of %s: %w", name, unsupported(c.h.GetCompression()))
 	}
 	return out, true, nil
 }
