@@ -309,3 +309,47 @@ func TestS2DamageCaught(t *testing.T) {
 func smallS2(t testing.TB) []byte {
 	return write(t, testFiles(2, 3000), WriterOptions{ChunkSize: 1000, Compression: pb.Compression_COMPRESSION_S2})
 }
+
+// A file whose bytes pass every CRC but not the trailer's SHA-256 is cut
+// before its last chunk, from a file and from a pipe, with the file's
+// digest computed beside the writes (writeTo's hasher).
+func TestArchiveDigestHoldsBackLastChunk(t *testing.T) {
+	for _, c := range []pb.Compression{pb.Compression_COMPRESSION_S2, pb.Compression_COMPRESSION_ZSTD, pb.Compression_COMPRESSION_NONE} {
+		files := testFiles(6, 1<<20)
+		data := write(t, files, WriterOptions{Compression: c, NoCompress: c == pb.Compression_COMPRESSION_NONE, ChunkSize: 64 << 10})
+		recs := records(t, data)
+		tr := recs[len(recs)-1]
+		if tr.h.GetKind() != pb.RecordHeader_TRAILER {
+			t.Fatal("last record is not the trailer")
+		}
+		var trailer pb.Trailer
+		if err := gproto.Unmarshal(tr.payload, &trailer); err != nil {
+			t.Fatal(err)
+		}
+		for _, fi := range trailer.GetFiles() {
+			if fi.GetName() == "pages-2.img" {
+				fi.Sha256[0] ^= 1
+			}
+		}
+		payload, err := gproto.MarshalOptions{Deterministic: true}.Marshal(&trailer)
+		if err != nil || len(payload) != len(tr.payload) {
+			t.Fatalf("trailer of %d bytes, was %d: %v", len(payload), len(tr.payload), err)
+		}
+		bad := rewrite(t, data, tr, gproto.Clone(tr.h).(*pb.RecordHeader), payload)
+		for kind, open := range openBoth(bad) {
+			a, err := open()
+			if err != nil {
+				t.Fatalf("%s: %v", kind, err)
+			}
+			var b bytes.Buffer
+			n, err := a.WriteTo("pages-2.img", &b)
+			if !errors.Is(err, ErrCorrupt) || n > 1<<20-64<<10 || int64(b.Len()) != n {
+				t.Errorf("%s %s: wrote %d of %d bytes: %v", c, kind, n, 1<<20, err)
+			}
+			if _, err := a.WriteTo("pages-1.img", &bytes.Buffer{}); err != nil {
+				t.Errorf("%s %s: an intact file: %v", c, kind, err)
+			}
+			a.Close()
+		}
+	}
+}
