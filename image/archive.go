@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"maps"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 	gproto "google.golang.org/protobuf/proto"
@@ -194,6 +196,9 @@ func OpenArchive(f io.ReaderAt) (*Archive, error) {
 		case pb.RecordHeader_CHUNK:
 			if h.GetOffset() != af.size || h.GetRawLen() > maxChunkRaw {
 				return nil, fmt.Errorf("chunk of %q at byte %d out of place: %w", af.index.GetName(), off, ErrCorrupt)
+			}
+			if !knownCompression(h.GetCompression()) {
+				return nil, fmt.Errorf("chunk of %q at byte %d: %w", af.index.GetName(), off, unsupported(h.GetCompression()))
 			}
 			af.chunks = append(af.chunks, archiveChunk{h: h, at: int64(off + hlen)})
 			af.size += uint64(h.GetRawLen())
@@ -683,7 +688,26 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 			}()
 		}
 	}()
-	sum := newDigest(a.noDigests)
+	// The file's SHA-256 is computed by a goroutine of its own while the
+	// chunks are written: hashing in line would put a second pass over
+	// every byte, at about the speed of the reader (CRIU), between it and
+	// the data. A written chunk is given back once hashed; the hasher may
+	// lag hashLag chunks behind. The last chunk still waits for the whole
+	// file's digest before it is written.
+	sum := newChunkHasher(a.noDigests)
+	defer sum.stop()
+	type written struct {
+		d   decoded
+		ack <-chan struct{}
+	}
+	var lag []written
+	release := func(w written) {
+		<-w.ack
+		if w.d.own {
+			putChunkBuf(w.d.data)
+		}
+		a.served(af, w.d.i)
+	}
 	var n int64
 	chunks := 0
 	for fut := range futures {
@@ -691,37 +715,103 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 		if d.err != nil {
 			return n, d.err
 		}
-		sum.Write(d.data)
+		ack := sum.add(d.data)
 		chunks++
 		if !a.noDigests && a.lastAt(af, d.i) {
+			<-ack // every chunk so far is hashed
 			want, err := a.digestOf(name, af)
 			if err != nil {
 				return n, err
 			}
-			if !bytes.Equal(sum.Sum(nil), want) {
+			if !bytes.Equal(sum.h.Sum(nil), want) {
 				return n, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
 			}
 		}
 		k, err := write(d.data, !d.own && !d.pooled)
 		n += int64(k)
-		if d.own {
-			putChunkBuf(d.data)
+		lag = append(lag, written{d, ack})
+		for len(lag) > 0 {
+			select {
+			case <-lag[0].ack:
+			default:
+				if len(lag) <= hashLag {
+					goto next
+				}
+			}
+			release(lag[0])
+			lag = lag[1:]
 		}
-		a.served(af, d.i)
+	next:
 		if err != nil {
 			return n, err
 		}
+	}
+	for _, w := range lag {
+		release(w)
 	}
 	if chunks == 0 && !a.noDigests {
 		want, err := a.digestOf(name, af)
 		if err != nil {
 			return 0, err
 		}
-		if !bytes.Equal(sum.Sum(nil), want) {
+		if !bytes.Equal(sum.h.Sum(nil), want) {
 			return 0, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
 		}
 	}
 	return n, nil
+}
+
+// hashLag is how many written chunks the hasher of a file being served
+// may be behind (their buffers are held until it catches up).
+const hashLag = 4
+
+// chunkHasher hashes a file's chunks in order on a goroutine of its own
+// (see writeTo); with no digests it does nothing.
+type chunkHasher struct {
+	h    hash.Hash
+	in   chan hashJob
+	done chan struct{}
+}
+
+type hashJob struct {
+	data []byte
+	ack  chan struct{}
+}
+
+func newChunkHasher(none bool) *chunkHasher {
+	c := &chunkHasher{h: newDigest(none)}
+	if none {
+		return c
+	}
+	c.in, c.done = make(chan hashJob, hashLag+2), make(chan struct{})
+	go func() {
+		defer close(c.done)
+		for j := range c.in {
+			c.h.Write(j.data)
+			close(j.ack)
+		}
+	}()
+	return c
+}
+
+// add queues b, which must not change until the returned channel closes
+// (b and every chunk before it are hashed then).
+func (c *chunkHasher) add(b []byte) <-chan struct{} {
+	ack := make(chan struct{})
+	if c.in == nil {
+		close(ack)
+		return ack
+	}
+	c.in <- hashJob{b, ack}
+	return ack
+}
+
+// stop waits for what was queued and ends the goroutine.
+func (c *chunkHasher) stop() {
+	if c.in != nil {
+		close(c.in)
+		<-c.done
+	}
 }
 
 // decodeChunk reads (from src, or memory), checks and decompresses one
@@ -729,6 +819,23 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 // as it is (checked when it was read).
 func (a *Archive) decodeChunk(name string, c archiveChunk) (data []byte, own bool, err error) {
 	payload := c.data
+	if a.src != nil && c.h.GetCompression() == pb.Compression_COMPRESSION_NONE {
+		// Raw: read straight into the buffer that is served (a restore
+		// moves half a job's memory or more this way; a copy saved).
+		if c.h.GetPayloadLen() != c.h.GetRawLen() {
+			return nil, false, fmt.Errorf("chunk of %s: %d bytes stored raw, header says %d: %w", name, c.h.GetPayloadLen(), c.h.GetRawLen(), ErrCorrupt)
+		}
+		out := getChunkBuf(int(c.h.GetRawLen()))
+		if _, err := a.src.ReadAt(out, c.at); err != nil {
+			putChunkBuf(out)
+			return nil, false, fmt.Errorf("reading chunk of %s at byte %d: %w", name, c.at, err)
+		}
+		if crc(out) != c.h.GetPayloadCrc32C() {
+			putChunkBuf(out)
+			return nil, false, fmt.Errorf("chunk of %s at byte %d fails its checksum: %w", name, c.at, ErrCorrupt)
+		}
+		return out, true, nil
+	}
 	if a.src != nil {
 		payload = getChunkBuf(int(c.h.GetPayloadLen()))
 		defer putChunkBuf(payload)
@@ -763,9 +870,23 @@ func (a *Archive) decodeChunk(name string, c archiveChunk) (data []byte, own boo
 			}
 			return nil, false, fmt.Errorf("chunk of %s: %w: zstd: %w", name, ErrCorrupt, err)
 		}
+	case pb.Compression_COMPRESSION_S2:
+		// The block's own length must be the header's (bounded) before
+		// it is decoded into out, which has just that room.
+		n, err := s2.DecodedLen(payload)
+		if err == nil && n != len(out) {
+			err = fmt.Errorf("%d bytes, header says %d", n, len(out))
+		}
+		if err == nil {
+			_, err = s2.Decode(out, payload)
+		}
+		if err != nil {
+			putChunkBuf(out)
+			return nil, false, fmt.Errorf("chunk of %s: %w: s2: %w", name, ErrCorrupt, err)
+		}
 	default:
 		putChunkBuf(out)
-		return nil, false, fmt.Errorf("chunk of %s: compression %d: %w", name, c.h.GetCompression(), ErrCorrupt)
+		return nil, false, fmt.Errorf("chunk of %s: %w", name, unsupported(c.h.GetCompression()))
 	}
 	return out, true, nil
 }

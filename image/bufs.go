@@ -8,6 +8,7 @@ import (
 	"sync"
 	"unsafe"
 
+	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
 
 	"golang.org/x/sys/unix"
@@ -34,6 +35,14 @@ var chunkBufs = newBufList(DefaultChunkSize, 4*runtime.GOMAXPROCS(0)+4)
 // smallBufs hold the first bytes of each file a Writer writes (see
 // FileWriter.room), and the compressed form of a small chunk.
 var smallBufs = newBufList(smallChunk, 64)
+
+// s2Bufs and s2SmallBufs hold S2's output for a chunk, and for a small
+// one: its worst case is a few bytes over the input, so it needs buffers
+// of its own.
+var (
+	s2Bufs      = newBufList(s2.MaxEncodedLen(DefaultChunkSize), 4*runtime.GOMAXPROCS(0)+4)
+	s2SmallBufs = newBufList(s2.MaxEncodedLen(smallChunk), 64)
+)
 
 // smallChunk is the size of a small buffer.
 const smallChunk = 64 << 10

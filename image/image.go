@@ -12,7 +12,7 @@
 //	| record: MANIFEST  (ferry/CRIU versions, kernel, host, CPU, job, |
 //	|                    the walk and the plan, CRIU's options)       |
 //	| record: FILE      (file 0 is "inventory.img")                   |
-//	| record: CHUNK     (file 0, offset 0, zstd payload)              |
+//	| record: CHUNK     (file 0, offset 0, s2, zstd or raw payload)   |
 //	| record: FILE      (file 1 is "pages-1.img")                     |
 //	| record: CHUNK     (file 1, ...)   files may interleave, as CRIU |
 //	| record: CHUNK     (file 0, ...)   writes several at once        |
@@ -37,7 +37,20 @@
 // The RecordHeader (proto/image.proto) carries the kind, the file index,
 // the offset and raw length of a chunk, its compression and the CRC-32C of
 // its stored payload. Each chunk (up to 4 MiB of raw data by default) is
-// compressed on its own with zstd, so writers and readers use every core.
+// compressed on its own, so writers and readers use every core, and
+// records its own codec:
+//
+//	compression 0 NONE  payload is the raw bytes (payload_len = raw_len);
+//	                    what a writer stores for a chunk that did not shrink
+//	compression 1 ZSTD  payload is one zstd frame (any level)
+//	compression 2 S2    payload is one S2 block: uvarint raw length, then
+//	                    S2's literals and copies (klauspost/compress/s2)
+//
+// A stream may mix them. Streams written before S2 existed hold only 0
+// and 1 and read as they always did; a reader meeting a codec it does not
+// know refuses the stream (ErrUnsupportedCompression), and decodes into
+// no more than the chunk's raw_len, itself at most 64 MiB, whatever the
+// payload claims.
 //
 // What is detected, before any of it is used: a wrong magic or unknown
 // version (ErrUnsupportedVersion) or flags; a length over its named limit
@@ -50,7 +63,10 @@ package image
 
 import (
 	"errors"
+	"fmt"
 	"hash/crc32"
+
+	pb "github.com/ferry-cr/ferry/proto"
 )
 
 // Format constants.
@@ -89,7 +105,24 @@ var (
 	ErrTruncated          = errors.New("ferry image is truncated")
 	ErrCorrupt            = errors.New("ferry image is corrupt")
 	ErrRecordTooLarge     = errors.New("ferry image record exceeds its size limit")
+	// ErrUnsupportedCompression is a chunk in a codec this ferry does not
+	// know (a newer ferry wrote it); it is also ErrUnsupportedVersion.
+	ErrUnsupportedCompression = fmt.Errorf("unsupported compression in ferry image: %w", ErrUnsupportedVersion)
 )
+
+// knownCompression says whether this ferry decodes chunks in c.
+func knownCompression(c pb.Compression) bool {
+	switch c {
+	case pb.Compression_COMPRESSION_NONE, pb.Compression_COMPRESSION_ZSTD, pb.Compression_COMPRESSION_S2:
+		return true
+	}
+	return false
+}
+
+// unsupported is the error for a chunk in codec c.
+func unsupported(c pb.Compression) error {
+	return fmt.Errorf("chunk compressed with codec %d: %w", int32(c), ErrUnsupportedCompression)
+}
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 

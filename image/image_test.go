@@ -256,6 +256,7 @@ func TestWriteSeedCorpus(t *testing.T) {
 	for name, data := range map[string][]byte{
 		"small-zstd": small(t),
 		"small-none": write(t, testFiles(3, 2000), WriterOptions{ChunkSize: 700, NoCompress: true}),
+		"small-s2":   smallS2(t),
 	} {
 		content := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", data)
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
@@ -268,6 +269,7 @@ func TestWriteSeedCorpus(t *testing.T) {
 // be accepted unless it is a well-formed stream that reads back the same.
 func FuzzReader(f *testing.F) {
 	f.Add(small(f))
+	f.Add(smallS2(f))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		files, _, err := readAll(data)
 		if err != nil {

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
 	gproto "google.golang.org/protobuf/proto"
 
@@ -237,6 +238,9 @@ func (rd *Reader) Next() (*Chunk, error) {
 				if h.GetRawLen() > maxChunkRaw {
 					return nil, fmt.Errorf("chunk of %d raw bytes: %w", h.GetRawLen(), ErrRecordTooLarge)
 				}
+				if !knownCompression(h.GetCompression()) {
+					return nil, fmt.Errorf("chunk of %q at byte %d: %w", f.name, at, unsupported(h.GetCompression()))
+				}
 				if err := rd.keep.keepChunk(f.name, h, payload); err != nil {
 					return nil, err
 				}
@@ -356,8 +360,21 @@ func (rd *Reader) decode(h *pb.RecordHeader, payload []byte) ([]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: zstd: %w", ErrCorrupt, err)
 		}
+	case pb.Compression_COMPRESSION_S2:
+		// The block names its length first: it must be the header's,
+		// which is bounded, before any memory is taken for it.
+		n, err := s2.DecodedLen(payload)
+		if err != nil || n != int(h.GetRawLen()) {
+			return nil, fmt.Errorf("s2 block of %d bytes, header says %d: %w", n, h.GetRawLen(), ErrCorrupt)
+		}
+		if cap(rd.data) < n {
+			rd.data = make([]byte, 0, n)
+		}
+		if data, err = s2.Decode(rd.data[:n], payload); err != nil {
+			return nil, fmt.Errorf("%w: s2: %w", ErrCorrupt, err)
+		}
 	default:
-		return nil, fmt.Errorf("compression %d: %w", h.GetCompression(), ErrCorrupt)
+		return nil, unsupported(h.GetCompression())
 	}
 	if uint32(len(data)) != h.GetRawLen() {
 		return nil, fmt.Errorf("%d bytes, header says %d: %w", len(data), h.GetRawLen(), ErrCorrupt)

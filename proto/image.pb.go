@@ -24,11 +24,15 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// Compression of one chunk's payload; each chunk records its own, so one
+// stream may mix them (a writer stores incompressible chunks raw, and an
+// adaptive one switches as the output's rate changes).
 type Compression int32
 
 const (
 	Compression_COMPRESSION_NONE Compression = 0
-	Compression_COMPRESSION_ZSTD Compression = 1
+	Compression_COMPRESSION_ZSTD Compression = 1 // a zstd frame (klauspost/compress/zstd, any level)
+	Compression_COMPRESSION_S2   Compression = 2 // an S2 block (klauspost/compress/s2), uvarint raw length first
 )
 
 // Enum value maps for Compression.
@@ -36,10 +40,12 @@ var (
 	Compression_name = map[int32]string{
 		0: "COMPRESSION_NONE",
 		1: "COMPRESSION_ZSTD",
+		2: "COMPRESSION_S2",
 	}
 	Compression_value = map[string]int32{
 		"COMPRESSION_NONE": 0,
 		"COMPRESSION_ZSTD": 1,
+		"COMPRESSION_S2":   2,
 	}
 )
 
@@ -836,10 +842,11 @@ const file_proto_image_proto_rawDesc = "" +
 	"\traw_bytes\x18\x02 \x01(\x04R\brawBytes\x12!\n" +
 	"\fstored_bytes\x18\x03 \x01(\x04R\vstoredBytes\x12#\n" +
 	"\rstream_sha256\x18\x04 \x01(\fR\fstreamSha256\x12?\n" +
-	"\x0efinal_manifest\x18\x05 \x01(\v2\x18.ferry.image.v1.ManifestR\rfinalManifest*9\n" +
+	"\x0efinal_manifest\x18\x05 \x01(\v2\x18.ferry.image.v1.ManifestR\rfinalManifest*M\n" +
 	"\vCompression\x12\x14\n" +
 	"\x10COMPRESSION_NONE\x10\x00\x12\x14\n" +
-	"\x10COMPRESSION_ZSTD\x10\x01B'Z%github.com/ferry-cr/ferry/proto;protob\x06proto3"
+	"\x10COMPRESSION_ZSTD\x10\x01\x12\x12\n" +
+	"\x0eCOMPRESSION_S2\x10\x02B'Z%github.com/ferry-cr/ferry/proto;protob\x06proto3"
 
 var (
 	file_proto_image_proto_rawDescOnce sync.Once

@@ -8,12 +8,16 @@
 //   - reference dump: criu dump --leave-running into a tmpfs directory
 //   - podman-style: criu dump into a directory on disk, then tar | zstd -1 -T0
 //   - ferry checkpoint (to disk and to tmpfs), --leave-running
+//   - ferry checkpoint to a .ferry file, in its default codec (s2) and in
+//     zstd (--compress zstd), for the choice of the default
 //   - reference restore: criu restore from tmpfs into a fresh PID namespace
-//   - ferry restore of its checkpoint
+//   - ferry restore of its checkpoints: directory, .ferry (s2), .ferry (zstd)
 //
 // migrate (-migrate-mib):
 //   - ferry migrate over loopback, stop-copy and post-copy, against CRIU's
-//     own dump + restore of the same memory
+//     own dump + restore of the same memory, and post-copy against CRIU's
+//     own lazy migration (dump --lazy-pages, lazy-pages, restore
+//     --lazy-pages) of the same job over the same loopback
 //
 // store (-store-mib):
 //   - ferry checkpoint of a job of random memory to a .ferry file on disk
@@ -168,11 +172,12 @@ func checkpointBench(criu, workload, tmp string) {
 	podman := &row{name: "podman-style: dump to disk + tar|zstd -1 -T0"}
 	ferryDisk := &row{name: "ferry checkpoint -> disk (directory, fsynced)"}
 	ferryShm := &row{name: "ferry checkpoint -> tmpfs"}
-	ferryFile := &row{name: "ferry checkpoint -> .ferry file (zstd, on disk)"}
-	ferryCkpt := func(r *row, dir string) {
+	ferryFile := &row{name: "ferry checkpoint -> .ferry file (s2, default; disk)"}
+	ferryZstd := &row{name: "ferry checkpoint -> .ferry file (--compress zstd)"}
+	ferryCkpt := func(r *row, dir string, args ...string) {
 		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 		start := time.Now()
-		out := ferry("checkpoint", "--json", "--leave-running", "-o", dir, "bench")
+		out := ferry(append(append([]string{"checkpoint", "--json", "--leave-running", "-o", dir}, args...), "bench")...)
 		wall := time.Since(start)
 		var res struct {
 			Frozen int64 `json:"frozenNs"`
@@ -189,7 +194,7 @@ func checkpointBench(criu, workload, tmp string) {
 	cleanups = append(cleanups, func() { os.RemoveAll(warm) })
 	criuDump(criu, ref, warm)
 	os.RemoveAll(warm)
-	var keep, ckpt, fileCkpt string
+	var keep, ckpt, fileCkpt, zstdCkpt string
 	for i := range *reps {
 		dir := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-ref-%d-%d", os.Getpid(), i))
 		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
@@ -227,6 +232,12 @@ func checkpointBench(criu, workload, tmp string) {
 			os.Remove(fileCkpt)
 		}
 		fileCkpt = ffile
+		zfile := filepath.Join(*diskDir, fmt.Sprintf("ferry-bench-ferry-zstd-%d-%d.ferry", os.Getpid(), i))
+		ferryCkpt(ferryZstd, zfile, "--compress", "zstd")
+		if zstdCkpt != "" {
+			os.Remove(zstdCkpt)
+		}
+		zstdCkpt = zfile
 	}
 	refRestore := &row{name: "criu restore from tmpfs, fresh pid ns (reference)"}
 	for range *reps {
@@ -234,13 +245,17 @@ func checkpointBench(criu, workload, tmp string) {
 	}
 
 	ferryRestore := &row{name: "ferry restore (directory on disk)"}
-	ferryRestoreFile := &row{name: "ferry restore (.ferry file, served to CRIU)"}
+	ferryRestoreFile := &row{name: "ferry restore (.ferry file, s2, served to CRIU)"}
+	ferryRestoreZstd := &row{name: "ferry restore (.ferry file, zstd)"}
 	verified := 0
-	for i := range 2 * *reps {
+	for i := range 3 * *reps {
 		name := fmt.Sprintf("restored%d", i)
 		from, r := ckpt, ferryRestore
-		if i%2 == 1 {
+		switch i % 3 {
+		case 1:
 			from, r = fileCkpt, ferryRestoreFile
+		case 2:
+			from, r = zstdCkpt, ferryRestoreZstd
 		}
 		start := time.Now()
 		ferry("restore", "--name", name, from)
@@ -253,7 +268,7 @@ func checkpointBench(criu, workload, tmp string) {
 		ferry("kill", "--grace", "1s", name)
 	}
 
-	rows := []*row{refDump, podman, ferryDisk, ferryShm, ferryFile, refRestore, ferryRestore, ferryRestoreFile}
+	rows := []*row{refDump, podman, ferryDisk, ferryShm, ferryFile, ferryZstd, refRestore, ferryRestore, ferryRestoreFile, ferryRestoreZstd}
 	fmt.Printf("%-52s %10s %10s %12s\n", "", "wall", "frozen", "size")
 	for _, r := range rows {
 		m := r.median()
@@ -266,13 +281,14 @@ func checkpointBench(criu, workload, tmp string) {
 		}
 		fmt.Printf("%-52s %10s %10s %12s\n", r.name, ms(m.wall), frozen, size)
 	}
-	fmt.Printf("\nrestored copies whose memory checksum matched: %d of %d\n\n", verified, 2**reps)
+	fmt.Printf("\nrestored copies whose memory checksum matched: %d of %d\n\n", verified, 3**reps)
 	// The job re-hashes its memory now and then: it must not run on
 	// (taking CPU) while the next sections measure.
 	_ = exec.Command(*ferryBin, "--root", root, "kill", "--grace", "1s", "bench").Run()
 	_ = syscall.Kill(ref, syscall.SIGKILL)
 
 	rd, pm, fd, fs, ff, rr, fr, frf := refDump.median(), podman.median(), ferryDisk.median(), ferryShm.median(), ferryFile.median(), refRestore.median(), ferryRestore.median(), ferryRestoreFile.median()
+	fz, frz := ferryZstd.median(), ferryRestoreZstd.median()
 	ratio := func(name string, v float64, target string, met bool) {
 		verdict := "not met"
 		if met {
@@ -284,15 +300,18 @@ func checkpointBench(criu, workload, tmp string) {
 	ratio("ferry (disk) / reference: frozen", div(fd.frozen, rd.frozen), "<= 1.2", div(fd.frozen, rd.frozen) <= 1.2)
 	ratio("ferry (tmpfs) / reference: wall", div(fs.wall, rd.wall), "<= 1.2", div(fs.wall, rd.wall) <= 1.2)
 	ratio("ferry (tmpfs) / reference: frozen", div(fs.frozen, rd.frozen), "<= 1.2", div(fs.frozen, rd.frozen) <= 1.2)
-	ratio("ferry (.ferry file) / reference: wall", div(ff.wall, rd.wall), "<= 1.2", div(ff.wall, rd.wall) <= 1.2)
+	ratio("ferry (.ferry file) / reference: wall", div(ff.wall, rd.wall), "<= 1.5", div(ff.wall, rd.wall) <= 1.5)
 	ratio("ferry (.ferry file) / reference: frozen", div(ff.frozen, rd.frozen), "<= 1.2", div(ff.frozen, rd.frozen) <= 1.2)
 	ratio("podman-style / ferry (.ferry file): wall", div(pm.wall, ff.wall), ">= 3", div(pm.wall, ff.wall) >= 3)
-	ratio("ferry .ferry size / podman-style archive size", float64(ff.size)/float64(max(1, pm.size)), "<= 1", ff.size <= pm.size)
+	ratio("ferry .ferry size / podman-style archive size", float64(ff.size)/float64(max(1, pm.size)), "<= 1.15", float64(ff.size) <= 1.15*float64(pm.size))
 	ratio("ferry restore (directory) / reference restore: wall", div(fr.wall, rr.wall), "<= 1.2", div(fr.wall, rr.wall) <= 1.2)
-	ratio("ferry restore (.ferry file) / reference restore: wall", div(frf.wall, rr.wall), "<= 1.2", div(frf.wall, rr.wall) <= 1.2)
+	ratio("ferry restore (.ferry file) / reference restore: wall", div(frf.wall, rr.wall), "<= 1.1", div(frf.wall, rr.wall) <= 1.1)
+	fmt.Printf("\nthe default codec, s2 against zstd (informative): checkpoint wall %.2fx, size %.2fx, restore wall %.2fx\n",
+		div(ff.wall, fz.wall), float64(ff.size)/float64(max(1, fz.size)), div(frf.wall, frz.wall))
 	fmt.Println("\nNotes: with --leave-running (as here) CRIU dumps to tmpfs and the job runs again before")
 	fmt.Println("ferry compresses the images into the file, so frozen time is CRIU's own and wall time adds")
-	fmt.Println("zstd on 2 cores. Without --leave-running CRIU streams straight into the file (--stream).")
+	fmt.Println("the codec on every core (s2 by default: incompressible chunks are stored raw). Without")
+	fmt.Println("--leave-running CRIU streams straight into the file (--stream).")
 	fmt.Println("A .ferry restore serves each image to CRIU as it asks (criu restore --stream), decoding")
 	fmt.Println("chunks in parallel and checking each; nothing is unpacked.")
 }

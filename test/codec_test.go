@@ -1,0 +1,114 @@
+package test
+
+import (
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	gproto "google.golang.org/protobuf/proto"
+
+	"github.com/ferry-cr/ferry/image"
+	pb "github.com/ferry-cr/ferry/proto"
+)
+
+// chunkCodecs counts the chunks of a .ferry file by the codec each
+// records, walking the records as the format lays them out (image.go).
+func chunkCodecs(t *testing.T, path string) map[pb.Compression]int {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := map[pb.Compression]int{}
+	for off := image.HeaderSize; off < len(data)-image.FooterSize; {
+		hl := int(binary.LittleEndian.Uint32(data[off:]))
+		h := &pb.RecordHeader{}
+		if err := gproto.Unmarshal(data[off+8:off+8+hl], h); err != nil {
+			t.Fatalf("%s: record at %d: %v", path, off, err)
+		}
+		if h.GetKind() == pb.RecordHeader_CHUNK {
+			n[h.GetCompression()]++
+		}
+		off += 8 + hl + int(h.GetPayloadLen())
+	}
+	return n
+}
+
+// TestCheckpointCodecs: ferry checkpoint writes s2 by default, zstd at a
+// level on request (--level alone meaning zstd, as before s2), adapts
+// with auto, stores raw with none; every one restores the job's memory
+// intact; bad combinations are usage errors.
+func TestCheckpointCodecs(t *testing.T) {
+	e := newEnv(t)
+	requireCriu(t)
+	w := buildWorkload(t)
+	e.must("run", "--name", "mem", "--", w, "memory", "64")
+	e.waitLines("mem", "sum ", 1)
+	sum := e.lines("mem", "sum ")[0]
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		want    pb.Compression // the codec of the compressed chunks
+		restore bool
+	}{
+		{"default", nil, pb.Compression_COMPRESSION_S2, true},
+		{"zstd3", []string{"--compress", "zstd", "--level", "3"}, pb.Compression_COMPRESSION_ZSTD, true},
+		{"level2", []string{"--level", "2"}, pb.Compression_COMPRESSION_ZSTD, false},
+		{"auto", []string{"--compress", "auto"}, -1, true},
+		{"none", []string{"--compress", "none"}, pb.Compression_COMPRESSION_NONE, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			file := filepath.Join(dir, tc.name+".ferry")
+			args := append(append([]string{"checkpoint", "--leave-running", "-o", file}, tc.args...), "mem")
+			e.must(args...)
+			codecs := chunkCodecs(t, file)
+			switch tc.want {
+			case pb.Compression_COMPRESSION_NONE:
+				if len(codecs) != 1 || codecs[pb.Compression_COMPRESSION_NONE] == 0 {
+					t.Errorf("--compress none: chunks by codec %v", codecs)
+				}
+			case -1:
+				if codecs[pb.Compression_COMPRESSION_ZSTD] != 0 {
+					t.Errorf("auto wrote zstd chunks: %v", codecs)
+				}
+			default:
+				// Half the workload is random: those chunks go raw.
+				if len(codecs) != 2 || codecs[tc.want] == 0 || codecs[pb.Compression_COMPRESSION_NONE] == 0 {
+					t.Errorf("chunks by codec %v, want %s and raw", codecs, tc.want)
+				}
+			}
+			if !strings.Contains(e.must("verify", file), "ok") {
+				t.Fatal("verify did not say ok")
+			}
+			if !tc.restore {
+				return
+			}
+			name := "from-" + tc.name
+			e.must("restore", "--name", name, file)
+			e.waitLines(name, "verify ", len(e.lines(name, "verify "))+1)
+			for _, l := range e.lines(name, "verify ") {
+				if !strings.HasSuffix(l, sum) {
+					t.Fatalf("restored from %s: %q, want sum %s", tc.name, l, sum)
+				}
+			}
+			e.must("kill", name)
+		})
+	}
+	for _, args := range [][]string{
+		{"--compress", "lz4"},
+		{"--compress", "s2", "--level", "3"},
+		{"--level", "9"},
+	} {
+		r := e.ferry(append(append([]string{"checkpoint", "--leave-running", "-o", filepath.Join(dir, "bad.ferry")}, args...), "mem")...)
+		if r.code != 2 || !strings.HasPrefix(r.stderr, "ferry: ") {
+			t.Errorf("checkpoint %v: %s, want a usage error", args, r)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "bad.ferry")); err == nil {
+			t.Errorf("checkpoint %v wrote a file", args)
+		}
+	}
+	assertNoStrays(t, e)
+}
