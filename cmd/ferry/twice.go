@@ -23,7 +23,8 @@ import (
 //
 // It warns rather than refuses: a copy side by side is a use (restore
 // --name), and one that does not listen harms nothing. It reads only the
-// manifest; a checkpoint on standard input is not looked at.
+// manifest; a checkpoint on standard input, a FIFO or a special file is
+// not looked at.
 func warnListenersInUse(w io.Writer, s *job.Registry, path string) {
 	want := listeners(checkpointInventory(path))
 	if len(want) == 0 {
@@ -57,6 +58,12 @@ func warnListenersInUse(w io.Writer, s *job.Registry, path string) {
 func checkpointInventory(path string) *dump.Inventory {
 	var m *checkpoint.Manifest
 	if path == "-" {
+		return nil
+	}
+	// Only a file or directory is read ahead: a FIFO or other special
+	// file would block here and lose what it gives to the restore.
+	st, err := os.Stat(path)
+	if err != nil || !st.Mode().IsRegular() && !st.IsDir() {
 		return nil
 	}
 	if checkpoint.IsStream(path) {
