@@ -92,6 +92,16 @@ type s3Backend struct {
 // instance roles. A custom endpoint (an S3-compatible server) is
 // addressed path-style, since such servers seldom have wildcard DNS.
 func openS3(ctx context.Context, loc string, opts Options) (*Store, error) {
+	b, err := newS3Backend(ctx, loc, opts.NoCreate)
+	if err != nil {
+		return nil, err
+	}
+	return OpenBackend(ctx, b, opts)
+}
+
+// newS3Backend connects to the bucket of loc and checks that it can be
+// used; with noCreate, that a store is there (ErrNoStore otherwise).
+func newS3Backend(ctx context.Context, loc string, noCreate bool) (*s3Backend, error) {
 	bucket, prefix, err := parseS3URL(loc)
 	if err != nil {
 		return nil, err
@@ -118,7 +128,7 @@ func openS3(ctx context.Context, loc string, opts Options) (*Store, error) {
 	if _, err := cli.ListObjectsV2(ctx, &s3.ListObjectsV2Input{Bucket: &bucket, Prefix: aws.String(prefix + "config"), MaxKeys: aws.Int32(1)}); err != nil {
 		return nil, b.explain(err)
 	}
-	if opts.NoCreate {
+	if noCreate {
 		if _, err := cli.HeadObject(ctx, &s3.HeadObjectInput{Bucket: &bucket, Key: aws.String(prefix + "config")}); err != nil {
 			if isNotFound(err) {
 				return nil, ErrNoStore
@@ -126,7 +136,7 @@ func openS3(ctx context.Context, loc string, opts Options) (*Store, error) {
 			return nil, b.explain(err)
 		}
 	}
-	return OpenBackend(ctx, b, opts)
+	return b, nil
 }
 
 // explain turns an error of the bucket check into one line a user can

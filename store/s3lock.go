@@ -125,6 +125,10 @@ func (l *s3Lease) remove(ctx context.Context) error {
 	if _, err := l.b.cli.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: &l.b.bucket, Key: l.b.key(l.name)}); err != nil {
 		return s3Err("removing lock", l.name, err)
 	}
+	// Withdrawn while waiting: the next put starts a new lease.
+	l.mu.Lock()
+	l.lastRenew = time.Time{}
+	l.mu.Unlock()
 	return nil
 }
 
@@ -133,7 +137,8 @@ func (l *s3Lease) acquire(ctx context.Context, exclusive bool) error {
 	sleep := func() error {
 		t := time.NewTimer(wait)
 		defer t.Stop()
-		wait = min(2*wait, s3LockPollMax)
+		// Never so long that the marker would miss its renewal.
+		wait = min(2*wait, s3LockPollMax, l.b.lease/8)
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for the store lock: %w: %w", ErrBusy, ctx.Err())
