@@ -11,7 +11,7 @@ GOFLAGS_BUILD := -trimpath -ldflags "$(LDFLAGS)"
 TEST_TIMEOUT ?= 15m
 
 .DEFAULT_GOAL := build
-.PHONY: all build deps test unit-test integration demo bench lint fmt clean help proto check-proto
+.PHONY: all build deps test-deps test unit-test integration demo bench lint fmt clean help proto check-proto
 
 all: build ## same as build
 
@@ -21,7 +21,10 @@ build: ## build bin/ferry (static, no cgo)
 deps: ## provision CRIU >= 4.2 into .deps/ when the system has none (changes nothing else)
 	@bash scripts/provision-criu.sh
 
-test: deps build ## run unit and integration tests (as root: real CRIU, cgroups, namespaces), then a short fuzz run
+test-deps: deps ## also build the S3 server the tests start (versitygw, from the Go module proxy) into .deps/bin
+	@bash scripts/provision-versitygw.sh
+
+test: test-deps build ## run unit and integration tests (as root: real CRIU, cgroups, namespaces, a real S3 server), then a short fuzz run
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=5000x -parallel=1 ./image/
 

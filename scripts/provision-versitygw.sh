@@ -51,8 +51,9 @@ command -v "$go" >/dev/null || die "no Go toolchain ($go) to build the S3 test s
 echo "provision-versitygw: building versitygw $version from the Go module proxy into $bin"
 work=$(mktemp -d "$deps/.versitygw-work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-# GOFLAGS=-mod=mod and no GOWORK: the install must not see ferry's module.
-(cd "$work" && GOWORK=off GOFLAGS= CGO_ENABLED=0 GOBIN="$work" "$go" install \
+# No GOWORK and no GOFLAGS, run outside the repository: the install uses
+# versitygw's own module graph and never touches ferry's go.mod.
+(cd "$work" && GOWORK=off GOFLAGS='' CGO_ENABLED=0 GOBIN="$work" "$go" install \
   "github.com/versity/versitygw/cmd/versitygw@$version") ||
   die "building github.com/versity/versitygw/cmd/versitygw@$version failed (is the Go module proxy reachable?)"
 [ -x "$work/versitygw" ] || die "go install left no versitygw binary"
