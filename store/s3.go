@@ -38,8 +38,8 @@ const (
 	s3PartSize = 8 << 20
 	// s3PartsInFlight bounds the parts being uploaded at once by one
 	// process, across every object: with one part filling per open
-	// object, it bounds the memory uploads take (16 parts: 128 MiB).
-	s3PartsInFlight = 16
+	// object, it bounds the memory uploads take (8 parts: 64 MiB).
+	s3PartsInFlight = 8
 	// s3DefaultRegion is used when neither the environment nor the shared
 	// config names one: S3-compatible servers accept any, and AWS
 	// redirects a bucket's requests to its region.
