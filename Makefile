@@ -11,7 +11,7 @@ GOFLAGS_BUILD := -trimpath -ldflags "$(LDFLAGS)"
 TEST_TIMEOUT ?= 15m
 
 .DEFAULT_GOAL := build
-.PHONY: all build deps test-deps test unit-test integration demo bench lint fmt clean help proto check-proto
+.PHONY: all build deps test-deps slurm-deps test unit-test integration demo bench lint fmt clean help proto check-proto
 
 all: build ## same as build
 
@@ -23,6 +23,9 @@ deps: ## provision CRIU >= 4.2 into .deps/ when the system has none (changes not
 
 test-deps: deps ## also build the S3 server the tests start (versitygw, from the Go module proxy) into .deps/bin
 	@bash scripts/provision-versitygw.sh
+
+slurm-deps: ## unpack Debian's slurm-wlm and munge into .deps/slurm for the Slurm test (needs the Debian mirror; make test does not run it)
+	@bash scripts/provision-slurm.sh
 
 test: test-deps build ## run unit and integration tests (as root: real CRIU, cgroups, namespaces, a real S3 server), then a short fuzz run
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...

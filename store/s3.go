@@ -106,9 +106,14 @@ func newS3Backend(ctx context.Context, loc string, noCreate bool) (*s3Backend, e
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := config.LoadDefaultConfig(ctx)
+	// The SDK's own log lines (an IMDS fallback, a response without a
+	// checksum) would break ferry's one-line errors.
+	cfg, err := config.LoadDefaultConfig(ctx, config.WithLogger(logging.Nop{}))
 	if err != nil {
-		return nil, fmt.Errorf("loading the AWS configuration: %w", err)
+		return nil, &UnavailableError{"loading the AWS configuration: " + s3Message(err)}
+	}
+	if _, err := cfg.Credentials.Retrieve(ctx); err != nil {
+		return nil, &UnavailableError{"no AWS credentials for the S3 store (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE): " + s3Message(err)}
 	}
 	if cfg.Region == "" {
 		cfg.Region = s3DefaultRegion

@@ -157,6 +157,12 @@ func TestS3Unusable(t *testing.T) {
 	if _, err := Open(ctx, "s3://bkt/p", Options{NoCreate: true}); !errors.Is(err, ErrNoStore) {
 		t.Fatalf("NoCreate on an empty prefix: %v", err)
 	}
+	t.Setenv("AWS_ACCESS_KEY_ID", "")
+	_, err = Open(ctx, "s3://bkt/p", Options{})
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "no AWS credentials") {
+		t.Fatalf("no credentials: %v", err)
+	}
+	t.Setenv("AWS_ACCESS_KEY_ID", testS3Access)
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "wrong")
 	_, err = Open(ctx, "s3://bkt/p", Options{})
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "refused access") {

@@ -86,7 +86,7 @@ SlurmctldPidFile=%[6]s/slurmctld.pid
 SlurmdPidFile=%[6]s/slurmd.pid
 SlurmctldLogFile=%[6]s/log/slurmctld.log
 SlurmdLogFile=%[6]s/log/slurmd.log
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SchedulerType=sched/builtin
 SelectType=select/cons_tres
@@ -246,6 +246,14 @@ func TestSlurmPreemptRequeueResume(t *testing.T) {
 		"--open-mode=append", filepath.Join(work, "job.sh")))
 	t.Cleanup(func() { _, _ = c.run("scancel", id) })
 	name := "sim-" + id
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(work, "out-"+id+".txt"))
+			t.Logf("batch output:\n%s", b)
+			out, _ := c.run("scontrol", "show", "job", id)
+			t.Logf("%s", out)
+		}
+	})
 
 	// Preempt it once it is well under way: SIGTERM to the job step, as
 	// --signal=TERM@N sends before the time limit.
@@ -258,8 +266,15 @@ func TestSlurmPreemptRequeueResume(t *testing.T) {
 		out, _ := c.run("scontrol", "show", "job", id)
 		return strings.Contains(out, "Restarts=1")
 	})
-	// A requeued job waits for its begin time; let it start now.
-	_, _ = c.run("scontrol", "update", "JobId="+id, "StartTime=now")
+	// A requeued job waits for its begin time (two minutes); let it
+	// start now.
+	eventually(t, 60*time.Second, name+" to run again", func() bool {
+		out, _ := c.run("scontrol", "show", "job", id)
+		if strings.Contains(out, "JobState=PENDING") {
+			_, _ = c.run("scontrol", "update", "JobId="+id, "StartTime=now")
+		}
+		return strings.Contains(out, "JobState=RUNNING")
+	})
 	eventually(t, 180*time.Second, "the result", func() bool {
 		_, err := os.Stat(filepath.Join(work, "result"))
 		return err == nil
@@ -271,8 +286,8 @@ func TestSlurmPreemptRequeueResume(t *testing.T) {
 	}
 	// It did stop and resume: snapshotted into the store, restored, and
 	// the steps went on from where they were, none done twice.
-	if snaps := e.snapshots("s3://ckpt/slurm", name); len(snaps) == 0 {
-		t.Fatalf("no snapshot of %s in the store", name)
+	if r := e.ferryEnv(srv.env(), "snapshots", "--store", "s3://ckpt/slurm", name); r.code != 0 || !strings.Contains(r.stdout, "\n"+name+" ") {
+		t.Fatalf("no snapshot of %s in the store: %s", name, r)
 	}
 	lines := e.lines(name, "step ")
 	for i, l := range lines {
