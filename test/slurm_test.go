@@ -165,7 +165,6 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-
 func killPid(pid int) error {
 	p, err := os.FindProcess(pid)
 	if err != nil {
