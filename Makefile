@@ -38,8 +38,9 @@ demo: deps build ## run the demo end to end on built-in defaults
 	CGO_ENABLED=0 $(GO) build -o bin/ferry-demo-workload ./test/workload
 	@bash scripts/demo.sh
 
-bench: deps build ## measure ferry against the CRIU reference (prints figures and ratios)
+bench: test-deps build ## measure ferry against the CRIU reference, and the snapshot store on S3 (a local versitygw) next to a directory
 	@bash scripts/bench.sh
+	$(GO) test -run '^$$' -bench Backends -benchtime 3x ./store/
 
 lint: ## gofmt (tracked and new files), go vet, shellcheck (when installed; .ci/run installs it)
 	@files=$$(git ls-files --cached --others --exclude-standard '*.go' | grep -v '\.pb\.go$$'); \

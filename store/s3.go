@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"net/http"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -49,6 +50,8 @@ const (
 	// timeout of their own.
 	s3ReadTimeout = 5 * time.Minute
 	locksPrefix   = "locks/"
+	// s3MinWorkers is the default Options.Workers of an S3 store.
+	s3MinWorkers = 8
 )
 
 // IsS3URL reports whether a store location names an S3 bucket
@@ -95,6 +98,11 @@ func openS3(ctx context.Context, loc string, opts Options) (*Store, error) {
 	b, err := newS3Backend(ctx, loc, opts.NoCreate)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Workers <= 0 {
+		// Reads are one GET per run of blobs and wait on the server
+		// more than on a core: more of them in flight than cores.
+		opts.Workers = max(runtime.GOMAXPROCS(0), s3MinWorkers)
 	}
 	return OpenBackend(ctx, b, opts)
 }

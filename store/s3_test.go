@@ -33,7 +33,7 @@ type s3Server struct {
 	dir      string
 }
 
-func startS3(t *testing.T, buckets ...string) *s3Server {
+func startS3(t testing.TB, buckets ...string) *s3Server {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("needs the versitygw S3 server: skipped with -short")
