@@ -11,7 +11,7 @@ GOFLAGS_BUILD := -trimpath -ldflags "$(LDFLAGS)"
 TEST_TIMEOUT ?= 15m
 
 .DEFAULT_GOAL := build
-.PHONY: all build deps conform test unit-test integration demo bench lint fmt clean help proto check-proto
+.PHONY: all build deps test-deps slurm-deps conform test unit-test integration demo bench lint fmt clean help proto check-proto
 
 all: build ## same as build
 
@@ -41,7 +41,14 @@ bin/conform/%: test/conform/%.c test/conform/conform.h
 	@mkdir -p bin/conform
 	$(CC) $(CONFORM_CFLAGS) -o $@ $<
 
-test: deps build conform ## run unit and integration tests (as root: real CRIU, cgroups, namespaces), then a short fuzz run
+
+test-deps: deps slurm-deps ## also build the S3 server the tests start (versitygw, from the Go module proxy) into .deps/bin, and unpack Slurm
+	@bash scripts/provision-versitygw.sh
+
+slurm-deps: ## unpack Debian's slurm-wlm and munge into .deps/slurm for the Slurm test (from the Debian mirror apt uses; a few seconds)
+	@bash scripts/provision-slurm.sh
+
+test: test-deps build conform ## run unit and integration tests (as root: real CRIU, cgroups, namespaces, a real S3 server, a real Slurm), then a short fuzz run
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=5000x -parallel=1 ./image/
 
@@ -52,8 +59,9 @@ demo: deps build ## run the demo end to end on built-in defaults
 	CGO_ENABLED=0 $(GO) build -o bin/ferry-demo-workload ./test/workload
 	@bash scripts/demo.sh
 
-bench: deps build ## measure ferry against the CRIU reference (prints figures and ratios)
+bench: test-deps build ## measure ferry against the CRIU reference, and the snapshot store on S3 (a local versitygw) next to a directory
 	@bash scripts/bench.sh
+	$(GO) test -run '^$$' -bench Backends -benchtime 3x ./store/
 
 lint: ## gofmt (tracked and new files), go vet, shellcheck (when installed; .ci/run installs it)
 	@files=$$(git ls-files --cached --others --exclude-standard '*.go' | grep -v '\.pb\.go$$'); \

@@ -7,7 +7,7 @@ import (
 
 // Backend is where a store keeps its objects. Everything above it (chunking,
 // dedup, the index, GC, verify) is backend-neutral; the interface is small
-// enough for an object store to implement later: Create is a multipart
+// enough for an object store: in the S3 backend, Create is a multipart
 // upload whose Commit completes it, Open does range GETs, List is a
 // prefix listing, Delete is a DELETE.
 //
@@ -57,8 +57,9 @@ type ObjectInfo struct {
 // Locker is the store-wide lock. Adding a snapshot and reading one hold
 // it shared; garbage collection holds it exclusive, so it never runs while
 // a writer may still refer to a chunk no committed snapshot holds yet.
-// Locking stays a backend concern: the directory backend uses flock(2); an
-// object-store backend would need leases.
+// Locking stays a backend concern: the directory backend uses flock(2);
+// the S3 backend leases (s3lock.go, doc.go), which also implement
+// LeaseLocker.
 type Locker interface {
 	// Lock waits until the lock is granted or ctx ends; the error then
 	// matches ErrBusy and ctx.Err(). unlock releases it.

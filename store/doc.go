@@ -14,8 +14,8 @@
 // lists that name its chunks in order.
 //
 // Store logic (chunking, dedup, index, GC, verify) sits above Backend,
-// four calls an object store could also serve; the directory backend
-// lays the store out as:
+// four calls an object store also serves (see "On S3" below); the
+// directory backend lays the store out as:
 //
 //	DIR/
 //	  config                  format version, hash, chunk sizes (written once)
@@ -78,6 +78,65 @@
 // store already holds, and only a committed record protects that chunk
 // from GC. GC takes the lock exclusive, so it sees only committed
 // snapshots. A pack sealed by a writer that then failed is simply dead.
+//
+// On S3 (Open with s3://BUCKET/PREFIX; s3.go) the layout is the same under
+// PREFIX, without tmp/ and with locks/ instead of lock:
+//
+//	PREFIX/config, PREFIX/packs/<xx>/<packid>, PREFIX/snapshots/<job>/<id>
+//	PREFIX/locks/shared/<id>     a writer's or reader's lease
+//	PREFIX/locks/exclusive/<id>  a prune's or GC's lease
+//
+// A pack is a multipart upload (8 MiB parts sent while the next fills, at
+// most s3PartsInFlight per process), visible only once
+// CompleteMultipartUpload returns; config and records are single PUTs.
+// An upload of a writer that was killed is invisible to GET and LIST, so
+// nothing can refer to it; GC aborts it. Records are still written last.
+//
+// The multi-host protocol. Object storage has no flock, and hosts share
+// neither a kernel nor a clock; the lock becomes a reader-writer lock of
+// lease objects (s3lock.go):
+//
+//  1. A holder PUTs its marker (locks/shared/ID or locks/exclusive/ID,
+//     ID = time and random bits), then LISTs locks/. It re-PUTs the marker
+//     every TTL/4 (TTL = 60 s) while it holds the lock or waits for it,
+//     and DELETEs it when done.
+//  2. Liveness is judged on the server's clock: a marker is live when its
+//     LastModified is less than TTL older than the lister's own marker's.
+//     So a killed holder delays the next GC by TTL, never longer, and
+//     clock skew between hosts does not matter.
+//  3. Shared (Begin, OpenSnapshot, Verify): granted when no live exclusive
+//     marker is listed. Otherwise it DELETEs its marker and retries
+//     later: writers yield to GC, so GC is not starved.
+//  4. Exclusive (Prune, GC, Delete): granted when no other live marker is
+//     listed. While live shared markers remain, or only exclusive ones
+//     that sort after its own, it waits, keeping its marker fresh (new
+//     writers see it and yield). An exclusive marker sorting before its
+//     own makes it withdraw and retry, so two GCs never wait on each
+//     other. It removes dead markers once granted.
+//  5. Why two that start together cannot both proceed: each PUTs before
+//     it LISTs, and S3 LISTs show every PUT completed before the LIST
+//     began (strong read-after-write consistency, which AWS S3, MinIO,
+//     Ceph and Versity's gateway give). If writer W's LIST missed GC G's
+//     marker, that LIST began before G's PUT completed, so W's PUT (done
+//     before W's LIST) completed before G's LIST began: G sees W and
+//     waits. Likewise for two GCs.
+//  6. A lease can lapse while it is held: a host cut off from the server,
+//     or stopped, for longer than TTL. Others then take it for dead. So
+//     the holder checks, before every irrevocable step (a writer before
+//     its record, GC before every DELETE and before aborting uploads),
+//     that no two successful renewals were more than TTL/2 apart and the
+//     last is less than TTL/2 old; otherwise it fails with ErrBusy. A
+//     writer that fails this way leaves only unreferenced packs.
+//
+// With that, the directory store's argument carries over unchanged: a
+// writer holds the lock shared from Begin (before it reads which chunks the
+// store has) to its record, GC holds it exclusive, so GC sees every
+// snapshot whose chunks some writer relied on as committed, and deletes
+// none of them. Two writers on two hosts that store the same new chunk at
+// once both store it (neither sees the other's pending chunks); the
+// duplicate is dead and GC removes it. The cost: a prune waits for the
+// snapshots in progress on every host, as it does on one; and a snapshot
+// waits while a prune runs.
 //
 // Why it is fast: writers hash (SHA-256 with SHA-NI: 1.6 GB/s per core on
 // 4 KiB pages) and compress on Options.Workers goroutines in 1 MiB

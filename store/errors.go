@@ -31,6 +31,9 @@ var (
 	ErrTooLarge = errors.New("length exceeds its limit")
 	// ErrClosed: the Writer, Reader or Store was already closed.
 	ErrClosed = errors.New("already closed")
+	// ErrUnavailable: the store's server refused the credentials, the
+	// bucket does not exist, or the server cannot be reached.
+	ErrUnavailable = errors.New("snapshot store unavailable")
 	// ErrExists: a file name was created twice in one snapshot.
 	ErrExists = errors.New("already exists")
 )
@@ -91,3 +94,13 @@ func corrupt(object string, offset int64, d digest, reason string, err error) *C
 	}
 	return ce
 }
+
+// UnavailableError says in one line why a remote store cannot be used; it
+// matches ErrUnavailable.
+type UnavailableError struct{ Reason string }
+
+// Error implements error.
+func (e *UnavailableError) Error() string { return e.Reason }
+
+// Is lets errors.Is find ErrUnavailable.
+func (e *UnavailableError) Is(target error) bool { return target == ErrUnavailable }

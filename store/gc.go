@@ -55,7 +55,7 @@ func (s *Store) Prune(ctx context.Context, job string, keep int) (PruneReport, e
 			return rep, err
 		}
 	}
-	unlock, err := s.lk.Lock(ctx, true)
+	check, unlock, err := s.lock(ctx, true)
 	if err != nil {
 		return rep, err
 	}
@@ -73,6 +73,9 @@ func (s *Store) Prune(ctx context.Context, job string, keep int) (PruneReport, e
 		for _, sn := range list[:n] {
 			// Each record is gone for good (unlink, fsync) before GC
 			// may delete its chunks: a record must never outlive them.
+			if err := check(); err != nil {
+				return rep, err
+			}
 			if err := s.be.Delete(ctx, recordName(sn.Job, sn.ID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				return rep, fmt.Errorf("removing snapshot %q of job %q: %w", sn.ID, sn.Job, err)
 			}
@@ -81,7 +84,7 @@ func (s *Store) Prune(ctx context.Context, job string, keep int) (PruneReport, e
 		rep.Kept += len(list) - n
 	}
 	slices.SortFunc(rep.Removed, func(a, b Snapshot) int { return a.Time.Compare(b.Time) })
-	rep.GC, err = s.gc(ctx)
+	rep.GC, err = s.gc(ctx, check)
 	return rep, err
 }
 
@@ -97,11 +100,14 @@ func (s *Store) Delete(ctx context.Context, job, id string) (err error) {
 	if checkComponent(id) != nil {
 		return fmt.Errorf("snapshot %q of job %q: %w", id, job, ErrNoSnapshot)
 	}
-	unlock, err := s.lk.Lock(ctx, true)
+	check, unlock, err := s.lock(ctx, true)
 	if err != nil {
 		return err
 	}
 	defer func() { err = errors.Join(err, unlock()) }()
+	if err := check(); err != nil {
+		return err
+	}
 	if err := s.be.Delete(ctx, recordName(job, id)); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("snapshot %q of job %q: %w", id, job, ErrNoSnapshot)
@@ -122,20 +128,25 @@ func (s *Store) GC(ctx context.Context) (rep GCReport, err error) {
 	if err := s.checkOpen(); err != nil {
 		return rep, err
 	}
-	unlock, err := s.lk.Lock(ctx, true)
+	check, unlock, err := s.lock(ctx, true)
 	if err != nil {
 		return rep, err
 	}
 	defer func() { err = errors.Join(err, unlock()) }()
-	return s.gc(ctx)
+	return s.gc(ctx, check)
 }
 
-func (s *Store) gc(ctx context.Context) (GCReport, error) {
+// gc collects garbage under the exclusive lock; check says whether that
+// lock is still held and is asked before every delete.
+func (s *Store) gc(ctx context.Context, check func() error) (GCReport, error) {
 	var rep GCReport
 	if err := s.refresh(ctx); err != nil {
 		return rep, err
 	}
 	if tc, ok := s.be.(TempCleaner); ok {
+		if err := check(); err != nil {
+			return rep, err
+		}
 		n, size, err := tc.RemoveTemp(ctx)
 		rep.TempRemoved, rep.TempBytes = n, size
 		if err != nil {
@@ -146,7 +157,7 @@ func (s *Store) gc(ctx context.Context) (GCReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	return rep, s.sweep(ctx, live, &rep)
+	return rep, s.sweep(ctx, live, &rep, check)
 }
 
 // mark returns every digest a snapshot refers to: ref lists and the
@@ -208,7 +219,7 @@ func (s *Store) mark(ctx context.Context, rep *GCReport) (map[digest]struct{}, e
 // sweep deletes dead packs and repacks mostly dead ones. A blob is live
 // when a snapshot refers to it and the index holds this copy: a second
 // copy (two writers stored the same new chunk at once) is dead.
-func (s *Store) sweep(ctx context.Context, live map[digest]struct{}, rep *GCReport) error {
+func (s *Store) sweep(ctx context.Context, live map[digest]struct{}, rep *GCReport, check func() error) error {
 	s.mu.RLock()
 	packs := make([]*packInfo, 0, len(s.packs))
 	for _, p := range s.packs {
@@ -254,7 +265,7 @@ func (s *Store) sweep(ctx context.Context, live map[digest]struct{}, rep *GCRepo
 		rep.LiveBytes += liveBytes
 		switch {
 		case len(keep) == 0:
-			if err := s.deletePack(ctx, p, entries, 0, rep); err != nil {
+			if err := s.deletePack(ctx, p, entries, 0, rep, check); err != nil {
 				return err
 			}
 		case float64(liveBytes) < repackLiveFraction*float64(blobBytes):
@@ -339,7 +350,7 @@ func (s *Store) sweep(ctx context.Context, live map[digest]struct{}, rep *GCRepo
 		return err
 	}
 	for _, r := range done {
-		if err := s.deletePack(ctx, r.p, r.all, len(r.keep), rep); err != nil {
+		if err := s.deletePack(ctx, r.p, r.all, len(r.keep), rep, check); err != nil {
 			return err
 		}
 		rep.PacksRepacked++
@@ -349,7 +360,10 @@ func (s *Store) sweep(ctx context.Context, live map[digest]struct{}, rep *GCRepo
 
 // deletePack deletes a pack and forgets the blobs the index placed in it.
 // moved blobs were copied to a new pack first.
-func (s *Store) deletePack(ctx context.Context, p *packInfo, entries []packEntry, moved int, rep *GCReport) error {
+func (s *Store) deletePack(ctx context.Context, p *packInfo, entries []packEntry, moved int, rep *GCReport, check func() error) error {
+	if err := check(); err != nil {
+		return err
+	}
 	if err := s.be.Delete(ctx, p.name); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}

@@ -140,7 +140,15 @@ func (l loc) entry(d digest) packEntry {
 // dir is missing or empty. A directory that holds anything else is
 // refused with ErrNotStore. The in-memory index is built from the packs'
 // trailers.
+//
+// dir may also be an S3 URL, s3://BUCKET[/PREFIX]: the store is then kept
+// in that bucket (see openS3 for how the client is configured, doc.go
+// for the protocol that lets several hosts share it). The bucket must
+// exist; the store's config is created in it when the prefix is empty.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
+	if IsS3URL(dir) {
+		return openS3(ctx, dir, opts)
+	}
 	if opts.NoCreate {
 		if _, err := os.Stat(filepath.Join(dir, "config")); err != nil {
 			return nil, ErrNoStore // the caller names dir
@@ -264,6 +272,17 @@ func checkChunkSize(cs int) error {
 		return fmt.Errorf("chunk size %d is not a power of two in [%d, %d]", cs, minChunkSize, maxChunkSize)
 	}
 	return nil
+}
+
+// lock takes the store-wide lock. check reports, before an irrevocable
+// step (a record written, a pack deleted), whether a lease-based lock is
+// still held without a gap; it always passes for a flock.
+func (s *Store) lock(ctx context.Context, exclusive bool) (check, unlock func() error, err error) {
+	if ll, ok := s.lk.(LeaseLocker); ok {
+		return ll.LockLease(ctx, exclusive)
+	}
+	unlock, err = s.lk.Lock(ctx, exclusive)
+	return func() error { return nil }, unlock, err
 }
 
 // putObject writes a small object in one go.

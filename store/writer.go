@@ -55,6 +55,7 @@ type Writer struct {
 	job    string
 	start  time.Time // the snapshot's time: when the dump began
 	unlock func() error
+	check  func() error // is the lock still held (see Store.lock)
 
 	jobs     chan *batch
 	inflight chan struct{}
@@ -103,7 +104,7 @@ func (s *Store) Begin(ctx context.Context, job string) (*Writer, error) {
 	if err := CheckJobName(job); err != nil {
 		return nil, err
 	}
-	unlock, err := s.lk.Lock(ctx, false)
+	check, unlock, err := s.lock(ctx, false)
 	if err != nil {
 		return nil, err
 	}
@@ -112,7 +113,7 @@ func (s *Store) Begin(ctx context.Context, job string) (*Writer, error) {
 	}
 	n := s.opts.Workers
 	w := &Writer{
-		s: s, ctx: ctx, job: job, unlock: unlock, start: time.Now(),
+		s: s, ctx: ctx, job: job, unlock: unlock, check: check, start: time.Now(),
 		jobs:     make(chan *batch, inflightPerWorker*n),
 		inflight: make(chan struct{}, inflightPerWorker*n),
 		pending:  make(map[digest]struct{}),
@@ -707,6 +708,12 @@ func (w *Writer) commit(meta []byte) (Snapshot, error) {
 	// same 24 random bits) fails the no-replace commit; another suffix
 	// is drawn.
 	rec.TimeUnixNano = w.start.UnixNano()
+	// A lease that lapsed (this host cut off from an object store for
+	// longer than the lease) may have let a GC elsewhere delete a chunk
+	// this snapshot relied on: no record then.
+	if err := w.check(); err != nil {
+		return Snapshot{}, fmt.Errorf("snapshot of job %q: %w", w.job, err)
+	}
 	var err error
 	for range 3 {
 		if rec.Id, err = newID(w.start); err != nil {

@@ -23,7 +23,7 @@ import (
 // The snapshot store's commands: snapshots, prune, and the --store forms
 // of checkpoint, restore, verify and run.
 
-var storeFlag = &cli.StringFlag{Name: "store", Usage: "snapshot store `DIR` (default: ROOT/store)"}
+var storeFlag = &cli.StringFlag{Name: "store", Usage: "snapshot store: a `DIR`, or s3://BUCKET/PREFIX (default: ROOT/store)"}
 
 var (
 	checkpointEveryFlag = &cli.DurationFlag{Name: "checkpoint-every", Usage: "add a snapshot to the store every `D` (e.g. 30m; 0: none)"}
@@ -50,9 +50,14 @@ func periodicPolicy(c *cli.Context, s *job.Registry, verb string) (*job.Snapshot
 	return &job.SnapshotPolicy{Store: dir, Every: d, Keep: c.Int("keep")}, nil
 }
 
-// storeDir is --store, or the store beside the job records.
+// storeDir is --store, or the store beside the job records. An S3 URL
+// (s3://BUCKET/PREFIX) passes unchanged; a directory is made absolute,
+// since job records and the shim's periodic snapshots keep it.
 func storeDir(c *cli.Context, s *job.Registry) (string, error) {
 	dir := c.String("store")
+	if store.IsS3URL(dir) {
+		return strings.TrimRight(dir, "/"), nil
+	}
 	if dir == "" {
 		dir = filepath.Join(s.Root, "store")
 	}
