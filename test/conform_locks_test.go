@@ -1,16 +1,12 @@
 package test
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -40,32 +36,8 @@ func TestInheritedFlockRefused(t *testing.T) {
 	e := newEnv(t)
 	requireCriu(t)
 	lock := filepath.Join(t.TempDir(), "lock")
-	cmd := exec.Command("flock", lock, "sh", "-c", counter)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var nums []int
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			n, _ := strconv.Atoi(sc.Text())
-			mu.Lock()
-			nums = append(nums, n)
-			mu.Unlock()
-		}
-	}()
-	read := func() []int { mu.Lock(); defer mu.Unlock(); return append([]int(nil), nums...) }
-	t.Cleanup(func() {
-		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		_ = cmd.Wait()
-	})
-	tree := strconv.Itoa(childOf(t, cmd.Process.Pid))
+	pid, read := foreignTreeRun(t, nil, "flock", lock, "sh", "-c", counter)
+	tree := strconv.Itoa(childOf(t, pid))
 	eventually(t, 10*time.Second, "counter", func() bool { return len(read()) >= 5 })
 
 	var d struct {
@@ -93,7 +65,12 @@ func TestInheritedFlockRefused(t *testing.T) {
 	// The hint works: the lock travels with the tree.
 	e.must("checkpoint", "--pid", tree, "--file-locks", "-o", ckpt)
 	last := read()
-	_ = cmd.Wait() // flock exits when its child (the tree) has ended
+	// flock, which holds the lock too, exits once its child (the tree)
+	// has ended: then the lock is free for the restore.
+	eventually(t, 10*time.Second, "flock to exit", func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		return err != nil || strings.Contains(string(b), ") Z ")
+	})
 	name := strings.TrimSpace(e.must("restore", "--name", "locked", ckpt))
 	eventually(t, 10*time.Second, "restored counter", func() bool { return e.logLines(name) >= 5 })
 	got := numbers(t, e.must("logs", name))

@@ -24,7 +24,14 @@ func foreignTree(t *testing.T) (int, func() []int) {
 // foreignTreeIn is foreignTree started inside the cgroup open as cg.
 func foreignTreeIn(t *testing.T, cg *os.File) (int, func() []int) {
 	t.Helper()
-	cmd := exec.Command("sh", "-c", counter)
+	return foreignTreeRun(t, cg, "sh", "-c", counter)
+}
+
+// foreignTreeRun is foreignTreeIn of the command argv, which prints the
+// counter's numbers.
+func foreignTreeRun(t *testing.T, cg *os.File, argv ...string) (int, func() []int) {
+	t.Helper()
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if cg != nil {
 		cmd.SysProcAttr.UseCgroupFD = true
