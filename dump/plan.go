@@ -111,6 +111,16 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
 						Reason: "a fanotify mark on a whole filesystem (FAN_MARK_FILESYSTEM), which CRIU does not carry (marks on files, directories and mounts it does)"})
 				}
+			case "eventfd":
+				if fd.Semaphore {
+					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+						Reason: "an eventfd in semaphore mode (EFD_SEMAPHORE), which CRIU 4.2 restores without the flag: each read would then take the whole count"})
+				}
+			case "timerfd":
+				if fd.Periodic {
+					p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+						Reason: "a periodic timerfd, which CRIU 4.2 restores disarmed: it would never fire again"})
+				}
 			case "deleted":
 				p.deletedFile(t.PID, fd)
 			case "tty":

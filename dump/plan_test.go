@@ -29,6 +29,21 @@ func TestMakePlan(t *testing.T) {
 				t.Error("plan does not ask CRIU for tcp-established")
 			}
 		}},
+		{name: "a semaphore eventfd is refused (CRIU drops the flag)", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "eventfd", Target: "anon_inode:[eventfd]", Semaphore: true})
+		}, refused: "semaphore"},
+		{name: "a plain eventfd is fine", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 5, Kind: "eventfd", Target: "anon_inode:[eventfd]"})
+		}},
+		{name: "a periodic timerfd is refused (CRIU restores it disarmed)", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 6, Kind: "timerfd", Target: "anon_inode:[timerfd]", Periodic: true})
+		}, refused: "periodic timerfd"},
+		{name: "a one-shot timerfd is fine", mod: func(i *Inventory) {
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 6, Kind: "timerfd", Target: "anon_inode:[timerfd]"})
+		}},
+		{name: "a traced task is refused", mod: func(i *Inventory) {
+			i.Tasks[0].Tracer = 4242
+		}, refused: "traced by pid 4242"},
 		{name: "listening TCP is fine", mod: func(i *Inventory) {
 			i.Sockets = []Socket{{PID: 10, Family: "tcp", State: "listen"}}
 		}},

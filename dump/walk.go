@@ -106,6 +106,11 @@ type FD struct {
 	// (FAN_MARK_FILESYSTEM), which CRIU 4.2 does not carry: its restore
 	// comes back without them. Inode and mount marks it carries.
 	FsMarks int `json:"fanotifyFsMarks,omitempty"`
+	// Semaphore marks an eventfd made with EFD_SEMAPHORE, and Periodic a
+	// timerfd armed with an interval: CRIU 4.2.1 restores the first
+	// without the flag and the second disarmed (checked with CRIU alone).
+	Semaphore bool `json:"semaphore,omitempty"`
+	Periodic  bool `json:"periodic,omitempty"`
 }
 
 // Socket is a socket held by the tree, with its peer when known.
@@ -359,6 +364,10 @@ func readFDs(pid int) []FD {
 					fd.Locks = append(fd.Locks, lockKey(v))
 				case "fanotify sdev":
 					fd.FsMarks++
+				case "eventfd-semaphore":
+					fd.Semaphore = v == "1"
+				case "it_interval":
+					fd.Periodic = v != "(0, 0)"
 				}
 			}
 		}
