@@ -237,7 +237,8 @@ func TestMigrate(t *testing.T) {
 
 	t.Run("stop-copy moves the job and its state", func(t *testing.T) {
 		before, _ := src.verifyLines("mj")
-		r := src.ferryIn(h.a, "migrate", "mj", "--to", listen, "--token-file", token, "--mode", "stop-copy", "--json")
+		// In s2, the checkpoint's default codec (auto would pick zstd or raw).
+		r := src.ferryIn(h.a, "migrate", "mj", "--to", listen, "--token-file", token, "--mode", "stop-copy", "--compress", "s2", "--json")
 		if r.code != 0 {
 			t.Fatalf("migrate: %s", r)
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/ferry-cr/ferry/dump"
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/migrate"
+	pb "github.com/ferry-cr/ferry/proto"
 	"github.com/ferry-cr/ferry/restore"
 )
 
@@ -128,7 +129,7 @@ the token.`,
 		&cli.BoolFlag{Name: "tcp-established", Usage: "carry established TCP connections (move the address to the destination)"},
 		&cli.BoolFlag{Name: "file-locks", Usage: "carry file locks"},
 		&cli.BoolFlag{Name: "ext-unix-sk", Usage: "allow unix sockets connected outside the tree"},
-		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "auto (zstd only while the link is slower than compressing), zstd, or none"},
+		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "auto (zstd only while the link is slower than compressing), s2, zstd, or none"},
 		&cli.IntFlag{Name: "level", Value: 1, Usage: "zstd level, 1 (fastest) to 4"},
 		&cli.DurationFlag{Name: "timeout", Usage: "give up (the job keeps running here) after this long"},
 		&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
@@ -149,10 +150,12 @@ the token.`,
 		case "auto":
 			img.Adaptive = true
 		case "zstd":
+		case "s2":
+			img.Compression = pb.Compression_COMPRESSION_S2
 		case "none":
 			img.NoCompress = true
 		default:
-			return usageError{fmt.Errorf("unknown --compress %q (auto, zstd or none)", c.String("compress"))}
+			return usageError{fmt.Errorf("unknown --compress %q (auto, s2, zstd or none)", c.String("compress"))}
 		}
 		token, err := migrate.ReadToken(c.String("token-file"))
 		if err != nil {
