@@ -208,6 +208,7 @@ func prepare(ctx context.Context, t *target, opts Options) (_ *run, retErr error
 	}
 	r.copts = r.criuOptions(ctx)
 	r.sink = newSink(r.how, r.tmp, r.out, t.name, r.opts)
+	r.log.Debug("checkpoint method", "tree", t.name, "sink", r.how.sink, "stop", r.how.stop, "gated", r.how.gated, "pagesLast", r.how.holdPages)
 	return r, nil
 }
 

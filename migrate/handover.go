@@ -57,35 +57,13 @@ const (
 	keepInDoubt                   // this copy stays as it is (ended, or frozen); the record says how to settle
 )
 
-// srcOnLost is the source's rule when the migration ends in state s
-// without word from the destination (link lost, silence, or this process
-// interrupted). dropped says the destination confirmed its copy is gone.
-func srcOnLost(s srcState, dropped bool) srcVerdict {
-	switch s {
-	case srcRunning, srcFrozen:
-		return giveBack
-	case srcServing:
-		if dropped {
-			return giveBack
-		}
-		return keepInDoubt // the destination may run the job
-	case srcCommitted:
-		return keepInDoubt // ended here; held frozen there
-	}
-	return endHere
-}
-
-// srcOnCrash is what the source's lease guard does when the source's
-// ferry dies in state s: what the lease was last committed to.
-func srcOnCrash(s srcState) srcVerdict {
-	switch s {
-	case srcRunning, srcFrozen:
-		return giveBack // uncommitted: given back as it was
-	case srcServing:
-		return keepInDoubt // Keep: frozen, its record says why
-	}
-	return endHere // End
-}
+// The source's rule for its copy is carried out where its lease is
+// committed (package dump, stop.go): nothing is committed before the
+// destination holds a copy, so a source that stops there gives the job
+// back (or, dying, its guard does); End is committed at the stop-copy
+// gate, and Keep before post-copy's Commit, so that a source that cannot
+// hear the end keeps its copy as it is, in doubt. handover_test.go models
+// both sides' rules, this one included, and explores them.
 
 // dstState is where the destination's side stands.
 type dstState int
@@ -127,20 +105,6 @@ func dstOnLost(s dstState, aborted bool) dstVerdict {
 		return keepHeld // the source may have ended its copy
 	case dstLazy:
 		return drop // its memory cannot come any more
-	}
-	return run
-}
-
-// dstOnCrash is what becomes of the destination's copy when its serve
-// dies in state s: a held copy stays frozen with its record's note (the
-// job's shim holds it); a lazy one loses its memory's source (the
-// lazy-pages daemon dies with it) and is dropped.
-func dstOnCrash(s dstState) dstVerdict {
-	switch s {
-	case dstReceiving, dstLazy:
-		return drop
-	case dstHeld:
-		return keepHeld
 	}
 	return run
 }

@@ -30,6 +30,50 @@ func (c copyState) String() string {
 	return [...]string{"none", "running", "frozen in doubt", "held", "ended"}[c]
 }
 
+// srcOnLost is the source's rule when the migration ends in state s
+// without word from the destination (link lost, silence, or this process
+// interrupted). dropped says the destination confirmed its copy is gone.
+func srcOnLost(s srcState, dropped bool) srcVerdict {
+	switch s {
+	case srcRunning, srcFrozen:
+		return giveBack
+	case srcServing:
+		if dropped {
+			return giveBack
+		}
+		return keepInDoubt // the destination may run the job
+	case srcCommitted:
+		return keepInDoubt // ended here; held frozen there
+	}
+	return endHere
+}
+
+// srcOnCrash is what the source's lease guard does when the source's
+// ferry dies in state s: what the lease was last committed to.
+func srcOnCrash(s srcState) srcVerdict {
+	switch s {
+	case srcRunning, srcFrozen:
+		return giveBack // uncommitted: given back as it was
+	case srcServing:
+		return keepInDoubt // Keep: frozen, its record says why
+	}
+	return endHere // End
+}
+
+// dstOnCrash is what becomes of the destination's copy when its serve
+// dies in state s: a held copy stays frozen with its record's note (the
+// job's shim holds it); a lazy one loses its memory's source (the
+// lazy-pages daemon dies with it) and is dropped.
+func dstOnCrash(s dstState) dstVerdict {
+	switch s {
+	case dstReceiving, dstLazy:
+		return drop
+	case dstHeld:
+		return keepHeld
+	}
+	return run
+}
+
 // rules are the four rules the explorer applies: handover.go's, or a
 // broken one in the test that shows the explorer catches it.
 type rules struct {
