@@ -2,12 +2,9 @@ package restore
 
 import (
 	"context"
-	"io"
 	"net"
 	"strconv"
 
-	"github.com/ferry-cr/ferry/image"
-	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
 )
 
@@ -17,18 +14,6 @@ import (
 // daemon once per task, the restore once: a --stream cannot serve a file
 // twice), and the daemon fetches the memory from the source's CRIU over
 // the network while the restored tree faults it in.
-
-// Unpack reads a whole image stream from r, checks it (see
-// image.ReadArchive), and writes its files into dir, which must exist and
-// be empty. It returns the manifest.
-func Unpack(r io.Reader, dir string) (*checkpoint.Manifest, error) {
-	a, err := image.ReadArchive(r)
-	if err != nil {
-		return nil, err
-	}
-	defer a.Close()
-	return unpackArchive(a, dir)
-}
 
 // LazyPages is a running `criu lazy-pages` daemon.
 type LazyPages = criu.Daemon
