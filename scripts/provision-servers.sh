@@ -27,6 +27,6 @@ if [ ! -e "$policy" ]; then
 fi
 cleanup() { [ -n "$made_policy" ] && rm -f "$policy"; return 0; }
 trap cleanup EXIT
-apt-get update -qq
+apt-get -o DPkg::Lock::Timeout=300 update -qq
 # shellcheck disable=SC2086
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $missing

@@ -160,8 +160,8 @@ func (p *resp) do(t *testing.T, args ...string) string {
 // the same values, and takes writes.
 func TestServerRedis(t *testing.T) {
 	requireCriu(t)
-	bins := provision(t, "redis-server:redis-server")
 	e := newEnv(t)
+	bins := provision(t, "redis-server:redis-server")
 	dir := t.TempDir()
 	port := freePort(t, "tcp4")
 	addr := net.JoinHostPort("127.0.0.1", port)
@@ -315,6 +315,7 @@ func runMemcached(t *testing.T, e *env, bin, ns, name, host, port string) {
 // before, and a set on it is seen by a new client.
 func TestServerMemcached(t *testing.T) {
 	requireCriu(t)
+	requireRoot(t)
 	bins := provision(t, "memcached:memcached")
 	h := newHosts(t)
 	e := newEnv(t)
@@ -362,6 +363,7 @@ func TestServerMemcached(t *testing.T) {
 // it); the client, which stays put, gets its keys on the same connection.
 func TestServerMemcachedMigrate(t *testing.T) {
 	requireCriu(t)
+	requireRoot(t)
 	bins := provision(t, "memcached:memcached")
 	h := newHosts(t)
 	src, dst := newEnv(t), newEnv(t)
@@ -414,8 +416,8 @@ esac
 // same bytes, from the same master and workers.
 func TestServerNginx(t *testing.T) {
 	requireCriu(t)
-	bins := provision(t, "nginx-light:nginx")
 	e := newEnv(t)
+	bins := provision(t, "nginx:nginx")
 	dir := t.TempDir()
 	port := freePort(t, "tcp4")
 	www := filepath.Join(dir, "www")
@@ -565,9 +567,9 @@ func sqliteConsistent(t *testing.T, sq, db string) int {
 // database passes integrity_check with every row and its total.
 func TestServerSQLite(t *testing.T) {
 	requireCriu(t)
+	e := newEnv(t)
 	bins := provision(t, "sqlite3:sqlite3")
 	sq := bins["sqlite3"]
-	e := newEnv(t)
 	db := filepath.Join(t.TempDir(), "test.db")
 	sqliteJob(t, e, sq, db, "sqlite", "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL;")
 	eventually(t, 30*time.Second, "100 transactions", func() bool { return committed(e, "sqlite") >= 100 })
@@ -628,9 +630,9 @@ func TestServerSQLiteSharedMemory(t *testing.T) {
 	if os.Getenv("FERRY_TEST_KNOWN_DEFECTS") == "" {
 		t.Skip("known defect: CRIU 4.2 drops a POSIX lock on a file the task maps MAP_SHARED; ferry does not refuse it yet (FERRY_TEST_KNOWN_DEFECTS=1 runs it)")
 	}
+	e := newEnv(t)
 	bins := provision(t, "sqlite3:sqlite3")
 	sq := bins["sqlite3"]
-	e := newEnv(t)
 	db := filepath.Join(t.TempDir(), "test.db")
 	sqliteJob(t, e, sq, db, "sqlite", "PRAGMA journal_mode=WAL;")
 	eventually(t, 30*time.Second, "100 transactions", func() bool { return committed(e, "sqlite") >= 100 })
