@@ -2,6 +2,7 @@ package dump
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -96,7 +97,17 @@ func MakePlan(inv *Inventory, allow Allowed) *Plan {
 		}
 	}
 	for _, t := range inv.Tasks {
+		shared := map[string]bool{}
+		for _, m := range t.Maps {
+			if m.Kind == "shared-file" && m.Path != "" {
+				shared[m.Path] = true
+			}
+		}
 		for _, fd := range t.FDs {
+			if shared[fd.Target] && slices.ContainsFunc(fd.Locks, func(l string) bool { return strings.HasPrefix(l, "POSIX") }) {
+				p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),
+					Reason: "a POSIX lock on a file the task also maps shared (SQLite's WAL index, say), which CRIU 4.2 loses on restore (it closes the mapping's descriptor, and that drops the lock); SQLite's exclusive locking mode avoids it"})
+			}
 			switch fd.Kind {
 			case "io_uring", "bpf-map", "bpf-prog", "perf_event", "userfaultfd":
 				p.Blockers = append(p.Blockers, Finding{PID: t.PID, What: fmt.Sprintf("fd %d (%s)", fd.Num, fd.Target),

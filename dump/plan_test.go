@@ -41,6 +41,14 @@ func TestMakePlan(t *testing.T) {
 		{name: "a one-shot timerfd is fine", mod: func(i *Inventory) {
 			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 6, Kind: "timerfd", Target: "anon_inode:[timerfd]"})
 		}},
+		{name: "a POSIX lock on a file mapped shared is refused", mod: func(i *Inventory) {
+			i.Tasks[0].Maps = []Mapping{{Kind: "shared-file", Path: "/db-shm"}}
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "file", Target: "/db-shm", Locks: []string{"POSIX  ADVISORY  READ 10 00:2a:99 128 128"}})
+		}, allow: Allowed{FileLocks: true}, refused: "maps shared"},
+		{name: "a lock on a file not mapped is fine", mod: func(i *Inventory) {
+			i.Tasks[0].Maps = []Mapping{{Kind: "shared-file", Path: "/other"}}
+			i.Tasks[0].FDs = append(i.Tasks[0].FDs, FD{Num: 7, Kind: "file", Target: "/db", Locks: []string{"POSIX  ADVISORY  WRITE 10 00:2a:98 0 EOF"}})
+		}, allow: Allowed{FileLocks: true}},
 		{name: "a traced task is refused", mod: func(i *Inventory) {
 			i.Tasks[0].Tracer = 4242
 		}, refused: "traced by pid 4242"},

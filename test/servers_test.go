@@ -622,14 +622,11 @@ func TestServerSQLite(t *testing.T) {
 // its restorer closes the descriptor it mapped the file through, and a
 // close drops the process's POSIX locks on that file. Another connection
 // then takes itself for the first, truncates the -shm file, and the
-// restored sqlite3 dies of SIGBUS. Until ferry refuses such a tree up
-// front (exit 16, with the reason) or carries the lock, this test fails;
-// it runs only with FERRY_TEST_KNOWN_DEFECTS=1.
+// restored sqlite3 dies of SIGBUS. ferry refuses such a tree up front
+// (exit 16, with the reason), and the job runs on; a ferry that carried
+// the lock would pass too.
 func TestServerSQLiteSharedMemory(t *testing.T) {
 	requireCriu(t)
-	if os.Getenv("FERRY_TEST_KNOWN_DEFECTS") == "" {
-		t.Skip("known defect: CRIU 4.2 drops a POSIX lock on a file the task maps MAP_SHARED; ferry does not refuse it yet (FERRY_TEST_KNOWN_DEFECTS=1 runs it)")
-	}
 	e := newEnv(t)
 	bins := provision(t, "sqlite3:sqlite3")
 	sq := bins["sqlite3"]
