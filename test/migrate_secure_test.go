@@ -158,6 +158,7 @@ func dialIn(t *testing.T, ns, addr, from string) (net.Conn, error) {
 	var c net.Conn
 	err := inNetns(t, ns, func() (err error) {
 		d := net.Dialer{Timeout: 5 * time.Second}
+		d.SetMultipathTCP(false) // plain TCP, which CRIU can carry
 		if from != "" {
 			d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
 		}

@@ -507,18 +507,20 @@ func (p *pinger) ping(t *testing.T) int {
 // dialPinger connects from namespace ns to addr.
 func dialPinger(t *testing.T, ns, addr string) *pinger {
 	t.Helper()
-	var c net.Conn
-	err := inNetns(t, ns, func() (err error) {
-		d := net.Dialer{Timeout: 5 * time.Second}
-		d.SetMultipathTCP(false)
-		c, err = d.Dial("tcp", addr)
-		return err
-	})
+	c := connectIn(t, ns, addr)
+	return &pinger{c: c, r: bufio.NewReader(c)}
+}
+
+// connectIn is a TCP connection from namespace ns to addr (see dialIn),
+// closed when the test ends.
+func connectIn(t *testing.T, ns, addr string) net.Conn {
+	t.Helper()
+	c, err := dialIn(t, ns, addr, "")
 	if err != nil {
 		t.Fatalf("connecting to %s from %s: %v", addr, ns, err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return &pinger{c: c, r: bufio.NewReader(c)}
+	return c
 }
 
 // TestMigrateTCP: a job serving TCP moves with its established connection

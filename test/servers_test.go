@@ -283,17 +283,7 @@ func (m *mc) get(t *testing.T, key string) (string, bool) {
 
 func dialMC(t *testing.T, ns, addr string) *mc {
 	t.Helper()
-	var c net.Conn
-	err := inNetns(t, ns, func() (err error) {
-		d := net.Dialer{Timeout: 5 * time.Second}
-		d.SetMultipathTCP(false)
-		c, err = d.Dial("tcp", addr)
-		return err
-	})
-	if err != nil {
-		t.Fatalf("connecting to memcached at %s from %s: %v", addr, ns, err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := connectIn(t, ns, addr)
 	return &mc{c: c, r: bufio.NewReader(c)}
 }
 
