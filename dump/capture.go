@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -419,12 +420,27 @@ func (r *run) refused(err error) (*Result, error) {
 // parent stays in D). CRIU fails before it writes anything and leaves
 // the tree as it found it; a moment of running lets the child exec, and
 // the second try seizes a fresh state.
+//
+// Two CRIUs that dump two jobs at the same moment can also collide in
+// their parasites (a task of each with the same pid in its own PID
+// namespace, and the mount namespace they share: "Can't create a
+// directory (-17)", seen with snapshots of two jobs taken together).
+// That too fails before anything is written; a second try, a random
+// moment later, goes through.
 func (r *run) retrySeize(ctx context.Context, err error) bool {
-	if ctx.Err() != nil || !seizeStuck(r.logPath) {
+	if ctx.Err() != nil {
 		return false
 	}
-	r.log.Warn("criu could not seize a task of the tree in time; letting the tree run a moment and trying once more",
-		"tree", r.t.name, "err", criu.Explain(err, r.logPath))
+	switch {
+	case seizeStuck(r.logPath):
+		r.log.Warn("criu could not seize a task of the tree in time; letting the tree run a moment and trying once more",
+			"tree", r.t.name, "err", criu.Explain(err, r.logPath))
+	case parasiteCollided(r.logPath):
+		r.log.Warn("criu's parasite collided with another dump's; trying once more", "tree", r.t.name, "err", criu.Explain(err, r.logPath))
+		time.Sleep(time.Duration(50+rand.IntN(200)) * time.Millisecond)
+	default:
+		return false
+	}
 	return r.stop.retry(ctx)
 }
 

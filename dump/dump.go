@@ -462,6 +462,13 @@ func seizeStuck(path string) bool {
 	return err == nil && (bytes.Contains(b, []byte("Timeout reached")) || bytes.Contains(b, []byte("Unseizable non-zombie")))
 }
 
+// parasiteCollided says whether CRIU's log at path shows its parasite
+// failed to make its directory because another dump's had (EEXIST).
+func parasiteCollided(path string) bool {
+	b, err := os.ReadFile(path)
+	return err == nil && bytes.Contains(b, []byte("Can't create a directory (-17)"))
+}
+
 // errNoLateFreeze is a dump with a late freeze whose pre-dump action
 // never froze the tree.
 var errNoLateFreeze = errors.New("criu went on without running ferry's pre-dump action (the late freeze)")
