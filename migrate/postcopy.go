@@ -52,7 +52,6 @@ import (
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	"github.com/ferry-cr/ferry/internal/criu"
-	"github.com/ferry-cr/ferry/internal/job"
 	pb "github.com/ferry-cr/ferry/proto"
 	"github.com/ferry-cr/ferry/restore"
 )
@@ -73,8 +72,7 @@ type postCopySource struct {
 	rep       *Report
 	log       *slog.Logger
 	runningAt time.Time // when the destination reported its copy running
-	registry  *job.Registry
-	name      string
+	d         *srcDriver
 	linkBytes int64
 	// keepCtl stops Migrate's rule that an interruption kills the
 	// control connection: once the destination may run its copy, the
@@ -189,23 +187,17 @@ type ctlMsg struct {
 }
 
 // serve is dump.PostCopy.Serve: it commits the move, so the destination
-// runs its copy, and follows the transfer to its end.
+// runs its copy, and follows the transfer to its end, feeding the source
+// machine (handover.go) every word, CRIU's end and every timer, and
+// carrying out its actions. It returns nil once the destination has every
+// page (dump then ends the tree), ErrKeepStopped when the outcome is in
+// doubt (dump keeps the tree frozen), and any other error once the
+// destination's copy is gone (dump gives the tree back).
 func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 	if p.keepCtl != nil {
 		p.keepCtl()
 	}
-	// From Commit on the destination may run its copy: should this
-	// process die, the record says so and how to settle it (handover.go:
-	// srcServing; the lease holds Keep). A clean end clears it.
-	note := &job.MigrationNote{Peer: p.to, Role: "source", Time: time.Now().UTC(),
-		Note:    "frozen here while its post-copy move to " + p.to + " runs: the destination may run the job",
-		Resolve: settleHint(p.name, p.to)}
-	_, _ = p.registry.Update(p.name, func(r *job.Record) error { r.Migration = note; return nil })
-	// From here on the destination may run its copy, so ours must not run
-	// again unless it says its own is gone: even an unsent Commit counts.
-	if err := p.c.send(&pb.Envelope{Msg: &pb.Envelope_Commit{Commit: &pb.Commit{}}}, stepTimeout); err != nil {
-		p.log.Warn("sending commit", "err", err)
-	}
+	d := p.d
 	msgs := make(chan ctlMsg, 8)
 	go func() {
 		for {
@@ -217,123 +209,96 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 		}
 	}()
 	var (
-		dropped  string // the destination's reason, once it dropped its copy
-		complete bool   // the destination has every page
-		ctlLost  error
-		cut      <-chan time.Time
-		aborting bool
-		served1  bool  // CRIU's page server has ended...
-		serveErr error // ...with this
-		wait     <-chan time.Time
+		cut, wait <-chan time.Time
+		served1   bool
+		serveErr  error
 	)
-	handle := func(cm ctlMsg) {
-		var ab *abortError
-		switch {
-		case errors.As(cm.err, &ab):
-			dropped = ab.reason
-		case cm.err != nil:
-			ctlLost = cm.err
-		case cm.m.GetRunning() != nil:
-			p.runningAt = time.Now()
-		case cm.m.GetComplete() != nil:
-			complete = true
-		case cm.m.GetDropped() != nil:
-			dropped = cm.m.GetDropped().GetReason()
+	// run feeds i and carries out the actions that belong to this loop.
+	run := func(i in) {
+		for _, a := range d.feed(i) {
+			switch a {
+			case cutPages:
+				// CRIU's page server sees its end, and so does the
+				// destination.
+				_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
+				p.link.Close()
+			case waitWord:
+				wait = time.After(stepTimeout)
+			case waitCut:
+				cut = time.After(stepTimeout)
+			}
 		}
 	}
-	// shut cuts the link: CRIU's page server sees its end, and so does
-	// the destination.
-	shut := func() {
-		_ = unix.Shutdown(int(p.file.Fd()), unix.SHUT_RDWR)
-		p.link.Close()
-	}
-	for {
-		// The verdicts, in order of precedence. Our copy ends only once
-		// CRIU has served every page AND the destination says it has them
-		// all (CRIU's page server also ends cleanly on a closed link); it
-		// runs again only once the destination says its copy is gone.
-		switch {
-		case dropped != "":
-			shut()
-			if !served1 {
-				select {
-				case <-served:
-				case <-time.After(stepTimeout):
-				}
-			}
-			p.countLink()
-			why := "the page transfer failed"
-			if aborting {
-				why = "the migration was interrupted"
-			} else if serveErr != nil {
-				why = fmt.Sprintf("the page transfer failed (%v)", serveErr)
-			}
-			if aborting {
-				return fmt.Errorf("%s and %s dropped its copy (%s): %w", why, p.to, dropped, ctx.Err())
-			}
-			return fmt.Errorf("%s and %s dropped its copy (%s)", why, p.to, dropped)
-		case served1 && complete:
-			p.countLink()
-			_ = p.c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout)
-			return nil
-		case served1 && wait == nil:
-			// CRIU is done: the destination's word decides, and must
-			// come soon.
-			if serveErr != nil {
-				shut()
-			}
-			wait = time.After(stepTimeout)
-		}
-		if served1 && (msgs == nil || ctlLost != nil) {
-			return p.doubt(serveErr, ctlLost)
-		}
+	run(inKept) // the lease holds Keep: Commit
+	for d.m.st == srcServing {
 		select {
 		case cm := <-msgs:
-			handle(cm)
+			var ab *abortError
+			switch {
+			case errors.As(cm.err, &ab):
+				d.reason = ab.reason
+			case cm.err == nil && cm.m.GetDropped() != nil:
+				d.reason = cm.m.GetDropped().GetReason()
+			case cm.err == nil && cm.m.GetRunning() != nil:
+				p.runningAt = time.Now()
+			}
 			if cm.err != nil {
 				msgs = nil // the reader has stopped
 			}
+			run(inputOf(cm.m, cm.err))
 		case <-ctx.Done():
-			if !aborting {
-				// Interrupted: ask the destination to drop its copy; if it
-				// does not, cut the link, which drops it anyway (unless
-				// every page is already there: then the move is done).
-				aborting = true
-				p.c.abort("the migration was interrupted on the source")
-				cut = time.After(stepTimeout)
-			}
+			run(inInterrupt)
 		case <-cut:
-			shut()
+			run(inCutDue)
 		case err := <-served:
 			served1, serveErr = true, err
+			if err != nil {
+				run(inServeFailed)
+			} else {
+				run(inServed)
+			}
 		case <-wait:
-			return p.doubt(serveErr, errors.New("no word from the destination"))
+			run(inSilence)
 		}
 	}
-}
-
-// doubt is the post-copy source's verdict when the destination's state is
-// unknown: neither end nor resume (dump keeps the tree frozen).
-func (p *postCopySource) doubt(serveErr, why error) error {
 	p.countLink()
-	what := "CRIU served its pages"
-	if serveErr != nil {
-		what = fmt.Sprintf("the page transfer failed (%v)", serveErr)
+	switch d.m.st {
+	case srcCommitted:
+		return nil // Gone is sent: dump ends the tree
+	case srcInDoubt:
+		what := "CRIU served its pages"
+		if serveErr != nil {
+			what = fmt.Sprintf("the page transfer failed (%v)", serveErr)
+		}
+		return fmt.Errorf("%w: %s, but whether %s has them all or dropped its copy is unknown",
+			dump.ErrKeepStopped, what, p.to)
 	}
-	return fmt.Errorf("%w: %s, but whether %s has them all or dropped its copy is unknown (%v)",
-		dump.ErrKeepStopped, what, p.to, why)
+	// Gave back: the destination's copy is gone. CRIU's page server ends
+	// on the cut link before the tree runs again.
+	if !served1 {
+		select {
+		case <-served:
+		case <-time.After(stepTimeout):
+		}
+	}
+	p.countLink()
+	why := "the page transfer failed"
+	if serveErr != nil {
+		why = fmt.Sprintf("the page transfer failed (%v)", serveErr)
+	}
+	if d.m.aborting {
+		return fmt.Errorf("the migration was interrupted and %s dropped its copy (%s): %w", p.to, d.reason, ctx.Err())
+	}
+	return fmt.Errorf("%s and %s dropped its copy (%s)", why, p.to, d.reason)
 }
 
 // finish turns dump's outcome into Migrate's.
-func (p *postCopySource) finish(ctx context.Context, s *job.Registry, name string, res *dump.Result, err error) (*Report, error) {
+func (p *postCopySource) finish(ctx context.Context, res *dump.Result, err error) (*Report, error) {
 	p.close()
-	rep := p.rep
-	clearNote := func() {
-		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = nil; return nil })
-	}
-	switch {
-	case err == nil:
-		clearNote()
+	d, rep := p.d, p.rep
+	d.dumped(err)
+	switch d.m.st {
+	case srcDone:
 		if !p.runningAt.IsZero() {
 			rep.Downtime = p.runningAt.Sub(res.FrozenAt)
 		}
@@ -344,17 +309,11 @@ func (p *postCopySource) finish(ctx context.Context, s *job.Registry, name strin
 			rep.Throughput = float64(rep.BytesSent) / secs
 		}
 		return rep, nil
-	case errors.Is(err, dump.ErrKeepStopped):
-		note := &job.MigrationNote{Peer: p.to, Role: "source", Time: time.Now().UTC(),
-			Note:    "held frozen here: its post-copy move to " + p.to + " failed and whether the copy there was dropped is unknown",
-			Resolve: settleHint(name, p.to)}
-		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
-		p.log.Error("migration in doubt", "job", name, "to", p.to, "err", err)
-		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
+	case srcInDoubt:
+		p.log.Error("migration in doubt", "job", d.name, "to", p.to, "err", err)
+		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, settleHint(d.name, p.to))
 	}
-	clearNote()
-	p.c.abort("the source failed and keeps the job: " + err.Error())
-	return nil, keptHere(ctx, name, err)
+	return nil, keptHere(ctx, d.name, err)
 }
 
 // The destination's half.
@@ -619,16 +578,19 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 			}
 		}
 	}
-	rec, took, err := sv.restoreHeld(rctx, c, nc, ropts, "restored from %s (post-copy) and held frozen until the source commits")
+	d := sv.newDst(ctx, c, nc, name, true, log)
+	d.dropped = rl.close // before the source (and the daemon) hear of it
+	rec, took, err := sv.restoreHeld(rctx, c, nc, ropts)
 	if err != nil {
 		select {
 		case <-filled:
 			if fillErr != nil {
-				return fmt.Errorf("receiving: %w", fillErr)
+				err = fmt.Errorf("receiving: %w", fillErr)
 			}
 		default:
 		}
-		return err
+		d.restored(nil, 0, err)
+		return d.result()
 	}
 	log.Debug("restored with lazy pages", "took", time.Since(t0))
 	daemon, err := starting.wait(ctx)
@@ -638,10 +600,11 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		c.abort("starting lazy pages on the destination failed: " + err.Error())
 		return fmt.Errorf("starting lazy pages: %w", err)
 	}
-	if err := sv.reportRestored(c, rec.Name, took); err != nil {
-		log.Warn("reporting the restore", "err", err)
-	}
+	d.restored(rec, took, nil)
 
+	// Held, then lazy, until the machine (handover.go) says the
+	// migration is over: it hears the source's words, the daemon's exit
+	// (every page came, or our copy lacks some) and the page link's end.
 	msgs := make(chan ctlMsg, 8)
 	go func() {
 		for {
@@ -652,95 +615,51 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 			}
 		}
 	}()
-	// drop ends our copy (before the daemon hears of any failure) and
-	// tells the source, which may then resume its own.
-	drop := func(why string) error {
-		sv.drop(ctx, rec.Name, nc, log)
-		rl.close()
-		_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Dropped{Dropped: &pb.Dropped{Reason: why}}}, stepTimeout)
-		return fmt.Errorf("post-copy failed, dropped our copy: %s", why)
-	}
-	var (
-		committed, complete, gone bool
-		ctlLost                   error
-	)
-	start := func() error {
-		if err := sv.start(ctx, rec.Name, nc); err != nil {
-			return drop("starting the migrated job: " + err.Error())
-		}
-		committed = true
-		_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: rec.Name}}}, stepTimeout)
-		return nil
-	}
 	var settle <-chan time.Time
 	sourceGone := rl.sourceGone
 	daemonExit := daemonDone(daemon, filepath.Join(early.Dir, "lazy-pages.log"))
-	// exited handles the daemon's exit: every page arrived, or our copy
-	// lacks some and must go.
-	exited := func(err error) error {
+	exited := func(err error) {
+		daemonExit, sourceGone = nil, nil
 		if err != nil {
-			return drop("the lazy-pages daemon failed: " + err.Error())
+			d.fail(inPagesFailed, fmt.Errorf("the lazy-pages daemon failed: %w", err))
+			return
 		}
-		complete = true
-		settle = time.After(stepTimeout)
-		sourceGone = nil
-		// The source ends its copy only on this word.
-		_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Complete{Complete: &pb.Complete{}}}, stepTimeout)
-		return nil
+		d.feed(inPagesIn)
 	}
-	for {
-		if complete && (gone || ctlLost != nil) {
-			break
-		}
+	for !d.m.done() {
 		select {
 		case cm := <-msgs:
-			var ab *abortError
-			switch {
-			case errors.As(cm.err, &ab):
-				msgs = nil
-				if !complete {
-					return drop("the source aborted: " + ab.reason)
-				}
-			case cm.err != nil:
-				// The pages may still all arrive: go on without orders.
-				msgs, ctlLost = nil, cm.err
+			if cm.err != nil {
+				msgs = nil // the reader has stopped; the pages may still all come
 				log.Warn("control connection lost during post-copy", "err", cm.err)
-			case cm.m.GetCommit() != nil, cm.m.GetGone() != nil:
-				gone = gone || cm.m.GetGone() != nil
-				if !committed {
-					if err := start(); err != nil {
-						return err
-					}
-				}
 			}
+			d.heard(cm.m, cm.err)
 		case err := <-daemonExit:
-			if err := exited(err); err != nil {
-				return err
-			}
+			exited(err)
 		case <-sourceGone:
 			// The source's end of the link closed: complete if the daemon
 			// says so in a moment, else our copy lacks pages.
 			select {
 			case err := <-daemonExit:
-				if err := exited(err); err != nil {
-					return err
-				}
+				exited(err)
 			case <-time.After(pageLinkGrace):
-				return drop("the page link closed before every page arrived")
+				sourceGone = nil
+				d.fail(inPagesFailed, errors.New("the page link closed before every page arrived"))
 			}
 		case <-settle:
-			ctlLost = errors.New("the source did not confirm in time")
+			d.fail(inSilence, errors.New("the source did not confirm in time"))
+		}
+		if d.m.st == dstComplete && settle == nil {
+			settle = time.After(stepTimeout)
 		}
 	}
-	if !committed {
-		// Whole, but the source never said to run it: still held.
-		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("every page arrived but the source did not commit: %w", ctlLost), log)
+	if d.m.st == dstDone {
+		if !d.m.gone {
+			log.Warn("post-copy complete, the source did not confirm its copy ended", "err", d.cause)
+		}
+		log.Info("migration done (post-copy)", "received", c.rx)
 	}
-	if !gone {
-		log.Warn("post-copy complete, the source did not confirm its copy ended", "err", ctlLost)
-	}
-	log.Info("migration done (post-copy)", "received", c.rx)
-	return nil
+	return d.result()
 }
 
 // daemonDone yields the daemon's exit once it has exited, explained

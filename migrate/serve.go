@@ -283,6 +283,7 @@ func (sv *Server) handle(ctx context.Context, nc net.Conn, release func()) (kept
 // receiveStopCopy is the destination's side of a stop-copy migration,
 // after the offer.
 func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, name string, sayPrepared bool, log *slog.Logger) error {
+	d := sv.newDst(ctx, c, nc, name, false, log)
 	ropts := sv.Restore
 	ropts.Checkpoint, ropts.Stdin, ropts.Name = "-", &dataReader{c: c}, name
 	// CRIU restores the job's memory as it arrives (restoreHeld holds the
@@ -294,30 +295,176 @@ func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		t0 := time.Now()
 		ropts.Prepared = func() { sv.sayPrepared(c, t0, log) }
 	}
-	rec, took, err := sv.restoreHeld(ctx, c, nc, ropts, "restored from %s and held frozen until the source confirms its copy is gone")
-	if err != nil {
-		return err
+	if !d.restored(sv.restoreHeld(ctx, c, nc, ropts)) {
+		return d.result()
 	}
 	// Held (handover.go: dstHeld) until the source says Gone.
-	if err := sv.reportRestored(c, rec.Name, took); err != nil {
-		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("reporting the restore: %w", err), log)
+	for !d.m.done() {
+		m, err := c.recv(stepTimeout)
+		d.heard(m, err)
 	}
-	m, err := c.recv(stepTimeout)
+	if d.m.st == dstDone {
+		log.Info("migration done", "received", c.rx)
+	}
+	return d.result()
+}
+
+// dstDriver carries out the destination machine's actions (handover.go)
+// on the real world: the control connection, the held copy, its record.
+type dstDriver struct {
+	sv    *Server
+	ctx   context.Context
+	m     destination
+	c     *conn
+	nc    net.Conn
+	name  string // our copy's name (the offer's)
+	log   *slog.Logger
+	took  time.Duration // the restore's
+	held  bool          // a copy was restored
+	cause error         // what ended the migration, when not its end
+	// dropped, when set, runs once our copy is killed and before the
+	// source hears of it (post-copy: the page relay closes).
+	dropped func()
+}
+
+func (sv *Server) newDst(ctx context.Context, c *conn, nc net.Conn, name string, postCopy bool, log *slog.Logger) *dstDriver {
+	return &dstDriver{sv: sv, ctx: ctx, m: destination{postCopy: postCopy}, c: c, nc: nc, name: name, log: log}
+}
+
+// restored feeds the restore's outcome; false if there is no copy.
+func (d *dstDriver) restored(rec *job.Record, took time.Duration, err error) bool {
+	if err != nil {
+		d.fail(inRestoreFailed, fmt.Errorf("restoring: %w", err))
+		return false
+	}
+	d.name, d.took, d.held = rec.Name, took, true
+	d.feed(inRestoredHere)
+	return true
+}
+
+// heard feeds a word from the source, or why none came.
+func (d *dstDriver) heard(m *pb.Envelope, err error) {
 	var ab *abortError
 	switch {
 	case errors.As(err, &ab):
-		return sv.lost(ctx, dstHeld, true, rec.Name, nc, fmt.Errorf("source aborted after our restore (%s)", ab.reason), log)
+		d.fail(inAbort, fmt.Errorf("the source aborted (%s)", ab.reason))
 	case err != nil:
-		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("waiting for the source to end its copy: %w", err), log)
-	case m.GetGone() == nil:
-		return sv.lost(ctx, dstHeld, false, rec.Name, nc, fmt.Errorf("source sent %T instead of gone", m.GetMsg()), log)
+		d.fail(inputOf(m, err), fmt.Errorf("waiting for the source's word: %w", err))
+	default:
+		i := inputOf(m, nil)
+		if i == inLost {
+			d.fail(i, fmt.Errorf("the source sent %T, which has no place here", m.GetMsg()))
+			return
+		}
+		d.feed(i)
 	}
-	if err := sv.start(ctx, rec.Name, nc); err != nil {
-		return fmt.Errorf("starting the migrated job: %w", err)
+}
+
+// fail feeds i, which cause explains.
+func (d *dstDriver) fail(i in, cause error) {
+	if d.cause == nil {
+		d.cause = cause
 	}
-	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: rec.Name}}}, stepTimeout)
-	log.Info("migration done", "received", c.rx)
-	return nil
+	d.feed(i)
+}
+
+// feed steps the machine with i and carries out its actions in order; an
+// action that fails feeds its own input in turn, in place of the rest.
+func (d *dstDriver) feed(i in) {
+	for {
+		before := d.m.st
+		out := d.m.step(i)
+		d.log.Debug("handover", "side", "destination", "job", d.name, "input", i, "from", before, "to", d.m.st, "actions", out)
+		next := in(-1)
+		for _, a := range out {
+			if next = d.do(a); next >= 0 {
+				break
+			}
+		}
+		if next < 0 {
+			return
+		}
+		i = next
+	}
+}
+
+// do carries out a; it returns the input a failure calls for, or -1.
+func (d *dstDriver) do(a act) in {
+	sv, ctx := d.sv, d.ctx
+	send := func(m *pb.Envelope) in {
+		if err := d.c.send(m, stepTimeout); err != nil {
+			d.log.Warn("telling the source", "err", err)
+			if d.cause == nil {
+				d.cause = err
+			}
+			return inLost
+		}
+		return -1
+	}
+	why := "the migration failed"
+	if d.cause != nil {
+		why = d.cause.Error()
+	}
+	switch a {
+	case sendAbort:
+		d.c.abort("restore failed on the destination: " + why)
+	case sendRestored:
+		return send(&pb.Envelope{Msg: &pb.Envelope_Restored{Restored: &pb.Restored{Name: d.name, RestoreNs: int64(d.took)}}})
+	case sendRunning:
+		send(&pb.Envelope{Msg: &pb.Envelope_Running{Running: &pb.Running{Name: d.name}}})
+	case sendComplete:
+		// The source ends its copy only on this word.
+		send(&pb.Envelope{Msg: &pb.Envelope_Complete{Complete: &pb.Complete{}}})
+	case sendDropped:
+		send(&pb.Envelope{Msg: &pb.Envelope_Dropped{Dropped: &pb.Dropped{Reason: why}}})
+	case noteHeld:
+		if d.m.postCopy {
+			sv.note(d.name, d.nc, stateHeld, "restored from %s (post-copy) and held frozen until the source commits")
+		} else {
+			sv.note(d.name, d.nc, stateHeld, "restored from %s and held frozen until the source confirms its copy is gone")
+		}
+	case noteLazy:
+		sv.note(d.name, d.nc, stateLazy, "runs here while its memory still comes from %s (post-copy)")
+	case noteInDoubt:
+		sv.note(d.name, d.nc, stateInDoubt, "restored from %s and held frozen; whether the source ended its copy is unknown")
+	case clearNote:
+		_, _ = sv.Store.Update(d.name, func(r *job.Record) error { r.Migration = nil; return nil })
+	case thaw:
+		if err := sv.start(ctx, d.name, d.nc); err != nil {
+			d.cause = fmt.Errorf("starting the migrated job: %w", err)
+			return inThawFailed
+		}
+	case dropCopy:
+		sv.drop(ctx, d.name, d.nc, d.log)
+		if d.dropped != nil {
+			d.dropped()
+		}
+	}
+	return -1
+}
+
+// result is the migration's outcome, as handle reports it.
+func (d *dstDriver) result() error {
+	cause := d.cause
+	if cause == nil {
+		cause = errors.New("the migration ended")
+	}
+	switch d.m.st {
+	case dstDone:
+		return nil
+	case dstDropped:
+		if !d.held {
+			return cause // nothing was restored
+		}
+		return fmt.Errorf("%w; dropped our copy", cause)
+	case dstInDoubt:
+		resolve := ""
+		if rec, err := d.sv.Store.Load(d.name); err == nil && rec.Migration != nil {
+			resolve = rec.Migration.Resolve
+		}
+		return fmt.Errorf("%w: %w; %s held frozen here (%s)", ErrInDoubt, cause, d.name, resolve)
+	}
+	return fmt.Errorf("the migration stopped while %s: %w", d.m.st, cause)
 }
 
 // sayPrepared tells the source that the restore is up and waits for the
@@ -328,11 +475,9 @@ func (sv *Server) sayPrepared(c *conn, t0 time.Time, log *slog.Logger) {
 	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Prepared{Prepared: &pb.Prepared{TookNs: int64(took)}}}, stepTimeout)
 }
 
-// restoreHeld restores ropts held frozen (or tells the source it failed)
-// and notes in the job's record why it is held: until the source says
-// otherwise this copy is only a candidate, and should this process die,
-// the record still says what it is.
-func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts restore.Options, why string) (*job.Record, time.Duration, error) {
+// restoreHeld restores ropts held frozen, sending the source heartbeats
+// meanwhile; the machine's noteHeld then records what the copy is.
+func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts restore.Options) (*job.Record, time.Duration, error) {
 	ropts.Stopped = true
 	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
@@ -351,10 +496,8 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 		if hooked {
 			_ = sv.hook(context.WithoutCancel(ctx), "discarded", ropts.Name, nc)
 		}
-		c.abort("restore failed on the destination: " + err.Error())
-		return nil, 0, fmt.Errorf("restoring: %w", err)
+		return nil, 0, err
 	}
-	sv.note(rec.Name, nc, why)
 	return rec, time.Since(t0), nil
 }
 
@@ -430,32 +573,12 @@ func (sv *Server) drop(ctx context.Context, name string, nc net.Conn, log *slog.
 	}
 }
 
-// lost applies the destination's rule (handover.go: dstOnLost) to our
-// copy of name when the migration ends in state st without the source's
-// word; aborted says the source said Abort. cause is why it ended.
-func (sv *Server) lost(ctx context.Context, st dstState, aborted bool, name string, nc net.Conn, cause error, log *slog.Logger) error {
-	switch dstOnLost(st, aborted) {
-	case drop:
-		sv.drop(ctx, name, nc, log)
-		return fmt.Errorf("%w; dropped our copy", cause)
-	case keepHeld:
-		return sv.inDoubt(name, nc, cause)
-	}
-	return nil // the copy is the job
-}
-
-// inDoubt keeps our copy frozen, since the source may or may not have
-// ended its own, and says so in the job's record for `ferry list`.
-func (sv *Server) inDoubt(name string, nc net.Conn, cause error) error {
-	note := sv.note(name, nc, "restored from %s and held frozen; whether the source ended its copy is unknown")
-	return fmt.Errorf("%w: %w; %s held frozen here (%s)", ErrInDoubt, cause, name, note.Resolve)
-}
-
-// note records in job name's record why it is held frozen (format takes
-// the peer) and how to settle it; Thaw clears it.
-func (sv *Server) note(name string, nc net.Conn, format string) *job.MigrationNote {
+// note records in job name's record where its migration stands (state)
+// and why it is held frozen (format takes the peer) and how to settle
+// it; Thaw clears it.
+func (sv *Server) note(name string, nc net.Conn, state, format string) *job.MigrationNote {
 	peer := nc.RemoteAddr().String()
-	note := &job.MigrationNote{Peer: peer, Role: "destination", Time: time.Now().UTC(),
+	note := &job.MigrationNote{Peer: peer, Role: "destination", State: state, Owner: os.Getpid(), Time: time.Now().UTC(),
 		Note:    fmt.Sprintf(format, peer),
 		Resolve: fmt.Sprintf("if %s no longer runs on %s: ferry thaw %s; if it does: ferry kill %s", name, peer, name, name)}
 	_, _ = sv.Store.Update(name, func(r *job.Record) error { r.Migration = note; return nil })

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/internal/job"
 	pb "github.com/ferry-cr/ferry/proto"
@@ -45,6 +48,47 @@ func InDoubt(s *job.Registry, name string) bool {
 	return err == nil && rec.Migration != nil && rec.Migration.Role == "source"
 }
 
+// The settle rules, shared by both sides' code and the explorer. The
+// source says what its copy is: "ended" (committed), "frozen" (kept in
+// doubt, or frozen and nothing committed), or "running" (given back by
+// its guard before any commit).
+
+// dstSettles is what the destination does with its copy when a source
+// whose copy is src asks: held says it holds a frozen copy for the
+// migration, runs that it runs one. It returns its answer and the action
+// (thaw, dropCopy, or -1 for none).
+func dstSettles(src string, held, runs bool) (string, act) {
+	switch {
+	case held && src == "ended":
+		return "running", thaw // the source's copy is gone: ours is the job
+	case held:
+		return "dropped", dropCopy // the source's copy is whole: ours never ran
+	case runs:
+		return "running", -1
+	}
+	return "none", -1
+}
+
+// srcSettles is what the source does with its copy (src) once the
+// destination answered dst: clearNote (nothing to do), endCopy, thaw,
+// or -1 when the job is lost (ended here, no copy there).
+func srcSettles(src, dst string) act {
+	switch {
+	case src == "ended" && dst == "running":
+		return clearNote
+	case src == "ended":
+		return -1
+	case dst == "running":
+		if src == "running" {
+			return -1 // cannot be: the rules never let both run
+		}
+		return endCopy
+	case src == "running":
+		return clearNote
+	}
+	return thaw
+}
+
 // Settle settles the migration of job name, in doubt on this (the
 // source) side, with the destination opts.To.
 func Settle(ctx context.Context, s *job.Registry, name string, opts Options) (*Settlement, error) {
@@ -60,13 +104,42 @@ func Settle(ctx context.Context, s *job.Registry, name string, opts Options) (*S
 		return nil, &job.NameError{Name: name, Err: ErrNoDoubt}
 	}
 	st := &Settlement{Job: name, To: opts.To, Source: "ended"}
+	// let go gives the job's lease back, as found (frozen or running),
+	// before ours is thawed or ended (each under a lease of its own).
+	letGo := func() {}
 	if rec.InitAlive() {
-		if v := s.Inspect(rec); v.State != "frozen" {
+		// The job's lease first: a migration still under way holds it
+		// (exit 27), and must not be settled under its feet.
+		held, err := s.TakeLease(ctx, name, "settle")
+		if err != nil {
+			return nil, err
+		}
+		if held != nil {
+			letGo = sync.OnceFunc(held.Close)
+			defer letGo()
+		}
+		switch v := s.Inspect(rec); {
+		case v.State == "frozen":
+			st.Source = "frozen"
+		case rec.Migration.State == stateFrozen && v.State == "running":
+			st.Source = "running" // its guard gave it back before any commit
+		default:
 			return nil, fmt.Errorf("job %q is %s here, not frozen: settle it by hand (%s)", name, v.State, rec.Migration.Resolve)
 		}
-		st.Source = "frozen"
 	}
+	// The destination the record names first: a later --to may name
+	// another port of it, or another host.
 	c, _, err := connect(ctx, opts)
+	if p := rec.Migration.Peer; p != "" && p != opts.To {
+		at := opts
+		at.To = p
+		if c2, _, err2 := connect(ctx, at); err2 == nil {
+			if c != nil {
+				c.c.Close()
+			}
+			c, err, st.To = c2, nil, p
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -89,52 +162,56 @@ func Settle(ctx context.Context, s *job.Registry, name string, opts Options) (*S
 		_, err := s.Update(name, func(r *job.Record) error { r.Migration, r.Operation = nil, ""; return nil })
 		return err
 	}
-	switch {
-	case st.Source == "ended" && st.Destination == "running":
-		st.Outcome = "the job runs on " + opts.To
+	letGo()
+	switch srcSettles(st.Source, st.Destination) {
+	case clearNote:
+		if st.Source == "running" {
+			st.Outcome = "the job runs on here (" + opts.To + " " + map[bool]string{true: "dropped its copy", false: "holds no copy"}[st.Destination == "dropped"] + ")"
+		} else {
+			st.Outcome = "the job runs on " + opts.To
+		}
 		return st, clear()
-	case st.Source == "ended":
-		st.Outcome = "the job is lost: it ended here and " + opts.To + " holds no copy"
-		return st, fmt.Errorf("%w: %s", ErrInDoubt, st.Outcome)
-	case st.Destination == "running":
+	case endCopy:
 		if err := s.EndAs(ctx, name, "migrated", log); err != nil {
 			return nil, fmt.Errorf("the job runs on %s, but ending the frozen copy here: %w", opts.To, err)
 		}
 		st.Outcome = "the job runs on " + opts.To + "; the frozen copy here was ended"
 		return st, clear()
-	default: // dropped, none: ours is the only copy
+	case thaw:
 		if err := s.Thaw(ctx, name); err != nil {
 			return nil, fmt.Errorf("%s holds no copy, but thawing ours: %w", opts.To, err)
 		}
 		st.Outcome = "the job runs on here (" + opts.To + " holds no copy)"
 		return st, nil
 	}
+	if st.Source == "ended" {
+		st.Outcome = "the job is lost: it ended here and " + opts.To + " holds no copy"
+	} else {
+		st.Outcome = "the job runs both here and on " + opts.To + ": end one by hand"
+	}
+	return st, fmt.Errorf("%w: %s", ErrInDoubt, st.Outcome)
 }
 
-// settle answers a source's Settle: by the handover's rules, a held copy
-// (frozen, in doubt) runs if the source ended its own and is dropped if
-// the source holds its own whole; a copy that runs stays the job.
+// settle answers a source's Settle by dstSettles.
 func (sv *Server) settle(ctx context.Context, c *conn, nc net.Conn, m *pb.Settle, log *slog.Logger) error {
 	name := m.GetJob()
 	if err := job.ValidateName(name); err != nil {
 		return err
 	}
-	state := "none"
+	held, runs := false, false
 	if rec, err := sv.Store.Load(name); err == nil && rec.InitAlive() {
 		v := sv.Store.Inspect(rec)
-		held := v.State == "frozen" && rec.Migration != nil && rec.Migration.Role == "destination"
-		switch {
-		case !held:
-			state = "running"
-		case m.GetSource() == "ended":
-			if err := sv.start(ctx, name, nc); err != nil {
-				return fmt.Errorf("settling %s: starting our copy: %w", name, err)
-			}
-			state = "running"
-		default:
-			sv.drop(ctx, name, nc, log)
-			state = "dropped"
+		held = v.State == "frozen" && rec.Migration != nil && rec.Migration.Role == "destination"
+		runs = !held
+	}
+	state, a := dstSettles(m.GetSource(), held, runs)
+	switch a {
+	case thaw:
+		if err := sv.start(ctx, name, nc); err != nil {
+			return fmt.Errorf("settling %s: starting our copy: %w", name, err)
 		}
+	case dropCopy:
+		sv.drop(ctx, name, nc, log)
 	}
 	log.Info("settled a migration in doubt", "job", name, "source", m.GetSource(), "ours", state)
 	return c.send(&pb.Envelope{Msg: &pb.Envelope_Settled{Settled: &pb.Settled{State: state}}}, stepTimeout)
@@ -144,4 +221,58 @@ func (sv *Server) settle(ctx context.Context, c *conn, nc net.Conn, m *pb.Settle
 // doubt on the source, for the job's record and the error.
 func settleHint(name, to string) string {
 	return fmt.Sprintf("ferry migrate %s --to %s (with its --token-file); by hand: if %s runs on %s, ferry kill %s here, else ferry thaw %s on whichever host holds it frozen", name, to, name, to, name, name)
+}
+
+// Recover is what a serve that starts does with the copies an earlier
+// serve left in the middle of a migration, by their records (dstRecover):
+// a copy that ran on pages still coming has lost the daemon that brought
+// them and is dropped (the source holds its own whole and frozen, and
+// settles to it); a held copy stays frozen and is recorded in doubt, for
+// the source's settle. It returns what it did, one line a copy.
+func (sv *Server) Recover(ctx context.Context) []string {
+	log := sv.log()
+	recs, err := sv.Store.List()
+	if err != nil {
+		log.Error("recovering migrations: listing jobs", "err", err)
+		return nil
+	}
+	var did []string
+	for _, rec := range recs {
+		n := rec.Migration
+		if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) {
+			continue // none, or another serve's, still at work
+		}
+		switch dstRecover(n.State) {
+		case dropCopy:
+			if err := sv.Store.Discard(ctx, rec.Name, log); err != nil {
+				log.Error("recovering a migration: dropping a copy whose pages never came", "job", rec.Name, "err", err)
+				continue
+			}
+			if err := sv.Store.Remove(rec.Name); err != nil {
+				log.Error("recovering a migration: removing its record", "job", rec.Name, "err", err)
+			}
+			did = append(did, rec.Name+": dropped (its memory was still coming from "+n.Peer+" when serve stopped)")
+		case noteInDoubt:
+			if n.State == stateInDoubt {
+				continue
+			}
+			_, _ = sv.Store.Update(rec.Name, func(r *job.Record) error {
+				if r.Migration != nil {
+					r.Migration.State = stateInDoubt
+					r.Migration.Note = "restored from " + n.Peer + " and held frozen; serve stopped before the source's word, so whether the source ended its copy is unknown"
+				}
+				return nil
+			})
+			did = append(did, rec.Name+": held frozen, in doubt until the source settles it")
+		}
+	}
+	for _, d := range did {
+		log.Warn("recovered a migration that an earlier serve left", "what", d)
+	}
+	return did
+}
+
+// alive says whether process pid exists.
+func alive(pid int) bool {
+	return unix.Kill(pid, 0) == nil || errors.Is(unix.Kill(pid, 0), unix.EPERM)
 }

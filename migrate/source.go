@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"time"
 
 	"github.com/ferry-cr/ferry/dump"
@@ -124,7 +125,9 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 
 	// Freeze, stream the checkpoint into the connection, and hand over
 	// once the destination holds the job (stop-copy), or holds all of it
-	// but its memory (post-copy).
+	// but its memory (post-copy). Every step of the handover is the
+	// source machine's (handover.go); d carries out its actions.
+	d := &srcDriver{m: source{postCopy: dec.Mode == ModePostCopy}, c: c, reg: s, name: name, to: opts.To, log: log}
 	dw := &dataWriter{c: c}
 	dopts := opts.Dump
 	dopts.Output, dopts.Stream, dopts.StreamTo, dopts.LeaveRunning = "-", true, dw, false
@@ -144,7 +147,7 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 			return nil, keptHere(ctx, name, err)
 		}
 		defer pc.close()
-		pc.registry, pc.name = s, name
+		pc.d = d
 		pc.keepCtl = func() bool {
 			stopped := stopConn()
 			c.keep()
@@ -157,56 +160,46 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 	}
 	dopts.Handover = func(ctx context.Context) error {
 		if err := dw.close(); err != nil {
+			d.feed(inLost)
 			return fmt.Errorf("sending the checkpoint: %w", err)
 		}
+		d.feed(inSent)
 		log.Debug("checkpoint sent", "job", name, "bytes", dw.n, "since start", time.Since(start))
 		// Heard from at least every peerSilence while it restores (a
 		// Prepared the dump did not wait for, from a CRIU without
 		// --stream, is skipped too).
 		m, err := recvWord(c, restoreTimeout, true)
+		if d.feed(inputOf(m, err)).has(commitEnd, commitKeep) {
+			rep.RemoteName = m.GetRestored().GetName()
+			log.Debug("destination restored", "job", name, "since start", time.Since(start))
+			return nil // dump commits the lease: End (stop-copy) or Keep (post-copy)
+		}
 		if err != nil {
 			return fmt.Errorf("waiting for the destination to restore: %w", err)
 		}
-		r := m.GetRestored()
-		if r == nil {
-			return fmt.Errorf("destination answered %T instead of restored", m.GetMsg())
-		}
-		rep.RemoteName = r.GetName()
-		log.Debug("destination restored", "job", name, "since start", time.Since(start))
-		return nil
+		return fmt.Errorf("destination answered %T instead of restored", m.GetMsg())
 	}
+	d.feed(inFrozen)
 	res, err := dump.Job(ctx, s, name, dopts)
 	if pc != nil {
-		return pc.finish(ctx, s, name, res, err)
+		return pc.finish(ctx, res, err)
 	}
-	if errors.Is(err, dump.ErrKeepStopped) {
-		// Handed over, but not ended here: both copies stay frozen and
-		// the operator chooses (the destination keeps its copy when the
-		// connection closes without a word).
-		note := &job.MigrationNote{Peer: opts.To, Role: "source", Time: time.Now().UTC(),
-			Note:    "handed over to " + opts.To + " but not ended here: " + err.Error(),
-			Resolve: settleHint(name, opts.To)}
-		_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
-		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, note.Resolve)
-	}
-	if err != nil {
+	d.dumped(err)
+	if d.m.st == srcGaveBack {
 		if ctx.Err() == nil && !dw.closed() {
 			// The stream was cut short: the destination may have said why.
 			if ab := c.peerAbort(2 * time.Second); ab != nil {
 				err = fmt.Errorf("%w (while sending: %w)", ab, err)
 			}
 		}
-		// The job runs on here; make sure the destination drops its copy.
-		c.abort("the source failed and keeps the job: " + err.Error())
 		return nil, keptHere(ctx, name, err)
 	}
 	rep.BytesSent = int64(dw.n)
-
-	// The source copy is gone: let the destination run its own.
-	// (A failed send is the reason reported below, not the nil before it.)
-	if err = c.send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}}, stepTimeout); err == nil {
-		m, err = c.recv(stepTimeout)
-		if err == nil && m.GetRunning() != nil {
+	if d.m.st == srcCommitted {
+		// Gone is sent: let the destination run its copy and say so.
+		m, rerr := c.recv(stepTimeout)
+		d.feed(inputOf(m, rerr))
+		if d.m.st == srcDone {
 			rep.Downtime = time.Since(res.FrozenAt)
 			rep.Total = time.Since(start)
 			if secs := rep.Total.Seconds(); secs > 0 {
@@ -214,17 +207,165 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 			}
 			return rep, nil
 		}
-		if err == nil {
-			err = fmt.Errorf("destination answered %T instead of running", m.GetMsg())
+		err = firstErr(d.sendErr, rerr, fmt.Errorf("destination answered %T instead of running", m.GetMsg()))
+	}
+	if d.m.st != srcInDoubt {
+		d.feed(inLost) // cannot be: every other end is above
+	}
+	hint := settleHint(name, opts.To)
+	log.Error("migration in doubt", "job", name, "to", opts.To, "err", err)
+	if errors.Is(err, dump.ErrKeepStopped) {
+		// Handed over, but not ended here: both copies stay frozen and
+		// the operator chooses.
+		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, hint)
+	}
+	return rep, fmt.Errorf("%w: %s was ended here and restored on %s, but its start there was not confirmed (%v); settle it with: %s",
+		ErrInDoubt, name, opts.To, err, hint)
+}
+
+// srcDriver carries out the source machine's actions: messages on the
+// control connection and notes in the job's record at once; the verdicts
+// on the tree (commit, give back, keep, end) through dump, which acts on
+// what Handover and PostCopy.Serve return.
+type srcDriver struct {
+	m       source
+	c       *conn
+	reg     *job.Registry
+	name    string
+	to      string
+	log     *slog.Logger
+	reason  string // the destination's, when it aborted or dropped its copy
+	why     string // ": " and what failed here, for an Abort
+	sendErr error  // the first failed send
+}
+
+// acts is what one step asked for.
+type acts []act
+
+// has says whether any of as was asked for.
+func (a acts) has(as ...act) bool {
+	for _, x := range a {
+		if slices.Contains(as, x) {
+			return true
 		}
 	}
-	note := &job.MigrationNote{Peer: opts.To, Role: "source", Time: time.Now().UTC(),
-		Note:    "ended here after " + opts.To + " restored it; its start there was not confirmed",
-		Resolve: settleHint(name, opts.To)}
-	_, _ = s.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
-	log.Error("migration in doubt", "job", name, "to", opts.To, "err", err)
-	return rep, fmt.Errorf("%w: %s was ended here and restored on %s, but its start there was not confirmed (%v); settle it with: %s",
-		ErrInDoubt, name, opts.To, err, note.Resolve)
+	return false
+}
+
+// feed steps the machine with i and carries out what it can of the
+// actions here; it returns them all.
+func (d *srcDriver) feed(i in) acts {
+	before := d.m.st
+	out := acts(d.m.step(i))
+	d.log.Debug("handover", "side", "source", "job", d.name, "input", i, "from", before, "to", d.m.st, "actions", out)
+	for _, a := range out {
+		d.do(a)
+	}
+	return out
+}
+
+// do carries out the actions that need no verdict from dump.
+func (d *srcDriver) do(a act) {
+	send := func(m *pb.Envelope) {
+		if err := d.c.send(m, stepTimeout); err != nil && d.sendErr == nil {
+			d.sendErr = err
+		}
+	}
+	switch a {
+	case sendAbort:
+		d.c.abort("the source keeps the job" + d.why)
+	case sendGone:
+		send(&pb.Envelope{Msg: &pb.Envelope_Gone{Gone: &pb.Gone{}}})
+	case sendCommit:
+		send(&pb.Envelope{Msg: &pb.Envelope_Commit{Commit: &pb.Commit{}}})
+	case noteFrozen:
+		d.note(stateFrozen, "frozen here for a move to "+d.to+"; nothing is committed, so it runs on here if the move fails")
+	case noteGaveBack:
+		d.note(stateFrozen, "runs on here after its move to "+d.to+" failed; "+d.to+" may hold a frozen copy, which settling drops")
+	case noteCommitted:
+		d.note(stateCommitted, "ended here after "+d.to+" restored it; its start there is not confirmed yet")
+	case noteServing:
+		d.note(stateServing, "frozen here while its post-copy move to "+d.to+" runs: the destination may run the job")
+	case noteInDoubt:
+		what := "held frozen here: whether " + d.to + " runs the job or dropped its copy is unknown"
+		if d.m.ended {
+			what = "ended here after " + d.to + " restored it; its start there was not confirmed"
+		}
+		d.note(stateInDoubt, what)
+	case clearNote:
+		_, _ = d.reg.Update(d.name, func(r *job.Record) error { r.Migration = nil; return nil })
+	}
+}
+
+// note records in the job's record where its migration stands.
+func (d *srcDriver) note(state, what string) {
+	n := &job.MigrationNote{Peer: d.to, Role: "source", State: state, Time: time.Now().UTC(),
+		Note: what, Resolve: settleHint(d.name, d.to)}
+	if _, err := d.reg.Update(d.name, func(r *job.Record) error { r.Migration = n; return nil }); err != nil {
+		d.log.Error("recording the migration's state", "job", d.name, "state", state, "err", err)
+	}
+}
+
+// dumped feeds the machine dump's outcome: err is what dump.Job returned
+// once Handover (and post-copy's Serve) had their say.
+func (d *srcDriver) dumped(err error) {
+	if err != nil {
+		d.why = ": " + err.Error()
+	}
+	switch d.m.st {
+	case srcRunning, srcFrozen:
+		d.feed(inDumpFailed)
+	case srcCommitted, srcServing:
+		switch {
+		case err == nil:
+			d.feed(inEnded)
+		case errors.Is(err, dump.ErrKeepStopped):
+			d.feed(inEndFailed)
+		default:
+			// The commit did not land: the lease ran out first, and the
+			// guard gave the job back.
+			d.feed(inCommitFailed)
+		}
+	}
+}
+
+// firstErr is the first of errs that is not nil.
+func firstErr(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// inputOf is the machine's input for a message received (or the error
+// of receiving it).
+func inputOf(m *pb.Envelope, err error) in {
+	var ab *abortError
+	switch {
+	case errors.As(err, &ab):
+		return inAbort
+	case err != nil && isTimeout(err):
+		return inSilence
+	case err != nil:
+		return inLost
+	case m.GetRestoring() != nil, m.GetPrepared() != nil:
+		return inRestoring
+	case m.GetRestored() != nil:
+		return inRestored
+	case m.GetGone() != nil:
+		return inGone
+	case m.GetCommit() != nil:
+		return inCommit
+	case m.GetRunning() != nil:
+		return inRunning
+	case m.GetComplete() != nil:
+		return inComplete
+	case m.GetDropped() != nil:
+		return inDropped
+	}
+	return inLost // a word that has no place here: the link is no good
 }
 
 // keptHere is the error of a migration that failed with the job still

@@ -139,6 +139,7 @@ type jobView struct {
 	} `json:"exit"`
 	Migration *struct {
 		Role    string `json:"role"`
+		State   string `json:"state"`
 		Note    string `json:"note"`
 		Resolve string `json:"resolve"`
 	} `json:"migration"`

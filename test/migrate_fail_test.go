@@ -217,8 +217,12 @@ func TestMigrateInterrupted(t *testing.T) {
 		t.Log(m.out.String())
 		m.destinationDrops(t)
 		assertKeptHere(t, m.src, m.dst, "ij", m.sum, m.before)
-		if v := m.src.job("ij"); v.Migration != nil {
-			t.Fatalf("the source kept a migration note after a clean rollback: %+v", v.Migration)
+		// The Abort could not cross the stalled link: if the checkpoint
+		// had gone whole, the destination may have held a copy when the
+		// source gave up, and the source's record says so (settling
+		// drops that copy); otherwise nothing is recorded.
+		if v := m.src.job("ij"); v.Migration != nil && (v.Migration.State != "frozen" || !strings.Contains(v.Migration.Note, "may hold a frozen copy")) {
+			t.Fatalf("the source's record after the rollback: %+v", v.Migration)
 		}
 	})
 }

@@ -54,7 +54,13 @@ var listCommand = &cli.Command{
 			if v.State == "stale" {
 				state = "stale (owner gone)"
 			}
-			if v.Migration != nil {
+			switch m := v.Migration; {
+			case m == nil:
+			case m.State == "frozen" && v.State == "running":
+				state += ", an earlier migration may have left a copy there"
+			case m.State == "lazy":
+				state += ", memory still arriving"
+			default:
 				state += ", migration in doubt"
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, state,

@@ -90,6 +90,9 @@ address back), and running.`,
 			Caps:    migrate.CapabilitiesFromFeatures(bin.Features(c.Context, "mem_dirty_track", "uffd", "uffd-noncoop")),
 			Restore: restore.Options{Criu: bin, ServeDir: filepath.Join(s.Root, "serve"), CgroupRoot: c.String("cgroup-root"), Logger: slog.Default()},
 		}
+		// Migrations an earlier serve left half done go on by their
+		// records, before new ones come in.
+		sv.Recover(c.Context)
 		return sv.Serve(c.Context, ln)
 	},
 }
@@ -183,15 +186,21 @@ the token.`,
 			// A migration of the job ended in doubt here: settle it with
 			// the destination instead of migrating again.
 			st, err := migrate.Settle(ctx, s, name, migrate.Options{To: c.String("to"), Token: token, PKI: pki, Logger: slog.Default()})
-			meter.Done(err)
 			if err != nil {
+				meter.Done(err)
 				return withCode(err, exitMigrate)
 			}
-			if c.Bool("json") {
-				return writeJSON(c, st)
+			if st.Source != "running" {
+				meter.Done(nil)
+				if c.Bool("json") {
+					return writeJSON(c, st)
+				}
+				fmt.Fprintf(c.App.Writer, "settled the migration of %s with %s: %s\n", st.Job, st.To, st.Outcome)
+				return nil
 			}
-			fmt.Fprintf(c.App.Writer, "settled the migration of %s with %s: %s\n", st.Job, st.To, st.Outcome)
-			return nil
+			// The job ran on here after an earlier move failed, and the
+			// copy that move may have left there is gone: now move it.
+			slog.Info("settled an earlier migration", "job", st.Job, "with", st.To, "outcome", st.Outcome)
 		}
 		rep, err := migrate.Migrate(ctx, s, name, migrate.Options{
 			To: c.String("to"), Token: token, PKI: pki, Mode: mode, MaxDowntime: c.Duration("max-downtime"),

@@ -87,9 +87,20 @@ func (s *Registry) Thaw(ctx context.Context, name string) error {
 	if err := s.onCgroup(ctx, name, "thaw", func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) }); err != nil {
 		return err
 	}
-	_, err := s.Update(name, func(r *Record) error { r.Migration, r.Operation = nil, ""; return nil })
+	_, err := s.Update(name, func(r *Record) error {
+		if r.Migration != nil && r.Migration.State == NoteLazy {
+			return nil // the migration that thawed it goes on
+		}
+		r.Migration, r.Operation = nil, ""
+		return nil
+	})
 	return err
 }
+
+// NoteLazy is the MigrationNote.State of a post-copy destination's copy
+// that runs while its memory still comes from the source: thawing it
+// does not end that migration.
+const NoteLazy = "lazy"
 
 // onCgroup runs fn on the cgroup of running job name, under the job's
 // lease for op: a job that another operation holds (a checkpoint, a

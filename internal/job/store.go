@@ -127,8 +127,15 @@ type ResumePoint struct {
 
 // MigrationNote records a migration in doubt on one side.
 type MigrationNote struct {
-	Peer    string    `json:"peer"`
-	Role    string    `json:"role"` // "source" or "destination"
+	Peer string `json:"peer"`
+	Role string `json:"role"` // "source" or "destination"
+	// State is where that side's handover stood when the note was
+	// written (package migrate: committed, serving, in doubt, held,
+	// lazy): what a restarted ferry drives the migration on from.
+	State string `json:"state,omitempty"`
+	// Owner is the pid of the ferry that wrote the note while it drove
+	// the migration: a restarted serve recovers only what a dead one left.
+	Owner   int       `json:"owner,omitempty"`
 	Time    time.Time `json:"time"`
 	Note    string    `json:"note"`    // what is known
 	Resolve string    `json:"resolve"` // the command that settles it
