@@ -486,11 +486,11 @@ func dstRecover(noteState string) act {
 
 // The states a job's record names (job.MigrationNote.State).
 const (
-	stateFrozen    = "frozen"    // source: frozen (or given back by its guard), nothing committed
-	stateCommitted = "committed" // source: ended here; the start there unconfirmed
-	stateServing   = "serving"   // source: frozen, serving the destination's pages
-	stateInDoubt   = "in doubt"  // either side: frozen, the outcome unknown
-	stateHeld      = "held"      // destination: held frozen for the source's word
+	stateFrozen    = "frozen"     // source: frozen (or given back by its guard), nothing committed
+	stateCommitted = "committed"  // source: ended here; the start there unconfirmed
+	stateServing   = "serving"    // source: frozen, serving the destination's pages
+	stateInDoubt   = "in doubt"   // either side: frozen, the outcome unknown
+	stateHeld      = "held"       // destination: held frozen for the source's word
 	stateLazy      = job.NoteLazy // destination: runs on pages still coming
 )
 
