@@ -181,7 +181,7 @@ func prepare(ctx context.Context, t *target, opts Options) (_ *run, retErr error
 		toPipe: r.out == "-", stream: r.opts.Stream, store: opts.Store != nil,
 		leaveRunning: opts.LeaveRunning, postCopy: opts.PostCopy != nil,
 		handover: opts.Handover != nil, pagesLast: opts.PagesLast, tcpEstablished: r.plan.TCPEstablished,
-		cgroup: t.freezeCg != nil, cgroupV2: t.freezeCg != nil && t.freezeCg.Version == 2,
+		cgroup:      t.freezeCg != nil,
 		wrapped:     t.wrapper != nil,
 		criuStreams: func() bool { return opts.Criu.HasStream(ctx) },
 		tmpfsRoom:   scratchDir(inv.Memory.RSS, "", false) == shmDir,

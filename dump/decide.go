@@ -101,9 +101,8 @@ type request struct {
 	toPipe, stream, store, leaveRunning, postCopy, handover, pagesLast bool
 	tcpEstablished                                                     bool // the plan keeps established TCP connections
 
-	cgroup   bool // the tree is exactly a cgroup that can be frozen
-	cgroupV2 bool
-	wrapped  bool // CRIU runs in the job's namespaces (nsenter), not ferry's
+	cgroup  bool // the tree is exactly a cgroup that can be frozen (v1 or v2)
+	wrapped bool // CRIU runs in the job's namespaces (nsenter), not ferry's
 
 	// criuStreams says whether CRIU has --stream; asked only where the
 	// answer matters (it runs CRIU).
@@ -141,14 +140,17 @@ func decide(r request) (method, error) {
 	// A streamed handover (stop-copy migration) waits for the verdict in
 	// CRIU's post-dump action, so that CRIU itself ends the tree while its
 	// TCP connections are locked and in repair mode: peers see no FIN or
-	// RST. CRIU can kill a frozen tree only under cgroup v2, and the
-	// action's socket is reached only from ferry's namespaces.
+	// RST. The action's socket is reached only from ferry's namespaces.
+	// Under cgroup v1 too: CRIU thaws a v1 freezer once it has seized the
+	// tasks (they wait in ptrace stops, where SIGKILL reaches them), and
+	// re-freezes it only when it gives the tree back
+	// (TestCheckpointKeepsTCPConnection/v1).
 	//
 	// A checkpoint that keeps TCP connections (--tcp-established, and the
 	// job ended) is gated too, for the same reason: ending the tree after
 	// CRIU unlocked its connections would send each peer a FIN, and the
 	// restored connection would be dead. CRIU alone leaves them locked.
-	canGate := !r.leaveRunning && r.cgroup && r.cgroupV2 && !r.wrapped
+	canGate := !r.leaveRunning && r.cgroup && !r.wrapped
 	migrating := r.handover && m.sink == sinkStreamed
 	m.gated = canGate && (migrating || r.tcpEstablished && (m.sink == sinkStreamed || m.sink == sinkDir))
 	m.holdPages = m.gated && r.pagesLast

@@ -9,7 +9,7 @@ import (
 // what the tree and host are, against the method.
 func TestDecide(t *testing.T) {
 	yes, no := func() bool { return true }, func() bool { return false }
-	job := request{cgroup: true, cgroupV2: true, criuStreams: yes, tmpfsRoom: true}
+	job := request{cgroup: true, criuStreams: yes, tmpfsRoom: true}
 	with := func(r request, f func(*request)) request { f(&r); return r }
 	for _, tc := range []struct {
 		name string
@@ -38,8 +38,6 @@ func TestDecide(t *testing.T) {
 			method{sink: sinkStore, toPipe: true, stop: stopByCRIU, leaves: leavesAsFound}},
 		{"stop-copy migration: gated, late freeze, pages last", with(job, func(r *request) { r.stream, r.toPipe, r.handover, r.pagesLast = true, true, true, true }),
 			method{sink: sinkStreamed, toPipe: true, stop: stopLate, leaves: leavesDead, gated: true, holdPages: true, warm: true}},
-		{"stop-copy migration on cgroup v1: not gated (criu cannot kill a frozen v1 tree)", with(job, func(r *request) { r.stream, r.toPipe, r.handover, r.cgroupV2 = true, true, true, false }),
-			method{sink: sinkStreamed, toPipe: true, stop: stopFirst, leaves: leavesAsFound}},
 		{"stop-copy migration of a foreign job (criu in its namespaces)", with(job, func(r *request) { r.stream, r.toPipe, r.handover, r.wrapped, r.cgroup = true, true, true, true, false }),
 			method{sink: sinkStreamed, toPipe: true, stop: stopByCRIU, leaves: leavesStopped}},
 		{"post-copy migration: lazy, late freeze", with(job, func(r *request) { r.stream, r.toPipe, r.handover, r.postCopy = true, true, true, true }),
@@ -50,8 +48,6 @@ func TestDecide(t *testing.T) {
 			method{sink: sinkDir, stop: stopFirst, leaves: leavesDead, gated: true}},
 		{"keeping TCP connections, leave running: not gated", with(job, func(r *request) { r.tcpEstablished, r.leaveRunning = true, true }),
 			method{sink: sinkDir, stop: stopByCRIU, leaves: leavesAsFound}},
-		{"keeping TCP connections on cgroup v1: not gated (criu cannot end a frozen v1 tree)", with(job, func(r *request) { r.tcpEstablished, r.cgroupV2 = true, false }),
-			method{sink: sinkDir, stop: stopFirst, leaves: leavesAsFound}},
 		{"--pid tree without a cgroup: criu seizes and leaves it stopped", request{criuStreams: yes, tmpfsRoom: true},
 			method{sink: sinkDir, stop: stopByCRIU, leaves: leavesStopped}},
 		{"--pid tree without a cgroup, leave running", request{leaveRunning: true, criuStreams: yes, tmpfsRoom: true},

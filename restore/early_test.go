@@ -4,12 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
@@ -78,12 +79,20 @@ func TestEarlyLazy(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	link, peer := os.NewFile(uintptr(fds[0]), "page link"), os.NewFile(uintptr(fds[1]), "page link peer")
+	defer link.Close()
+	defer peer.Close()
 	started := make(chan error, 1)
 	var daemon *LazyPages
 	go func() {
 		var err error
-		// Nothing listens there: the daemon fails before it would connect.
-		daemon, err = StartLazyPages(ctx, &criu.Binary{Path: criuPath}, e.Daemon, e.Dir, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9})
+		// Nothing answers on the page link: the daemon fails before it
+		// would use it.
+		daemon, err = StartLazyPages(ctx, &criu.Binary{Path: criuPath}, e.Daemon, e.Dir, link)
 		started <- err
 	}()
 	select {

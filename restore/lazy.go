@@ -2,7 +2,7 @@ package restore
 
 import (
 	"context"
-	"net"
+	"os"
 	"strconv"
 
 	"github.com/ferry-cr/ferry/internal/criu"
@@ -19,15 +19,18 @@ import (
 type LazyPages = criu.Daemon
 
 // StartLazyPages starts CRIU's lazy-pages daemon on the unpacked lazy
-// checkpoint in images, fetching memory from the page server at pages (a
-// TCP address: ferry's end of the link to the source), and returns once
-// it listens for the restore, in work (the restore's CRIU must work
-// there too). It exits once every page has been copied into the restored
-// tree (status 0) or when it fails. Before it listens it reads two
-// images, inventory.img and pstree.img; mm-PID.img and pagemap-PID.img
-// it reads once the restore has connected.
-func StartLazyPages(ctx context.Context, b *criu.Binary, images, work string, pages *net.TCPAddr) (*LazyPages, error) {
+// checkpoint in images, fetching memory over pages (a connected socket,
+// ferry's end of the link to the source's page server, which the daemon
+// inherits as --ps-socket: an address it connected to could have been
+// taken first by any local process), and returns once it listens for the
+// restore, in work (the restore's CRIU must work there too). The caller
+// may close pages once it returns; the daemon has its own copy. The
+// daemon exits once every page has been copied into the restored tree
+// (status 0) or when it fails. Before it listens it reads two images,
+// inventory.img and pstree.img; mm-PID.img and pagemap-PID.img it reads
+// once the restore has connected.
+func StartLazyPages(ctx context.Context, b *criu.Binary, images, work string, pages *os.File) (*LazyPages, error) {
 	return criu.Command{Path: b.Path, Args: []string{"lazy-pages", "--images-dir", images, "--work-dir", work,
-		"--log-file", "lazy-pages.log", "-v2", "--page-server", "--address", pages.IP.String(),
-		"--port", strconv.Itoa(pages.Port)}}.StartReady(ctx)
+		"--log-file", "lazy-pages.log", "-v2", "--page-server", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0)))},
+		ExtraFiles: []*os.File{pages}}.StartReady(ctx)
 }

@@ -13,12 +13,19 @@ import (
 // own effective capabilities, which ferry run from it shares.
 func hostHasCapSysResource(t *testing.T) bool {
 	t.Helper()
+	return capSysResourceIn(t, "CapEff")
+}
+
+// capSysResourceIn reads CAP_SYS_RESOURCE from one of this test's
+// capability sets (CapEff, CapBnd...).
+func capSysResourceIn(t *testing.T, set string) bool {
+	t.Helper()
 	data, err := os.ReadFile("/proc/self/status")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+		if v, ok := strings.CutPrefix(line, set+":"); ok {
 			set, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
 			if err != nil {
 				t.Fatal(err)
@@ -26,12 +33,13 @@ func hostHasCapSysResource(t *testing.T) bool {
 			return set&(1<<24) != 0
 		}
 	}
-	t.Fatal("no CapEff in /proc/self/status")
+	t.Fatalf("no %s in /proc/self/status", set)
 	return false
 }
 
 // TestOtherUserTask: a job whose child runs as nobody. ferry doctor says
-// whether this host has CAP_SYS_RESOURCE; without it the plan refuses the
+// whether this host has CAP_SYS_RESOURCE (and, where even the bounding
+// set lacks it, that nothing started here can have it); without it the plan refuses the
 // tree up front (16, naming the capability) and the job runs on; with it
 // the job checkpoints and restores, still counting as nobody.
 func TestOtherUserTask(t *testing.T) {
@@ -49,8 +57,15 @@ func TestOtherUserTask(t *testing.T) {
 	if doc.CapSysResource != has {
 		t.Errorf("doctor says capSysResource=%v; this host's CapEff says %v", doc.CapSysResource, has)
 	}
-	if table := e.must("doctor"); !strings.Contains(table, "CAP_SYS_RESOURCE") {
+	table := e.must("doctor")
+	if !strings.Contains(table, "CAP_SYS_RESOURCE") {
 		t.Errorf("doctor's table does not mention CAP_SYS_RESOURCE:\n%s", table)
+	}
+	// Where the bounding set lacks it too (this test VM), nothing started
+	// here can have it, and doctor says so rather than leave the plan's
+	// "give ferry CAP_SYS_RESOURCE" looking like an option.
+	if bounded := !has && !capSysResourceIn(t, "CapBnd"); bounded != strings.Contains(table, "bounding set lacks it") {
+		t.Errorf("the bounding set lacks CAP_SYS_RESOURCE: %v; doctor says:\n%s", bounded, table)
 	}
 
 	e.must("run", "--name", "nobody", "--", w, "nobody")

@@ -186,3 +186,106 @@ func TestIPNetnsExecHint(t *testing.T) {
 		t.Errorf("job's network namespace is %d, want %s's %d", ino[1], ns, ino[0])
 	}
 }
+
+// procTracer is the TracerPid of pid.
+func procTracer(t *testing.T, pid int) int {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no TracerPid in /proc/%d/status", pid)
+	return 0
+}
+
+// TestTracedTaskHint: a job's task held by a tracer outside the job (as
+// strace holds it: PTRACE_SEIZE, the task runs on) is refused up front
+// (16), in one line that says to detach the tracer first, and the job
+// runs on, traced, its state whole. Following the hint works: once the
+// tracer has detached, the job checkpoints and restores with its 8 MiB
+// of memory and its count whole.
+func TestTracedTaskHint(t *testing.T) {
+	requireRoot(t)
+	requireCriu(t)
+	bins := conformBins(t)
+	dir := t.TempDir()
+	e := newEnv(t)
+	e.must("run", "--name", "traced", "--", filepath.Join(bins, "mem"), "anon-private", dir)
+	if nums, fails, state := e.waitOK("traced", 5, 20*time.Second); len(fails) > 0 || len(nums) < 5 {
+		t.Fatalf("before tracing (job %s): %d ok lines, %q", state, len(nums), fails)
+	}
+	pid := e.job("traced").MainPID
+
+	tracer := exec.Command(filepath.Join(bins, "tracer"), strconv.Itoa(pid))
+	out, err := tracer.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tracer.Stderr = os.Stderr
+	if err := tracer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := false
+	t.Cleanup(func() {
+		if !exited {
+			_ = tracer.Process.Kill() // a tracer that dies detaches its tracee
+			_ = tracer.Wait()
+		}
+	})
+	said := bufio.NewReader(out)
+	if l, err := said.ReadString('\n'); err != nil || strings.TrimSpace(l) != fmt.Sprintf("seized %d", pid) {
+		t.Fatalf("tracer says %q, %v", l, err)
+	}
+	if tp := procTracer(t, pid); tp != tracer.Process.Pid {
+		t.Fatalf("the job's task is traced by %d, want the tracer %d", tp, tracer.Process.Pid)
+	}
+
+	ckpt := filepath.Join(t.TempDir(), "traced.ferry")
+	res := e.ferry("checkpoint", "-o", ckpt, "traced")
+	if res.code != 16 || !strings.Contains(res.stderr, "detach the tracer first") || strings.Count(strings.TrimSpace(res.stderr), "\n") != 0 {
+		t.Fatalf("checkpoint of a traced job: want one line saying to detach the tracer first, exit 16; got %s", res)
+	}
+	if _, err := os.Stat(ckpt); err == nil {
+		t.Errorf("the refused checkpoint left %s", ckpt)
+	}
+	if d := e.ferry("checkpoint", "--dry-run", "traced"); !strings.Contains(d.stdout, "checkpointable: no") || !strings.Contains(d.stdout, "detach the tracer first") {
+		t.Errorf("dry run of a traced job: %s", d)
+	}
+	nums, _ := okLines(e.must("logs", "traced"))
+	before := nums[len(nums)-1]
+	nums, fails, state := e.waitOK("traced", before+5, 20*time.Second)
+	if state != "running" || len(fails) > 0 || gap(nums) != "" || nums[len(nums)-1] <= before+5 {
+		t.Fatalf("after the refusal the traced job is %s, counted to %d from %d, %q %s", state, nums[len(nums)-1], before, fails, gap(nums))
+	}
+
+	// What the refusal says: detach the tracer.
+	if err := tracer.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	l, _ := said.ReadString('\n')
+	err = tracer.Wait()
+	exited = true
+	if err != nil || strings.TrimSpace(l) != "detached" {
+		t.Fatalf("tracer on SIGTERM: said %q, exit %v", l, err)
+	}
+	if tp := procTracer(t, pid); tp != 0 {
+		t.Fatalf("the job's task is still traced by %d", tp)
+	}
+	e.must("checkpoint", "-o", ckpt, "traced")
+	nums, _ = okLines(e.must("logs", "traced"))
+	last := nums[len(nums)-1]
+	e.must("restore", ckpt)
+	nums, fails, state = e.waitOK("traced", last+10, 20*time.Second)
+	if state != "running" || len(fails) > 0 || gap(nums) != "" || nums[len(nums)-1] <= last+10 {
+		t.Fatalf("restored job is %s, counted to %d from %d, %q %s\n%s", state, nums[len(nums)-1], last, fails, gap(nums), logTail(e.must("logs", "traced"), last))
+	}
+}

@@ -58,6 +58,9 @@ func requireRoot(t *testing.T) {
 type env struct {
 	t    *testing.T
 	root string
+	// vars are set in the environment of every ferry this env runs (a
+	// cgroup root of the test's own, say).
+	vars []string
 }
 
 func newEnv(t *testing.T) *env {
@@ -94,7 +97,7 @@ func (e *env) runFerry(wrapper, extraEnv []string, args ...string) result {
 	e.t.Helper()
 	argv := append(append(append([]string{}, wrapper...), ferryBin, "--root", e.root), args...)
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), extraEnv...)
+	cmd.Env = append(append(os.Environ(), e.vars...), extraEnv...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -170,13 +173,16 @@ func (e *env) job(name string) jobView {
 func (e *env) cleanup() {
 	var views []jobView
 	cmd := exec.Command(ferryBin, "--root", e.root, "list", "--json")
+	cmd.Env = append(os.Environ(), e.vars...)
 	out, err := cmd.Output()
 	if err == nil {
 		_ = json.Unmarshal(out, &views)
 	}
 	for _, v := range views {
 		if v.State != "exited" {
-			_ = exec.Command(ferryBin, "--root", e.root, "kill", "--grace", "1s", v.Name).Run()
+			kill := exec.Command(ferryBin, "--root", e.root, "kill", "--grace", "1s", v.Name)
+			kill.Env = append(os.Environ(), e.vars...)
+			_ = kill.Run()
 		}
 	}
 	// Every cgroup this env's jobs had must be gone by now.

@@ -10,7 +10,8 @@ import (
 // and its reason once the hosts have compared capabilities, before anything
 // is frozen: the job counts on here with its memory and the destination
 // holds nothing. pre-copy is not built; post-copy cannot carry established
-// TCP connections (refused whatever the hosts' lazy pages).
+// TCP connections (refused whatever the hosts' lazy pages), and the mode
+// that refusal names then moves the job.
 func TestMigrateModeRefused(t *testing.T) {
 	requireCriu(t)
 	w := buildWorkload(t)
@@ -26,6 +27,7 @@ func TestMigrateModeRefused(t *testing.T) {
 	src.waitLines("mr", "verify ", 1)
 	sum := src.lines("mr", "sum ")[0]
 
+	var hint string // what the last refusal said
 	for _, tc := range []struct {
 		args []string
 		want string
@@ -39,6 +41,7 @@ func TestMigrateModeRefused(t *testing.T) {
 			t.Fatalf("migrate %v: %s\nwant exit 23 and one line saying %q", tc.args, r, tc.want)
 		}
 		t.Log(strings.TrimSpace(r.stderr))
+		hint = r.stderr
 		if v := src.job("mr"); v.State != "running" {
 			t.Fatalf("migrate %v: source job is %s afterwards", tc.args, v.State)
 		}
@@ -51,4 +54,19 @@ func TestMigrateModeRefused(t *testing.T) {
 	if r := src.ferryIn(h.a, "migrate", "mr", "--to", listen, "--token-file", token, "--mode", "precopy"); r.code != 2 || !strings.Contains(r.stderr, "auto, stop-copy or post-copy") {
 		t.Fatalf("migrate --mode precopy: %s", r)
 	}
+	// What the refusal of post-copy with --tcp-established says to do
+	// works: the same migration with the mode it names moves the job,
+	// its memory whole.
+	_, mode, ok := strings.Cut(strings.TrimSpace(hint), "use --mode ")
+	if !ok || strings.ContainsAny(mode, " ;,") {
+		t.Fatalf("the refusal names no single mode to use: %s", hint)
+	}
+	before, _ := src.verifyLines("mr")
+	if r := src.ferryIn(h.a, "migrate", "mr", "--to", listen, "--token-file", token, "--tcp-established", "--mode", mode); r.code != 0 {
+		t.Fatalf("migrate --tcp-established --mode %s, as the refusal said: %s", mode, r)
+	}
+	if v := dst.job("mr"); v.State != "running" {
+		t.Fatalf("after the migration the destination's job is %s", v.State)
+	}
+	dst.assertContinues("mr", sum, before[len(before)-1])
 }

@@ -119,7 +119,7 @@ func (e *env) serveWith(ns, listen, token string, args []string, extraEnv ...str
 	}
 	defer f.Close()
 	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, ferryBin, "--root", e.root, "serve", "--listen", listen, "--token-file", token}, args...)...)
-	cmd.Env = append(os.Environ(), extraEnv...)
+	cmd.Env = append(append(os.Environ(), e.vars...), extraEnv...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -526,10 +526,16 @@ func connectIn(t *testing.T, ns, addr string) net.Conn {
 // TestMigrateTCP: a job serving TCP moves with its established connection
 // while the destination takes over the service address (the serve hook
 // moves it between the namespaces). The client, which stays put, goes on
-// talking on the same connection and the count continues.
+// talking on the same connection and the count continues. Under cgroup v2
+// and v1 (both hosts).
 func TestMigrateTCP(t *testing.T) {
 	requireCriu(t)
 	w := buildWorkload(t)
+	t.Run("v2", func(t *testing.T) { migrateTCP(t, w, newEnv, 2) })
+	t.Run("v1", func(t *testing.T) { migrateTCP(t, w, newEnvV1, 1) })
+}
+
+func migrateTCP(t *testing.T, w string, newEnv func(*testing.T) *env, cgroupVersion int) {
 	h := newHosts(t)
 	src, dst := newEnv(t), newEnv(t)
 	token := writeToken(t, "correct horse battery staple 42")
@@ -556,6 +562,9 @@ esac
 	addr := net.JoinHostPort(service, "7091")
 	if r := src.ferryIn(h.a, "run", "--name", "tj", "--", w, "serve", addr); r.code != 0 {
 		t.Fatalf("run: %s", r)
+	}
+	if v := src.job("tj").CgroupVersion; v != cgroupVersion {
+		t.Skipf("the job's cgroup is v%d here, not v%d", v, cgroupVersion)
 	}
 	var p *pinger
 	eventually(t, 10*time.Second, "the job to listen", func() bool {

@@ -279,14 +279,7 @@ func TestS3Store(t *testing.T) {
 	t.Run("run --checkpoint-every and --checkpoint-on-term into the bucket", func(t *testing.T) {
 		// The shim runs `ferry checkpoint --store URL` itself: the
 		// credentials must reach it through the environment.
-		e.must("run", "--name", "tick", "--store", url, "--checkpoint-every", "1s", "--keep", "2", "--", w, "memory", "16")
-		eventually(t, 60*time.Second, "periodic snapshots", func() bool {
-			b, _ := os.ReadFile(filepath.Join(e.root, "jobs", "tick", "shim.log"))
-			return strings.Count(string(b), `msg="periodic snapshot"`) >= 3
-		})
-		if got := len(e.snapshots(url, "tick")); got != 2 {
-			t.Fatalf("%d snapshots of tick after 3 periodic ones with --keep 2", got)
-		}
+		e.runPeriodic(url, "tick", w, 60*time.Second)
 		e.must("kill", "tick")
 
 		cmd, out := e.spawnFerry(spawn{}, "run", "--name", "term", "--store", url, "--checkpoint-on-term", "--", w, "memory", "16")

@@ -245,14 +245,7 @@ func TestSnapshotStore(t *testing.T) {
 	})
 
 	t.Run("run --checkpoint-every takes snapshots and keeps the newest", func(t *testing.T) {
-		e.must("run", "--name", "tick", "--store", st, "--checkpoint-every", "1s", "--keep", "2", "--", w, "memory", "16")
-		eventually(t, 30*time.Second, "periodic snapshots", func() bool {
-			b, _ := os.ReadFile(filepath.Join(e.root, "jobs", "tick", "shim.log"))
-			return strings.Count(string(b), `msg="periodic snapshot"`) >= 3
-		})
-		if got := len(e.snapshots(st, "tick")); got != 2 {
-			t.Fatalf("%d snapshots of tick after 3 periodic ones with --keep 2", got)
-		}
+		e.runPeriodic(st, "tick", w, 30*time.Second)
 		e.must("kill", "tick")
 
 		// A job restored from the store carries on its policy (a requeued
@@ -296,4 +289,20 @@ func TestSnapshotStore(t *testing.T) {
 		e.assertContinues("term", sum, before[len(before)-1])
 		e.must("kill", "term")
 	})
+}
+
+// runPeriodic runs job name (the workload w holding 16 MiB) with
+// `--store store --checkpoint-every 1s --keep 2`, waits up to d for its
+// shim to have taken three periodic snapshots, and checks that the store
+// keeps only the newest two. The job is left running.
+func (e *env) runPeriodic(store, name, w string, d time.Duration) {
+	e.t.Helper()
+	e.must("run", "--name", name, "--store", store, "--checkpoint-every", "1s", "--keep", "2", "--", w, "memory", "16")
+	eventually(e.t, d, "periodic snapshots", func() bool {
+		b, _ := os.ReadFile(filepath.Join(e.root, "jobs", name, "shim.log"))
+		return strings.Count(string(b), `msg="periodic snapshot"`) >= 3
+	})
+	if got := len(e.snapshots(store, name)); got != 2 {
+		e.t.Fatalf("%d snapshots of %s after 3 periodic ones with --keep 2", got, name)
+	}
 }

@@ -70,9 +70,15 @@ func Run(ctx context.Context, opts Options) *Report {
 	if !r.Root {
 		r.Problems = append(r.Problems, "not running as root: ferry needs it for namespaces, cgroups and CRIU")
 	}
-	r.CapSysResource = hasCapability(unix.CAP_SYS_RESOURCE)
+	r.CapSysResource = hasCapability("CapEff", unix.CAP_SYS_RESOURCE)
 	if !r.CapSysResource {
-		r.Notes = append(r.Notes, "no CAP_SYS_RESOURCE: a tree with a task of another user (uid or gid not ferry's) cannot be checkpointed here, and is refused")
+		note := "no CAP_SYS_RESOURCE: a tree with a task of another user (uid or gid not ferry's) cannot be checkpointed here, and is refused"
+		if !hasCapability("CapBnd", unix.CAP_SYS_RESOURCE) {
+			// Nothing ferry or root does here can give it back: exec
+			// grants only what the bounding set holds.
+			note += "; the capability bounding set lacks it too, so no process started from here can have it"
+		}
+		r.Notes = append(r.Notes, note)
 	}
 
 	for _, ns := range []string{"pid", "ipc", "mnt", "net"} {
@@ -226,18 +232,18 @@ func firstLine(s string) string {
 	return l
 }
 
-// hasCapability says whether this process's effective capability set
-// (CapEff of /proc/self/status) holds capability bit cap.
-func hasCapability(cap int) bool {
+// hasCapability says whether one of this process's capability sets (set:
+// CapEff, CapBnd... of /proc/self/status) holds capability bit cap.
+func hasCapability(set string, cap int) bool {
 	data, err := os.ReadFile("/proc/self/status")
 	if err != nil {
 		return false
 	}
 	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			var set uint64
-			_, err := fmt.Sscanf(strings.TrimSpace(v), "%x", &set)
-			return err == nil && set&(1<<cap) != 0
+		if v, ok := strings.CutPrefix(line, set+":"); ok {
+			var bits uint64
+			_, err := fmt.Sscanf(strings.TrimSpace(v), "%x", &bits)
+			return err == nil && bits&(1<<cap) != 0
 		}
 	}
 	return false
