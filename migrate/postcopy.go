@@ -41,7 +41,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -419,20 +418,11 @@ func startDaemon(ctx context.Context, b *criu.Binary, images, work string, pages
 	t0 := time.Now()
 	go func() {
 		defer close(s.done)
-		s.daemon, s.err = startLazyPages(ctx, b, images, work, pages)
+		s.daemon, s.err = restore.StartLazyPages(ctx, b, images, work, pages)
 		pages.Close() // the daemon has its own copy
 		log.Debug("lazy-pages daemon started", "err", s.err, "took", time.Since(t0))
 	}()
 	return s
-}
-
-// startLazyPages is restore.StartLazyPages with the page link a socket the
-// daemon inherits (--ps-socket) rather than an address it connects to,
-// which any local process could have taken first.
-func startLazyPages(ctx context.Context, b *criu.Binary, images, work string, pages *os.File) (*restore.LazyPages, error) {
-	return criu.Command{Path: b.Path, Args: []string{"lazy-pages", "--images-dir", images, "--work-dir", work,
-		"--log-file", "lazy-pages.log", "-v2", "--page-server", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0)))},
-		ExtraFiles: []*os.File{pages}}.StartReady(ctx)
 }
 
 // wait returns the daemon once it listens, or why it never will.
