@@ -83,7 +83,6 @@ address back), and running.`,
 		if err != nil {
 			return withCode(err, exitMigrate)
 		}
-		slog.Info("serving migrations", "listen", ln.Addr().String(), "root", s.Root)
 		sv := &migrate.Server{
 			Store: s, Token: token, PKI: pki, Logger: slog.Default(), Hook: c.String("hook"),
 			MaxPending: c.Int("max-pending"), MaxPendingPerHost: c.Int("max-pending-per-host"),
@@ -93,6 +92,7 @@ address back), and running.`,
 		// Migrations an earlier serve left half done go on by their
 		// records, before new ones come in.
 		sv.Recover(c.Context)
+		slog.Info("serving migrations", "listen", ln.Addr().String(), "root", s.Root)
 		return sv.Serve(c.Context, ln)
 	},
 }

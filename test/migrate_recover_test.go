@@ -1,0 +1,69 @@
+package test
+
+import (
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestServeRestartRecoversPostCopy kills the destination's serve with
+// SIGKILL while a post-copy migration's copy runs there on memory still
+// coming from the source (the page link stalls): the copy has lost the
+// daemon that brought its pages. The source keeps its job frozen, in
+// doubt. A new serve on the same state directory recovers by the record
+// (the copy is dropped, and says so), and re-running ferry migrate on the
+// source settles the migration with no operator: the source's copy,
+// whole, runs on with its memory intact.
+func TestServeRestartRecoversPostCopy(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	if !src.lazyPages() {
+		t.Skip("this host has no lazy pages (userfaultfd): no post-copy")
+	}
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7140")
+	via := net.JoinHostPort(h.addrB, "7141")
+	serve, _ := dst.serveProc(h.b, listen, token, "")
+	if r := src.ferryIn(h.a, "run", "--name", "rj", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("rj", "verify ", 1)
+	sum := src.lines("rj", "sum ")[0]
+	stop := sync.OnceFunc(stallingProxy(t, h.b, via, listen, 4<<20))
+	defer stop()
+	before, _ := src.verifyLines("rj")
+	mig, out := src.startFerryIn(h.a, "migrate", "rj", "--to", via, "--token-file", token, "--mode", "post-copy")
+	eventually(t, 60*time.Second, "the destination's copy to run on pages still coming", func() bool {
+		v, ok := dst.list()["rj"]
+		return ok && v.Migration != nil && v.Migration.State == "lazy"
+	})
+	kill9(t, serve)
+	stop()
+	if code := waitExit(t, mig); code != 22 {
+		t.Fatalf("migrate whose destination died mid-transfer: exit %d, want 22 (in doubt)\n%s", code, out)
+	}
+	if v := src.job("rj"); v.State != "frozen" || v.Migration == nil || v.Migration.Role != "source" {
+		t.Fatalf("source after its destination died mid-transfer: %s, note %+v", v.State, v.Migration)
+	}
+
+	// A new serve finds the copy that ran on missing pages and drops it.
+	_, log := dst.serveProc(h.b, listen, token, "")
+	if !strings.Contains(log.text(), "rj: dropped") {
+		t.Fatalf("the new serve did not say it dropped the copy:\n%s", log.text())
+	}
+	if v, ok := dst.list()["rj"]; ok && v.State != "exited" {
+		t.Fatalf("destination after its serve restarted: rj is %s", v.State)
+	}
+	// Settled from the source, by its record, with no operator.
+	if r := src.ferryIn(h.a, "migrate", "rj", "--to", listen, "--token-file", token); r.code != 0 || !strings.Contains(r.stdout, "runs on here") {
+		t.Fatalf("settling the migration: %s", r)
+	}
+	src.assertContinues("rj", sum, before[len(before)-1]+1)
+	if v := src.job("rj"); v.Migration != nil {
+		t.Errorf("the source's note outlived the settlement: %+v", v.Migration)
+	}
+}
