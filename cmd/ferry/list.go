@@ -55,7 +55,8 @@ var listCommand = &cli.Command{
 				state = "stale (owner gone)"
 			}
 			switch m := v.Migration; {
-			case m == nil:
+			case m == nil, m.State == "frozen" && v.Operation != "":
+				// none, or the migration that wrote it is under way
 			case m.State == "frozen" && v.State == "running":
 				state += ", an earlier migration may have left a copy there"
 			case m.State == "lazy":
