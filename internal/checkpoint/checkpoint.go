@@ -266,13 +266,20 @@ func legacyStats(raw []byte) ([]byte, error) {
 	if err := json.Unmarshal(raw, &st); err != nil {
 		return nil, fmt.Errorf("criuStats: %w", err)
 	}
-	return proto.Marshal(&st)
+	return partial.Marshal(&st)
 }
+
+// CRIU's stats.proto is proto2 with required fields: a statistics entry
+// missing one (from a hand-edited or older manifest) is kept, not refused.
+var (
+	partial   = proto.MarshalOptions{AllowPartial: true}
+	unpartial = proto.UnmarshalOptions{AllowPartial: true}
+)
 
 // CriuStats reads CRIU's dump statistics from m; nil when it has none.
 func CriuStats(m *Manifest) *stats.DumpStatsEntry {
 	var st stats.DumpStatsEntry
-	if len(m.GetCriuDumpStats()) == 0 || proto.Unmarshal(m.GetCriuDumpStats(), &st) != nil {
+	if len(m.GetCriuDumpStats()) == 0 || unpartial.Unmarshal(m.GetCriuDumpStats(), &st) != nil {
 		return nil
 	}
 	return &st
@@ -282,7 +289,7 @@ func CriuStats(m *Manifest) *stats.DumpStatsEntry {
 func SetCriuStats(m *Manifest, st *stats.DumpStatsEntry) {
 	m.CriuDumpStats = nil
 	if st != nil {
-		m.CriuDumpStats, _ = proto.Marshal(st) // a message always marshals
+		m.CriuDumpStats, _ = partial.Marshal(st) // a message always marshals, partial or not
 	}
 }
 

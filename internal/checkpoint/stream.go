@@ -102,13 +102,17 @@ func Verify(r io.Reader) (*pb.Manifest, *pb.Trailer, error) {
 // FromRecord is the manifest a stream's record carries, as this ferry
 // reads it: a stream written before the walk, the plan and CRIU's
 // statistics were messages has them as JSON (inventory_json, plan_json,
-// criu_stats_json), which it turns into the fields; p is changed in place.
+// criu_stats_json), which it turns into the fields, and no format (it is
+// format 1's); p is changed in place.
 // For inspect, which reads no file, and for a restore that starts before
 // the rest of the stream has come (everything CRIU's command line needs
 // is in the record).
 func FromRecord(p *pb.Manifest) (*Manifest, error) {
 	if p == nil {
 		return nil, fmt.Errorf("stream has no manifest: %w", ErrNotCheckpoint)
+	}
+	if p.Format == 0 {
+		p.Format = formatV1 // written before records said which
 	}
 	//nolint:staticcheck // the deprecated fields are what is read here
 	if inv, plan, st := p.InventoryJson, p.PlanJson, p.CriuStatsJson; len(inv)+len(plan)+len(st) > 0 {
