@@ -3,7 +3,6 @@ package dump
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -174,17 +173,17 @@ func prepare(ctx context.Context, t *target, opts Options) (_ *run, retErr error
 	}
 	r.inv = inv
 	r.plan = MakePlan(inv, Allowed{TCPEstablished: opts.TCPEstablished, ExtUnixSk: opts.ExtUnixSk, FileLocks: opts.FileLocks})
-	if err := r.plan.Refusal(); err != nil {
+	if err := Refusal(r.plan); err != nil {
 		return nil, fmt.Errorf("%s: %w", t.name, err)
 	}
 	r.how, err = decide(request{
 		toPipe: r.out == "-", stream: r.opts.Stream, store: opts.Store != nil,
 		leaveRunning: opts.LeaveRunning, postCopy: opts.PostCopy != nil,
-		handover: opts.Handover != nil, pagesLast: opts.PagesLast, tcpEstablished: r.plan.TCPEstablished,
+		handover: opts.Handover != nil, pagesLast: opts.PagesLast, tcpEstablished: r.plan.TcpEstablished,
 		cgroup:      t.freezeCg != nil,
 		wrapped:     t.wrapper != nil,
 		criuStreams: func() bool { return opts.Criu.HasStream(ctx) },
-		tmpfsRoom:   scratchDir(inv.Memory.RSS, "", false) == shmDir,
+		tmpfsRoom:   scratchDir(inv.GetMemory().GetRss(), "", false) == shmDir,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", t.name, err)
@@ -219,7 +218,7 @@ func prepare(ctx context.Context, t *target, opts Options) (_ *run, retErr error
 func (r *run) scratch() error {
 	base := filepath.Dir(r.out)
 	if r.how.sink != sinkDir {
-		base = scratchDir(r.inv.Memory.RSS, base, r.out == "-")
+		base = scratchDir(r.inv.GetMemory().GetRss(), base, r.out == "-")
 	}
 	// Named after this process: should it be killed, the next ferry
 	// command removes what it left (scratch.Sweep).
@@ -284,7 +283,7 @@ func (r *run) criuOptions(ctx context.Context) *rpc.CriuOpts {
 		LogLevel:          proto.Int32(int32(cmp.Or(r.opts.CriuLogLevel, 2))),
 		LogFile:           proto.String("dump.log"),
 		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
-		TcpEstablished:    proto.Bool(plan.TCPEstablished),
+		TcpEstablished:    proto.Bool(plan.TcpEstablished),
 		FileLocks:         proto.Bool(plan.FileLocks),
 		ExtUnixSk:         proto.Bool(plan.ExtUnixSk),
 		ShellJob:          proto.Bool(plan.ShellJob),
@@ -316,7 +315,7 @@ func (r *run) criuOptions(ctx context.Context) *rpc.CriuOpts {
 	if t.pidNS != 0 {
 		o.External = append(o.External, fmt.Sprintf("pid[%d]:%s", t.pidNS, checkpoint.PidNSKey))
 	}
-	if plan.TCPEstablished {
+	if plan.TcpEstablished {
 		m := networkLock(ctx, r.opts.Criu)
 		o.NetworkLock = m.Enum()
 		r.netLock = strings.ToLower(m.String())
@@ -332,29 +331,30 @@ func (r *run) criuOptions(ctx context.Context) *rpc.CriuOpts {
 func (r *run) manifest() *checkpoint.Manifest {
 	t, plan := r.t, r.plan
 	m := &checkpoint.Manifest{
-		Format:         checkpoint.FormatVersion,
-		FerryVersion:   r.opts.FerryVersion,
-		CriuVersion:    r.opts.Criu.Version.String(),
-		Kernel:         kernelRelease(),
-		Created:        time.Now().UTC(),
-		Job:            t.name,
-		Command:        t.command,
-		Dir:            t.dir,
-		Foreign:        t.foreign,
-		ExternalPidNS:  t.pidNS != 0,
-		ShellJob:       plan.ShellJob,
-		OutputPipe:     r.pipes[0],
-		ErrorPipe:      r.pipes[1],
-		TCPEstablished: plan.TCPEstablished,
-		NetworkLock:    r.netLock,
-		FileLocks:      plan.FileLocks,
-		ExtUnixSk:      plan.ExtUnixSk,
-		Periodic:       t.periodic,
-		Init:           r.initExe,
+		Format:          checkpoint.FormatVersion,
+		FerryVersion:    r.opts.FerryVersion,
+		CriuVersion:     r.opts.Criu.Version.String(),
+		Kernel:          kernelRelease(),
+		CreatedUnixNano: time.Now().UnixNano(),
+		Job:             t.name,
+		Command:         t.command,
+		Dir:             t.dir,
+		Foreign:         t.foreign,
+		ExternalPidNs:   t.pidNS != 0,
+		ShellJob:        plan.ShellJob,
+		OutputPipe:      r.pipes[0],
+		ErrorPipe:       r.pipes[1],
+		TcpEstablished:  plan.TcpEstablished,
+		NetworkLock:     r.netLock,
+		FileLocks:       plan.FileLocks,
+		ExtUnixSk:       plan.ExtUnixSk,
+		Periodic:        t.periodic,
+		Init:            r.initExe,
+		Inventory:       r.inv,
+		Plan:            plan,
 	}
 	m.Host, _ = os.Hostname()
-	m.Inventory, _ = json.Marshal(r.inv)
-	m.Plan, _ = json.Marshal(plan)
+	m.CpuModel, m.CpuFlags = checkpoint.CPUInfo()
 	return m
 }
 
@@ -643,7 +643,7 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 	case r.how.sink == sinkLazy:
 		// CRIU's statistics come when the pages have gone; till then the
 		// walk's figure for resident memory stands in.
-		res.Memory = inv.Memory.RSS
+		res.Memory = inv.GetMemory().GetRss()
 		res.LazyPages = lazyPages(r.tmp)
 	default:
 		if sizes == nil && !r.how.sink.streamed() {
@@ -670,10 +670,8 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 		res.Processes, res.Threads = countTasks(r.tmp)
 	}
 	m := r.manifest()
-	m.Processes, m.Threads, m.MemoryBytes = res.Processes, res.Threads, res.Memory
-	if res.CriuStats != nil {
-		m.CriuStats, _ = json.Marshal(res.CriuStats)
-	}
+	m.Processes, m.Threads, m.MemoryBytes = int32(res.Processes), int32(res.Threads), res.Memory
+	checkpoint.SetCriuStats(m, res.CriuStats)
 	if r.how.sink.streamed() {
 		os.RemoveAll(r.tmp) // only CRIU's sockets
 	}

@@ -9,7 +9,6 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -221,7 +220,7 @@ func Job(ctx context.Context, s *job.Registry, name string, opts Options) (*Resu
 		},
 	}
 	if p := rec.Snapshots; p != nil && p.Every > 0 {
-		t.periodic = &checkpoint.Periodic{Every: p.Every, Keep: p.Keep}
+		t.periodic = &checkpoint.Periodic{EveryNs: int64(p.Every), Keep: int32(p.Keep)}
 	}
 	if rec.Foreign {
 		// The tree is the init's child, in namespaces the init made; CRIU
@@ -432,14 +431,14 @@ func killTree(_ context.Context, inv *Inventory) error {
 func signalTree(inv *Inventory, sig unix.Signal, skip func(pid int) bool) error {
 	var rootStart uint64
 	for _, task := range inv.Tasks {
-		if task.PID == inv.Root {
+		if task.Pid == inv.Root {
 			rootStart = task.StartTime
 		}
 	}
-	if !proc.Alive(inv.Root, rootStart) {
+	if !proc.Alive(int(inv.Root), rootStart) {
 		return nil // gone already
 	}
-	pids, err := tree(inv.Root)
+	pids, err := tree(int(inv.Root))
 	if err != nil {
 		return err
 	}
@@ -576,7 +575,7 @@ func seal(tmp string, m *checkpoint.Manifest, sync bool) (int64, error) {
 		m.Files[e.Name()] = st.Size()
 		total += st.Size()
 	}
-	data, err := json.MarshalIndent(m, "", "  ")
+	data, err := checkpoint.Encode(m)
 	if err != nil {
 		return 0, err
 	}
@@ -584,7 +583,7 @@ func seal(tmp string, m *checkpoint.Manifest, sync bool) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	if _, err := mf.Write(append(data, '\n')); err == nil && sync {
+	if _, err := mf.Write(data); err == nil && sync {
 		err = mf.Sync()
 	}
 	if cerr := mf.Close(); err == nil {
@@ -593,7 +592,7 @@ func seal(tmp string, m *checkpoint.Manifest, sync bool) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("writing manifest: %w", err)
 	}
-	return total + int64(len(data)+1), nil
+	return total + int64(len(data)), nil
 }
 
 func syncDir(dir string) error {

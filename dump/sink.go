@@ -234,7 +234,7 @@ func (s *streamSink) begin(_ context.Context, m *checkpoint.Manifest) error {
 	if s.file, err = openSink(s.out, s.opts); err != nil {
 		return err
 	}
-	if s.w, err = image.NewWriter(s.file, checkpoint.ToProto(m), s.opts.Image); err != nil {
+	if s.w, err = image.NewWriter(s.file, m, s.opts.Image); err != nil {
 		return err
 	}
 	if s.holdPages {
@@ -276,7 +276,7 @@ type lazySink struct {
 func (s *lazySink) begin(_ context.Context, m *checkpoint.Manifest) error {
 	s.out = &countingWriter{w: s.opts.StreamTo, meter: s.opts.Progress}
 	var err error
-	s.w, err = image.NewWriter(s.out, checkpoint.ToProto(m), s.opts.Image)
+	s.w, err = image.NewWriter(s.out, m, s.opts.Image)
 	return err
 }
 
@@ -286,7 +286,7 @@ func (s *lazySink) seal(_ context.Context, m *checkpoint.Manifest, _ map[string]
 	if _, err := seal(s.tmp, m, false); err != nil {
 		return 0, err
 	}
-	if err := checkpoint.PackInto(s.w, s.tmp, m, checkpoint.ToProto(m)); err != nil {
+	if err := checkpoint.PackInto(s.w, s.tmp, m, m); err != nil {
 		return 0, err
 	}
 	return s.out.n, nil

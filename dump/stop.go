@@ -267,7 +267,7 @@ func continueRunning(inv *Inventory) error {
 	wasStopped := map[int]uint64{}
 	for _, task := range inv.Tasks {
 		if task.Stopped {
-			wasStopped[task.PID] = task.StartTime
+			wasStopped[int(task.Pid)] = task.StartTime
 		}
 	}
 	return signalTree(inv, unix.SIGCONT, func(pid int) bool {

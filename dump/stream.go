@@ -2,7 +2,6 @@ package dump
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -308,7 +307,7 @@ func (s *sink) abort() {
 // pages files, if any, go after the manifest, behind a REMAINING record.
 func finishStreamed(iw *image.Writer, sk *sink, m *checkpoint.Manifest, sizes map[string]int64, held *heldFiles) (int64, error) {
 	m.Files = sizes
-	data, err := json.MarshalIndent(m, "", "  ")
+	data, err := checkpoint.Encode(m)
 	if err != nil {
 		return 0, err
 	}
@@ -316,7 +315,7 @@ func finishStreamed(iw *image.Writer, sk *sink, m *checkpoint.Manifest, sizes ma
 	if err != nil {
 		return 0, err
 	}
-	if _, err := fw.Write(append(data, '\n')); err != nil {
+	if _, err := fw.Write(data); err != nil {
 		return 0, err
 	}
 	if err := fw.Close(); err != nil {
@@ -327,7 +326,7 @@ func finishStreamed(iw *image.Writer, sk *sink, m *checkpoint.Manifest, sizes ma
 			return 0, err
 		}
 	}
-	if err := iw.CloseWith(checkpoint.ToProto(m)); err != nil {
+	if err := iw.CloseWith(m); err != nil {
 		return 0, err
 	}
 	return sk.commit()

@@ -2,6 +2,7 @@ package dump
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
@@ -16,123 +17,23 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/internal/proc"
+	pb "github.com/ferry-cr/ferry/proto"
 )
 
-// Inventory is what the walk found in a process tree, read from /proc
-// before anything is frozen.
-type Inventory struct {
-	Root    int       `json:"root"`
-	Tasks   []Task    `json:"tasks"`
-	Sockets []Socket  `json:"sockets"`
-	IPC     IPC       `json:"ipc"`
-	Locks   int       `json:"fileLocks"`
-	Memory  MemTotals `json:"memory"`
-	// OwnIPCNamespace and OwnPIDNamespace say whether the tree's root
-	// has namespaces of its own (a ferry job has both).
-	OwnIPCNamespace bool `json:"ownIpcNamespace"`
-	OwnPIDNamespace bool `json:"ownPidNamespace"`
-	// LacksCapSysResource says ferry (and so the CRIU it runs) lacks
-	// CAP_SYS_RESOURCE here, as in containers that drop it: the kernel
-	// then lets CRIU read the resource limits (prlimit) only of tasks
-	// with exactly ferry's uids and gids, and CRIU reads every task's.
-	LacksCapSysResource bool `json:"lacksCapSysResource,omitempty"`
-}
-
-// Task is one process of the tree.
-type Task struct {
-	PID     int      `json:"pid"`
-	NSPID   int      `json:"nspid"` // pid inside the tree's own PID namespace
-	PPID    int      `json:"ppid"`
-	PGID    int      `json:"pgid"`
-	SID     int      `json:"sid"`
-	Threads int      `json:"threads"`
-	Cmdline []string `json:"cmdline"`
-	Exe     string   `json:"exe"`
-	Cwd     string   `json:"cwd"`
-	UID     int      `json:"uid"`
-	GID     int      `json:"gid"`
-	// OtherUser says the task's real, effective or saved uid or gid is
-	// not ferry's own: reading its rlimits takes CAP_SYS_RESOURCE.
-	OtherUser bool `json:"otherUser,omitempty"`
-	// StartTime (clock ticks since boot) tells this task from a later one
-	// that reuses its pid.
-	StartTime uint64 `json:"startTime"`
-	// Stopped says the task was stopped (or stopped under ptrace) before
-	// the checkpoint: a failed checkpoint leaves it so.
-	Stopped bool `json:"stopped,omitempty"`
-	// Tracer is the pid of the process tracing the task (ptrace), 0 for
-	// none: CRIU cannot seize a traced task.
-	Tracer int       `json:"tracer,omitempty"`
-	Memory MemTotals `json:"memory"`
-	Maps   []Mapping `json:"maps,omitempty"`
-	FDs    []FD      `json:"fds"`
-}
-
-// MemTotals sums a task's (or the tree's) memory by kind, in bytes.
-type MemTotals struct {
-	Size      int64 `json:"size"`
-	RSS       int64 `json:"rss"`
-	Anonymous int64 `json:"anonymous"`
-	FileRSS   int64 `json:"fileRss"`
-	ShmemRSS  int64 `json:"shmemRss"`
-}
-
-// Mapping is one memory map of a task, from /proc/PID/smaps.
-type Mapping struct {
-	Start, End uint64
-	Perms      string `json:"perms"`
-	Path       string `json:"path,omitempty"`
-	Kind       string `json:"kind"` // anon, file, shared-file, shared-anon, deleted, stack, heap, vdso...
-	RSS        int64  `json:"rss"`
-}
-
-// FD is one open file descriptor.
-type FD struct {
-	Num    int    `json:"fd"`
-	Kind   string `json:"kind"` // file, deleted, dir, pipe, fifo, socket, eventfd, epoll, signalfd, timerfd, inotify, tty, device, memfd, pidfd, io_uring, anon
-	Target string `json:"target"`
-	Pos    int64  `json:"pos,omitempty"`
-	Flags  string `json:"flags,omitempty"`
-	Inode  uint64 `json:"inode,omitempty"`
-	Size   int64  `json:"size,omitempty"`   // regular and deleted files
-	Links  uint64 `json:"links,omitempty"`  // link count of a deleted file
-	Blocks int64  `json:"blocks,omitempty"` // bytes on disk of a regular or deleted file (sparse files take less than Size)
-	// Locks are the file locks held through this fd, from its fdinfo's
-	// "lock:" lines (the kernel lists a flock or OFD lock on the open
-	// file it belongs to, a POSIX lock on its owner's fds), as /proc/locks
-	// prints them without the ordinal.
-	Locks []string `json:"locks,omitempty"`
-	// FsMarks counts a fanotify fd's marks on a whole filesystem
-	// (FAN_MARK_FILESYSTEM), which CRIU 4.2 does not carry: its restore
-	// comes back without them. Inode and mount marks it carries.
-	FsMarks int `json:"fanotifyFsMarks,omitempty"`
-	// Semaphore marks an eventfd made with EFD_SEMAPHORE, and Periodic a
-	// timerfd armed with an interval: CRIU 4.2.1 restores the first
-	// without the flag and the second disarmed (checked with CRIU alone).
-	Semaphore bool `json:"semaphore,omitempty"`
-	Periodic  bool `json:"periodic,omitempty"`
-}
-
-// Socket is a socket held by the tree, with its peer when known.
-type Socket struct {
-	Inode      uint64 `json:"inode"`
-	PID        int    `json:"pid"`
-	FD         int    `json:"fd"`
-	Family     string `json:"family"`         // unix, tcp, tcp6, udp, udp6, netlink, other
-	Type       string `json:"type,omitempty"` // of a unix socket: stream, dgram, seqpacket
-	State      string `json:"state"`
-	Local      string `json:"local,omitempty"`
-	Remote     string `json:"remote,omitempty"`
-	PeerInode  uint64 `json:"peerInode,omitempty"`
-	PeerInTree bool   `json:"peerInTree"`
-}
-
-// IPC counts the SysV IPC objects of the tree's IPC namespace.
-type IPC struct {
-	Shm int `json:"shm"`
-	Sem int `json:"sem"`
-	Msg int `json:"msg"`
-}
+// The walk's findings are proto messages (proto/image.proto), so that a
+// checkpoint's manifest carries them as they are; the walk builds them
+// directly.
+type (
+	// Inventory is what the walk found in a process tree, read from /proc
+	// before anything is frozen.
+	Inventory = pb.Inventory
+	Task      = pb.Task      // one process of the tree
+	MemTotals = pb.MemTotals // a task's (or the tree's) memory by kind, in bytes
+	Mapping   = pb.Mapping   // one memory map of a task, from /proc/PID/smaps
+	FD        = pb.FD        // one open file descriptor
+	Socket    = pb.Socket    // a socket held by the tree, with its peer when known
+	IPC       = pb.IPC       // the SysV IPC objects of the tree's IPC namespace
+)
 
 // Walk inventories the tree rooted at root: root and every descendant.
 func Walk(root int) (*Inventory, error) {
@@ -140,9 +41,9 @@ func Walk(root int) (*Inventory, error) {
 	if err != nil {
 		return nil, err
 	}
-	inv := &Inventory{Root: root}
-	inv.OwnPIDNamespace = nsDiffers(root, "pid")
-	inv.OwnIPCNamespace = nsDiffers(root, "ipc")
+	inv := &Inventory{Root: int32(root), Memory: &MemTotals{}}
+	inv.OwnPidNamespace = nsDiffers(root, "pid")
+	inv.OwnIpcNamespace = nsDiffers(root, "ipc")
 	inv.LacksCapSysResource = !HasCapability(unix.CAP_SYS_RESOURCE)
 	sockInodes := map[uint64]*Socket{}
 	for _, pid := range pids {
@@ -150,12 +51,12 @@ func Walk(root int) (*Inventory, error) {
 		if err != nil {
 			continue // exited during the walk
 		}
-		inv.Tasks = append(inv.Tasks, *t)
-		addMem(&inv.Memory, t.Memory)
-		for _, fd := range t.FDs {
+		inv.Tasks = append(inv.Tasks, t)
+		addMem(inv.Memory, t.Memory)
+		for _, fd := range t.Fds {
 			if fd.Kind == "socket" {
 				if _, ok := sockInodes[fd.Inode]; !ok {
-					s := &Socket{Inode: fd.Inode, PID: pid, FD: fd.Num, Family: "other"}
+					s := &Socket{Inode: fd.Inode, Pid: int32(pid), Fd: fd.Num, Family: "other"}
 					sockInodes[fd.Inode] = s
 				}
 			}
@@ -166,11 +67,11 @@ func Walk(root int) (*Inventory, error) {
 	}
 	describeSockets(root, sockInodes)
 	for _, s := range sockInodes {
-		inv.Sockets = append(inv.Sockets, *s)
+		inv.Sockets = append(inv.Sockets, s)
 	}
-	slices.SortFunc(inv.Sockets, func(a, b Socket) int { return int(a.Inode) - int(b.Inode) })
-	inv.IPC = countIPC(root)
-	inv.Locks = countLocks(pids, inv.Tasks)
+	slices.SortFunc(inv.Sockets, func(a, b *Socket) int { return cmp.Compare(a.Inode, b.Inode) })
+	inv.Ipc = countIPC(root)
+	inv.FileLocks = int32(countLocks(pids, inv.Tasks))
 	return inv, nil
 }
 
@@ -201,7 +102,7 @@ func readTask(pid int) (*Task, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &Task{PID: pid, PPID: st.PPID, StartTime: st.StartTime, Stopped: st.State == 'T' || st.State == 't'}
+	t := &Task{Pid: int32(pid), Ppid: int32(st.PPID), StartTime: st.StartTime, Stopped: st.State == 'T' || st.State == 't'}
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return nil, err
@@ -217,13 +118,14 @@ func readTask(pid int) (*Task, error) {
 		}
 		switch k {
 		case "Threads":
-			t.Threads, _ = strconv.Atoi(f[0])
+			t.Threads = atoi32(f[0])
 		case "Uid", "Gid":
 			own := os.Getuid()
+			id, _ := strconv.ParseUint(f[0], 10, 32)
 			if k == "Uid" {
-				t.UID, _ = strconv.Atoi(f[0])
+				t.Uid = uint32(id)
 			} else {
-				t.GID, _ = strconv.Atoi(f[0])
+				t.Gid = uint32(id)
 				own = os.Getgid()
 			}
 			// real, effective, saved (the fs id the kernel does not ask)
@@ -233,13 +135,13 @@ func readTask(pid int) (*Task, error) {
 				}
 			}
 		case "NSpid":
-			t.NSPID, _ = strconv.Atoi(f[len(f)-1])
+			t.Nspid = atoi32(f[len(f)-1])
 		case "NSpgid":
-			t.PGID, _ = strconv.Atoi(f[0])
+			t.Pgid = atoi32(f[0])
 		case "NSsid":
-			t.SID, _ = strconv.Atoi(f[0])
+			t.Sid = atoi32(f[0])
 		case "TracerPid":
-			t.Tracer, _ = strconv.Atoi(f[0])
+			t.Tracer = atoi32(f[0])
 		}
 	}
 	if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil {
@@ -248,27 +150,33 @@ func readTask(pid int) (*Task, error) {
 	t.Exe, _ = os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
 	t.Cwd, _ = os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid))
 	t.Maps, t.Memory = readMaps(pid)
-	t.FDs = readFDs(pid)
+	t.Fds = readFDs(pid)
 	return t, nil
 }
 
-func addMem(dst *MemTotals, m MemTotals) {
-	dst.Size += m.Size
-	dst.RSS += m.RSS
-	dst.Anonymous += m.Anonymous
-	dst.FileRSS += m.FileRSS
-	dst.ShmemRSS += m.ShmemRSS
+// atoi32 is a decimal field of /proc, 0 when it is not one.
+func atoi32(s string) int32 {
+	n, _ := strconv.ParseInt(s, 10, 32)
+	return int32(n)
+}
+
+func addMem(dst *MemTotals, m *MemTotals) {
+	dst.Size += m.GetSize()
+	dst.Rss += m.GetRss()
+	dst.Anonymous += m.GetAnonymous()
+	dst.FileRss += m.GetFileRss()
+	dst.ShmemRss += m.GetShmemRss()
 }
 
 // readMaps parses /proc/PID/smaps into mappings and totals.
-func readMaps(pid int) ([]Mapping, MemTotals) {
-	var tot MemTotals
+func readMaps(pid int) ([]*Mapping, *MemTotals) {
+	tot := &MemTotals{}
 	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
 	if err != nil {
 		return nil, tot
 	}
 	defer f.Close()
-	var maps []Mapping
+	var maps []*Mapping
 	var cur *Mapping
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -279,13 +187,13 @@ func readMaps(pid int) ([]Mapping, MemTotals) {
 			lo, hi, _ := strings.Cut(fields[0], "-")
 			s, _ := strconv.ParseUint(lo, 16, 64)
 			e, _ := strconv.ParseUint(hi, 16, 64)
-			m := Mapping{Start: s, End: e, Perms: fields[1]}
+			m := &Mapping{Start: s, End: e, Perms: fields[1]}
 			if len(fields) >= 6 {
 				m.Path = strings.Join(fields[5:], " ")
 			}
 			m.Kind = mapKind(m)
 			maps = append(maps, m)
-			cur = &maps[len(maps)-1]
+			cur = m
 			tot.Size += int64(e - s)
 			continue
 		}
@@ -295,13 +203,13 @@ func readMaps(pid int) ([]Mapping, MemTotals) {
 		kb, _ := strconv.ParseInt(fields[1], 10, 64)
 		switch fields[0] {
 		case "Rss:":
-			cur.RSS = kb << 10
-			tot.RSS += kb << 10
+			cur.Rss = kb << 10
+			tot.Rss += kb << 10
 			switch {
 			case strings.HasPrefix(cur.Kind, "shared"):
-				tot.ShmemRSS += kb << 10
+				tot.ShmemRss += kb << 10
 			case cur.Kind == "file" || cur.Kind == "deleted":
-				tot.FileRSS += kb << 10
+				tot.FileRss += kb << 10
 			}
 		case "Anonymous:":
 			tot.Anonymous += kb << 10
@@ -310,7 +218,7 @@ func readMaps(pid int) ([]Mapping, MemTotals) {
 	return maps, tot
 }
 
-func mapKind(m Mapping) string {
+func mapKind(m *Mapping) string {
 	shared := len(m.Perms) == 4 && m.Perms[3] == 's'
 	switch {
 	case strings.HasSuffix(m.Path, " (deleted)"):
@@ -332,13 +240,13 @@ func mapKind(m Mapping) string {
 }
 
 // readFDs classifies every fd of pid by what its /proc link points to.
-func readFDs(pid int) []FD {
+func readFDs(pid int) []*FD {
 	dir := fmt.Sprintf("/proc/%d/fd", pid)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil
 	}
-	var fds []FD
+	var fds []*FD
 	for _, e := range entries {
 		n, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -348,7 +256,7 @@ func readFDs(pid int) []FD {
 		if err != nil {
 			continue
 		}
-		fd := FD{Num: n, Target: target, Kind: fdKind(target)}
+		fd := &FD{Num: int32(n), Target: target, Kind: fdKind(target)}
 		if info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%d", pid, n)); err == nil {
 			for line := range strings.SplitSeq(string(info), "\n") {
 				k, v, _ := strings.Cut(line, ":")
@@ -663,15 +571,15 @@ func inNamespace(pid int, ns string, flag int, fn func() error) error {
 }
 
 // countIPC counts the SysV IPC objects in the tree's IPC namespace.
-func countIPC(root int) IPC {
-	var c IPC
+func countIPC(root int) *IPC {
+	c := &IPC{}
 	count := func() error {
-		for name, dst := range map[string]*int{"shm": &c.Shm, "sem": &c.Sem, "msg": &c.Msg} {
+		for name, dst := range map[string]*int32{"shm": &c.Shm, "sem": &c.Sem, "msg": &c.Msg} {
 			data, err := os.ReadFile("/proc/sysvipc/" + name)
 			if err != nil {
 				continue
 			}
-			*dst = max(0, strings.Count(string(data), "\n")-1)
+			*dst = int32(max(0, strings.Count(string(data), "\n")-1))
 		}
 		return nil
 	}
@@ -687,10 +595,10 @@ func countIPC(root int) IPC {
 // its fds show (which include a flock lock inherited from a parent outside
 // the tree, whose /proc/locks line names that parent) and those
 // /proc/locks gives to one of its pids.
-func countLocks(pids []int, tasks []Task) int {
+func countLocks(pids []int, tasks []*Task) int {
 	seen := map[string]bool{}
 	for _, t := range tasks {
-		for _, fd := range t.FDs {
+		for _, fd := range t.Fds {
 			for _, l := range fd.Locks {
 				seen[l] = true
 			}

@@ -9,8 +9,10 @@
 //	|   magic "FERRYIMG" | u16 LE version | u16 LE flags | u32 zero   |
 //	|   (flag 1: no SHA-256 digests, CRC-32C only; see FlagNoDigests) |
 //	+-----------------------------------------------------------------+
-//	| record: MANIFEST  (ferry/CRIU versions, kernel, host, CPU, job, |
-//	|                    the walk and the plan, CRIU's options)       |
+//	| record: MANIFEST  (pb.Manifest: ferry/CRIU versions, kernel,    |
+//	|                    host, CPU, job, CRIU's options; the walk     |
+//	|                    (Inventory), the plan (Plan), the snapshot   |
+//	|                    policy (Periodic) as messages)               |
 //	| record: FILE      (file 0 is "inventory.img")                   |
 //	| record: CHUNK     (file 0, offset 0, s2, zstd or raw payload)   |
 //	| record: FILE      (file 1 is "pages-1.img")                     |
@@ -24,7 +26,9 @@
 //	|                    starts here, see StreamArchive)              |
 //	| record: FILE, CHUNK..., FILE_END of each remaining file         |
 //	| record: TRAILER   (index: file -> size, chunks, SHA-256;        |
-//	|                    SHA-256 of every byte before this record)    |
+//	|                    SHA-256 of every byte before this record;    |
+//	|                    the manifest as it stands once CRIU is done: |
+//	|                    counts, CRIU's statistics, files)            |
 //	+-----------------------------------------------------------------+
 //	| footer, 20 bytes                                                |
 //	|   u64 LE offset of the TRAILER record | u32 LE its length |     |
@@ -33,6 +37,11 @@
 //
 //	record := u32 LE n | u32 LE CRC-32C of the next n bytes |
 //	          RecordHeader (protobuf, n bytes) | payload (payload_len bytes)
+//
+// The manifest is one message (proto/image.proto), the same a checkpoint
+// directory keeps as ferry.json. Streams written before the walk, the plan
+// and CRIU's statistics were messages carry them as JSON in its deprecated
+// *_json fields; internal/checkpoint.FromRecord reads those.
 //
 // The RecordHeader (proto/image.proto) carries the kind, the file index,
 // the offset and raw length of a chunk, its compression and the CRC-32C of

@@ -482,7 +482,11 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		c.abort("receiving the checkpoint failed on the destination: " + err.Error())
 		return fmt.Errorf("receiving: %w", err)
 	}
-	early, err := restore.NewEarlyLazy(sv.Restore.ServeDir, checkpoint.FromProto(rd.Manifest()))
+	head, err := checkpoint.FromRecord(rd.Manifest())
+	var early *restore.EarlyLazy
+	if err == nil {
+		early, err = restore.NewEarlyLazy(sv.Restore.ServeDir, head)
+	}
 	if err != nil {
 		c.abort(err.Error())
 		return err

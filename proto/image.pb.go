@@ -301,7 +301,11 @@ func (x *Executable) GetSha256() string {
 	return ""
 }
 
-// Manifest describes the checkpoint: where, when and how it was taken.
+// Manifest describes the checkpoint: where, when and how it was taken,
+// and what the tree was. It is a stream's first record (and, complete, its
+// trailer's final_manifest), and, written as protojson, a checkpoint
+// directory's ferry.json (format 2). Field names' JSON forms are those
+// `ferry inspect --json` has always printed.
 type Manifest struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	FerryVersion    string                 `protobuf:"bytes,1,opt,name=ferry_version,json=ferryVersion,proto3" json:"ferry_version,omitempty"`
@@ -310,28 +314,64 @@ type Manifest struct {
 	Host            string                 `protobuf:"bytes,4,opt,name=host,proto3" json:"host,omitempty"`
 	CpuModel        string                 `protobuf:"bytes,5,opt,name=cpu_model,json=cpuModel,proto3" json:"cpu_model,omitempty"`
 	CpuFlags        []string               `protobuf:"bytes,6,rep,name=cpu_flags,json=cpuFlags,proto3" json:"cpu_flags,omitempty"`
-	CreatedUnixNano int64                  `protobuf:"varint,7,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	CreatedUnixNano int64                  `protobuf:"varint,7,opt,name=created_unix_nano,json=created,proto3" json:"created_unix_nano,omitempty"`
 	Job             string                 `protobuf:"bytes,10,opt,name=job,proto3" json:"job,omitempty"`
 	Command         []string               `protobuf:"bytes,11,rep,name=command,proto3" json:"command,omitempty"`
 	Dir             string                 `protobuf:"bytes,12,opt,name=dir,proto3" json:"dir,omitempty"`
-	Foreign         bool                   `protobuf:"varint,13,opt,name=foreign,proto3" json:"foreign,omitempty"`
-	ExternalPidNs   bool                   `protobuf:"varint,14,opt,name=external_pid_ns,json=externalPidNs,proto3" json:"external_pid_ns,omitempty"`
-	ShellJob        bool                   `protobuf:"varint,15,opt,name=shell_job,json=shellJob,proto3" json:"shell_job,omitempty"`
-	OutputPipe      string                 `protobuf:"bytes,16,opt,name=output_pipe,json=outputPipe,proto3" json:"output_pipe,omitempty"`
-	ErrorPipe       string                 `protobuf:"bytes,17,opt,name=error_pipe,json=errorPipe,proto3" json:"error_pipe,omitempty"`
-	TcpEstablished  bool                   `protobuf:"varint,18,opt,name=tcp_established,json=tcpEstablished,proto3" json:"tcp_established,omitempty"`
-	NetworkLock     string                 `protobuf:"bytes,19,opt,name=network_lock,json=networkLock,proto3" json:"network_lock,omitempty"`
-	FileLocks       bool                   `protobuf:"varint,20,opt,name=file_locks,json=fileLocks,proto3" json:"file_locks,omitempty"`
-	ExtUnixSk       bool                   `protobuf:"varint,21,opt,name=ext_unix_sk,json=extUnixSk,proto3" json:"ext_unix_sk,omitempty"`
-	Init            *Executable            `protobuf:"bytes,22,opt,name=init,proto3" json:"init,omitempty"`
-	Processes       int32                  `protobuf:"varint,30,opt,name=processes,proto3" json:"processes,omitempty"`
-	Threads         int32                  `protobuf:"varint,31,opt,name=threads,proto3" json:"threads,omitempty"`
-	MemoryBytes     int64                  `protobuf:"varint,32,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
-	InventoryJson   []byte                 `protobuf:"bytes,33,opt,name=inventory_json,json=inventoryJson,proto3" json:"inventory_json,omitempty"` // the walk (dump.Inventory) as JSON
-	PlanJson        []byte                 `protobuf:"bytes,34,opt,name=plan_json,json=planJson,proto3" json:"plan_json,omitempty"`                // the plan (dump.Plan) as JSON
-	CriuStats       []byte                 `protobuf:"bytes,35,opt,name=criu_stats,json=criuStats,proto3" json:"criu_stats,omitempty"`             // CRIU's stats-dump entry, as CRIU wrote it
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// foreign: a tree ferry did not start (--pid), or such a tree after
+	// ferry restored it: it comes back under a new ferry init, in fresh PID,
+	// IPC and mount namespaces, with its own pids.
+	Foreign bool `protobuf:"varint,13,opt,name=foreign,proto3" json:"foreign,omitempty"`
+	// The tree's PID namespace was declared external at dump (its init is
+	// not part of the checkpoint): restore hands CRIU the new namespace
+	// under the key extRootPidNS.
+	ExternalPidNs bool `protobuf:"varint,14,opt,name=external_pid_ns,json=externalPidNs,proto3" json:"external_pid_ns,omitempty"`
+	ShellJob      bool `protobuf:"varint,15,opt,name=shell_job,json=shellJob,proto3" json:"shell_job,omitempty"`
+	// The inode key ("pipe:[N]") of the pipe that carried the job's stdout
+	// (and error_pipe: stderr, when another) to its shim: restore hands
+	// CRIU a fresh pipe under this key.
+	OutputPipe     string `protobuf:"bytes,16,opt,name=output_pipe,json=outputPipe,proto3" json:"output_pipe,omitempty"`
+	ErrorPipe      string `protobuf:"bytes,17,opt,name=error_pipe,json=errorPipe,proto3" json:"error_pipe,omitempty"`
+	TcpEstablished bool   `protobuf:"varint,18,opt,name=tcp_established,json=tcpEstablished,proto3" json:"tcp_established,omitempty"`
+	// CRIU's network locking method ("nftables" or "iptables"); restore
+	// must use the same one.
+	NetworkLock string `protobuf:"bytes,19,opt,name=network_lock,json=networkLock,proto3" json:"network_lock,omitempty"`
+	FileLocks   bool   `protobuf:"varint,20,opt,name=file_locks,json=fileLocks,proto3" json:"file_locks,omitempty"`
+	ExtUnixSk   bool   `protobuf:"varint,21,opt,name=ext_unix_sk,json=extUnixSk,proto3" json:"ext_unix_sk,omitempty"`
+	// The binary that runs as the tree's pid 1: CRIU checks that every
+	// executable is the same file at restore.
+	Init        *Executable `protobuf:"bytes,22,opt,name=init,proto3" json:"init,omitempty"`
+	Processes   int32       `protobuf:"varint,30,opt,name=processes,proto3" json:"processes,omitempty"`
+	Threads     int32       `protobuf:"varint,31,opt,name=threads,proto3" json:"threads,omitempty"`
+	MemoryBytes int64       `protobuf:"varint,32,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"` // pages written by CRIU
+	// Streams written before the walk, the plan and CRIU's statistics were
+	// messages carried them as JSON; readers turn them into the fields below
+	// (internal/checkpoint), writers leave them empty.
+	//
+	// Deprecated: Marked as deprecated in proto/image.proto.
+	InventoryJson []byte `protobuf:"bytes,33,opt,name=inventory_json,json=inventoryJson,proto3" json:"inventory_json,omitempty"`
+	// Deprecated: Marked as deprecated in proto/image.proto.
+	PlanJson []byte `protobuf:"bytes,34,opt,name=plan_json,json=planJson,proto3" json:"plan_json,omitempty"`
+	// Deprecated: Marked as deprecated in proto/image.proto.
+	CriuStatsJson []byte     `protobuf:"bytes,35,opt,name=criu_stats_json,json=criuStatsJson,proto3" json:"criu_stats_json,omitempty"`
+	Inventory     *Inventory `protobuf:"bytes,36,opt,name=inventory,proto3" json:"inventory,omitempty"` // the walk of the tree before it was frozen
+	Plan          *Plan      `protobuf:"bytes,37,opt,name=plan,proto3" json:"plan,omitempty"`           // what the walk concluded
+	// CRIU's dump statistics: the DumpStatsEntry of CRIU's stats.proto as
+	// CRIU encoded it in its stats-dump file (that file less its magic and
+	// framing); CRIU's schema, read with go-criu's generated type.
+	CriuDumpStats []byte `protobuf:"bytes,38,opt,name=criu_dump_stats,json=criuStats,proto3" json:"criu_dump_stats,omitempty"`
+	// The job's periodic snapshot policy (ferry run --checkpoint-every),
+	// so that a job restored from a snapshot store carries on taking
+	// snapshots into that store.
+	Periodic *Periodic `protobuf:"bytes,39,opt,name=periodic,proto3" json:"periodic,omitempty"`
+	// The version of a directory's ferry.json (1: ferry's hand-kept JSON,
+	// 2: this message as protojson); a stream's records leave it 0.
+	Format int32 `protobuf:"varint,40,opt,name=format,proto3" json:"format,omitempty"`
+	// Every file of a directory checkpoint with its size, so that a restore
+	// can tell a truncated checkpoint before touching anything.
+	Files         map[string]int64 `protobuf:"bytes,41,rep,name=files,proto3" json:"files,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Manifest) Reset() {
@@ -525,6 +565,7 @@ func (x *Manifest) GetMemoryBytes() int64 {
 	return 0
 }
 
+// Deprecated: Marked as deprecated in proto/image.proto.
 func (x *Manifest) GetInventoryJson() []byte {
 	if x != nil {
 		return x.InventoryJson
@@ -532,6 +573,7 @@ func (x *Manifest) GetInventoryJson() []byte {
 	return nil
 }
 
+// Deprecated: Marked as deprecated in proto/image.proto.
 func (x *Manifest) GetPlanJson() []byte {
 	if x != nil {
 		return x.PlanJson
@@ -539,11 +581,1085 @@ func (x *Manifest) GetPlanJson() []byte {
 	return nil
 }
 
-func (x *Manifest) GetCriuStats() []byte {
+// Deprecated: Marked as deprecated in proto/image.proto.
+func (x *Manifest) GetCriuStatsJson() []byte {
 	if x != nil {
-		return x.CriuStats
+		return x.CriuStatsJson
 	}
 	return nil
+}
+
+func (x *Manifest) GetInventory() *Inventory {
+	if x != nil {
+		return x.Inventory
+	}
+	return nil
+}
+
+func (x *Manifest) GetPlan() *Plan {
+	if x != nil {
+		return x.Plan
+	}
+	return nil
+}
+
+func (x *Manifest) GetCriuDumpStats() []byte {
+	if x != nil {
+		return x.CriuDumpStats
+	}
+	return nil
+}
+
+func (x *Manifest) GetPeriodic() *Periodic {
+	if x != nil {
+		return x.Periodic
+	}
+	return nil
+}
+
+func (x *Manifest) GetFormat() int32 {
+	if x != nil {
+		return x.Format
+	}
+	return 0
+}
+
+func (x *Manifest) GetFiles() map[string]int64 {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+// Periodic is a periodic snapshot policy without its store: the store is
+// the one the snapshot is restored from.
+type Periodic struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EveryNs       int64                  `protobuf:"varint,1,opt,name=every_ns,json=everyNs,proto3" json:"every_ns,omitempty"`
+	Keep          int32                  `protobuf:"varint,2,opt,name=keep,proto3" json:"keep,omitempty"` // 0 keeps all
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Periodic) Reset() {
+	*x = Periodic{}
+	mi := &file_proto_image_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Periodic) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Periodic) ProtoMessage() {}
+
+func (x *Periodic) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Periodic.ProtoReflect.Descriptor instead.
+func (*Periodic) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Periodic) GetEveryNs() int64 {
+	if x != nil {
+		return x.EveryNs
+	}
+	return 0
+}
+
+func (x *Periodic) GetKeep() int32 {
+	if x != nil {
+		return x.Keep
+	}
+	return 0
+}
+
+// Inventory is what the walk found in a process tree, read from /proc
+// before anything is frozen (package dump builds it).
+type Inventory struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Root      int32                  `protobuf:"varint,1,opt,name=root,proto3" json:"root,omitempty"`
+	Tasks     []*Task                `protobuf:"bytes,2,rep,name=tasks,proto3" json:"tasks,omitempty"`
+	Sockets   []*Socket              `protobuf:"bytes,3,rep,name=sockets,proto3" json:"sockets,omitempty"`
+	Ipc       *IPC                   `protobuf:"bytes,4,opt,name=ipc,proto3" json:"ipc,omitempty"`
+	FileLocks int32                  `protobuf:"varint,5,opt,name=file_locks,json=fileLocks,proto3" json:"file_locks,omitempty"`
+	Memory    *MemTotals             `protobuf:"bytes,6,opt,name=memory,proto3" json:"memory,omitempty"`
+	// Whether the tree's root has namespaces of its own (a ferry job has both).
+	OwnIpcNamespace bool `protobuf:"varint,7,opt,name=own_ipc_namespace,json=ownIpcNamespace,proto3" json:"own_ipc_namespace,omitempty"`
+	OwnPidNamespace bool `protobuf:"varint,8,opt,name=own_pid_namespace,json=ownPidNamespace,proto3" json:"own_pid_namespace,omitempty"`
+	// ferry (and so the CRIU it runs) lacks CAP_SYS_RESOURCE here, as in
+	// containers that drop it: the kernel then lets CRIU read the resource
+	// limits (prlimit) only of tasks with exactly ferry's uids and gids, and
+	// CRIU reads every task's.
+	LacksCapSysResource bool `protobuf:"varint,9,opt,name=lacks_cap_sys_resource,json=lacksCapSysResource,proto3" json:"lacks_cap_sys_resource,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *Inventory) Reset() {
+	*x = Inventory{}
+	mi := &file_proto_image_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Inventory) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Inventory) ProtoMessage() {}
+
+func (x *Inventory) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Inventory.ProtoReflect.Descriptor instead.
+func (*Inventory) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Inventory) GetRoot() int32 {
+	if x != nil {
+		return x.Root
+	}
+	return 0
+}
+
+func (x *Inventory) GetTasks() []*Task {
+	if x != nil {
+		return x.Tasks
+	}
+	return nil
+}
+
+func (x *Inventory) GetSockets() []*Socket {
+	if x != nil {
+		return x.Sockets
+	}
+	return nil
+}
+
+func (x *Inventory) GetIpc() *IPC {
+	if x != nil {
+		return x.Ipc
+	}
+	return nil
+}
+
+func (x *Inventory) GetFileLocks() int32 {
+	if x != nil {
+		return x.FileLocks
+	}
+	return 0
+}
+
+func (x *Inventory) GetMemory() *MemTotals {
+	if x != nil {
+		return x.Memory
+	}
+	return nil
+}
+
+func (x *Inventory) GetOwnIpcNamespace() bool {
+	if x != nil {
+		return x.OwnIpcNamespace
+	}
+	return false
+}
+
+func (x *Inventory) GetOwnPidNamespace() bool {
+	if x != nil {
+		return x.OwnPidNamespace
+	}
+	return false
+}
+
+func (x *Inventory) GetLacksCapSysResource() bool {
+	if x != nil {
+		return x.LacksCapSysResource
+	}
+	return false
+}
+
+// Task is one process of the tree.
+type Task struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Pid     int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	Nspid   int32                  `protobuf:"varint,2,opt,name=nspid,proto3" json:"nspid,omitempty"` // pid inside the tree's own PID namespace
+	Ppid    int32                  `protobuf:"varint,3,opt,name=ppid,proto3" json:"ppid,omitempty"`
+	Pgid    int32                  `protobuf:"varint,4,opt,name=pgid,proto3" json:"pgid,omitempty"`
+	Sid     int32                  `protobuf:"varint,5,opt,name=sid,proto3" json:"sid,omitempty"`
+	Threads int32                  `protobuf:"varint,6,opt,name=threads,proto3" json:"threads,omitempty"`
+	Cmdline []string               `protobuf:"bytes,7,rep,name=cmdline,proto3" json:"cmdline,omitempty"`
+	Exe     string                 `protobuf:"bytes,8,opt,name=exe,proto3" json:"exe,omitempty"`
+	Cwd     string                 `protobuf:"bytes,9,opt,name=cwd,proto3" json:"cwd,omitempty"`
+	Uid     uint32                 `protobuf:"varint,10,opt,name=uid,proto3" json:"uid,omitempty"`
+	Gid     uint32                 `protobuf:"varint,11,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The task's real, effective or saved uid or gid is not ferry's own:
+	// reading its rlimits takes CAP_SYS_RESOURCE.
+	OtherUser bool `protobuf:"varint,12,opt,name=other_user,json=otherUser,proto3" json:"other_user,omitempty"`
+	// Clock ticks since boot: tells this task from a later one that reuses
+	// its pid.
+	StartTime uint64 `protobuf:"varint,13,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Stopped (or stopped under ptrace) before the checkpoint: a failed
+	// checkpoint leaves it so.
+	Stopped bool `protobuf:"varint,14,opt,name=stopped,proto3" json:"stopped,omitempty"`
+	// The pid of the process tracing the task (ptrace), 0 for none: CRIU
+	// cannot seize a traced task.
+	Tracer        int32      `protobuf:"varint,15,opt,name=tracer,proto3" json:"tracer,omitempty"`
+	Memory        *MemTotals `protobuf:"bytes,16,opt,name=memory,proto3" json:"memory,omitempty"`
+	Maps          []*Mapping `protobuf:"bytes,17,rep,name=maps,proto3" json:"maps,omitempty"`
+	Fds           []*FD      `protobuf:"bytes,18,rep,name=fds,proto3" json:"fds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Task) Reset() {
+	*x = Task{}
+	mi := &file_proto_image_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Task) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Task) ProtoMessage() {}
+
+func (x *Task) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Task.ProtoReflect.Descriptor instead.
+func (*Task) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Task) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *Task) GetNspid() int32 {
+	if x != nil {
+		return x.Nspid
+	}
+	return 0
+}
+
+func (x *Task) GetPpid() int32 {
+	if x != nil {
+		return x.Ppid
+	}
+	return 0
+}
+
+func (x *Task) GetPgid() int32 {
+	if x != nil {
+		return x.Pgid
+	}
+	return 0
+}
+
+func (x *Task) GetSid() int32 {
+	if x != nil {
+		return x.Sid
+	}
+	return 0
+}
+
+func (x *Task) GetThreads() int32 {
+	if x != nil {
+		return x.Threads
+	}
+	return 0
+}
+
+func (x *Task) GetCmdline() []string {
+	if x != nil {
+		return x.Cmdline
+	}
+	return nil
+}
+
+func (x *Task) GetExe() string {
+	if x != nil {
+		return x.Exe
+	}
+	return ""
+}
+
+func (x *Task) GetCwd() string {
+	if x != nil {
+		return x.Cwd
+	}
+	return ""
+}
+
+func (x *Task) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *Task) GetGid() uint32 {
+	if x != nil {
+		return x.Gid
+	}
+	return 0
+}
+
+func (x *Task) GetOtherUser() bool {
+	if x != nil {
+		return x.OtherUser
+	}
+	return false
+}
+
+func (x *Task) GetStartTime() uint64 {
+	if x != nil {
+		return x.StartTime
+	}
+	return 0
+}
+
+func (x *Task) GetStopped() bool {
+	if x != nil {
+		return x.Stopped
+	}
+	return false
+}
+
+func (x *Task) GetTracer() int32 {
+	if x != nil {
+		return x.Tracer
+	}
+	return 0
+}
+
+func (x *Task) GetMemory() *MemTotals {
+	if x != nil {
+		return x.Memory
+	}
+	return nil
+}
+
+func (x *Task) GetMaps() []*Mapping {
+	if x != nil {
+		return x.Maps
+	}
+	return nil
+}
+
+func (x *Task) GetFds() []*FD {
+	if x != nil {
+		return x.Fds
+	}
+	return nil
+}
+
+// MemTotals sums a task's (or the tree's) memory by kind, in bytes.
+type MemTotals struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Size          int64                  `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
+	Rss           int64                  `protobuf:"varint,2,opt,name=rss,proto3" json:"rss,omitempty"`
+	Anonymous     int64                  `protobuf:"varint,3,opt,name=anonymous,proto3" json:"anonymous,omitempty"`
+	FileRss       int64                  `protobuf:"varint,4,opt,name=file_rss,json=fileRss,proto3" json:"file_rss,omitempty"`
+	ShmemRss      int64                  `protobuf:"varint,5,opt,name=shmem_rss,json=shmemRss,proto3" json:"shmem_rss,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemTotals) Reset() {
+	*x = MemTotals{}
+	mi := &file_proto_image_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemTotals) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemTotals) ProtoMessage() {}
+
+func (x *MemTotals) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemTotals.ProtoReflect.Descriptor instead.
+func (*MemTotals) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *MemTotals) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *MemTotals) GetRss() int64 {
+	if x != nil {
+		return x.Rss
+	}
+	return 0
+}
+
+func (x *MemTotals) GetAnonymous() int64 {
+	if x != nil {
+		return x.Anonymous
+	}
+	return 0
+}
+
+func (x *MemTotals) GetFileRss() int64 {
+	if x != nil {
+		return x.FileRss
+	}
+	return 0
+}
+
+func (x *MemTotals) GetShmemRss() int64 {
+	if x != nil {
+		return x.ShmemRss
+	}
+	return 0
+}
+
+// Mapping is one memory map of a task, from /proc/PID/smaps.
+type Mapping struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Start         uint64                 `protobuf:"varint,1,opt,name=start,json=Start,proto3" json:"start,omitempty"`
+	End           uint64                 `protobuf:"varint,2,opt,name=end,json=End,proto3" json:"end,omitempty"`
+	Perms         string                 `protobuf:"bytes,3,opt,name=perms,proto3" json:"perms,omitempty"`
+	Path          string                 `protobuf:"bytes,4,opt,name=path,proto3" json:"path,omitempty"`
+	Kind          string                 `protobuf:"bytes,5,opt,name=kind,proto3" json:"kind,omitempty"` // anon, file, shared-file, shared-anon, deleted, stack, heap, vdso...
+	Rss           int64                  `protobuf:"varint,6,opt,name=rss,proto3" json:"rss,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Mapping) Reset() {
+	*x = Mapping{}
+	mi := &file_proto_image_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Mapping) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Mapping) ProtoMessage() {}
+
+func (x *Mapping) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Mapping.ProtoReflect.Descriptor instead.
+func (*Mapping) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *Mapping) GetStart() uint64 {
+	if x != nil {
+		return x.Start
+	}
+	return 0
+}
+
+func (x *Mapping) GetEnd() uint64 {
+	if x != nil {
+		return x.End
+	}
+	return 0
+}
+
+func (x *Mapping) GetPerms() string {
+	if x != nil {
+		return x.Perms
+	}
+	return ""
+}
+
+func (x *Mapping) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *Mapping) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Mapping) GetRss() int64 {
+	if x != nil {
+		return x.Rss
+	}
+	return 0
+}
+
+// FD is one open file descriptor.
+type FD struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Num   int32                  `protobuf:"varint,1,opt,name=num,json=fd,proto3" json:"num,omitempty"`
+	// file, deleted, dir, pipe, fifo, socket, eventfd, epoll, signalfd,
+	// timerfd, inotify, tty, device, memfd, pidfd, io_uring, anon
+	Kind   string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	Target string `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"`
+	Pos    int64  `protobuf:"varint,4,opt,name=pos,proto3" json:"pos,omitempty"`
+	Flags  string `protobuf:"bytes,5,opt,name=flags,proto3" json:"flags,omitempty"`
+	Inode  uint64 `protobuf:"varint,6,opt,name=inode,proto3" json:"inode,omitempty"`
+	Size   int64  `protobuf:"varint,7,opt,name=size,proto3" json:"size,omitempty"`   // regular and deleted files
+	Links  uint64 `protobuf:"varint,8,opt,name=links,proto3" json:"links,omitempty"` // link count of a deleted file
+	// Bytes on disk of a regular or deleted file (sparse files take less
+	// than size).
+	Blocks int64 `protobuf:"varint,9,opt,name=blocks,proto3" json:"blocks,omitempty"`
+	// The file locks held through this fd, from its fdinfo's "lock:" lines
+	// (the kernel lists a flock or OFD lock on the open file it belongs to,
+	// a POSIX lock on its owner's fds), as /proc/locks prints them without
+	// the ordinal.
+	Locks []string `protobuf:"bytes,10,rep,name=locks,proto3" json:"locks,omitempty"`
+	// A fanotify fd's marks on a whole filesystem (FAN_MARK_FILESYSTEM),
+	// which CRIU 4.2 does not carry: its restore comes back without them.
+	FsMarks int32 `protobuf:"varint,11,opt,name=fs_marks,json=fanotifyFsMarks,proto3" json:"fs_marks,omitempty"`
+	// An eventfd made with EFD_SEMAPHORE, and a timerfd armed with an
+	// interval: CRIU 4.2.1 restores the first without the flag and the
+	// second disarmed.
+	Semaphore     bool `protobuf:"varint,12,opt,name=semaphore,proto3" json:"semaphore,omitempty"`
+	Periodic      bool `protobuf:"varint,13,opt,name=periodic,proto3" json:"periodic,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FD) Reset() {
+	*x = FD{}
+	mi := &file_proto_image_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FD) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FD) ProtoMessage() {}
+
+func (x *FD) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FD.ProtoReflect.Descriptor instead.
+func (*FD) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *FD) GetNum() int32 {
+	if x != nil {
+		return x.Num
+	}
+	return 0
+}
+
+func (x *FD) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *FD) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *FD) GetPos() int64 {
+	if x != nil {
+		return x.Pos
+	}
+	return 0
+}
+
+func (x *FD) GetFlags() string {
+	if x != nil {
+		return x.Flags
+	}
+	return ""
+}
+
+func (x *FD) GetInode() uint64 {
+	if x != nil {
+		return x.Inode
+	}
+	return 0
+}
+
+func (x *FD) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *FD) GetLinks() uint64 {
+	if x != nil {
+		return x.Links
+	}
+	return 0
+}
+
+func (x *FD) GetBlocks() int64 {
+	if x != nil {
+		return x.Blocks
+	}
+	return 0
+}
+
+func (x *FD) GetLocks() []string {
+	if x != nil {
+		return x.Locks
+	}
+	return nil
+}
+
+func (x *FD) GetFsMarks() int32 {
+	if x != nil {
+		return x.FsMarks
+	}
+	return 0
+}
+
+func (x *FD) GetSemaphore() bool {
+	if x != nil {
+		return x.Semaphore
+	}
+	return false
+}
+
+func (x *FD) GetPeriodic() bool {
+	if x != nil {
+		return x.Periodic
+	}
+	return false
+}
+
+// Socket is a socket held by the tree, with its peer when known.
+type Socket struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Inode         uint64                 `protobuf:"varint,1,opt,name=inode,proto3" json:"inode,omitempty"`
+	Pid           int32                  `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	Fd            int32                  `protobuf:"varint,3,opt,name=fd,proto3" json:"fd,omitempty"`
+	Family        string                 `protobuf:"bytes,4,opt,name=family,proto3" json:"family,omitempty"` // unix, tcp, tcp6, udp, udp6, netlink, other
+	Type          string                 `protobuf:"bytes,5,opt,name=type,proto3" json:"type,omitempty"`     // of a unix socket: stream, dgram, seqpacket
+	State         string                 `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
+	Local         string                 `protobuf:"bytes,7,opt,name=local,proto3" json:"local,omitempty"`
+	Remote        string                 `protobuf:"bytes,8,opt,name=remote,proto3" json:"remote,omitempty"`
+	PeerInode     uint64                 `protobuf:"varint,9,opt,name=peer_inode,json=peerInode,proto3" json:"peer_inode,omitempty"`
+	PeerInTree    bool                   `protobuf:"varint,10,opt,name=peer_in_tree,json=peerInTree,proto3" json:"peer_in_tree,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Socket) Reset() {
+	*x = Socket{}
+	mi := &file_proto_image_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Socket) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Socket) ProtoMessage() {}
+
+func (x *Socket) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Socket.ProtoReflect.Descriptor instead.
+func (*Socket) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Socket) GetInode() uint64 {
+	if x != nil {
+		return x.Inode
+	}
+	return 0
+}
+
+func (x *Socket) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *Socket) GetFd() int32 {
+	if x != nil {
+		return x.Fd
+	}
+	return 0
+}
+
+func (x *Socket) GetFamily() string {
+	if x != nil {
+		return x.Family
+	}
+	return ""
+}
+
+func (x *Socket) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Socket) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Socket) GetLocal() string {
+	if x != nil {
+		return x.Local
+	}
+	return ""
+}
+
+func (x *Socket) GetRemote() string {
+	if x != nil {
+		return x.Remote
+	}
+	return ""
+}
+
+func (x *Socket) GetPeerInode() uint64 {
+	if x != nil {
+		return x.PeerInode
+	}
+	return 0
+}
+
+func (x *Socket) GetPeerInTree() bool {
+	if x != nil {
+		return x.PeerInTree
+	}
+	return false
+}
+
+// IPC counts the SysV IPC objects of the tree's IPC namespace.
+type IPC struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shm           int32                  `protobuf:"varint,1,opt,name=shm,proto3" json:"shm,omitempty"`
+	Sem           int32                  `protobuf:"varint,2,opt,name=sem,proto3" json:"sem,omitempty"`
+	Msg           int32                  `protobuf:"varint,3,opt,name=msg,proto3" json:"msg,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IPC) Reset() {
+	*x = IPC{}
+	mi := &file_proto_image_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IPC) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IPC) ProtoMessage() {}
+
+func (x *IPC) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IPC.ProtoReflect.Descriptor instead.
+func (*IPC) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *IPC) GetShm() int32 {
+	if x != nil {
+		return x.Shm
+	}
+	return 0
+}
+
+func (x *IPC) GetSem() int32 {
+	if x != nil {
+		return x.Sem
+	}
+	return 0
+}
+
+func (x *IPC) GetMsg() int32 {
+	if x != nil {
+		return x.Msg
+	}
+	return 0
+}
+
+// Plan is what the walk concludes: the CRIU options the tree needs and
+// what stands in the way of checkpointing it.
+type Plan struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	TcpEstablished bool                   `protobuf:"varint,1,opt,name=tcp_established,json=tcpEstablished,proto3" json:"tcp_established,omitempty"`
+	ExtUnixSk      bool                   `protobuf:"varint,2,opt,name=ext_unix_sk,json=extUnixSk,proto3" json:"ext_unix_sk,omitempty"`
+	FileLocks      bool                   `protobuf:"varint,3,opt,name=file_locks,json=fileLocks,proto3" json:"file_locks,omitempty"`
+	ShellJob       bool                   `protobuf:"varint,4,opt,name=shell_job,json=shellJob,proto3" json:"shell_job,omitempty"`
+	LinkRemap      bool                   `protobuf:"varint,5,opt,name=link_remap,json=linkRemap,proto3" json:"link_remap,omitempty"`
+	GhostLimit     uint32                 `protobuf:"varint,6,opt,name=ghost_limit,json=ghostLimit,proto3" json:"ghost_limit,omitempty"` // bytes; 0: CRIU's default (1 MiB)
+	Needs          []*Finding             `protobuf:"bytes,7,rep,name=needs,proto3" json:"needs,omitempty"`                              // allowed by a flag the user did not give
+	Blockers       []*Finding             `protobuf:"bytes,8,rep,name=blockers,proto3" json:"blockers,omitempty"`                        // cannot be checkpointed at all
+	Notes          []string               `protobuf:"bytes,9,rep,name=notes,proto3" json:"notes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Plan) Reset() {
+	*x = Plan{}
+	mi := &file_proto_image_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Plan) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Plan) ProtoMessage() {}
+
+func (x *Plan) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Plan.ProtoReflect.Descriptor instead.
+func (*Plan) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Plan) GetTcpEstablished() bool {
+	if x != nil {
+		return x.TcpEstablished
+	}
+	return false
+}
+
+func (x *Plan) GetExtUnixSk() bool {
+	if x != nil {
+		return x.ExtUnixSk
+	}
+	return false
+}
+
+func (x *Plan) GetFileLocks() bool {
+	if x != nil {
+		return x.FileLocks
+	}
+	return false
+}
+
+func (x *Plan) GetShellJob() bool {
+	if x != nil {
+		return x.ShellJob
+	}
+	return false
+}
+
+func (x *Plan) GetLinkRemap() bool {
+	if x != nil {
+		return x.LinkRemap
+	}
+	return false
+}
+
+func (x *Plan) GetGhostLimit() uint32 {
+	if x != nil {
+		return x.GhostLimit
+	}
+	return 0
+}
+
+func (x *Plan) GetNeeds() []*Finding {
+	if x != nil {
+		return x.Needs
+	}
+	return nil
+}
+
+func (x *Plan) GetBlockers() []*Finding {
+	if x != nil {
+		return x.Blockers
+	}
+	return nil
+}
+
+func (x *Plan) GetNotes() []string {
+	if x != nil {
+		return x.Notes
+	}
+	return nil
+}
+
+// Finding is one thing in the tree that a checkpoint must know about.
+type Finding struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pid           int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	What          string                 `protobuf:"bytes,2,opt,name=what,proto3" json:"what,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	Flag          string                 `protobuf:"bytes,4,opt,name=flag,proto3" json:"flag,omitempty"` // the flag that allows it, if any
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Finding) Reset() {
+	*x = Finding{}
+	mi := &file_proto_image_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Finding) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Finding) ProtoMessage() {}
+
+func (x *Finding) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_image_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Finding.ProtoReflect.Descriptor instead.
+func (*Finding) Descriptor() ([]byte, []int) {
+	return file_proto_image_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Finding) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *Finding) GetWhat() string {
+	if x != nil {
+		return x.What
+	}
+	return ""
+}
+
+func (x *Finding) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Finding) GetFlag() string {
+	if x != nil {
+		return x.Flag
+	}
+	return ""
 }
 
 // FileIndex locates one file's chunks in the stream.
@@ -562,7 +1678,7 @@ type FileIndex struct {
 
 func (x *FileIndex) Reset() {
 	*x = FileIndex{}
-	mi := &file_proto_image_proto_msgTypes[3]
+	mi := &file_proto_image_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -574,7 +1690,7 @@ func (x *FileIndex) String() string {
 func (*FileIndex) ProtoMessage() {}
 
 func (x *FileIndex) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_image_proto_msgTypes[3]
+	mi := &file_proto_image_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -587,7 +1703,7 @@ func (x *FileIndex) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileIndex.ProtoReflect.Descriptor instead.
 func (*FileIndex) Descriptor() ([]byte, []int) {
-	return file_proto_image_proto_rawDescGZIP(), []int{3}
+	return file_proto_image_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *FileIndex) GetFile() uint32 {
@@ -652,7 +1768,7 @@ type Remaining struct {
 
 func (x *Remaining) Reset() {
 	*x = Remaining{}
-	mi := &file_proto_image_proto_msgTypes[4]
+	mi := &file_proto_image_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -664,7 +1780,7 @@ func (x *Remaining) String() string {
 func (*Remaining) ProtoMessage() {}
 
 func (x *Remaining) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_image_proto_msgTypes[4]
+	mi := &file_proto_image_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -677,7 +1793,7 @@ func (x *Remaining) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Remaining.ProtoReflect.Descriptor instead.
 func (*Remaining) Descriptor() ([]byte, []int) {
-	return file_proto_image_proto_rawDescGZIP(), []int{4}
+	return file_proto_image_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Remaining) GetNames() []string {
@@ -704,7 +1820,7 @@ type Trailer struct {
 
 func (x *Trailer) Reset() {
 	*x = Trailer{}
-	mi := &file_proto_image_proto_msgTypes[5]
+	mi := &file_proto_image_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -716,7 +1832,7 @@ func (x *Trailer) String() string {
 func (*Trailer) ProtoMessage() {}
 
 func (x *Trailer) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_image_proto_msgTypes[5]
+	mi := &file_proto_image_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -729,7 +1845,7 @@ func (x *Trailer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trailer.ProtoReflect.Descriptor instead.
 func (*Trailer) Descriptor() ([]byte, []int) {
-	return file_proto_image_proto_rawDescGZIP(), []int{5}
+	return file_proto_image_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Trailer) GetFiles() []*FileIndex {
@@ -794,15 +1910,15 @@ const file_proto_image_proto_rawDesc = "" +
 	"Executable\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
-	"\x06sha256\x18\x03 \x01(\tR\x06sha256\"\xba\x06\n" +
+	"\x06sha256\x18\x03 \x01(\tR\x06sha256\"\x91\t\n" +
 	"\bManifest\x12#\n" +
 	"\rferry_version\x18\x01 \x01(\tR\fferryVersion\x12!\n" +
 	"\fcriu_version\x18\x02 \x01(\tR\vcriuVersion\x12\x16\n" +
 	"\x06kernel\x18\x03 \x01(\tR\x06kernel\x12\x12\n" +
 	"\x04host\x18\x04 \x01(\tR\x04host\x12\x1b\n" +
 	"\tcpu_model\x18\x05 \x01(\tR\bcpuModel\x12\x1b\n" +
-	"\tcpu_flags\x18\x06 \x03(\tR\bcpuFlags\x12*\n" +
-	"\x11created_unix_nano\x18\a \x01(\x03R\x0fcreatedUnixNano\x12\x10\n" +
+	"\tcpu_flags\x18\x06 \x03(\tR\bcpuFlags\x12\"\n" +
+	"\x11created_unix_nano\x18\a \x01(\x03R\acreated\x12\x10\n" +
 	"\x03job\x18\n" +
 	" \x01(\tR\x03job\x12\x18\n" +
 	"\acommand\x18\v \x03(\tR\acommand\x12\x10\n" +
@@ -822,11 +1938,120 @@ const file_proto_image_proto_rawDesc = "" +
 	"\x04init\x18\x16 \x01(\v2\x1a.ferry.image.v1.ExecutableR\x04init\x12\x1c\n" +
 	"\tprocesses\x18\x1e \x01(\x05R\tprocesses\x12\x18\n" +
 	"\athreads\x18\x1f \x01(\x05R\athreads\x12!\n" +
-	"\fmemory_bytes\x18  \x01(\x03R\vmemoryBytes\x12%\n" +
-	"\x0einventory_json\x18! \x01(\fR\rinventoryJson\x12\x1b\n" +
-	"\tplan_json\x18\" \x01(\fR\bplanJson\x12\x1d\n" +
+	"\fmemory_bytes\x18  \x01(\x03R\vmemoryBytes\x12)\n" +
+	"\x0einventory_json\x18! \x01(\fB\x02\x18\x01R\rinventoryJson\x12\x1f\n" +
+	"\tplan_json\x18\" \x01(\fB\x02\x18\x01R\bplanJson\x12*\n" +
+	"\x0fcriu_stats_json\x18# \x01(\fB\x02\x18\x01R\rcriuStatsJson\x127\n" +
+	"\tinventory\x18$ \x01(\v2\x19.ferry.image.v1.InventoryR\tinventory\x12(\n" +
+	"\x04plan\x18% \x01(\v2\x14.ferry.image.v1.PlanR\x04plan\x12\"\n" +
+	"\x0fcriu_dump_stats\x18& \x01(\fR\tcriuStats\x124\n" +
+	"\bperiodic\x18' \x01(\v2\x18.ferry.image.v1.PeriodicR\bperiodic\x12\x16\n" +
+	"\x06format\x18( \x01(\x05R\x06format\x129\n" +
+	"\x05files\x18) \x03(\v2#.ferry.image.v1.Manifest.FilesEntryR\x05files\x1a8\n" +
 	"\n" +
-	"criu_stats\x18# \x01(\fR\tcriuStats\"\xb2\x01\n" +
+	"FilesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"9\n" +
+	"\bPeriodic\x12\x19\n" +
+	"\bevery_ns\x18\x01 \x01(\x03R\aeveryNs\x12\x12\n" +
+	"\x04keep\x18\x02 \x01(\x05R\x04keep\"\x83\x03\n" +
+	"\tInventory\x12\x12\n" +
+	"\x04root\x18\x01 \x01(\x05R\x04root\x12*\n" +
+	"\x05tasks\x18\x02 \x03(\v2\x14.ferry.image.v1.TaskR\x05tasks\x120\n" +
+	"\asockets\x18\x03 \x03(\v2\x16.ferry.image.v1.SocketR\asockets\x12%\n" +
+	"\x03ipc\x18\x04 \x01(\v2\x13.ferry.image.v1.IPCR\x03ipc\x12\x1d\n" +
+	"\n" +
+	"file_locks\x18\x05 \x01(\x05R\tfileLocks\x121\n" +
+	"\x06memory\x18\x06 \x01(\v2\x19.ferry.image.v1.MemTotalsR\x06memory\x12*\n" +
+	"\x11own_ipc_namespace\x18\a \x01(\bR\x0fownIpcNamespace\x12*\n" +
+	"\x11own_pid_namespace\x18\b \x01(\bR\x0fownPidNamespace\x123\n" +
+	"\x16lacks_cap_sys_resource\x18\t \x01(\bR\x13lacksCapSysResource\"\xda\x03\n" +
+	"\x04Task\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x14\n" +
+	"\x05nspid\x18\x02 \x01(\x05R\x05nspid\x12\x12\n" +
+	"\x04ppid\x18\x03 \x01(\x05R\x04ppid\x12\x12\n" +
+	"\x04pgid\x18\x04 \x01(\x05R\x04pgid\x12\x10\n" +
+	"\x03sid\x18\x05 \x01(\x05R\x03sid\x12\x18\n" +
+	"\athreads\x18\x06 \x01(\x05R\athreads\x12\x18\n" +
+	"\acmdline\x18\a \x03(\tR\acmdline\x12\x10\n" +
+	"\x03exe\x18\b \x01(\tR\x03exe\x12\x10\n" +
+	"\x03cwd\x18\t \x01(\tR\x03cwd\x12\x10\n" +
+	"\x03uid\x18\n" +
+	" \x01(\rR\x03uid\x12\x10\n" +
+	"\x03gid\x18\v \x01(\rR\x03gid\x12\x1d\n" +
+	"\n" +
+	"other_user\x18\f \x01(\bR\totherUser\x12\x1d\n" +
+	"\n" +
+	"start_time\x18\r \x01(\x04R\tstartTime\x12\x18\n" +
+	"\astopped\x18\x0e \x01(\bR\astopped\x12\x16\n" +
+	"\x06tracer\x18\x0f \x01(\x05R\x06tracer\x121\n" +
+	"\x06memory\x18\x10 \x01(\v2\x19.ferry.image.v1.MemTotalsR\x06memory\x12+\n" +
+	"\x04maps\x18\x11 \x03(\v2\x17.ferry.image.v1.MappingR\x04maps\x12$\n" +
+	"\x03fds\x18\x12 \x03(\v2\x12.ferry.image.v1.FDR\x03fds\"\x87\x01\n" +
+	"\tMemTotals\x12\x12\n" +
+	"\x04size\x18\x01 \x01(\x03R\x04size\x12\x10\n" +
+	"\x03rss\x18\x02 \x01(\x03R\x03rss\x12\x1c\n" +
+	"\tanonymous\x18\x03 \x01(\x03R\tanonymous\x12\x19\n" +
+	"\bfile_rss\x18\x04 \x01(\x03R\afileRss\x12\x1b\n" +
+	"\tshmem_rss\x18\x05 \x01(\x03R\bshmemRss\"\x81\x01\n" +
+	"\aMapping\x12\x14\n" +
+	"\x05start\x18\x01 \x01(\x04R\x05Start\x12\x10\n" +
+	"\x03end\x18\x02 \x01(\x04R\x03End\x12\x14\n" +
+	"\x05perms\x18\x03 \x01(\tR\x05perms\x12\x12\n" +
+	"\x04path\x18\x04 \x01(\tR\x04path\x12\x12\n" +
+	"\x04kind\x18\x05 \x01(\tR\x04kind\x12\x10\n" +
+	"\x03rss\x18\x06 \x01(\x03R\x03rss\"\xb4\x02\n" +
+	"\x02FD\x12\x0f\n" +
+	"\x03num\x18\x01 \x01(\x05R\x02fd\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x10\n" +
+	"\x03pos\x18\x04 \x01(\x03R\x03pos\x12\x14\n" +
+	"\x05flags\x18\x05 \x01(\tR\x05flags\x12\x14\n" +
+	"\x05inode\x18\x06 \x01(\x04R\x05inode\x12\x12\n" +
+	"\x04size\x18\a \x01(\x03R\x04size\x12\x14\n" +
+	"\x05links\x18\b \x01(\x04R\x05links\x12\x16\n" +
+	"\x06blocks\x18\t \x01(\x03R\x06blocks\x12\x14\n" +
+	"\x05locks\x18\n" +
+	" \x03(\tR\x05locks\x12!\n" +
+	"\bfs_marks\x18\v \x01(\x05R\x0ffanotifyFsMarks\x12\x1c\n" +
+	"\tsemaphore\x18\f \x01(\bR\tsemaphore\x12\x1a\n" +
+	"\bperiodic\x18\r \x01(\bR\bperiodic\"\xf1\x01\n" +
+	"\x06Socket\x12\x14\n" +
+	"\x05inode\x18\x01 \x01(\x04R\x05inode\x12\x10\n" +
+	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12\x0e\n" +
+	"\x02fd\x18\x03 \x01(\x05R\x02fd\x12\x16\n" +
+	"\x06family\x18\x04 \x01(\tR\x06family\x12\x12\n" +
+	"\x04type\x18\x05 \x01(\tR\x04type\x12\x14\n" +
+	"\x05state\x18\x06 \x01(\tR\x05state\x12\x14\n" +
+	"\x05local\x18\a \x01(\tR\x05local\x12\x16\n" +
+	"\x06remote\x18\b \x01(\tR\x06remote\x12\x1d\n" +
+	"\n" +
+	"peer_inode\x18\t \x01(\x04R\tpeerInode\x12 \n" +
+	"\fpeer_in_tree\x18\n" +
+	" \x01(\bR\n" +
+	"peerInTree\";\n" +
+	"\x03IPC\x12\x10\n" +
+	"\x03shm\x18\x01 \x01(\x05R\x03shm\x12\x10\n" +
+	"\x03sem\x18\x02 \x01(\x05R\x03sem\x12\x10\n" +
+	"\x03msg\x18\x03 \x01(\x05R\x03msg\"\xc5\x02\n" +
+	"\x04Plan\x12'\n" +
+	"\x0ftcp_established\x18\x01 \x01(\bR\x0etcpEstablished\x12\x1e\n" +
+	"\vext_unix_sk\x18\x02 \x01(\bR\textUnixSk\x12\x1d\n" +
+	"\n" +
+	"file_locks\x18\x03 \x01(\bR\tfileLocks\x12\x1b\n" +
+	"\tshell_job\x18\x04 \x01(\bR\bshellJob\x12\x1d\n" +
+	"\n" +
+	"link_remap\x18\x05 \x01(\bR\tlinkRemap\x12\x1f\n" +
+	"\vghost_limit\x18\x06 \x01(\rR\n" +
+	"ghostLimit\x12-\n" +
+	"\x05needs\x18\a \x03(\v2\x17.ferry.image.v1.FindingR\x05needs\x123\n" +
+	"\bblockers\x18\b \x03(\v2\x17.ferry.image.v1.FindingR\bblockers\x12\x14\n" +
+	"\x05notes\x18\t \x03(\tR\x05notes\"[\n" +
+	"\aFinding\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
+	"\x04what\x18\x02 \x01(\tR\x04what\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x12\n" +
+	"\x04flag\x18\x04 \x01(\tR\x04flag\"\xb2\x01\n" +
 	"\tFileIndex\x12\x12\n" +
 	"\x04file\x18\x01 \x01(\rR\x04file\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -861,28 +2086,52 @@ func file_proto_image_proto_rawDescGZIP() []byte {
 }
 
 var file_proto_image_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_proto_image_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_proto_image_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_proto_image_proto_goTypes = []any{
 	(Compression)(0),       // 0: ferry.image.v1.Compression
 	(RecordHeader_Kind)(0), // 1: ferry.image.v1.RecordHeader.Kind
 	(*RecordHeader)(nil),   // 2: ferry.image.v1.RecordHeader
 	(*Executable)(nil),     // 3: ferry.image.v1.Executable
 	(*Manifest)(nil),       // 4: ferry.image.v1.Manifest
-	(*FileIndex)(nil),      // 5: ferry.image.v1.FileIndex
-	(*Remaining)(nil),      // 6: ferry.image.v1.Remaining
-	(*Trailer)(nil),        // 7: ferry.image.v1.Trailer
+	(*Periodic)(nil),       // 5: ferry.image.v1.Periodic
+	(*Inventory)(nil),      // 6: ferry.image.v1.Inventory
+	(*Task)(nil),           // 7: ferry.image.v1.Task
+	(*MemTotals)(nil),      // 8: ferry.image.v1.MemTotals
+	(*Mapping)(nil),        // 9: ferry.image.v1.Mapping
+	(*FD)(nil),             // 10: ferry.image.v1.FD
+	(*Socket)(nil),         // 11: ferry.image.v1.Socket
+	(*IPC)(nil),            // 12: ferry.image.v1.IPC
+	(*Plan)(nil),           // 13: ferry.image.v1.Plan
+	(*Finding)(nil),        // 14: ferry.image.v1.Finding
+	(*FileIndex)(nil),      // 15: ferry.image.v1.FileIndex
+	(*Remaining)(nil),      // 16: ferry.image.v1.Remaining
+	(*Trailer)(nil),        // 17: ferry.image.v1.Trailer
+	nil,                    // 18: ferry.image.v1.Manifest.FilesEntry
 }
 var file_proto_image_proto_depIdxs = []int32{
-	1, // 0: ferry.image.v1.RecordHeader.kind:type_name -> ferry.image.v1.RecordHeader.Kind
-	0, // 1: ferry.image.v1.RecordHeader.compression:type_name -> ferry.image.v1.Compression
-	3, // 2: ferry.image.v1.Manifest.init:type_name -> ferry.image.v1.Executable
-	5, // 3: ferry.image.v1.Trailer.files:type_name -> ferry.image.v1.FileIndex
-	4, // 4: ferry.image.v1.Trailer.final_manifest:type_name -> ferry.image.v1.Manifest
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	1,  // 0: ferry.image.v1.RecordHeader.kind:type_name -> ferry.image.v1.RecordHeader.Kind
+	0,  // 1: ferry.image.v1.RecordHeader.compression:type_name -> ferry.image.v1.Compression
+	3,  // 2: ferry.image.v1.Manifest.init:type_name -> ferry.image.v1.Executable
+	6,  // 3: ferry.image.v1.Manifest.inventory:type_name -> ferry.image.v1.Inventory
+	13, // 4: ferry.image.v1.Manifest.plan:type_name -> ferry.image.v1.Plan
+	5,  // 5: ferry.image.v1.Manifest.periodic:type_name -> ferry.image.v1.Periodic
+	18, // 6: ferry.image.v1.Manifest.files:type_name -> ferry.image.v1.Manifest.FilesEntry
+	7,  // 7: ferry.image.v1.Inventory.tasks:type_name -> ferry.image.v1.Task
+	11, // 8: ferry.image.v1.Inventory.sockets:type_name -> ferry.image.v1.Socket
+	12, // 9: ferry.image.v1.Inventory.ipc:type_name -> ferry.image.v1.IPC
+	8,  // 10: ferry.image.v1.Inventory.memory:type_name -> ferry.image.v1.MemTotals
+	8,  // 11: ferry.image.v1.Task.memory:type_name -> ferry.image.v1.MemTotals
+	9,  // 12: ferry.image.v1.Task.maps:type_name -> ferry.image.v1.Mapping
+	10, // 13: ferry.image.v1.Task.fds:type_name -> ferry.image.v1.FD
+	14, // 14: ferry.image.v1.Plan.needs:type_name -> ferry.image.v1.Finding
+	14, // 15: ferry.image.v1.Plan.blockers:type_name -> ferry.image.v1.Finding
+	15, // 16: ferry.image.v1.Trailer.files:type_name -> ferry.image.v1.FileIndex
+	4,  // 17: ferry.image.v1.Trailer.final_manifest:type_name -> ferry.image.v1.Manifest
+	18, // [18:18] is the sub-list for method output_type
+	18, // [18:18] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_proto_image_proto_init() }
@@ -896,7 +2145,7 @@ func file_proto_image_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_image_proto_rawDesc), len(file_proto_image_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   6,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

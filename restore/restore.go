@@ -181,7 +181,7 @@ func check(m *checkpoint.Manifest, from string, opts Options) error {
 			from, m.CriuVersion, opts.Criu.Version, m.CriuVersion, checkpoint.ErrUnsupportedVersion)
 	}
 	if m.Init != nil {
-		if err := m.Init.Check(); err != nil {
+		if err := checkpoint.CheckExecutable(m.Init); err != nil {
 			return err
 		}
 	}
@@ -414,7 +414,7 @@ func run(ctx context.Context, criuPath, dir, workDir string, flags runFlags, out
 	for _, o := range []struct {
 		flag string
 		on   bool
-	}{{"--tcp-established", m.TCPEstablished}, {"--file-locks", m.FileLocks}, {"--ext-unix-sk", m.ExtUnixSk}, {"--shell-job", m.ShellJob}} {
+	}{{"--tcp-established", m.TcpEstablished}, {"--file-locks", m.FileLocks}, {"--ext-unix-sk", m.ExtUnixSk}, {"--shell-job", m.ShellJob}} {
 		if o.on {
 			args = append(args, o.flag)
 		}
@@ -427,10 +427,10 @@ func run(ctx context.Context, criuPath, dir, workDir string, flags runFlags, out
 		args = append(args, "--inherit-fd", fmt.Sprintf("fd[%d]:%s", criu.ExtraFD(len(extra)), key))
 		extra = append(extra, f)
 	}
-	for _, key := range m.OutputPipes() {
+	for _, key := range checkpoint.OutputPipes(m) {
 		inherit(key, output)
 	}
-	if m.ExternalPidNS {
+	if m.ExternalPidNs {
 		// The tree's PID namespace is the one we run in (the new init's).
 		ns, err := os.Open("/proc/self/ns/pid")
 		if err != nil {

@@ -50,8 +50,8 @@ func FromSnapshot(ctx context.Context, s *job.Registry, r Snapshot, opts Options
 		if err != nil {
 			return nil, err
 		}
-		if p := m.Periodic; p != nil && p.Every > 0 {
-			opts.Snapshots = &job.SnapshotPolicy{Store: opts.StoreDir, Every: p.Every, Keep: p.Keep}
+		if p := m.Periodic; p != nil && p.EveryNs > 0 {
+			opts.Snapshots = &job.SnapshotPolicy{Store: opts.StoreDir, Every: checkpoint.Every(p), Keep: int(p.Keep)}
 		}
 	}
 	opts.Checkpoint = dir

@@ -282,7 +282,10 @@ func newEarlySource(opts Options) (*earlySource, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
 	}
-	head := checkpoint.FromProto(rd.Manifest())
+	head, err := checkpoint.FromRecord(rd.Manifest())
+	if err != nil {
+		return nil, fmt.Errorf("reading checkpoint from %s: %w", from, err)
+	}
 	dir, err := tempServeDir(opts.ServeDir, "restore-", len(criu.ServeSocket))
 	if err != nil {
 		return nil, err

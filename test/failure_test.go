@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"testing"
@@ -225,7 +226,9 @@ func TestCheckpointRestoreBadInput(t *testing.T) {
 	future := copyDir(t, ckpt, filepath.Join(dir, "future"))
 	mf := filepath.Join(future, "ferry.json")
 	data, _ := os.ReadFile(mf)
-	if err := os.WriteFile(mf, []byte(strings.Replace(string(data), `"format": 1`, `"format": 99`, 1)), 0o600); err != nil {
+	// protojson varies its spacing: match the field, not its bytes.
+	data = regexp.MustCompile(`"format":\s*[0-9]+`).ReplaceAll(data, []byte(`"format": 99`))
+	if err := os.WriteFile(mf, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if r := e.ferry("restore", "--name", "f", future); r.code != 14 || !strings.Contains(r.stderr, "format 99") {

@@ -230,7 +230,7 @@ func writeJSON(c *cli.Context, v any) error {
 // verdict: checkpointable or not.
 func printInventory(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
 	printTree(w, inv, plan)
-	if err := plan.Refusal(); err == nil {
+	if err := dump.Refusal(plan); err == nil {
 		fmt.Fprintln(w, "checkpointable: yes")
 	} else {
 		fmt.Fprintln(w, "checkpointable: no")
@@ -240,21 +240,21 @@ func printInventory(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
 // printTree renders the walk and the plan for people.
 func printTree(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
 	fmt.Fprintf(w, "tree of pid %d: %d processes, memory %s (RSS %s: anonymous %s, file %s, shared %s)\n",
-		inv.Root, len(inv.Tasks), humanBytes(inv.Memory.Size), humanBytes(inv.Memory.RSS),
-		humanBytes(inv.Memory.Anonymous), humanBytes(inv.Memory.FileRSS), humanBytes(inv.Memory.ShmemRSS))
+		inv.Root, len(inv.Tasks), humanBytes(inv.GetMemory().GetSize()), humanBytes(inv.GetMemory().GetRss()),
+		humanBytes(inv.GetMemory().GetAnonymous()), humanBytes(inv.GetMemory().GetFileRss()), humanBytes(inv.GetMemory().GetShmemRss()))
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PID\tNSPID\tPPID\tPGID\tSID\tTHR\tRSS\tFDS\tCOMMAND")
 	for _, t := range inv.Tasks {
 		kinds := map[string]int{}
-		for _, fd := range t.FDs {
+		for _, fd := range t.Fds {
 			kinds[fd.Kind]++
 		}
 		var fds []string
 		for _, k := range slices.Sorted(maps.Keys(kinds)) {
 			fds = append(fds, fmt.Sprintf("%s:%d", k, kinds[k]))
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", t.PID, t.NSPID, t.PPID, t.PGID, t.SID, t.Threads,
-			humanBytes(t.Memory.RSS), strings.Join(fds, ","), strings.Join(t.Cmdline, " "))
+		fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", t.Pid, t.Nspid, t.Ppid, t.Pgid, t.Sid, t.Threads,
+			humanBytes(t.GetMemory().GetRss()), strings.Join(fds, ","), strings.Join(t.Cmdline, " "))
 	}
 	tw.Flush()
 	if len(inv.Sockets) > 0 {
@@ -267,18 +267,18 @@ func printTree(w io.Writer, inv *dump.Inventory, plan *dump.Plan) {
 					peer = " (peer inside the tree)"
 				}
 			}
-			fmt.Fprintf(w, "  pid %d fd %d: %s %s %s %s%s\n", s.PID, s.FD, s.Family, s.State, s.Local, s.Remote, peer)
+			fmt.Fprintf(w, "  pid %d fd %d: %s %s %s %s%s\n", s.Pid, s.Fd, s.Family, s.State, s.Local, s.Remote, peer)
 		}
 	}
 	fmt.Fprintf(w, "SysV IPC: %d shm, %d sem, %d msg (own IPC namespace: %v); file locks: %d\n",
-		inv.IPC.Shm, inv.IPC.Sem, inv.IPC.Msg, inv.OwnIPCNamespace, inv.Locks)
+		inv.GetIpc().GetShm(), inv.GetIpc().GetSem(), inv.GetIpc().GetMsg(), inv.OwnIpcNamespace, inv.FileLocks)
 	fmt.Fprintf(w, "plan: tcp-established=%v ext-unix-sk=%v file-locks=%v shell-job=%v\n",
-		plan.TCPEstablished, plan.ExtUnixSk, plan.FileLocks, plan.ShellJob)
+		plan.TcpEstablished, plan.ExtUnixSk, plan.FileLocks, plan.ShellJob)
 	for _, f := range plan.Blockers {
-		fmt.Fprintf(w, "  cannot checkpoint: %s\n", f)
+		fmt.Fprintf(w, "  cannot checkpoint: %s\n", dump.FindingString(f))
 	}
 	for _, f := range plan.Needs {
-		fmt.Fprintf(w, "  needs a flag: %s\n", f)
+		fmt.Fprintf(w, "  needs a flag: %s\n", dump.FindingString(f))
 	}
 	for _, n := range plan.Notes {
 		fmt.Fprintf(w, "  note: %s\n", n)

@@ -1,16 +1,15 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"text/tabwriter"
 	"time"
 
+	"github.com/checkpoint-restore/go-criu/v7/stats"
 	"github.com/urfave/cli/v2"
 
-	"github.com/ferry-cr/ferry/dump"
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
 	pb "github.com/ferry-cr/ferry/proto"
@@ -59,7 +58,10 @@ var inspectCommand = &cli.Command{
 			if fm := t.GetFinalManifest(); fm != nil {
 				pm = fm // written at the end of a streamed dump, complete
 			}
-			m, files, raw, stored = checkpoint.FromProto(pm), t.GetFiles(), t.GetRawBytes(), t.GetStoredBytes()
+			if m, err = checkpoint.FromRecord(pm); err != nil {
+				return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
+			}
+			files, raw, stored = t.GetFiles(), t.GetRawBytes(), t.GetStoredBytes()
 		} else {
 			var err error
 			if m, err = checkpoint.Load(path); err != nil {
@@ -72,27 +74,23 @@ var inspectCommand = &cli.Command{
 			stored = raw
 		}
 		if c.Bool("json") {
-			return writeJSON(c, map[string]any{"manifest": m, "files": files, "rawBytes": raw, "storedBytes": stored, "checked": checked})
+			return writeJSON(c, map[string]any{"manifest": checkpoint.JSON(m), "files": files, "rawBytes": raw, "storedBytes": stored, "checked": checked})
 		}
 		w := c.App.Writer
 		fmt.Fprintf(w, "job %s: %s\n", m.Job, joinCmd(m.Command))
 		fmt.Fprintf(w, "taken %s on %s (kernel %s) by ferry %s with CRIU %s\n",
-			m.Created.Format(time.RFC3339), m.Host, m.Kernel, m.FerryVersion, m.CriuVersion)
+			checkpoint.Created(m).Format(time.RFC3339), m.Host, m.Kernel, m.FerryVersion, m.CriuVersion)
 		fmt.Fprintf(w, "%d processes, %d threads, %s of memory; %s raw, %s stored",
 			m.Processes, m.Threads, humanBytes(m.MemoryBytes), humanBytes(int64(raw)), humanBytes(int64(stored)))
 		if raw > 0 && stored < raw {
 			fmt.Fprintf(w, " (%.0f%%)", 100*float64(stored)/float64(raw))
 		}
 		fmt.Fprintln(w)
-		if len(m.Inventory) > 0 {
-			var inv dump.Inventory
-			var plan dump.Plan
-			if json.Unmarshal(m.Inventory, &inv) == nil && json.Unmarshal(m.Plan, &plan) == nil {
-				fmt.Fprintln(w, "the tree when it was checkpointed:")
-				printTree(w, &inv, &plan)
-			}
+		if m.Inventory != nil && m.Plan != nil {
+			fmt.Fprintln(w, "the tree when it was checkpointed:")
+			printTree(w, m.Inventory, m.Plan)
 		}
-		printCriuStats(w, m.CriuStats)
+		printCriuStats(w, checkpoint.CriuStats(m))
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "FILE\tSIZE\tSTORED")
 		for _, f := range files {
@@ -144,24 +142,13 @@ var verifyCommand = &cli.Command{
 	},
 }
 
-func printCriuStats(w io.Writer, raw json.RawMessage) {
-	if len(raw) == 0 {
-		return
-	}
-	var st struct {
-		// go-criu's stats.DumpStatsEntry, as encoding/json writes it.
-		FreezingTime uint32 `json:"freezing_time"`
-		FrozenTime   uint32 `json:"frozen_time"`
-		MemdumpTime  uint32 `json:"memdump_time"`
-		MemwriteTime uint32 `json:"memwrite_time"`
-		PagesScanned uint64 `json:"pages_scanned"`
-		PagesWritten uint64 `json:"pages_written"`
-	}
-	if json.Unmarshal(raw, &st) != nil {
+func printCriuStats(w io.Writer, st *stats.DumpStatsEntry) {
+	if st == nil {
 		return
 	}
 	fmt.Fprintf(w, "CRIU: frozen %dms (freezing %dms, memdump %dms, memwrite %dms), pages scanned %d, written %d\n",
-		st.FrozenTime/1000, st.FreezingTime/1000, st.MemdumpTime/1000, st.MemwriteTime/1000, st.PagesScanned, st.PagesWritten)
+		st.GetFrozenTime()/1000, st.GetFreezingTime()/1000, st.GetMemdumpTime()/1000, st.GetMemwriteTime()/1000,
+		st.GetPagesScanned(), st.GetPagesWritten())
 }
 
 func joinCmd(cmd []string) string {

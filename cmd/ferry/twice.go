@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -79,18 +78,16 @@ func checkpointInventory(path string) *dump.Inventory {
 		if fm := t.GetFinalManifest(); fm != nil {
 			pm = fm
 		}
-		m = checkpoint.FromProto(pm)
+		if m, err = checkpoint.FromRecord(pm); err != nil {
+			return nil
+		}
 	} else {
 		var err error
 		if m, err = checkpoint.LoadManifest(path); err != nil {
 			return nil
 		}
 	}
-	var inv dump.Inventory
-	if len(m.Inventory) == 0 || json.Unmarshal(m.Inventory, &inv) != nil {
-		return nil
-	}
-	return &inv
+	return m.GetInventory()
 }
 
 // listeners lists the addresses the tree listens on: "tcp ADDR:PORT",

@@ -3,7 +3,8 @@
 // ferry's manifest beside them.
 //
 //	<checkpoint>/       0700
-//	  ferry.json        Manifest: what was dumped, how, and from where
+//	  ferry.json        Manifest (proto/image.proto) as protojson: what was
+//	                    dumped, how, and from where (format 2; 1 is read too)
 //	  *.img             CRIU's images, untouched
 //	  dump.log          CRIU's log of the dump
 //	  stats-dump        CRIU's dump statistics
@@ -21,10 +22,22 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/checkpoint-restore/go-criu/v7/stats"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+
+	pb "github.com/ferry-cr/ferry/proto"
 )
 
-// FormatVersion is the version of the manifest; a reader rejects others.
-const FormatVersion = 1
+// FormatVersion is the version of a directory's manifest this ferry
+// writes: 2, the proto message as protojson. It reads 1 too (ferry.json
+// as ferry's own Go struct wrote it, before the manifest was a message).
+const FormatVersion = 2
+
+// formatV1 is ferry.json before the manifest was a proto message.
+const formatV1 = 1
 
 // ManifestFile is the manifest's name inside a checkpoint directory.
 const ManifestFile = "ferry.json"
@@ -39,82 +52,24 @@ var (
 	ErrIncomplete         = errors.New("checkpoint is incomplete")
 )
 
-// Manifest is ferry's description of a checkpoint.
-type Manifest struct {
-	Format       int       `json:"format"`
-	FerryVersion string    `json:"ferryVersion"`
-	CriuVersion  string    `json:"criuVersion"`
-	Kernel       string    `json:"kernel"`
-	Host         string    `json:"host"`
-	Created      time.Time `json:"created"`
-
-	Job     string   `json:"job"`
-	Command []string `json:"command"`
-	Dir     string   `json:"dir"`
-	// Foreign is set for a tree that ferry did not start (--pid) and for
-	// such a tree after ferry restored it: it comes back under a new ferry
-	// init, in fresh PID, IPC and mount namespaces, with its own pids.
-	Foreign bool `json:"foreign,omitempty"`
-	// ExternalPidNS says the tree's PID namespace was declared external at
-	// dump (its init is not part of the checkpoint): restore hands CRIU the
-	// new namespace under the key extRootPidNS.
-	ExternalPidNS bool `json:"externalPidNs,omitempty"`
-	ShellJob      bool `json:"shellJob,omitempty"`
-
-	// OutputPipe is the inode key ("pipe:[N]") of the pipe that carried
-	// the job's stdout and stderr to its shim: restore hands CRIU a fresh
-	// pipe under this key.
-	OutputPipe string `json:"outputPipe,omitempty"`
-	// ErrorPipe is the same for stderr when it is another pipe.
-	ErrorPipe string `json:"errorPipe,omitempty"`
-
-	TCPEstablished bool `json:"tcpEstablished,omitempty"`
-	// NetworkLock is CRIU's network locking method for TCP connections
-	// ("nftables" or "iptables"); restore must use the same one.
-	NetworkLock string `json:"networkLock,omitempty"`
-	FileLocks   bool   `json:"fileLocks,omitempty"`
-	ExtUnixSk   bool   `json:"extUnixSk,omitempty"`
-
-	// Periodic is the job's periodic snapshot policy when it was
-	// checkpointed (ferry run --checkpoint-every), so that a job restored
-	// from a snapshot store carries on taking snapshots into that store.
-	Periodic *Periodic `json:"periodic,omitempty"`
-
-	// Init is the ferry binary that runs as the tree's pid 1. CRIU checks
-	// that every executable is the same file at restore, so a restore
-	// needs this exact build at this path.
-	Init *Executable `json:"init,omitempty"`
-
-	Processes   int   `json:"processes"`
-	Threads     int   `json:"threads"`
-	MemoryBytes int64 `json:"memoryBytes"` // pages written by CRIU
-	// Inventory and Plan are the walk and the plan of the dump (dump.Inventory
-	// and dump.Plan as JSON), CriuStats CRIU's own dump statistics: what
-	// `ferry inspect` shows without reading any image.
-	Inventory json.RawMessage `json:"inventory,omitempty"`
-	Plan      json.RawMessage `json:"plan,omitempty"`
-	CriuStats json.RawMessage `json:"criuStats,omitempty"`
-
-	// Files lists every file of the checkpoint with its size, so that a
-	// restore can tell a truncated checkpoint before touching anything.
-	Files map[string]int64 `json:"files"`
-}
-
-// Periodic is a periodic snapshot policy without its store: the store
-// is the one the snapshot is restored from.
-type Periodic struct {
-	Every time.Duration `json:"everyNs"`
-	Keep  int           `json:"keep,omitempty"` // 0 keeps all
-}
+// Manifest is ferry's description of a checkpoint: the message a stream
+// carries as its first record and a directory as ferry.json (see
+// proto/image.proto for what each field means). The functions below are
+// what ferry does with one; there is no other copy of its fields.
+type (
+	Manifest   = pb.Manifest
+	Periodic   = pb.Periodic
+	Executable = pb.Executable
+)
 
 // PidNSKey names the tree's PID namespace when it was dumped as external.
 const PidNSKey = "extRootPidNS"
 
 // OutputPipes lists the inherit-fd keys of the pipes that carried the
 // tree's stdout and stderr: restore gives each the job's fresh log pipe.
-func (m *Manifest) OutputPipes() []string {
+func OutputPipes(m *Manifest) []string {
 	var keys []string
-	for _, k := range []string{m.OutputPipe, m.ErrorPipe} {
+	for _, k := range []string{m.GetOutputPipe(), m.GetErrorPipe()} {
 		if k != "" && (len(keys) == 0 || keys[0] != k) {
 			keys = append(keys, k)
 		}
@@ -122,12 +77,11 @@ func (m *Manifest) OutputPipes() []string {
 	return keys
 }
 
-// Executable identifies a binary by path and content.
-type Executable struct {
-	Path   string `json:"path"`
-	Size   int64  `json:"size"`
-	SHA256 string `json:"sha256"`
-}
+// Created is when the checkpoint was taken.
+func Created(m *Manifest) time.Time { return time.Unix(0, m.GetCreatedUnixNano()).UTC() }
+
+// Every is the periodic policy's interval.
+func Every(p *Periodic) time.Duration { return time.Duration(p.GetEveryNs()) }
 
 // ErrExecutableChanged means a binary the checkpoint needs at restore is
 // missing or is not the one the checkpoint was taken with.
@@ -145,17 +99,18 @@ func Identify(path string) (*Executable, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading %s: %w", path, err)
 	}
-	return &Executable{Path: path, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+	return &Executable{Path: path, Size: n, Sha256: hex.EncodeToString(h.Sum(nil))}, nil
 }
 
-// Check verifies that the binary at e.Path is still the one recorded.
-func (e *Executable) Check() error {
-	now, err := Identify(e.Path)
+// CheckExecutable verifies that the binary at e's path is still the one
+// recorded.
+func CheckExecutable(e *Executable) error {
+	now, err := Identify(e.GetPath())
 	if err != nil {
-		return fmt.Errorf("%s: %w (%w)", e.Path, ErrExecutableChanged, err)
+		return fmt.Errorf("%s: %w (%w)", e.GetPath(), ErrExecutableChanged, err)
 	}
-	if now.Size != e.Size || now.SHA256 != e.SHA256 {
-		return fmt.Errorf("%s: %w: it is another build now (the checkpoint needs sha256 %.12s, found %.12s); keep the ferry binary a checkpoint was taken with at its path", e.Path, ErrExecutableChanged, e.SHA256, now.SHA256)
+	if now.Size != e.GetSize() || now.Sha256 != e.GetSha256() {
+		return fmt.Errorf("%s: %w: it is another build now (the checkpoint needs sha256 %.12s, found %.12s); keep the ferry binary a checkpoint was taken with at its path", e.GetPath(), ErrExecutableChanged, e.GetSha256(), now.Sha256)
 	}
 	return nil
 }
@@ -167,7 +122,7 @@ func Load(dir string) (*Manifest, error) {
 	if err != nil {
 		return nil, err
 	}
-	if len(m.Files) == 0 {
+	if len(m.GetFiles()) == 0 {
 		return nil, fmt.Errorf("%q: manifest lists no image files: %w", dir, ErrIncomplete)
 	}
 	for name, size := range m.Files {
@@ -186,13 +141,13 @@ func Load(dir string) (*Manifest, error) {
 // restore that starts from a stream's first record, before its images
 // have come (LoadManifest reads it; Load would find it incomplete).
 func WriteHead(dir string, m *Manifest) error {
-	head := *m
+	head := proto.CloneOf(m)
 	head.Files = nil
-	data, err := json.MarshalIndent(&head, "", "  ")
+	data, err := Encode(head)
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, ManifestFile), append(data, '\n'), 0o600)
+	return os.WriteFile(filepath.Join(dir, ManifestFile), data, 0o600)
 }
 
 // LoadManifest is Load without looking for the image files: for a
@@ -216,30 +171,165 @@ func LoadManifest(dir string) (*Manifest, error) {
 	return DecodeManifest(f, fmt.Sprintf("%q", dir))
 }
 
-// DecodeManifest reads and checks a manifest (ferry.json) from r; where
-// names it in errors.
+// Encode is m as a directory's ferry.json: protojson, the message's own
+// JSON form, which any protobuf library reads back (a binary manifest
+// would save nothing worth having on a file this small, and ferry.json
+// has always been readable beside CRIU's images), with Format set to the
+// version this ferry writes.
+func Encode(m *Manifest) ([]byte, error) {
+	m.Format = FormatVersion
+	data, err := protojson.MarshalOptions{Multiline: true, Indent: "  "}.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	return append(data, '\n'), nil
+}
+
+// DecodeManifest reads and checks a manifest (ferry.json) from r, of
+// either format; where names it in errors.
 func DecodeManifest(r io.Reader, where string) (*Manifest, error) {
-	var m Manifest
-	if err := json.NewDecoder(io.LimitReader(r, maxManifestSize)).Decode(&m); err != nil {
+	data, err := io.ReadAll(io.LimitReader(r, maxManifestSize))
+	if err != nil {
+		return nil, fmt.Errorf("%s: manifest: %w", where, err)
+	}
+	var head struct {
+		Format int `json:"format"`
+	}
+	if err := json.Unmarshal(data, &head); err != nil {
 		return nil, fmt.Errorf("%s: manifest: %w: %w", where, ErrNotCheckpoint, err)
 	}
-	if m.Format != FormatVersion {
-		return nil, fmt.Errorf("%s has format %d, this ferry reads %d: %w", where, m.Format, FormatVersion, ErrUnsupportedVersion)
+	m := &Manifest{}
+	switch head.Format {
+	case FormatVersion:
+		err = protojson.UnmarshalOptions{DiscardUnknown: true}.Unmarshal(data, m)
+	case formatV1:
+		m, err = decodeV1(data)
+	default:
+		return nil, fmt.Errorf("%s has format %d, this ferry reads %d and %d: %w", where, head.Format, formatV1, FormatVersion, ErrUnsupportedVersion)
 	}
-	for name, size := range m.Files {
+	if err != nil {
+		return nil, fmt.Errorf("%s: manifest: %w: %w", where, ErrNotCheckpoint, err)
+	}
+	for name, size := range m.GetFiles() {
 		if name != filepath.Base(name) || size < 0 {
 			return nil, fmt.Errorf("%s: file %q of %d bytes in manifest: %w", where, name, size, ErrNotCheckpoint)
 		}
 	}
-	return &m, nil
+	return m, nil
+}
+
+// decodeV1 reads a format 1 ferry.json. Its names are the message's JSON
+// names (they were chosen to be), so protojson reads it but for two
+// values whose JSON types differ: created, a time (now nanoseconds), and
+// criuStats, go-criu's DumpStatsEntry as encoding/json wrote it (now the
+// entry's protobuf encoding).
+func decodeV1(data []byte) (*Manifest, error) {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(data, &fields); err != nil {
+		return nil, err
+	}
+	var created time.Time
+	if raw, ok := fields["created"]; ok {
+		if err := json.Unmarshal(raw, &created); err != nil {
+			return nil, fmt.Errorf("created: %w", err)
+		}
+	}
+	st, err := legacyStats(fields["criuStats"])
+	if err != nil {
+		return nil, err
+	}
+	delete(fields, "created")
+	delete(fields, "criuStats")
+	rest, err := json.Marshal(fields)
+	if err != nil {
+		return nil, err
+	}
+	m := &Manifest{}
+	if err := (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(rest, m); err != nil {
+		return nil, err
+	}
+	if !created.IsZero() {
+		m.CreatedUnixNano = created.UnixNano()
+	}
+	m.CriuDumpStats = st
+	return m, nil
+}
+
+// legacyStats turns CRIU's dump statistics as format 1 (and streams of
+// that time) carried them, go-criu's DumpStatsEntry through encoding/json,
+// into the entry's protobuf encoding.
+func legacyStats(raw []byte) ([]byte, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	var st stats.DumpStatsEntry
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return nil, fmt.Errorf("criuStats: %w", err)
+	}
+	return partial.Marshal(&st)
+}
+
+// CRIU's stats.proto is proto2 with required fields: a statistics entry
+// missing one (from a hand-edited or older manifest) is kept, not refused.
+var (
+	partial   = proto.MarshalOptions{AllowPartial: true}
+	unpartial = proto.UnmarshalOptions{AllowPartial: true}
+)
+
+// CriuStats reads CRIU's dump statistics from m; nil when it has none.
+func CriuStats(m *Manifest) *stats.DumpStatsEntry {
+	var st stats.DumpStatsEntry
+	if len(m.GetCriuDumpStats()) == 0 || unpartial.Unmarshal(m.GetCriuDumpStats(), &st) != nil {
+		return nil
+	}
+	return &st
+}
+
+// SetCriuStats records CRIU's dump statistics in m.
+func SetCriuStats(m *Manifest, st *stats.DumpStatsEntry) {
+	m.CriuDumpStats = nil
+	if st != nil {
+		m.CriuDumpStats, _ = partial.Marshal(st) // a message always marshals, partial or not
+	}
+}
+
+// JSON is m as the command line prints it (ferry inspect --json): the
+// shape and types it has always had (proto.AppendJSON), with created as
+// a time and criuStats as go-criu's DumpStatsEntry through encoding/json.
+func JSON(m *Manifest) json.Marshaler { return manifestJSON{m} }
+
+type manifestJSON struct{ m *Manifest }
+
+func (j manifestJSON) MarshalJSON() ([]byte, error) {
+	if j.m == nil {
+		return []byte("null"), nil
+	}
+	created := pb.File_proto_image_proto.Messages().ByName("Manifest").Fields().ByName("created_unix_nano")
+	stats := pb.File_proto_image_proto.Messages().ByName("Manifest").Fields().ByName("criu_dump_stats")
+	return pb.AppendJSON(nil, j.m.ProtoReflect(), func(fd protoreflect.FieldDescriptor, _ protoreflect.Value) ([]byte, bool) {
+		switch fd {
+		case created:
+			raw, err := json.Marshal(Created(j.m))
+			return raw, err == nil
+		case stats:
+			st := CriuStats(j.m)
+			if st == nil {
+				return nil, true
+			}
+			raw, err := json.Marshal(st)
+			return raw, err == nil
+		}
+		return nil, false
+	})
 }
 
 // SameRestore says whether a restore started from one manifest restores
 // the other: whether everything a restore's command line is made of is
 // the same in both.
 func SameRestore(a, b *Manifest) bool {
-	return slices.Equal(a.OutputPipes(), b.OutputPipes()) && a.ExternalPidNS == b.ExternalPidNS &&
-		a.ShellJob == b.ShellJob && a.TCPEstablished == b.TCPEstablished && a.NetworkLock == b.NetworkLock &&
-		a.FileLocks == b.FileLocks && a.ExtUnixSk == b.ExtUnixSk && a.Foreign == b.Foreign &&
-		slices.Equal(a.Command, b.Command) && a.Dir == b.Dir
+	return slices.Equal(OutputPipes(a), OutputPipes(b)) && a.GetExternalPidNs() == b.GetExternalPidNs() &&
+		a.GetShellJob() == b.GetShellJob() && a.GetTcpEstablished() == b.GetTcpEstablished() &&
+		a.GetNetworkLock() == b.GetNetworkLock() && a.GetFileLocks() == b.GetFileLocks() &&
+		a.GetExtUnixSk() == b.GetExtUnixSk() && a.GetForeign() == b.GetForeign() &&
+		slices.Equal(a.GetCommand(), b.GetCommand()) && a.GetDir() == b.GetDir()
 }

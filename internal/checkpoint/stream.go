@@ -8,7 +8,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/ferry-cr/ferry/image"
 	pb "github.com/ferry-cr/ferry/proto"
@@ -36,7 +37,7 @@ func IsStream(path string) bool {
 // Pack writes the checkpoint directory dir to w as an image stream and
 // returns the stream's trailer figures (raw and stored bytes).
 func Pack(dir string, w io.Writer, m *Manifest, opts image.WriterOptions) (raw, stored uint64, err error) {
-	iw, err := image.NewWriter(w, ToProto(m), opts)
+	iw, err := image.NewWriter(w, m, opts)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -50,7 +51,7 @@ func Pack(dir string, w io.Writer, m *Manifest, opts image.WriterOptions) (raw, 
 // in name order) into iw, whose stream began with an earlier manifest,
 // and closes it with final in the trailer (nil: the first stands). On
 // failure the stream is left incomplete (image.Writer.Abort).
-func PackInto(iw *image.Writer, dir string, m *Manifest, final *pb.Manifest) error {
+func PackInto(iw *image.Writer, dir string, m *Manifest, final *Manifest) error {
 	names := make([]string, 0, len(m.Files)+1)
 	for name := range m.Files {
 		names = append(names, name)
@@ -98,49 +99,50 @@ func Verify(r io.Reader) (*pb.Manifest, *pb.Trailer, error) {
 	}
 }
 
-// ToProto is the stream's manifest: what inspect shows without reading
-// the files.
-func ToProto(m *Manifest) *pb.Manifest {
-	p := &pb.Manifest{
-		FerryVersion: m.FerryVersion, CriuVersion: m.CriuVersion, Kernel: m.Kernel, Host: m.Host,
-		CreatedUnixNano: m.Created.UnixNano(), Job: m.Job, Command: m.Command, Dir: m.Dir,
-		Foreign: m.Foreign, ExternalPidNs: m.ExternalPidNS, ShellJob: m.ShellJob,
-		OutputPipe: m.OutputPipe, ErrorPipe: m.ErrorPipe, TcpEstablished: m.TCPEstablished,
-		NetworkLock: m.NetworkLock, FileLocks: m.FileLocks, ExtUnixSk: m.ExtUnixSk,
-		Processes: int32(m.Processes), Threads: int32(m.Threads), MemoryBytes: m.MemoryBytes,
-		InventoryJson: m.Inventory, PlanJson: m.Plan, CriuStats: m.CriuStats,
+// FromRecord is the manifest a stream's record carries, as this ferry
+// reads it: a stream written before the walk, the plan and CRIU's
+// statistics were messages has them as JSON (inventory_json, plan_json,
+// criu_stats_json), which it turns into the fields, and no format (it is
+// format 1's); p is changed in place.
+// For inspect, which reads no file, and for a restore that starts before
+// the rest of the stream has come (everything CRIU's command line needs
+// is in the record).
+func FromRecord(p *pb.Manifest) (*Manifest, error) {
+	if p == nil {
+		return nil, fmt.Errorf("stream has no manifest: %w", ErrNotCheckpoint)
 	}
-	p.CpuModel, p.CpuFlags = cpuInfo()
-	if m.Init != nil {
-		p.Init = &pb.Executable{Path: m.Init.Path, Size: m.Init.Size, Sha256: m.Init.SHA256}
+	if p.Format == 0 {
+		p.Format = formatV1 // written before records said which
 	}
-	return p
+	//nolint:staticcheck // the deprecated fields are what is read here
+	if inv, plan, st := p.InventoryJson, p.PlanJson, p.CriuStatsJson; len(inv)+len(plan)+len(st) > 0 {
+		old := protojson.UnmarshalOptions{DiscardUnknown: true}
+		if len(inv) > 0 && p.Inventory == nil {
+			p.Inventory = &pb.Inventory{}
+			if err := old.Unmarshal(inv, p.Inventory); err != nil {
+				return nil, fmt.Errorf("manifest's inventory: %w: %w", ErrNotCheckpoint, err)
+			}
+		}
+		if len(plan) > 0 && p.Plan == nil {
+			p.Plan = &pb.Plan{}
+			if err := old.Unmarshal(plan, p.Plan); err != nil {
+				return nil, fmt.Errorf("manifest's plan: %w: %w", ErrNotCheckpoint, err)
+			}
+		}
+		if len(p.CriuDumpStats) == 0 {
+			var err error
+			if p.CriuDumpStats, err = legacyStats(st); err != nil {
+				return nil, fmt.Errorf("manifest: %w: %w", ErrNotCheckpoint, err)
+			}
+		}
+		p.InventoryJson, p.PlanJson, p.CriuStatsJson = nil, nil, nil
+	}
+	return p, nil
 }
 
-// FromProto reads back the manifest ferry.json carries, from a stream's
-// manifest record: for inspect, which reads no file, and for a restore
-// that starts before the rest of the stream has come (everything CRIU's
-// command line needs is there; Files is not).
-func FromProto(p *pb.Manifest) *Manifest {
-	m := &Manifest{
-		Format: FormatVersion, FerryVersion: p.GetFerryVersion(), CriuVersion: p.GetCriuVersion(),
-		Kernel: p.GetKernel(), Host: p.GetHost(), Job: p.GetJob(), Command: p.GetCommand(), Dir: p.GetDir(),
-		Foreign: p.GetForeign(), ExternalPidNS: p.GetExternalPidNs(), ShellJob: p.GetShellJob(),
-		TCPEstablished: p.GetTcpEstablished(), NetworkLock: p.GetNetworkLock(), FileLocks: p.GetFileLocks(),
-		ExtUnixSk: p.GetExtUnixSk(), Processes: int(p.GetProcesses()), Threads: int(p.GetThreads()),
-		MemoryBytes: p.GetMemoryBytes(), Inventory: p.GetInventoryJson(), Plan: p.GetPlanJson(), CriuStats: p.GetCriuStats(),
-		Created:    time.Unix(0, p.GetCreatedUnixNano()).UTC(),
-		OutputPipe: p.GetOutputPipe(), ErrorPipe: p.GetErrorPipe(),
-	}
-	if e := p.GetInit(); e != nil {
-		m.Init = &Executable{Path: e.GetPath(), Size: e.GetSize(), SHA256: e.GetSha256()}
-	}
-	return m
-}
-
-// cpuInfo reads the CPU model and flags, which decide whether a
+// CPUInfo reads the CPU model and flags, which decide whether a
 // checkpoint can run on another host's CPU.
-func cpuInfo() (string, []string) {
+func CPUInfo() (string, []string) {
 	data, err := os.ReadFile("/proc/cpuinfo")
 	if err != nil {
 		return "", nil
