@@ -28,16 +28,24 @@ type hosts struct {
 	net          int // the third byte of the addresses: 198.18.NET.x
 }
 
-var hostSeq int
+// hostSeq numbers the hosts of this test binary (hostMu: TestMigrateChaos
+// makes them from parallel subtests).
+var (
+	hostMu  sync.Mutex
+	hostSeq int
+)
 
 func newHosts(t *testing.T) *hosts {
 	t.Helper()
 	if _, err := exec.LookPath("ip"); err != nil {
 		t.Skip("ip (iproute2) not installed")
 	}
+	hostMu.Lock()
 	hostSeq++
-	n := os.Getpid()%200 + hostSeq
-	tag := fmt.Sprintf("ft%d-%d", os.Getpid(), hostSeq)
+	seq := hostSeq
+	hostMu.Unlock()
+	n := os.Getpid()%200 + seq
+	tag := fmt.Sprintf("ft%d-%d", os.Getpid(), seq)
 	va, vb := "v"+tag+"a", "v"+tag+"b"
 	h := &hosts{a: tag + "a", b: tag + "b", addrA: fmt.Sprintf("198.18.%d.1", n), addrB: fmt.Sprintf("198.18.%d.2", n),
 		vethA: va, vethB: vb, net: n}
