@@ -300,10 +300,11 @@ func (s *source) serving(i in) []act {
 	case inLost:
 		s.ctlLost = true
 	case inSilence:
-		if s.served {
-			s.st = srcInDoubt
-			return []act{noteInDoubt}
-		}
+		// Both sides beat every heartbeatEvery while the pages move: a
+		// destination silent this long is gone or cut off. It may run
+		// the job, so ours stays frozen, in doubt.
+		s.st = srcInDoubt
+		return []act{noteInDoubt}
 	case inInterrupt:
 		if !s.aborting {
 			s.aborting = true
@@ -448,8 +449,9 @@ func (d *destination) step(i in) []act {
 			}
 			d.st = dstComplete
 			return []act{clearNote, sendComplete}
-		case inPagesFailed, inAbort, inThawFailed:
-			// Pages are missing: our copy cannot run on, and the
+		case inPagesFailed, inAbort, inThawFailed, inSilence:
+			// Pages are missing (or will not come: the source has been
+			// silent past its bound): our copy cannot run on, and the
 			// source's frozen one is whole.
 			d.st = dstDropped
 			return []act{dropCopy, sendDropped}

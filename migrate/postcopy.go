@@ -197,10 +197,13 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 		p.keepCtl()
 	}
 	d := p.d
+	// Each side beats while the pages move, and gives up on a peer
+	// silent for peerSilence: a dead link holds neither for long.
+	defer heartbeat(p.c)()
 	msgs := make(chan ctlMsg, 8)
 	go func() {
 		for {
-			m, err := p.c.recv(restoreTimeout)
+			m, err := p.c.recv(peerSilence())
 			msgs <- ctlMsg{m, err}
 			if err != nil {
 				return
@@ -243,6 +246,11 @@ func (p *postCopySource) serve(ctx context.Context, served <-chan error) error {
 			}
 			if cm.err != nil {
 				msgs = nil // the reader has stopped
+				if wait == nil {
+					// No word can come now: CRIU's end is awaited no
+					// longer than a silence (a dead link may hold it).
+					wait = time.After(peerSilence())
+				}
 			}
 			run(inputOf(cm.m, cm.err))
 		case <-ctx.Done():
@@ -599,10 +607,11 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	// Held, then lazy, until the machine (handover.go) says the
 	// migration is over: it hears the source's words, the daemon's exit
 	// (every page came, or our copy lacks some) and the page link's end.
+	defer heartbeat(c)() // the source gives up on a silent destination
 	msgs := make(chan ctlMsg, 8)
 	go func() {
 		for {
-			m, err := c.recv(restoreTimeout)
+			m, err := c.recv(peerSilence())
 			msgs <- ctlMsg{m, err}
 			if err != nil {
 				return
@@ -624,8 +633,11 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		select {
 		case cm := <-msgs:
 			if cm.err != nil {
-				msgs = nil // the reader has stopped; the pages may still all come
+				msgs = nil // the reader has stopped; the pages may still all come...
 				log.Warn("control connection lost during post-copy", "err", cm.err)
+				if settle == nil {
+					settle = time.After(2 * peerSilence()) // ...but not forever
+				}
 			}
 			d.heard(cm.m, cm.err)
 		case err := <-daemonExit:

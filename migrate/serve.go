@@ -479,6 +479,10 @@ func (sv *Server) sayPrepared(c *conn, t0 time.Time, log *slog.Logger) {
 // meanwhile; the machine's noteHeld then records what the copy is.
 func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts restore.Options) (*job.Record, time.Duration, error) {
 	ropts.Stopped = true
+	// The record says what the copy is from its creation, before CRIU
+	// runs: a serve killed while it restores leaves no frozen copy
+	// unexplained (a restarted serve recovers it as in doubt).
+	ropts.Migration = sv.heldNote(ropts.Name, nc, "restored from %s and held frozen until the source's word")
 	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	t0 := time.Now()
@@ -573,14 +577,20 @@ func (sv *Server) drop(ctx context.Context, name string, nc net.Conn, log *slog.
 	}
 }
 
+// heldNote is the note of a copy held for the source's word.
+func (sv *Server) heldNote(name string, nc net.Conn, format string) *job.MigrationNote {
+	peer := nc.RemoteAddr().String()
+	return &job.MigrationNote{Peer: peer, Role: "destination", State: stateHeld, Owner: os.Getpid(), Time: time.Now().UTC(),
+		Note:    fmt.Sprintf(format, peer),
+		Resolve: fmt.Sprintf("if %s no longer runs on %s: ferry thaw %s; if it does: ferry kill %s", name, peer, name, name)}
+}
+
 // note records in job name's record where its migration stands (state)
 // and why it is held frozen (format takes the peer) and how to settle
 // it; Thaw clears it.
 func (sv *Server) note(name string, nc net.Conn, state, format string) *job.MigrationNote {
-	peer := nc.RemoteAddr().String()
-	note := &job.MigrationNote{Peer: peer, Role: "destination", State: state, Owner: os.Getpid(), Time: time.Now().UTC(),
-		Note:    fmt.Sprintf(format, peer),
-		Resolve: fmt.Sprintf("if %s no longer runs on %s: ferry thaw %s; if it does: ferry kill %s", name, peer, name, name)}
+	note := sv.heldNote(name, nc, format)
+	note.State = state
 	_, _ = sv.Store.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
 	return note
 }

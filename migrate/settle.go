@@ -239,8 +239,8 @@ func (sv *Server) Recover(ctx context.Context) []string {
 	var did []string
 	for _, rec := range recs {
 		n := rec.Migration
-		if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) {
-			continue // none, or another serve's, still at work
+		if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) || !rec.InitAlive() {
+			continue // none, another serve's still at work, or no copy (a stale start is swept)
 		}
 		switch dstRecover(n.State) {
 		case dropCopy:

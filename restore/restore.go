@@ -48,6 +48,9 @@ type Options struct {
 	Progress *progress.Meter
 	// Stopped leaves the restored job frozen; thawing it starts it.
 	Stopped bool
+	// Migration is the note the job's record carries from its creation
+	// (a migration's destination: held frozen for the source's word).
+	Migration *job.MigrationNote
 	// LazyPages restores a directory checkpoint with CRIU lazy pages:
 	// the caller runs `criu lazy-pages` in that directory first, or
 	// alongside (LazyReady).
@@ -213,6 +216,7 @@ func start(ctx context.Context, s *job.Registry, m *checkpoint.Manifest, dir str
 		CgroupRoot: opts.CgroupRoot,
 		Logger:     opts.Logger,
 		Snapshots:  opts.Snapshots,
+		Migration:  opts.Migration,
 	})
 }
 

@@ -31,6 +31,10 @@ type RestoreSpec struct {
 	Criu       string // CRIU binary the shim restores with
 	Foreign    bool   // a tree ferry did not start: restored by a new init
 	Stopped    bool   // leave the restored tree frozen (Thaw starts it)
+	// Migration, when set, is in the record from its creation: a copy a
+	// migration restores says what it is before CRIU runs, so that a
+	// ferry that dies while it restores leaves no frozen copy unexplained.
+	Migration *MigrationNote
 	// LazyPages restores with CRIU lazy pages (post-copy): a `criu
 	// lazy-pages` daemon listens in the checkpoint directory, which is
 	// then also CRIU's work directory, by the time CRIU connects to it
@@ -70,6 +74,7 @@ func StartRestored(ctx context.Context, s *Registry, spec RestoreSpec) (*Record,
 		RestoreStopped: spec.Stopped,
 		RestoreLazy:    spec.LazyPages,
 		Snapshots:      spec.Snapshots,
+		Migration:      spec.Migration,
 	}
 	return launch(ctx, s, rec, true, spec.CgroupRoot, log)
 }
