@@ -239,8 +239,15 @@ func (sv *Server) Recover(ctx context.Context) []string {
 	var did []string
 	for _, rec := range recs {
 		n := rec.Migration
-		if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) || !rec.InitAlive() {
-			continue // none, another serve's still at work, or no copy (a stale start is swept)
+		if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) {
+			continue // none, or another serve's still at work
+		}
+		if !rec.InitAlive() {
+			// No copy is left (it died, or its start was abandoned and
+			// is swept): the note would say otherwise.
+			_, _ = sv.Store.Update(rec.Name, func(r *job.Record) error { r.Migration = nil; return nil })
+			did = append(did, rec.Name+": its copy was gone; the note is cleared")
+			continue
 		}
 		switch dstRecover(n.State) {
 		case dropCopy:

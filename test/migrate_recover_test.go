@@ -52,11 +52,13 @@ func TestServeRestartRecoversPostCopy(t *testing.T) {
 
 	// A new serve finds the copy that ran on missing pages and drops it.
 	_, log := dst.serveProc(h.b, listen, token, "")
-	if !strings.Contains(log.text(), "rj: dropped") {
+	// (The copy may have died first, reading zeros where its pages
+	// never came: then there is only its record to clear.)
+	if !strings.Contains(log.text(), "rj: dropped") && !strings.Contains(log.text(), "rj: its copy was gone") {
 		t.Fatalf("the new serve did not say it dropped the copy:\n%s", log.text())
 	}
-	if v, ok := dst.list()["rj"]; ok && v.State != "exited" {
-		t.Fatalf("destination after its serve restarted: rj is %s", v.State)
+	if v, ok := dst.list()["rj"]; ok && (v.State == "running" || v.State == "frozen" || v.Migration != nil) {
+		t.Fatalf("destination after its serve restarted: rj is %s, note %+v", v.State, v.Migration)
 	}
 	// Settled from the source, by its record, with no operator.
 	if r := src.ferryIn(h.a, "migrate", "rj", "--to", listen, "--token-file", token); r.code != 0 || !strings.Contains(r.stdout, "runs on here") {
