@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"slices"
 	"time"
 
@@ -299,7 +300,7 @@ func (d *srcDriver) do(a act) {
 
 // note records in the job's record where its migration stands.
 func (d *srcDriver) note(state, what string) {
-	n := &job.MigrationNote{Peer: d.to, Role: "source", State: state, Time: time.Now().UTC(),
+	n := &job.MigrationNote{Peer: d.to, Role: "source", State: state, Owner: os.Getpid(), Time: time.Now().UTC(),
 		Note: what, Resolve: settleHint(d.name, d.to)}
 	if _, err := d.reg.Update(d.name, func(r *job.Record) error { r.Migration = n; return nil }); err != nil {
 		d.log.Error("recording the migration's state", "job", d.name, "state", state, "err", err)

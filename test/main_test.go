@@ -143,6 +143,7 @@ type jobView struct {
 	Migration *struct {
 		Role    string `json:"role"`
 		State   string `json:"state"`
+		Owner   int    `json:"owner"`
 		Note    string `json:"note"`
 		Resolve string `json:"resolve"`
 	} `json:"migration"`

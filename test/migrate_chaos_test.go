@@ -274,7 +274,9 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 	// doubt; the shim acts on the lease of a killed one at once.
 	eventually(t, 30*time.Second, "the source's lease to be let go", func() bool {
 		v, ok := src.list()[name]
-		return ok && (v.Operation == "" || v.State == "exited")
+		// (A copy kept frozen for good, in doubt, keeps its guard's
+		// word on why as its operation.)
+		return ok && (v.Operation == "" || v.State == "exited" || v.State == "frozen" && v.Migration != nil && !alive(v.Migration.Owner))
 	})
 
 	s, d := src.job(name), dst.list()[name]
