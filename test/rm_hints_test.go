@@ -64,3 +64,44 @@ func TestRmHints(t *testing.T) {
 		t.Fatalf("rs is still listed after kill and rm: %s", v.State)
 	}
 }
+
+// TestMPTCPHint: a Go program listens with MPTCP by default (Go >= 1.24),
+// which CRIU cannot checkpoint. The failed checkpoint says, in one line,
+// to run the job with GODEBUG=multipathtcp=0, and the job runs on; run so,
+// it checkpoints and restores, and its listener answers after the restore.
+func TestMPTCPHint(t *testing.T) {
+	requireCriu(t)
+	if b, err := os.ReadFile("/proc/sys/net/mptcp/enabled"); err != nil || strings.TrimSpace(string(b)) != "1" {
+		t.Skip("this kernel has no MPTCP: Go listens with plain TCP")
+	}
+	e := newEnv(t)
+	w := buildWorkload(t)
+	port := freePort(t, "tcp4")
+	if r := e.ferry("run", "--name", "mp", "--", w, "gotcp", port); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	e.waitLines("mp", "count ", 2)
+	r := e.ferry("checkpoint", "mp", "-o", filepath.Join(t.TempDir(), "mp.ferry"))
+	if r.code == 0 {
+		t.Fatalf("checkpoint of an MPTCP listener succeeded: %s", r)
+	}
+	oneLine(t, "checkpoint of an MPTCP listener", r, "GODEBUG=multipathtcp=0")
+	n := len(e.counts("mp"))
+	e.waitLines("mp", "count ", n+2) // it runs on
+	e.must("kill", "mp")
+	e.must("rm", "mp")
+
+	// As the hint says.
+	if r := e.ferryEnv([]string{"GODEBUG=multipathtcp=0"}, "run", "--name", "mp", "--", w, "gotcp", port); r.code != 0 {
+		t.Fatalf("run with GODEBUG=multipathtcp=0: %s", r)
+	}
+	e.waitLines("mp", "count ", 2)
+	img := filepath.Join(t.TempDir(), "mp2.ferry")
+	e.must("checkpoint", "mp", "-o", img)
+	last := e.counts("mp")
+	e.must("restore", img)
+	e.assertCountsFrom("mp", len(last), last[len(last)-1]+1)
+	if msg := dialSays("tcp", "127.0.0.1:"+port, "hello "); msg != "" {
+		t.Fatal(msg)
+	}
+}

@@ -79,6 +79,8 @@ func main() {
 		timer()
 	case "tcp":
 		tcp(arg(2))
+	case "gotcp":
+		goTCP(arg(2))
 	case "serve":
 		serve(arg(2))
 	case "churn":
@@ -278,6 +280,31 @@ func timer() {
 		if ticks%10 == 0 {
 			fmt.Printf("ticks %d\n", ticks)
 		}
+	}
+}
+
+// goTCP listens the way a Go program does by default (MPTCP where the
+// kernel has it, unless GODEBUG=multipathtcp=0), answers each connection
+// with "hello N", and counts.
+func goTCP(port string) {
+	ln, err := net.Listen("tcp", "127.0.0.1:"+port)
+	if err != nil {
+		fatal(err.Error())
+	}
+	var served atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				fatal(err.Error())
+			}
+			fmt.Fprintf(c, "hello %d\n", served.Add(1))
+			c.Close()
+		}
+	}()
+	for n := 1; ; n++ {
+		fmt.Printf("count %d\n", n)
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
