@@ -18,9 +18,10 @@ import (
 // source that dies; a serve that dies and restarts (dstRecover); and the
 // settle rules (srcSettles, dstSettles) that a re-run of the source's
 // command applies at the end. After every step it checks that the job
-// never runs in two places; at the end, that it exists somewhere, that
-// every frozen copy is recorded as such, that every record tells the
-// truth, and that settling leaves exactly one running copy.
+// never runs in two places and that every record tells the truth; at the
+// end, that it exists somewhere, that every frozen copy is recorded as
+// such, that settling leaves exactly one running copy, and that a
+// schedule with no fault moved the job.
 
 type copyState int
 
@@ -211,7 +212,9 @@ func (w *world) srcGets(i in) {
 func (w *world) dstGets(i in) {
 	if i == stream {
 		if w.dst.st == dstReceiving && w.dstCopy == noCopy {
-			w.dstCopy = restoring
+			// The restore's record carries the held note from its
+			// creation (restore.Options.Migration).
+			w.dstCopy, w.dstNote = restoring, stateHeld
 		}
 		return
 	}
@@ -282,7 +285,7 @@ func (w *world) steps() []step {
 			}
 		})
 		add("the restore fails", true, func(w *world) {
-			w.dstCopy = noCopy
+			w.dstCopy, w.dstNote = noCopy, "" // the failed restore removes its record
 			w.dstGets(inRestoreFailed)
 		})
 	}
@@ -407,7 +410,7 @@ func (w *world) crashDst() {
 	w.dst = nil
 	switch w.dstCopy {
 	case restoring:
-		w.dstCopy = noCopy
+		w.dstCopy = noCopy // a stale start, its note with it until a serve recovers
 	case running:
 		if w.postCopy && w.pages != 1 {
 			w.dstCopy = missing
@@ -434,10 +437,7 @@ func (w *world) invariant() error {
 	if isRunning(w.srcCopy) && isRunning(w.dstCopy) {
 		return fmt.Errorf("the job runs twice (source %s, destination %s)", w.srcCopy, w.dstCopy)
 	}
-	if w.postCopy && w.dstCopy == running && w.pages == 2 && w.dst == nil {
-		// the copy's daemon is gone: it reads zeros (crashDst marks it)
-	}
-	return nil
+	return w.truthful() // after every step, not only at the end
 }
 
 // truthful says whether the records tell the truth about the copies.
@@ -451,14 +451,16 @@ func (w *world) truthful() error {
 	}
 	okDst := map[string][]copyState{
 		"":           {noCopy, running},
-		stateHeld:    {frozen},
+		stateHeld:    {frozen, restoring},
 		stateLazy:    {running, missing},
 		stateInDoubt: {frozen},
 	}
 	if !slices.Contains(okSrc[w.srcNote], w.srcCopy) {
 		return fmt.Errorf("the source's record (%q) does not tell the truth: its copy is %s", w.srcNote, w.srcCopy)
 	}
-	if !slices.Contains(okDst[w.dstNote], w.dstCopy) {
+	if !slices.Contains(okDst[w.dstNote], w.dstCopy) && !(w.dstDead && w.dstCopy == noCopy) {
+		// (A dead serve's stale start keeps its note until a serve
+		// recovers; ferry list shows it stale.)
 		return fmt.Errorf("the destination's record (%q) does not tell the truth: its copy is %s", w.dstNote, w.dstCopy)
 	}
 	return nil
@@ -468,7 +470,10 @@ func (w *world) truthful() error {
 // by dstRecover; the page transfer is over), the records are checked,
 // and the source's command, re-run, settles by srcSettles and dstSettles.
 func (w *world) finish() error {
-	if w.dstDead {
+	if w.dstDead && w.dstCopy == noCopy {
+		w.dstNote = "" // Recover: no copy is left, the note goes
+	}
+	if w.dstDead && w.dstNote != "" {
 		switch dstRecover(w.dstNote) {
 		case dropCopy:
 			w.dstCopy, w.dstNote = noCopy, ""
