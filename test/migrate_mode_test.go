@@ -70,3 +70,38 @@ func TestMigrateModeRefused(t *testing.T) {
 	}
 	dst.assertContinues("mr", sum, before[len(before)-1])
 }
+
+// TestMigrateNoLazyPagesHint: a destination whose CRIU lacks lazy pages
+// (here a CRIU that says so to `criu check`) refuses post-copy before
+// anything is stopped, in one line that names the mode to use instead;
+// that mode moves the job, its memory whole.
+func TestMigrateNoLazyPagesHint(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7076")
+	noUffd := dst.criuWrapper(`if [ "$1" = check ]; then case "$*" in *uffd*) echo "uffd is not supported" >&2; exit 1;; esac; fi`)
+	dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+noUffd+";")
+	if r := src.ferryIn(h.a, "run", "--name", "nl", "--", w, "memory", "16"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("nl", "verify ", 1)
+	sum := src.lines("nl", "sum ")[0]
+	before, _ := src.verifyLines("nl")
+	r := src.ferryIn(h.a, "migrate", "nl", "--to", listen, "--token-file", token, "--mode", "post-copy")
+	if r.code != 23 || !strings.Contains(r.stderr, "post-copy needs lazy pages") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("post-copy to a destination without lazy pages: %s\nwant exit 23 and one line", r)
+	}
+	src.assertContinues("nl", sum, before[len(before)-1])
+	_, mode, ok := strings.Cut(strings.TrimSpace(r.stderr), "use --mode ")
+	if !ok || strings.ContainsAny(mode, " ;,") {
+		t.Fatalf("the refusal names no single mode to use: %s", r.stderr)
+	}
+	before, _ = src.verifyLines("nl")
+	if r := src.ferryIn(h.a, "migrate", "nl", "--to", listen, "--token-file", token, "--mode", mode); r.code != 0 {
+		t.Fatalf("migrate --mode %s, as the refusal said: %s", mode, r)
+	}
+	dst.assertContinues("nl", sum, before[len(before)-1])
+}
