@@ -242,6 +242,19 @@ func (sv *Server) Recover(ctx context.Context) []string {
 		if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) {
 			continue // none, or another serve's still at work
 		}
+		if rec.Stale() {
+			// A restore the dead serve was running: nothing of it is
+			// the job (the source never heard Restored).
+			if err := sv.Store.Forget(ctx, rec.Name, log); err != nil {
+				log.Error("recovering a migration: clearing an abandoned restore", "job", rec.Name, "err", err)
+				continue
+			}
+			did = append(did, rec.Name+": its restore was abandoned when serve stopped; cleared")
+			continue
+		}
+		if rec.Status == job.Starting {
+			continue // a start still under way
+		}
 		if !rec.InitAlive() {
 			// No copy is left (it died, or its start was abandoned and
 			// is swept): the note would say otherwise.
