@@ -25,8 +25,14 @@ const (
 )
 
 // startTimeout bounds how long Start waits for the shim to report that the
-// job's command is running.
-const startTimeout = 15 * time.Second
+// job's command is running. A restore waits up to restoreStartTimeout: its
+// CRIU may wait for a stream that is still arriving (a migration's early
+// restore starts before the source has dumped), which its caller bounds
+// more closely by ctx (a migration by the source's silence).
+const (
+	startTimeout        = 15 * time.Second
+	restoreStartTimeout = 10 * time.Minute
+)
 
 // Spec describes a job to start.
 type Spec struct {
@@ -137,7 +143,11 @@ func launch(ctx context.Context, s *Registry, rec *Record, replaceEnded bool, cg
 		return nil, err
 	}
 	t := time.Now()
-	if err := spawnShim(ctx, s, rec.Name, log); err != nil {
+	wait := startTimeout
+	if rec.RestoreFrom != "" {
+		wait = restoreStartTimeout
+	}
+	if err := spawnShim(ctx, s, rec.Name, wait, log); err != nil {
 		return nil, err
 	}
 	log.Debug("shim reported", "job", rec.Name, "took", time.Since(t))
@@ -146,7 +156,7 @@ func launch(ctx context.Context, s *Registry, rec *Record, replaceEnded bool, cg
 
 // spawnShim starts `ferry __shim ROOT NAME` in a session of its own and
 // waits for its one-line report: "ok" or the reason the job did not start.
-func spawnShim(ctx context.Context, s *Registry, name string, log *slog.Logger) error {
+func spawnShim(ctx context.Context, s *Registry, name string, wait time.Duration, log *slog.Logger) error {
 	self, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("locating the ferry binary: %w", err)
@@ -191,8 +201,8 @@ func spawnShim(ctx context.Context, s *Registry, name string, log *slog.Logger) 
 	var a answer
 	select {
 	case a = <-ch:
-	case <-time.After(startTimeout):
-		a.err = fmt.Errorf("shim gave no answer within %s", startTimeout)
+	case <-time.After(wait):
+		a.err = fmt.Errorf("shim gave no answer within %s", wait)
 	case <-ctx.Done():
 		a.err = ctx.Err()
 	}
