@@ -24,7 +24,9 @@ func TestDecide(t *testing.T) {
 			method{sink: sinkStreamed, stop: stopFirst, leaves: leavesAsFound}},
 		{"stdout, streamed", with(job, func(r *request) { r.stream, r.toPipe = true, true }),
 			method{sink: sinkStreamed, toPipe: true, stop: stopFirst, leaves: leavesAsFound}},
-		{".ferry file, leave running, tmpfs has room: spooled, then packed", with(job, func(r *request) { r.stream, r.leaveRunning = true, true }),
+		{".ferry file, leave running: streamed (compressed while criu dumps), frozen until read", with(job, func(r *request) { r.stream, r.leaveRunning = true, true }),
+			method{sink: sinkStreamed, stop: stopFirst, leaves: leavesAsFound}},
+		{".ferry file, leave running, criu without --stream: spooled, then packed", with(job, func(r *request) { r.stream, r.leaveRunning, r.criuStreams = true, true, no }),
 			method{sink: sinkPacked, stop: stopByCRIU, leaves: leavesAsFound}},
 		{".ferry file, leave running, no room in tmpfs: streamed, frozen throughout", with(job, func(r *request) { r.stream, r.leaveRunning, r.tmpfsRoom = true, true, false }),
 			method{sink: sinkStreamed, stop: stopFirst, leaves: leavesAsFound}},
@@ -56,7 +58,9 @@ func TestDecide(t *testing.T) {
 			method{sink: sinkDir, stop: stopByCRIU, leaves: leavesStopped}},
 		{"--pid tree without a cgroup, leave running", request{leaveRunning: true, criuStreams: yes, tmpfsRoom: true},
 			method{sink: sinkDir, stop: stopByCRIU, leaves: leavesRunning}},
-		{"--pid tree streamed, leave running, no room: stopped until the stream is whole", request{stream: true, leaveRunning: true, criuStreams: yes},
+		{"--pid tree streamed, leave running, no room: stopped until its images are read", request{stream: true, leaveRunning: true, criuStreams: yes},
+			method{sink: sinkStreamed, stop: stopByCRIU, leaves: leavesStopped}},
+		{"--pid tree streamed, leave running: stopped until its images are read", request{stream: true, leaveRunning: true, criuStreams: yes, tmpfsRoom: true},
 			method{sink: sinkStreamed, stop: stopByCRIU, leaves: leavesStopped}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
