@@ -61,6 +61,12 @@ type Archive struct {
 	readErr   error           // why it failed
 	closed    bool            // Close was called: the reader stops and frees the memory
 	read      chan struct{}   // closed when the reader is done
+
+	// ahead holds the chunks ReadAhead decodes before they are asked for:
+	// per file, the futures of its first chunks, taken by the first
+	// writeTo of the file.
+	aheadMu sync.Mutex
+	ahead   map[string][]chan decoded
 }
 
 type archiveFile struct {
@@ -658,13 +664,42 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 		}
 		a.unlock()
 	}()
+	ahead := a.takeAhead(name)
 	go func() {
 		defer close(futures)
+		defer func() {
+			// Chunks decoded ahead that will not be written now.
+			for _, f := range ahead {
+				go func() {
+					if d := <-f; d.own {
+						putChunkBuf(d.data)
+					}
+				}()
+			}
+		}()
 		sem := make(chan struct{}, workers)
 		for i := 0; ; i++ {
 			c, more, err := a.chunkAt(name, af, i, done)
 			if !more && err == nil {
 				return
+			}
+			if len(ahead) > 0 && err == nil {
+				// Decoded by ReadAhead already (or on its way).
+				f := ahead[0]
+				ahead = ahead[1:]
+				fut := make(chan decoded, 1)
+				select {
+				case futures <- fut:
+				case <-done:
+					ahead = append(ahead, f)
+					return
+				}
+				go func() {
+					d := <-f
+					d.i = i
+					fut <- d
+				}()
+				continue
 			}
 			fut := make(chan decoded, 1)
 			select {
@@ -759,6 +794,65 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 		}
 	}
 	return n, nil
+}
+
+// ReadAhead decodes up to n chunks, the first of each named file in
+// turn, in the background on every core, before anyone asks for them: a
+// restore calls it for the memory (CRIU's pages files, which it asks for
+// last) while CRIU starts and rebuilds the tree, when this process would
+// otherwise wait, so that the first chunks CRIU reads are ready. Memory
+// is bounded by n chunks. Only for an archive of a file (OpenArchive);
+// a no-op otherwise.
+func (a *Archive) ReadAhead(names []string, n int) {
+	if a.src == nil || n <= 0 {
+		return
+	}
+	type job struct {
+		name string
+		c    archiveChunk
+		fut  chan decoded
+	}
+	var jobs []job
+	a.aheadMu.Lock()
+	if a.ahead == nil {
+		a.ahead = map[string][]chan decoded{}
+	}
+	for _, name := range names {
+		af := a.files[name]
+		if af == nil || a.ahead[name] != nil {
+			continue
+		}
+		k := min(n-len(jobs), len(af.chunks))
+		futs := make([]chan decoded, k)
+		for i := range k {
+			futs[i] = make(chan decoded, 1)
+			jobs = append(jobs, job{name, af.chunks[i], futs[i]})
+		}
+		a.ahead[name] = futs
+	}
+	a.aheadMu.Unlock()
+	go func() {
+		sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+		for _, j := range jobs {
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem }()
+				data, own, err := a.decodeChunk(j.name, j.c)
+				j.fut <- decoded{data: data, own: own, err: err}
+			}()
+		}
+	}()
+}
+
+// takeAhead returns the futures ReadAhead made for file name, once.
+func (a *Archive) takeAhead(name string) []chan decoded {
+	a.aheadMu.Lock()
+	defer a.aheadMu.Unlock()
+	futs := a.ahead[name]
+	if futs != nil {
+		a.ahead[name] = []chan decoded{} // taken: a second reader decodes afresh
+	}
+	return futs
 }
 
 // hashLag is how many written chunks the hasher of a file being served

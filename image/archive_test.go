@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	pb "github.com/ferry-cr/ferry/proto"
 )
@@ -232,5 +233,72 @@ func TestWriterAbort(t *testing.T) {
 	}
 	if _, err := ReadArchive(bytes.NewReader(buf.Bytes())); err == nil {
 		t.Fatalf("an aborted stream of %d bytes was read as whole", buf.Len())
+	}
+}
+
+// countingReaderAt counts its reads.
+type countingReaderAt struct {
+	*bytes.Reader
+	reads atomic.Int64
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	c.reads.Add(1)
+	return c.Reader.ReadAt(p, off)
+}
+
+// ReadAhead decodes the first chunks of the files named before they are
+// asked for, within its bound; the files are then served whole and
+// right, a second time too, and a damaged chunk read ahead still fails
+// the file it belongs to.
+func TestArchiveReadAhead(t *testing.T) {
+	files := testFiles(3, 10000)
+	for _, opts := range []WriterOptions{{ChunkSize: 1000}, {ChunkSize: 1000, NoDigests: true, Compression: pb.Compression_COMPRESSION_S2}} {
+		data := write(t, files, opts)
+		src := &countingReaderAt{Reader: bytes.NewReader(data)}
+		a, err := OpenArchive(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src.reads.Store(0)
+		// pages-2.img has 10 chunks: 3 of pages-1.img's follow.
+		a.ReadAhead([]string{files[3].name, "missing.img", files[2].name}, 13)
+		for i := 0; src.reads.Load() < 13; i++ {
+			if i > 5000 {
+				t.Fatalf("ReadAhead read %d chunks ahead, want 13", src.reads.Load())
+			}
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(20 * time.Millisecond)
+		if n := src.reads.Load(); n != 13 {
+			t.Fatalf("ReadAhead read %d chunks, bound 13", n)
+		}
+		for range 2 {
+			got, err := serveAll(a, files)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range files {
+				if !bytes.Equal(got[f.name], f.data) {
+					t.Fatalf("%s served wrong after ReadAhead", f.name)
+				}
+			}
+		}
+	}
+	// A flipped byte in a chunk decoded ahead.
+	data := write(t, files, WriterOptions{ChunkSize: 1000, NoDigests: true})
+	a, err := OpenArchive(bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := a.files[files[2].name].chunks[2]
+	bad := bytes.Clone(data)
+	bad[c.at+10] ^= 0x01
+	if a, err = OpenArchive(bytes.NewReader(bad)); err != nil {
+		t.Fatal(err)
+	}
+	a.ReadAhead([]string{files[2].name}, 4)
+	if _, err := a.WriteTo(files[2].name, io.Discard); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a damaged chunk read ahead: %v, want ErrCorrupt", err)
 	}
 }
