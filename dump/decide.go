@@ -128,6 +128,10 @@ func decide(r request) (method, error) {
 	// a third of the CPU, half the wall time, for a longer stop). A
 	// snapshot still spools when tmpfs has room: the store hashes every
 	// chunk (SHA-256 names them), which the job would wait out stopped.
+	// So does standard output (a pipe to ssh, say) when tmpfs has room:
+	// the tree would stay stopped for as long as the reader takes, where
+	// a file goes at the pace of this host's page cache.
+	spool := r.leaveRunning && r.toPipe && r.tmpfsRoom
 	switch {
 	case r.store && !r.tmpfsRoom && r.criuStreams != nil && r.criuStreams():
 		m.sink = sinkStoreStreamed
@@ -135,7 +139,7 @@ func decide(r request) (method, error) {
 		m.sink = sinkStore
 	case r.postCopy:
 		m.sink = sinkLazy
-	case stream && r.criuStreams != nil && r.criuStreams():
+	case stream && !spool && r.criuStreams != nil && r.criuStreams():
 		m.sink = sinkStreamed
 	case stream:
 		m.sink = sinkPacked
