@@ -25,8 +25,8 @@ import (
 //
 // With either codec a chunk that does not shrink is stored raw (random
 // data, already compressed data): readers then only check and copy it,
-// and zstd is not even tried on a chunk that a sample says will not
-// shrink (see incompressible). Where both compress, S2 is about twice as
+// and neither codec is even tried on a chunk that a sample says will not
+// shrink (see probe). An S2 stream stores long runs in zstd (runChunk). Where both compress, S2 is about twice as
 // fast as zstd's fastest level (text, here: 5.4 against 2.5 GB/s a core)
 // for output a few percent larger, and is what ferry checkpoint writes by
 // default; zstd decodes faster (6 against 1.5 GB/s a core on that text)
@@ -527,11 +527,23 @@ func (fw *FileWriter) flush(last bool) error {
 			var enc []byte
 			switch {
 			case wr.enc == nil:
-				enc = s2.Encode(out, data)
-				if z, zlist := wr.runChunk(data, enc); z != nil {
-					list.put(out)
-					enc, out, list = z, z, zlist
-					h.Compression = pb.Compression_COMPRESSION_ZSTD
+				// S2, but neither on what a sample says will not shrink
+				// (stored raw below, S2 spared) nor, where it can, on long
+				// runs (zstd's: see runChunk).
+				kind := probe(data)
+				if kind != sampledRandom {
+					if kind != sampledRuns || !wr.runsInZstd() {
+						enc = s2.Encode(out, data)
+					}
+					if z, zlist := wr.runChunk(data, enc); z != nil {
+						list.put(out)
+						enc, out, list = z, z, zlist
+						h.Compression = pb.Compression_COMPRESSION_ZSTD
+					} else if enc == nil {
+						enc = s2.Encode(out, data) // zstd did not shrink it
+					}
+				} else {
+					enc = data
 				}
 			case incompressible(data):
 				enc = data // stored raw below, zstd spared
@@ -566,8 +578,11 @@ func (fw *FileWriter) flush(last bool) error {
 // A restore reads every byte at CRIU's pace, so it gains several times
 // what the checkpoint pays. Small chunks keep S2 (zstd's fixed cost),
 // and so does an Adaptive stream, whose codec is only S2 or none.
+//
+// s2enc nil means S2 was not tried: a sample said the chunk is runs
+// (probe).
 func (wr *Writer) runChunk(data, s2enc []byte) ([]byte, *bufList) {
-	if wr.runs == nil || wr.opts.Adaptive || len(data) <= smallChunk || len(s2enc) >= len(data)/runRatio {
+	if !wr.runsInZstd() || len(data) <= smallChunk || s2enc != nil && len(s2enc) >= len(data)/runRatio {
 		return nil, nil
 	}
 	z := wr.runs.EncodeAll(data, smallBufs.get())
@@ -577,6 +592,9 @@ func (wr *Writer) runChunk(data, s2enc []byte) ([]byte, *bufList) {
 	}
 	return z, smallBufs // a z grown past a small buffer is left to the collector
 }
+
+// runsInZstd says whether this writer stores long runs in zstd.
+func (wr *Writer) runsInZstd() bool { return wr.runs != nil && !wr.opts.Adaptive }
 
 // runRatio: a chunk S2 shrinks more than this many times is zstd's (runChunk).
 const runRatio = 16
@@ -730,9 +748,21 @@ func (wr *Writer) CloseWith(final *pb.Manifest) error {
 // is probeSamples pieces spread over the chunk, each tried with S2 (tens
 // of microseconds in all); the data counts as incompressible when S2
 // saves less than 1/64 of them. Small chunks are always tried.
-func incompressible(data []byte) bool {
+func incompressible(data []byte) bool { return probe(data) == sampledRandom }
+
+// What probe says of a chunk from its sample.
+const (
+	sampledMixed  = iota // neither below (or too small to sample)
+	sampledRandom        // S2 saves less than 1/64 of the sample
+	sampledRuns          // S2 leaves less than 1/runRatio of it
+)
+
+// probe tries S2 on probeSamples pieces spread over data (tens of
+// microseconds in all) and says which kind of data it holds (see
+// incompressible and runChunk). Chunks under 1 MiB are not sampled.
+func probe(data []byte) int {
 	if len(data) < 16*probePiece*probeSamples {
-		return false
+		return sampledMixed
 	}
 	var out [probePiece + 64]byte // over s2.MaxEncodedLen(probePiece)
 	stride := len(data) / probeSamples
@@ -741,7 +771,13 @@ func incompressible(data []byte) bool {
 		piece := data[i*stride : i*stride+probePiece]
 		saved += len(piece) - len(s2.Encode(out[:0], piece))
 	}
-	return saved < probeSamples*probePiece/64
+	switch total := probeSamples * probePiece; {
+	case saved < total/64:
+		return sampledRandom
+	case total-saved < total/runRatio:
+		return sampledRuns
+	}
+	return sampledMixed
 }
 
 const probePiece, probeSamples = 4 << 10, 16
