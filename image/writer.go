@@ -26,11 +26,12 @@ import (
 // With either codec a chunk that does not shrink is stored raw (random
 // data, already compressed data): readers then only check and copy it,
 // and neither codec is even tried on a chunk that a sample says will not
-// shrink (see probe). An S2 stream stores long runs in zstd (runChunk). Where both compress, S2 is about twice as
-// fast as zstd's fastest level (text, here: 5.4 against 2.5 GB/s a core)
-// for output a few percent larger, and is what ferry checkpoint writes by
-// default; zstd decodes faster (6 against 1.5 GB/s a core on that text)
-// and, at a level of choice, suits an archive that is kept.
+// shrink (see probe); an S2 stream stores long runs in zstd (runChunk).
+// Where both compress, S2 is about twice as fast as zstd's fastest
+// level (text, here: 5.4 against 2.5 GB/s a core) for output a few
+// percent larger, and is what ferry checkpoint writes by default; zstd
+// decodes faster (6 against 1.5 GB/s a core on that text) and, at a
+// level of choice, suits an archive that is kept.
 type WriterOptions struct {
 	// COMPRESSION_ZSTD (the default), COMPRESSION_S2 or COMPRESSION_NONE.
 	Compression pb.Compression
