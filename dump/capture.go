@@ -52,7 +52,8 @@ type run struct {
 	streamed    map[string]int64 // the images CRIU streamed, by name and size
 	lazy        *criu.Daemon     // post-copy: CRIU serving the memory
 
-	releasePipes func() // post-copy: the pipe size limit back as it was
+	releasePipes func()    // post-copy: the pipe size limit back as it was
+	resumed      time.Time // when a --leave-running tree was given back before the seal
 }
 
 // capture is the checkpoint itself, as a sequence of stages: prepare
@@ -111,6 +112,15 @@ func capture(ctx context.Context, t *target, opts Options) (_ *Result, retErr er
 			return r.refused(refused.err)
 		}
 		return nil, err
+	}
+	if r.opts.LeaveRunning && r.how.sink == sinkStreamed {
+		// Every image has been read out of CRIU's pipes into the
+		// writer's buffers: the tree's pages are referenced by nothing
+		// now, and it may run while the stream is ended and synced.
+		if err := r.stop.giveBack(ctx, r.inv); err != nil {
+			return nil, fmt.Errorf("resuming %s: %w", t.name, err)
+		}
+		r.resumed = time.Now()
 	}
 	if r.res == nil {
 		if err := r.seal(ctx, r.streamed); err != nil {
@@ -685,6 +695,9 @@ func (r *run) seal(ctx context.Context, sizes map[string]int64) error {
 	}
 	res.FrozenAt = r.stop.frozenSince()
 	res.Frozen = time.Since(res.FrozenAt)
+	if !r.resumed.IsZero() {
+		res.Frozen = r.resumed.Sub(res.FrozenAt)
+	}
 	if r.opts.LeaveRunning && !r.how.sink.streamed() && res.CriuStats != nil {
 		// CRIU stopped and resumed the tree itself: its figure is the truth.
 		res.Frozen = time.Duration(res.CriuStats.GetFrozenTime()) * time.Microsecond

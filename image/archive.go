@@ -10,6 +10,7 @@ import (
 	"maps"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"syscall"
@@ -44,10 +45,14 @@ import (
 // core, and holds back a file's last chunk until the file's SHA-256 matches
 // the trailer, so a reader never receives a whole file that is wrong.
 type Archive struct {
-	manifest  *pb.Manifest
-	src       io.ReaderAt // nil when the payloads are in memory
-	noDigests bool        // FlagNoDigests: files are checked by their chunks' CRCs only
-	mem       *arena      // ReadArchive, StreamArchive: where the payloads are held
+	manifest *pb.Manifest
+	src      io.ReaderAt // nil when the payloads are in memory
+	// mapped is the file of an OpenArchive mapped read-only, when it is
+	// one (see mapFile): chunks are checked and decoded straight from
+	// the page cache, and raw ones handed to a pipe by reference.
+	mapped    []byte
+	noDigests bool   // FlagNoDigests: files are checked by their chunks' CRCs only
+	mem       *arena // ReadArchive, StreamArchive: where the payloads are held
 
 	// An archive read from a stream (ReadArchive, StreamArchive) is filled
 	// by a goroutine: what it fills is guarded by mu, and grew announces
@@ -61,6 +66,12 @@ type Archive struct {
 	readErr   error           // why it failed
 	closed    bool            // Close was called: the reader stops and frees the memory
 	read      chan struct{}   // closed when the reader is done
+
+	// ahead holds the chunks ReadAhead decodes before they are asked for:
+	// per file, the futures of its first chunks, taken by the first
+	// writeTo of the file.
+	aheadMu sync.Mutex
+	ahead   map[string][]chan decoded
 }
 
 type archiveFile struct {
@@ -221,7 +232,63 @@ func OpenArchive(f io.ReaderAt) (*Archive, error) {
 			return nil, fmt.Errorf("file %q disagrees with the trailer's index: %w", af.index.GetName(), ErrCorrupt)
 		}
 	}
+	if m := mapFile(f, trailerAt); m != nil {
+		a.mapped = m
+		// Pages handed to a pipe hold their own references: unmapping
+		// is safe once nothing reaches the archive.
+		runtime.AddCleanup(a, func(b []byte) { _ = unix.Munmap(b) }, m)
+	}
 	return a, nil
+}
+
+// mapFile maps the first n bytes (the records before the trailer) of f,
+// when f is a regular file, read-only; nil where it cannot. Serving a
+// chunk from the mapping saves two copies of it: the read into a buffer
+// and, for a raw chunk, the write into CRIU's pipe (vmsplice hands the
+// page cache's pages over instead), a third of a restore's CPU here.
+// Bytes are still checked against their CRC-32C before they are handed
+// out; a file cut short while mapped faults where it is read, which
+// touching turns into an error. A file rewritten in place while it is
+// served (ferry replaces files by renaming new ones over them) could
+// reach CRIU unchecked.
+func mapFile(f io.ReaderAt, n uint64) []byte {
+	file, ok := f.(*os.File)
+	if !ok || n == 0 || n > 1<<46 {
+		return nil
+	}
+	st, err := file.Stat()
+	if err != nil || !st.Mode().IsRegular() || uint64(st.Size()) < n {
+		return nil
+	}
+	rc, err := file.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var m []byte
+	_ = rc.Control(func(fd uintptr) {
+		m, err = unix.Mmap(int(fd), 0, int(n), unix.PROT_READ, unix.MAP_SHARED)
+	})
+	if err != nil {
+		return nil
+	}
+	return m
+}
+
+// touching runs f, which reads the mapped file: a page the file no
+// longer has (cut short while mapped) faults, and the fault comes back
+// as an error instead of ending the process.
+func touching(f func() error) (err error) {
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			if _, fault := r.(interface{ Addr() uintptr }); !fault {
+				panic(r)
+			}
+			err = fmt.Errorf("the checkpoint file changed while it was read (%v): %w", r, ErrTruncated)
+		}
+	}()
+	return f()
 }
 
 // headerAt reads and checks the frame and header of the record at off and
@@ -658,13 +725,42 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 		}
 		a.unlock()
 	}()
+	ahead := a.takeAhead(name)
 	go func() {
 		defer close(futures)
+		defer func() {
+			// Chunks decoded ahead that will not be written now.
+			for _, f := range ahead {
+				go func() {
+					if d := <-f; d.own {
+						putChunkBuf(d.data)
+					}
+				}()
+			}
+		}()
 		sem := make(chan struct{}, workers)
 		for i := 0; ; i++ {
 			c, more, err := a.chunkAt(name, af, i, done)
 			if !more && err == nil {
 				return
+			}
+			if len(ahead) > 0 && err == nil {
+				// Decoded by ReadAhead already (or on its way).
+				f := ahead[0]
+				ahead = ahead[1:]
+				fut := make(chan decoded, 1)
+				select {
+				case futures <- fut:
+				case <-done:
+					ahead = append(ahead, f)
+					return
+				}
+				go func() {
+					d := <-f
+					d.i = i
+					fut <- d
+				}()
+				continue
 			}
 			fut := make(chan decoded, 1)
 			select {
@@ -761,6 +857,65 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 	return n, nil
 }
 
+// ReadAhead decodes up to n chunks, the first of each named file in
+// turn, in the background on every core, before anyone asks for them: a
+// restore calls it for the memory (CRIU's pages files, which it asks for
+// last) while CRIU starts and rebuilds the tree, when this process would
+// otherwise wait, so that the first chunks CRIU reads are ready. Memory
+// is bounded by n chunks. Only for an archive of a file (OpenArchive);
+// a no-op otherwise.
+func (a *Archive) ReadAhead(names []string, n int) {
+	if a.src == nil || n <= 0 {
+		return
+	}
+	type job struct {
+		name string
+		c    archiveChunk
+		fut  chan decoded
+	}
+	var jobs []job
+	a.aheadMu.Lock()
+	if a.ahead == nil {
+		a.ahead = map[string][]chan decoded{}
+	}
+	for _, name := range names {
+		af := a.files[name]
+		if af == nil || a.ahead[name] != nil {
+			continue
+		}
+		k := min(n-len(jobs), len(af.chunks))
+		futs := make([]chan decoded, k)
+		for i := range k {
+			futs[i] = make(chan decoded, 1)
+			jobs = append(jobs, job{name, af.chunks[i], futs[i]})
+		}
+		a.ahead[name] = futs
+	}
+	a.aheadMu.Unlock()
+	go func() {
+		sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+		for _, j := range jobs {
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem }()
+				data, own, err := a.decodeChunk(j.name, j.c)
+				j.fut <- decoded{data: data, own: own, err: err}
+			}()
+		}
+	}()
+}
+
+// takeAhead returns the futures ReadAhead made for file name, once.
+func (a *Archive) takeAhead(name string) []chan decoded {
+	a.aheadMu.Lock()
+	defer a.aheadMu.Unlock()
+	futs := a.ahead[name]
+	if futs != nil {
+		a.ahead[name] = []chan decoded{} // taken: a second reader decodes afresh
+	}
+	return futs
+}
+
 // hashLag is how many written chunks the hasher of a file being served
 // may be behind (their buffers are held until it catches up).
 const hashLag = 4
@@ -787,7 +942,8 @@ func newChunkHasher(none bool) *chunkHasher {
 	go func() {
 		defer close(c.done)
 		for j := range c.in {
-			c.h.Write(j.data)
+			// A mapped file cut short faults here: the sum then fails.
+			_ = touching(func() error { _, err := c.h.Write(j.data); return err })
 			close(j.ack)
 		}
 	}()
@@ -819,6 +975,32 @@ func (c *chunkHasher) stop() {
 // as it is (checked when it was read).
 func (a *Archive) decodeChunk(name string, c archiveChunk) (data []byte, own bool, err error) {
 	payload := c.data
+	if a.mapped != nil {
+		end := c.at + int64(c.h.GetPayloadLen())
+		if c.at < 0 || end > int64(len(a.mapped)) {
+			return nil, false, fmt.Errorf("chunk of %s at byte %d runs past the records: %w", name, c.at, ErrCorrupt)
+		}
+		payload = a.mapped[c.at:end:end]
+		err = touching(func() error {
+			if crc(payload) != c.h.GetPayloadCrc32C() {
+				return fmt.Errorf("chunk of %s at byte %d fails its checksum: %w", name, c.at, ErrCorrupt)
+			}
+			if c.h.GetCompression() == pb.Compression_COMPRESSION_NONE {
+				if c.h.GetPayloadLen() != c.h.GetRawLen() {
+					return fmt.Errorf("chunk of %s: %d bytes stored raw, header says %d: %w", name, c.h.GetPayloadLen(), c.h.GetRawLen(), ErrCorrupt)
+				}
+				data = payload // served by reference (vmsplice)
+				return nil
+			}
+			data, own, err = a.decodePayload(name, c, payload)
+			return err
+		})
+		if err != nil && own {
+			putChunkBuf(data)
+			data, own = nil, false
+		}
+		return data, own, err
+	}
 	if a.src != nil && c.h.GetCompression() == pb.Compression_COMPRESSION_NONE {
 		// Raw: read straight into the buffer that is served (a restore
 		// moves half a job's memory or more this way; a copy saved).
@@ -851,6 +1033,12 @@ func (a *Archive) decodeChunk(name string, c archiveChunk) (data []byte, own boo
 		}
 		return payload, false, nil
 	}
+	return a.decodePayload(name, c, payload)
+}
+
+// decodePayload decompresses the checked payload of chunk c into a pooled
+// buffer (own).
+func (a *Archive) decodePayload(name string, c archiveChunk, payload []byte) (data []byte, own bool, err error) {
 	out := getChunkBuf(int(c.h.GetRawLen()))
 	switch c.h.GetCompression() {
 	case pb.Compression_COMPRESSION_NONE:

@@ -2,11 +2,14 @@ package image
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	pb "github.com/ferry-cr/ferry/proto"
 )
@@ -232,5 +235,176 @@ func TestWriterAbort(t *testing.T) {
 	}
 	if _, err := ReadArchive(bytes.NewReader(buf.Bytes())); err == nil {
 		t.Fatalf("an aborted stream of %d bytes was read as whole", buf.Len())
+	}
+}
+
+// countingReaderAt counts its reads.
+type countingReaderAt struct {
+	*bytes.Reader
+	reads atomic.Int64
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	c.reads.Add(1)
+	return c.Reader.ReadAt(p, off)
+}
+
+// ReadAhead decodes the first chunks of the files named before they are
+// asked for, within its bound; the files are then served whole and
+// right, a second time too, and a damaged chunk read ahead still fails
+// the file it belongs to.
+func TestArchiveReadAhead(t *testing.T) {
+	files := testFiles(3, 10000)
+	for _, opts := range []WriterOptions{{ChunkSize: 1000}, {ChunkSize: 1000, NoDigests: true, Compression: pb.Compression_COMPRESSION_S2}} {
+		data := write(t, files, opts)
+		src := &countingReaderAt{Reader: bytes.NewReader(data)}
+		a, err := OpenArchive(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src.reads.Store(0)
+		// pages-2.img has 10 chunks: 3 of pages-1.img's follow.
+		a.ReadAhead([]string{files[3].name, "missing.img", files[2].name}, 13)
+		for i := 0; src.reads.Load() < 13; i++ {
+			if i > 60000 { // a minute: a bound on waiting, not a measure
+				t.Fatalf("ReadAhead read %d chunks ahead, want 13", src.reads.Load())
+			}
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(20 * time.Millisecond)
+		if n := src.reads.Load(); n != 13 {
+			t.Fatalf("ReadAhead read %d chunks, bound 13", n)
+		}
+		for range 2 {
+			got, err := serveAll(a, files)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range files {
+				if !bytes.Equal(got[f.name], f.data) {
+					t.Fatalf("%s served wrong after ReadAhead", f.name)
+				}
+			}
+		}
+	}
+	// A flipped byte in a chunk decoded ahead.
+	data := write(t, files, WriterOptions{ChunkSize: 1000, NoDigests: true})
+	a, err := OpenArchive(bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := a.files[files[2].name].chunks[2]
+	bad := bytes.Clone(data)
+	bad[c.at+10] ^= 0x01
+	if a, err = OpenArchive(bytes.NewReader(bad)); err != nil {
+		t.Fatal(err)
+	}
+	a.ReadAhead([]string{files[2].name}, 4)
+	if _, err := a.WriteTo(files[2].name, io.Discard); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a damaged chunk read ahead: %v, want ErrCorrupt", err)
+	}
+}
+
+// spliceAll reads every file of a through SpliceTo into a pipe.
+func spliceAll(t *testing.T, a *Archive, files []file) error {
+	t.Helper()
+	for _, f := range files {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := a.SpliceTo(f.name, w, nil)
+			w.Close()
+			done <- err
+		}()
+		got, rerr := io.ReadAll(r)
+		r.Close()
+		if err := <-done; err != nil {
+			return err
+		}
+		if rerr != nil || !bytes.Equal(got, f.data) {
+			t.Fatalf("%s: %d bytes through the pipe, want %d (%v)", f.name, len(got), len(f.data), rerr)
+		}
+	}
+	return nil
+}
+
+// An archive of a regular file is served from the file mapped in memory
+// (raw chunks by reference): every file comes back whole, through a pipe
+// too; a damaged chunk is refused; a file cut short while it is served
+// fails the file, and the process lives on.
+func TestArchiveMappedFile(t *testing.T) {
+	files := testFiles(8, 3<<20+777)
+	for _, opts := range []WriterOptions{{ChunkSize: 256 << 10, NoDigests: true, Compression: pb.Compression_COMPRESSION_S2}, {ChunkSize: 100000}} {
+		data := write(t, files, opts)
+		path := filepath.Join(t.TempDir(), "c.ferry")
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := OpenArchive(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.mapped == nil {
+			t.Fatal("the file was not mapped")
+		}
+		if err := spliceAll(t, a, files); err != nil {
+			t.Fatal(err)
+		}
+		got, err := serveAll(a, files)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, fl := range files {
+			if !bytes.Equal(got[fl.name], fl.data) {
+				t.Fatalf("%s served wrong", fl.name)
+			}
+		}
+		// Cut short under the mapping, at a page: the pages past the cut
+		// fault. (Cut inside a page, the rest of that page reads as
+		// zeros, which the chunk's CRC-32C refuses.)
+		if err := os.Truncate(path, int64(len(data)/4/os.Getpagesize()*os.Getpagesize())); err != nil {
+			t.Fatal(err)
+		}
+		if err := spliceAll(t, a, files); !errors.Is(err, ErrTruncated) {
+			t.Fatalf("serving a file cut short: %v, want ErrTruncated", err)
+		}
+		f.Close()
+	}
+	// A flipped byte in a raw chunk (random data) and in a compressed one.
+	data := write(t, files, WriterOptions{ChunkSize: 256 << 10, NoDigests: true, Compression: pb.Compression_COMPRESSION_S2})
+	recs := records(t, data)
+	for _, want := range []pb.Compression{pb.Compression_COMPRESSION_NONE, pb.Compression_COMPRESSION_S2} {
+		for _, r := range recs {
+			if r.h.GetKind() != pb.RecordHeader_CHUNK || r.h.GetCompression() != want || r.h.GetPayloadLen() < 1000 {
+				continue
+			}
+			bad := bytes.Clone(data)
+			payloadAt := r.at + frameSize + int(binary.LittleEndian.Uint32(data[r.at:]))
+			bad[payloadAt+500] ^= 0x10
+			path := filepath.Join(t.TempDir(), "bad.ferry")
+			if err := os.WriteFile(path, bad, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, err := OpenArchive(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := spliceAll(t, a, files); !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("a flipped byte in a %s chunk: %v, want ErrCorrupt", want, err)
+			}
+			f.Close()
+			break
+		}
 	}
 }

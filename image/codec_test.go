@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"strings"
 	"testing"
 
 	gproto "google.golang.org/protobuf/proto"
@@ -109,12 +110,16 @@ func TestS2RoundTrip(t *testing.T) {
 				a.Close()
 			}
 			codecs := codecsOf(t, data)
-			if codecs[pb.Compression_COMPRESSION_ZSTD] != 0 {
-				t.Errorf("an s2 stream holds zstd chunks: %v", codecs)
+			for _, r := range records(t, data) {
+				// zstd only for long runs, in chunks past a small one (runChunk).
+				if r.h.GetCompression() == pb.Compression_COMPRESSION_ZSTD && (r.h.GetRawLen() <= smallChunk || r.h.GetPayloadLen() >= r.h.GetRawLen()/runRatio) {
+					t.Errorf("an s2 stream holds a zstd chunk of %d bytes in %d", r.h.GetPayloadLen(), r.h.GetRawLen())
+				}
 			}
 			if !tc.opts.Adaptive {
-				// The text compresses (in s2), the random data is stored raw.
-				if codecs[pb.Compression_COMPRESSION_S2] == 0 || codecs[pb.Compression_COMPRESSION_NONE] == 0 {
+				// The text compresses (in s2, or in zstd: it is one long
+				// run, see runChunk), the random data is stored raw.
+				if codecs[pb.Compression_COMPRESSION_S2]+codecs[pb.Compression_COMPRESSION_ZSTD] == 0 || codecs[pb.Compression_COMPRESSION_NONE] == 0 {
 					t.Errorf("chunks by codec: %v", codecs)
 				}
 				if w.StoredBytes() >= w.RawBytes()*3/4 {
@@ -140,6 +145,10 @@ func TestIncompressibleChunksRaw(t *testing.T) {
 	}
 	for _, c := range []pb.Compression{pb.Compression_COMPRESSION_ZSTD, pb.Compression_COMPRESSION_S2} {
 		data := write(t, []file{{"pages-1.img", random}, {"pages-2.img", text}}, WriterOptions{Compression: c, ChunkSize: 1 << 20})
+		textCodec := c
+		if c == pb.Compression_COMPRESSION_S2 {
+			textCodec = pb.Compression_COMPRESSION_ZSTD // a long run (runChunk)
+		}
 		var rawRandom, codedText int
 		recs := records(t, data)
 		names := map[uint32]string{}
@@ -151,7 +160,7 @@ func TestIncompressibleChunksRaw(t *testing.T) {
 				if names[r.h.GetFile()] == "pages-1.img" && r.h.GetCompression() == pb.Compression_COMPRESSION_NONE {
 					rawRandom++
 				}
-				if names[r.h.GetFile()] == "pages-2.img" && r.h.GetCompression() == c {
+				if names[r.h.GetFile()] == "pages-2.img" && r.h.GetCompression() == textCodec {
 					codedText++
 				}
 			}
@@ -163,6 +172,63 @@ func TestIncompressibleChunksRaw(t *testing.T) {
 		if err != nil || !bytes.Equal(got["pages-1.img"], random) || !bytes.Equal(got["pages-2.img"], text) {
 			t.Fatalf("%s: read back: %v", c, err)
 		}
+	}
+}
+
+// An S2 stream stores in zstd the chunks S2 shrinks most (long runs:
+// zero pages, repeated text), which zstd decodes several times faster;
+// other compressible chunks stay S2, random ones raw, small ones S2
+// whatever they hold; all read back.
+func TestS2RunsInZstd(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 5))
+	random := make([]byte, 2<<20)
+	for i := range random {
+		random[i] = byte(r.Uint32())
+	}
+	// Words drawn at random from a small vocabulary: S2 shrinks it a few
+	// times, far from a run.
+	vocab := strings.Fields("ferry carries a process across the water page by page frozen thawed restored dumped memory kernel socket pipe file lock timer signal thread")
+	var words bytes.Buffer
+	for words.Len() < 2<<20 {
+		words.WriteString(vocab[r.IntN(len(vocab))])
+		words.WriteByte(' ')
+	}
+	text := words.Bytes()[:2<<20]
+	zeros := make([]byte, 2<<20)
+	files := []file{{"pages-1.img", zeros}, {"pages-2.img", text}, {"pages-3.img", random}, {"core-1.img", make([]byte, 4096)}}
+	data := write(t, files, WriterOptions{Compression: pb.Compression_COMPRESSION_S2, ChunkSize: 1 << 20, NoDigests: true})
+	want := map[string]pb.Compression{"pages-1.img": pb.Compression_COMPRESSION_ZSTD, "pages-2.img": pb.Compression_COMPRESSION_S2,
+		"pages-3.img": pb.Compression_COMPRESSION_NONE, "core-1.img": pb.Compression_COMPRESSION_S2}
+	names := map[uint32]string{}
+	for _, r := range records(t, data) {
+		switch r.h.GetKind() {
+		case pb.RecordHeader_FILE:
+			names[r.h.GetFile()] = r.h.GetName()
+		case pb.RecordHeader_CHUNK:
+			if name := names[r.h.GetFile()]; r.h.GetCompression() != want[name] {
+				t.Errorf("%s: a chunk in %s, want %s", name, r.h.GetCompression(), want[name])
+			}
+		}
+	}
+	got, _, err := readAll(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for kind, open := range openBoth(data) {
+		a, err := open()
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		served, err := serveAll(a, files)
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		for _, f := range files {
+			if !bytes.Equal(got[f.name], f.data) || !bytes.Equal(served[f.name], f.data) {
+				t.Errorf("%s: %s read back wrong", kind, f.name)
+			}
+		}
+		a.Close()
 	}
 }
 

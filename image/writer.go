@@ -25,12 +25,13 @@ import (
 //
 // With either codec a chunk that does not shrink is stored raw (random
 // data, already compressed data): readers then only check and copy it,
-// and zstd is not even tried on a chunk that a sample says will not
-// shrink (see incompressible). Where both compress, S2 is about twice as
-// fast as zstd's fastest level (text, here: 5.4 against 2.5 GB/s a core)
-// for output a few percent larger, and is what ferry checkpoint writes by
-// default; zstd decodes faster (6 against 1.5 GB/s a core on that text)
-// and, at a level of choice, suits an archive that is kept.
+// and neither codec is even tried on a chunk that a sample says will not
+// shrink (see probe); an S2 stream stores long runs in zstd (runChunk).
+// Where both compress, S2 is about twice as fast as zstd's fastest
+// level (text, here: 5.4 against 2.5 GB/s a core) for output a few
+// percent larger, and is what ferry checkpoint writes by default; zstd
+// decodes faster (6 against 1.5 GB/s a core on that text) and, at a
+// level of choice, suits an archive that is kept.
 type WriterOptions struct {
 	// COMPRESSION_ZSTD (the default), COMPRESSION_S2 or COMPRESSION_NONE.
 	Compression pb.Compression
@@ -62,6 +63,7 @@ type Writer struct {
 	out   io.Writer
 	opts  WriterOptions
 	enc   *zstd.Encoder // COMPRESSION_ZSTD
+	runs  *zstd.Encoder // COMPRESSION_S2: for the chunks S2 shrinks most (see runChunk)
 	s2out *bufList      // COMPRESSION_S2: buffers for compressed chunks
 	queue chan *pending
 	sem   chan struct{}
@@ -154,6 +156,11 @@ func NewWriter(w io.Writer, m *pb.Manifest, opts WriterOptions) (*Writer, error)
 		if opts.ChunkSize != DefaultChunkSize {
 			wr.s2out = newBufList(s2.MaxEncodedLen(opts.ChunkSize), 2*opts.Concurrency+2)
 		}
+		runs, err := encoder(zstd.SpeedFastest, opts.Concurrency)
+		if err != nil {
+			return nil, fmt.Errorf("zstd: %w", err)
+		}
+		wr.runs = runs
 	}
 	if opts.Compression == pb.Compression_COMPRESSION_ZSTD {
 		level := zstd.SpeedFastest
@@ -521,7 +528,24 @@ func (fw *FileWriter) flush(last bool) error {
 			var enc []byte
 			switch {
 			case wr.enc == nil:
-				enc = s2.Encode(out, data)
+				// S2, but neither on what a sample says will not shrink
+				// (stored raw below, S2 spared) nor, where it can, on long
+				// runs (zstd's: see runChunk).
+				kind := probe(data)
+				if kind != sampledRandom {
+					if kind != sampledRuns || !wr.runsInZstd() {
+						enc = s2.Encode(out, data)
+					}
+					if z, zlist := wr.runChunk(data, enc); z != nil {
+						list.put(out)
+						enc, out, list = z, z, zlist
+						h.Compression = pb.Compression_COMPRESSION_ZSTD
+					} else if enc == nil {
+						enc = s2.Encode(out, data) // zstd did not shrink it
+					}
+				} else {
+					enc = data
+				}
 			case incompressible(data):
 				enc = data // stored raw below, zstd spared
 			default:
@@ -544,6 +568,37 @@ func (fw *FileWriter) flush(last bool) error {
 		p.record, p.err = frameHead(h, payload)
 	})
 }
+
+// runChunk re-encodes with zstd a chunk that S2 shrank to less than
+// 1/runRatio of its size (s2enc), and returns that and the list its
+// buffer goes back to; nil where S2's block stands. Such chunks are long
+// runs (zero pages, repeated text), which S2 encodes at memory speed but
+// decodes slowly, a byte or so at a time along each overlapping copy:
+// about 0.35 GB/s a core for zeros and 0.75 for the bench's text, here,
+// where zstd decodes either at 2.4 GB/s and encodes it at about 3 GB/s.
+// A restore reads every byte at CRIU's pace, so it gains several times
+// what the checkpoint pays. Small chunks keep S2 (zstd's fixed cost),
+// and so does an Adaptive stream, whose codec is only S2 or none.
+//
+// s2enc nil means S2 was not tried: a sample said the chunk is runs
+// (probe).
+func (wr *Writer) runChunk(data, s2enc []byte) ([]byte, *bufList) {
+	if !wr.runsInZstd() || len(data) <= smallChunk || s2enc != nil && len(s2enc) >= len(data)/runRatio {
+		return nil, nil
+	}
+	z := wr.runs.EncodeAll(data, smallBufs.get())
+	if len(z) >= len(data) {
+		smallBufs.put(z)
+		return nil, nil
+	}
+	return z, smallBufs // a z grown past a small buffer is left to the collector
+}
+
+// runsInZstd says whether this writer stores long runs in zstd.
+func (wr *Writer) runsInZstd() bool { return wr.runs != nil && !wr.opts.Adaptive }
+
+// runRatio: a chunk S2 shrinks more than this many times is zstd's (runChunk).
+const runRatio = 16
 
 // compressing says whether the next chunk should be compressed
 // (Adaptive): while the rates are unknown, yes (the link may be slow);
@@ -694,9 +749,21 @@ func (wr *Writer) CloseWith(final *pb.Manifest) error {
 // is probeSamples pieces spread over the chunk, each tried with S2 (tens
 // of microseconds in all); the data counts as incompressible when S2
 // saves less than 1/64 of them. Small chunks are always tried.
-func incompressible(data []byte) bool {
+func incompressible(data []byte) bool { return probe(data) == sampledRandom }
+
+// What probe says of a chunk from its sample.
+const (
+	sampledMixed  = iota // neither below (or too small to sample)
+	sampledRandom        // S2 saves less than 1/64 of the sample
+	sampledRuns          // S2 leaves less than 1/runRatio of it
+)
+
+// probe tries S2 on probeSamples pieces spread over data (tens of
+// microseconds in all) and says which kind of data it holds (see
+// incompressible and runChunk). Chunks under 1 MiB are not sampled.
+func probe(data []byte) int {
 	if len(data) < 16*probePiece*probeSamples {
-		return false
+		return sampledMixed
 	}
 	var out [probePiece + 64]byte // over s2.MaxEncodedLen(probePiece)
 	stride := len(data) / probeSamples
@@ -705,7 +772,13 @@ func incompressible(data []byte) bool {
 		piece := data[i*stride : i*stride+probePiece]
 		saved += len(piece) - len(s2.Encode(out[:0], piece))
 	}
-	return saved < probeSamples*probePiece/64
+	switch total := probeSamples * probePiece; {
+	case saved < total/64:
+		return sampledRandom
+	case total-saved < total/runRatio:
+		return sampledRuns
+	}
+	return sampledMixed
 }
 
 const probePiece, probeSamples = 4 << 10, 16

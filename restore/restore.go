@@ -356,8 +356,21 @@ func openArchive(ctx context.Context, opts Options) (*image.Archive, string, fun
 		in.Close()
 		return nil, "", nil, fmt.Errorf("reading checkpoint from %s: %w", opts.Checkpoint, err)
 	}
+	// CRIU asks for the memory last, after it has started and rebuilt the
+	// tree, while this process waits: decode its first chunks meanwhile.
+	var pages []string
+	for _, name := range a.Names() {
+		if strings.HasPrefix(name, "pages-") {
+			pages = append(pages, name)
+		}
+	}
+	a.ReadAhead(pages, readAheadChunks)
 	return a, opts.Checkpoint, func() { in.Close() }, nil
 }
+
+// readAheadChunks bounds what a restore from a file decodes before CRIU
+// asks for it: 16 chunks, 64 MiB by default.
+const readAheadChunks = 16
 
 // Restorer is the job.Restorer the shim uses for ferry's own jobs: it runs
 // CRIU's restore of req.Record.RestoreFrom with CRIU inside the job's

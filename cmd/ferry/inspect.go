@@ -30,6 +30,7 @@ var inspectCommand = &cli.Command{
 		var m *checkpoint.Manifest
 		var files []*pb.FileIndex
 		var raw, stored uint64
+		var trailer *pb.Trailer
 		// What inspect read, said with what it printed: a corrupt chunk
 		// goes unnoticed here (ferry verify reads them all).
 		checked := "the manifest only, not the image files' sizes: ferry verify " + path + " compares them"
@@ -62,6 +63,7 @@ var inspectCommand = &cli.Command{
 				return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
 			}
 			files, raw, stored = t.GetFiles(), t.GetRawBytes(), t.GetStoredBytes()
+			trailer = t
 		} else {
 			var err error
 			if m, err = checkpoint.Load(path); err != nil {
@@ -74,7 +76,11 @@ var inspectCommand = &cli.Command{
 			stored = raw
 		}
 		if c.Bool("json") {
-			return writeJSON(c, map[string]any{"manifest": checkpoint.JSON(m), "files": files, "rawBytes": raw, "storedBytes": stored, "checked": checked})
+			v := map[string]any{"manifest": checkpoint.JSON(m), "files": files, "rawBytes": raw, "storedBytes": stored, "checked": checked}
+			if trailer != nil {
+				v["integrity"] = integrity(trailer)
+			}
+			return writeJSON(c, v)
 		}
 		w := c.App.Writer
 		fmt.Fprintf(w, "job %s: %s\n", m.Job, joinCmd(m.Command))
@@ -98,6 +104,9 @@ var inspectCommand = &cli.Command{
 		}
 		if err := tw.Flush(); err != nil {
 			return err
+		}
+		if checkpoint.IsStream(path) {
+			fmt.Fprintf(w, "integrity: %s\n", integrity(trailer))
 		}
 		_, err := fmt.Fprintf(w, "checked: %s\n", checked)
 		return err
@@ -136,10 +145,29 @@ var verifyCommand = &cli.Command{
 		if err != nil {
 			return withCode(fmt.Errorf("%s: %w", path, err), exitBadCheckpoint)
 		}
-		fmt.Fprintf(c.App.Writer, "%s: ok, %d files, %s raw, %s stored, every chunk and the stream digest match\n",
-			path, len(t.GetFiles()), humanBytes(int64(t.GetRawBytes())), humanBytes(int64(t.GetStoredBytes())))
+		fmt.Fprintf(c.App.Writer, "%s: ok, %d files, %s raw, %s stored; %s\n",
+			path, len(t.GetFiles()), humanBytes(int64(t.GetRawBytes())), humanBytes(int64(t.GetStoredBytes())), verified(t))
 		return nil
 	},
+}
+
+// integrity says how a stream's data is protected, from its trailer: a
+// stream written without digests (image.FlagNoDigests, the default since
+// SHA-256 cost more than compressing) has none there.
+func integrity(t *pb.Trailer) string {
+	if len(t.GetStreamSha256()) == 0 {
+		return "CRC-32C of every record (no SHA-256 digests: written without --digests)"
+	}
+	return "CRC-32C of every record, SHA-256 of every file and of the stream"
+}
+
+// verified is what verify checked, all of which matched.
+func verified(t *pb.Trailer) string {
+	what := "every record's CRC-32C (headers, chunks, index), every chunk decoded to its length, every file's size and chunks against the index"
+	if len(t.GetStreamSha256()) == 0 {
+		return what + " (the file has no SHA-256 digests: written without --digests)"
+	}
+	return what + ", every file's SHA-256 and the stream's"
 }
 
 func printCriuStats(w io.Writer, st *stats.DumpStatsEntry) {

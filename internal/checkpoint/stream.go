@@ -18,8 +18,9 @@ import (
 // A checkpoint travels as a single image stream (package image): its
 // directory's files, ferry.json among them, each compressed and
 // checksummed. Usually CRIU's images stream straight into it (dump's
-// --stream); Pack covers a checkpoint that was dumped into a directory
-// first (--leave-running spools to tmpfs; a CRIU without --stream).
+// --stream, with --leave-running too); Pack covers a checkpoint that was
+// dumped into a directory first (a CRIU without --stream; post-copy's
+// images but the memory).
 
 // StreamSuffix marks a checkpoint file (rather than a directory).
 const StreamSuffix = ".ferry"

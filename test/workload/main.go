@@ -4,6 +4,13 @@
 //
 //	workload memory MIB      fill MIB of anonymous memory with a pattern;
 //	                         print "sum HEX" at start and "verify N HEX" each second
+//	                         (with $WORKLOAD_VERIFY_IF set: only while that path
+//	                         exists, so that a benchmark's idle copies take no CPU)
+//	workload gens MIB        rewrite MIB page by page without end, each page with the
+//	                         next generation after checking it holds the last one;
+//	                         print "gen G" after each pass, "corrupt PAGE HAS WANT"
+//	                         (and exit 3) when a page holds another generation: a
+//	                         page saved after the tree was let go again shows so
 //	workload demo MIB        a counter and MIB of memory; print "count N ... sha256 HEX" each second
 //	workload pipes           a tree of 4 processes in a ring of pipes plus a
 //	                         socketpair, passing a sequence number; print "seq N"
@@ -67,6 +74,8 @@ func main() {
 		memory(atoi(arg(2)))
 	case "stamp":
 		stamp(atoi(arg(2)))
+	case "gens":
+		gens(atoi(arg(2)))
 	case "demo":
 		demo(atoi(arg(2)))
 	case "pipes":
@@ -145,9 +154,52 @@ func memory(mib int) {
 	buf := fill(mib)
 	sum := func() string { s := sha256.Sum256(buf); return hex.EncodeToString(s[:]) }
 	fmt.Printf("sum %s\n", sum())
+	gate := os.Getenv("WORKLOAD_VERIFY_IF")
 	for n := 1; ; n++ {
 		time.Sleep(time.Second)
+		if gate != "" {
+			// Hashing a GiB takes most of a core: the benchmark's copies
+			// hash only when asked to prove their memory.
+			for _, err := os.Stat(gate); err != nil; _, err = os.Stat(gate) {
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
 		fmt.Printf("verify %d %s\n", n, sum())
+	}
+}
+
+// gens rewrites its memory page by page, generation after generation,
+// checking each page before it writes it: a checkpoint taken while it
+// runs holds pages [0,k) of generation g+1 and [k,n) of generation g (k
+// in its registers), and a restored copy finds exactly that. A page the
+// original changed after its checkpoint began but that the checkpoint
+// saved afterwards holds another generation, and the copy says so.
+func gens(mib int) {
+	const page = 4096
+	buf := make([]byte, mib<<20)
+	pages := len(buf) / page
+	fill := func(p int, g byte) {
+		b := buf[p*page : (p+1)*page]
+		for i := range b {
+			b[i] = g
+		}
+	}
+	for p := range pages {
+		fill(p, 0)
+	}
+	for g := byte(0); ; g++ {
+		for p := range pages {
+			b := buf[p*page : (p+1)*page]
+			for _, v := range b {
+				if v != g {
+					fmt.Printf("corrupt %d %d %d\n", p, v, g)
+					os.Exit(3)
+				}
+			}
+			fill(p, g+1)
+		}
+		fmt.Printf("gen %d\n", g+1)
+		time.Sleep(time.Millisecond)
 	}
 }
 
