@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/base64"
 	"fmt"
 	"io"
 	"os"
@@ -76,7 +77,7 @@ var inspectCommand = &cli.Command{
 			stored = raw
 		}
 		if c.Bool("json") {
-			v := map[string]any{"manifest": checkpoint.JSON(m), "files": files, "rawBytes": raw, "storedBytes": stored, "checked": checked}
+			v := map[string]any{"manifest": checkpoint.JSON(m), "files": filesJSON(files), "rawBytes": raw, "storedBytes": stored, "checked": checked}
 			if trailer != nil {
 				v["integrity"] = integrity(trailer)
 			}
@@ -149,6 +150,22 @@ var verifyCommand = &cli.Command{
 			path, len(t.GetFiles()), humanBytes(int64(t.GetRawBytes())), humanBytes(int64(t.GetStoredBytes())), verified(t))
 		return nil
 	},
+}
+
+// fileJSON is a file of the index as inspect --json shows it: sha256 is
+// always there, empty for a stream written without digests, so that a
+// script reading it finds the key it always found.
+type fileJSON struct {
+	*pb.FileIndex
+	Sha256 string `json:"sha256"` // base64, as encoding/json writes bytes
+}
+
+func filesJSON(files []*pb.FileIndex) []fileJSON {
+	out := make([]fileJSON, len(files))
+	for i, f := range files {
+		out[i] = fileJSON{FileIndex: f, Sha256: base64.StdEncoding.EncodeToString(f.GetSha256())}
+	}
+	return out
 }
 
 // integrity says how a stream's data is protected, from its trailer: a
