@@ -49,8 +49,8 @@ type conn struct {
 	// limit is the largest message recv takes: a few KiB until the peer
 	// has proved the token, then maxMessage.
 	limit uint32
-	rx    int64 // bytes received
-	tx    int64 // bytes sent
+	rx    atomic.Int64 // bytes received (a heartbeat reads it: heartbeat.go)
+	tx    int64        // bytes sent
 	mu    sync.Mutex
 	wbuf  []byte // reused by send: a migration sends gigabytes a MiB at a time
 	rbuf  []byte // reused by recv (Unmarshal copies what it keeps)
@@ -193,7 +193,7 @@ func (c *conn) recv(d time.Duration) (*pb.Envelope, error) {
 	if _, err := io.ReadFull(c.r, b); err != nil {
 		return nil, err
 	}
-	c.rx += int64(4 + n)
+	c.rx.Add(int64(4 + n))
 	if data, ok := dataBytes(b); ok {
 		return &pb.Envelope{Msg: &pb.Envelope_Data{Data: &pb.Data{Bytes: data}}}, nil
 	}

@@ -30,7 +30,11 @@ func peerSilence() time.Duration {
 }
 
 // heartbeat sends Restoring on c every heartbeatEvery until the returned
-// stop is called.
+// stop is called, but only while the peer is heard from: once nothing has
+// arrived on c for peerSilence (the stream stalled, or the work that
+// follows it hangs), the beats stop, and a source waiting on them gives
+// up in turn. A beat that said only "this process is alive" would hold a
+// source frozen for as long as a stuck restore lasts.
 func heartbeat(c *conn) (stop func()) {
 	done := make(chan struct{})
 	ended := make(chan struct{})
@@ -38,11 +42,18 @@ func heartbeat(c *conn) (stop func()) {
 		defer close(ended)
 		t := time.NewTicker(heartbeatEvery)
 		defer t.Stop()
+		lastRx, heard := c.rx.Load(), time.Now()
 		for {
 			select {
 			case <-done:
 				return
-			case <-t.C:
+			case now := <-t.C:
+				if rx := c.rx.Load(); rx != lastRx {
+					lastRx, heard = rx, now
+				}
+				if now.Sub(heard) >= peerSilence() {
+					continue // no progress to speak of
+				}
 			}
 			if c.send(&pb.Envelope{Msg: &pb.Envelope_Restoring{Restoring: &pb.Restoring{}}}, stepTimeout) != nil {
 				return

@@ -94,6 +94,9 @@ func openPageLink(ctx context.Context, opts Options, c *conn, session []byte, st
 		lc.c.Close()
 		return nil, fmt.Errorf("page link: %w", err)
 	}
+	// The relay writes CRIU's pages for as long as the transfer takes:
+	// no deadline of the attach may cut it.
+	_ = lc.c.SetDeadline(time.Time{})
 	criuEnd, ours, err := socketPair()
 	if err != nil {
 		lc.c.Close()
@@ -663,7 +666,7 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		if !d.m.gone {
 			log.Warn("post-copy complete, the source did not confirm its copy ended", "err", d.cause)
 		}
-		log.Info("migration done (post-copy)", "received", c.rx)
+		log.Info("migration done (post-copy)", "received", c.rx.Load())
 	}
 	return d.result()
 }

@@ -304,7 +304,7 @@ func (sv *Server) receiveStopCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		d.heard(m, err)
 	}
 	if d.m.st == dstDone {
-		log.Info("migration done", "received", c.rx)
+		log.Info("migration done", "received", c.rx.Load())
 	}
 	return d.result()
 }
