@@ -1,10 +1,6 @@
 package migrate
 
-import (
-	"fmt"
-
-	"github.com/ferry-cr/ferry/internal/job"
-)
+import "github.com/ferry-cr/ferry/internal/job"
 
 // The handover, in one place: each side of a migration is a state
 // machine (source, destination) that takes every input the world gives
@@ -495,8 +491,3 @@ const (
 	stateHeld      = "held"       // destination: held frozen for the source's word
 	stateLazy      = job.NoteLazy // destination: runs on pages still coming
 )
-
-// unexpected names a machine's input that did not fit, for errors.
-func unexpected(i in, st fmt.Stringer) error {
-	return fmt.Errorf("%s while %s", i, st)
-}
