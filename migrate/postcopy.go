@@ -585,7 +585,43 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	}
 	d := sv.newDst(ctx, c, nc, name, true, log)
 	d.dropped = rl.close // before the source (and the daemon) hear of it
+	// Once the stream is in, this goroutine is the control connection's
+	// one reader, from the restore on: a source that gives up while the
+	// restore is still at work (its Abort, or the link's end) ends that
+	// restore at once, rather than leaving it to its timeout.
+	msgs := make(chan ctlMsg, 8)
+	var readFor atomic.Int64 // the source beats only once the copy is restored
+	readFor.Store(int64(restoreTimeout))
+	go func() {
+		<-filled
+		if fillErr != nil {
+			return
+		}
+		for {
+			m, err := c.recv(time.Duration(readFor.Load()))
+			msgs <- ctlMsg{m, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	var heardEarly []ctlMsg // what the source said while the restore ran
+	restoring, watched := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(watched)
+		select {
+		case cm := <-msgs:
+			heardEarly = append(heardEarly, cm)
+			if cm.err != nil {
+				rcancel()
+			}
+		case <-restoring:
+		}
+	}()
 	rec, took, err := sv.restoreHeld(rctx, c, nc, ropts)
+	close(restoring)
+	<-watched
+	readFor.Store(int64(peerSilence()))
 	if err != nil {
 		select {
 		case <-filled:
@@ -593,6 +629,9 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 				err = fmt.Errorf("receiving: %w", fillErr)
 			}
 		default:
+		}
+		if len(heardEarly) > 0 && heardEarly[0].err != nil {
+			err = fmt.Errorf("the source gave up while we restored (%w): %w", heardEarly[0].err, err)
 		}
 		d.restored(nil, 0, err)
 		return d.result()
@@ -611,16 +650,6 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	// migration is over: it hears the source's words, the daemon's exit
 	// (every page came, or our copy lacks some) and the page link's end.
 	defer heartbeat(c)() // the source gives up on a silent destination
-	msgs := make(chan ctlMsg, 8)
-	go func() {
-		for {
-			m, err := c.recv(peerSilence())
-			msgs <- ctlMsg{m, err}
-			if err != nil {
-				return
-			}
-		}
-	}()
 	var settle <-chan time.Time
 	sourceGone := rl.sourceGone
 	daemonExit := daemonDone(daemon, filepath.Join(early.Dir, "lazy-pages.log"))
@@ -631,6 +660,13 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 			return
 		}
 		d.feed(inPagesIn)
+	}
+	for _, cm := range heardEarly {
+		// A word that came as the restore ended: heard first.
+		if cm.err != nil {
+			msgs = nil
+		}
+		d.heard(cm.m, cm.err)
 	}
 	for !d.m.done() {
 		select {
