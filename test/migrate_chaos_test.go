@@ -279,6 +279,14 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 		return ok && (v.Operation == "" || v.State == "exited" || v.State == "frozen" && v.Migration != nil && !alive(v.Migration.Owner))
 	})
 
+	// A destination copy that runs on pages still coming is a passing
+	// state: it completes, or is dropped once its page link ends (a
+	// dead source) or the source goes silent. Judge what it comes to.
+	eventually(t, 90*time.Second, "the destination's copy to stop waiting for pages", func() bool {
+		v, ok := dst.list()[name]
+		return !ok || v.Migration == nil || v.Migration.State != "lazy"
+	})
+
 	s, d := src.job(name), dst.list()[name]
 	r.checkTruth(t, src, "source", s, sum)
 	r.checkTruth(t, dst, "destination", d, sum)
