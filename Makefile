@@ -11,7 +11,7 @@ GOFLAGS_BUILD := -trimpath -ldflags "$(LDFLAGS)"
 TEST_TIMEOUT ?= 15m
 
 .DEFAULT_GOAL := build
-.PHONY: all build deps test-deps slurm-deps conform test unit-test integration demo bench lint fmt clean help proto check-proto
+.PHONY: all build deps test-deps slurm-deps conform test chaos unit-test integration demo bench lint fmt clean help proto check-proto
 
 all: build ## same as build
 
@@ -51,6 +51,9 @@ slurm-deps: ## unpack Debian's slurm-wlm and munge into .deps/slurm for the Slur
 test: test-deps build conform ## run unit and integration tests (as root: real CRIU, cgroups, namespaces, a real S3 server, a real Slurm), then a short fuzz run
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=5000x -parallel=1 ./image/
+
+chaos: test-deps build conform ## real migrations with kill -9 and cut links at seeded random moments (TestMigrateChaos; FERRY_CHAOS_SEED replays)
+	FERRY_CHAOS=1 FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 30m -run TestMigrateChaos -v ./test/
 
 unit-test: ## unit tests only (no root, no CRIU)
 	$(GO) test -short -race -count=1 ./...
