@@ -482,7 +482,7 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 	// The record says what the copy is from its creation, before CRIU
 	// runs: a serve killed while it restores leaves no frozen copy
 	// unexplained (a restarted serve recovers it as in doubt).
-	ropts.Migration = sv.heldNote(ropts.Name, nc, "restored from %s and held frozen until the source's word")
+	ropts.Migration = sv.newNote(ropts.Name, nc, stateHeld, "restored from %s and held frozen until the source's word")
 	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	t0 := time.Now()
@@ -577,10 +577,11 @@ func (sv *Server) drop(ctx context.Context, name string, nc net.Conn, log *slog.
 	}
 }
 
-// heldNote is the note of a copy held for the source's word.
-func (sv *Server) heldNote(name string, nc net.Conn, format string) *job.MigrationNote {
+// newNote is a destination's note on job name: where its migration
+// stands (state) and what the copy is (format takes the peer).
+func (sv *Server) newNote(name string, nc net.Conn, state, format string) *job.MigrationNote {
 	peer := nc.RemoteAddr().String()
-	return &job.MigrationNote{Peer: peer, Role: "destination", State: stateHeld, Owner: os.Getpid(), Time: time.Now().UTC(),
+	return &job.MigrationNote{Peer: peer, Role: "destination", State: state, Owner: os.Getpid(), Time: time.Now().UTC(),
 		Note:    fmt.Sprintf(format, peer),
 		Resolve: fmt.Sprintf("if %s no longer runs on %s: ferry thaw %s; if it does: ferry kill %s", name, peer, name, name)}
 }
@@ -589,8 +590,7 @@ func (sv *Server) heldNote(name string, nc net.Conn, format string) *job.Migrati
 // and why it is held frozen (format takes the peer) and how to settle
 // it; Thaw clears it.
 func (sv *Server) note(name string, nc net.Conn, state, format string) *job.MigrationNote {
-	note := sv.heldNote(name, nc, format)
-	note.State = state
+	note := sv.newNote(name, nc, state, format)
 	_, _ = sv.Store.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
 	return note
 }
