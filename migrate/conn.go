@@ -73,6 +73,16 @@ func (c *conn) cutOff() {
 	_ = c.c.SetDeadline(time.Unix(1, 0))
 }
 
+// readWithin bounds the recv in progress (and only it: each recv sets
+// its own deadline) to d from now: a reader that waited with a long
+// deadline for work that has since ended must not keep waiting for it.
+func (c *conn) readWithin(d time.Duration) {
+	_ = c.c.SetReadDeadline(time.Now().Add(d))
+	if c.cut.Load() { // cut meanwhile: the past deadline holds
+		_ = c.c.SetReadDeadline(time.Unix(1, 0))
+	}
+}
+
 // keep undoes cutOff: a post-copy source must still hear from a
 // destination that may run its copy.
 func (c *conn) keep() { c.cut.Store(false) }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -93,5 +94,31 @@ func TestCutOffStaysCut(t *testing.T) {
 	go func() { _, _ = b.Read(make([]byte, 64)) }()
 	if err := c.send(&pb.Envelope{Msg: &pb.Envelope_Abort{Abort: &pb.Abort{Reason: "x"}}}, time.Second); err != nil {
 		t.Errorf("a control message after keep: %v", err)
+	}
+}
+
+// readWithin bounds the receive already waiting: a post-copy
+// destination's reader waits with the restore's long deadline, and a link
+// that died meanwhile must end it within a silence of the restore's end,
+// not at that deadline.
+func TestReadWithinBoundsTheWaitingRecv(t *testing.T) {
+	a, b := net.Pipe() // b never writes: the link is dead
+	defer a.Close()
+	defer b.Close()
+	c := newConn(a)
+	got := make(chan error, 1)
+	go func() {
+		_, err := c.recv(10 * time.Minute)
+		got <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the recv waits with its own deadline
+	c.readWithin(100 * time.Millisecond)
+	select {
+	case err := <-got:
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("recv ended with %v, want its deadline", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("readWithin did not bound the recv in progress")
 	}
 }

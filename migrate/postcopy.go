@@ -418,6 +418,7 @@ func (r *relay) close() {
 // startingDaemon is a lazy-pages daemon being started beside the restore.
 type startingDaemon struct {
 	done   chan struct{}
+	cancel context.CancelFunc // ends a start still under way
 	daemon *restore.LazyPages
 	err    error
 }
@@ -425,7 +426,8 @@ type startingDaemon struct {
 // startDaemon starts CRIU's lazy-pages daemon in the background (see
 // restore.StartLazyPages).
 func startDaemon(ctx context.Context, b *criu.Binary, images, work string, pages *os.File, log *slog.Logger) *startingDaemon {
-	s := &startingDaemon{done: make(chan struct{})}
+	ctx, cancel := context.WithCancel(ctx)
+	s := &startingDaemon{done: make(chan struct{}), cancel: cancel}
 	t0 := time.Now()
 	go func() {
 		defer close(s.done)
@@ -453,10 +455,14 @@ func (s *startingDaemon) wait(ctx context.Context) (*restore.LazyPages, error) {
 	return s.daemon, nil
 }
 
-// stop waits for the start to end (StartLazyPages is bounded: CRIU
-// becomes ready, exits, or is killed with ctx) and ends the daemon if it
-// still runs, so that none outlives the migration.
+// stop ends a start still under way, waits for it to end, and ends the
+// daemon if it still runs, so that none outlives the migration. A start
+// can wait for ever by itself: the daemon becomes ready only once it has
+// read its first images, which never come when the stream broke off
+// (the chaos test's seed 2340527: a link dead in the stream left a
+// destination holding its connections and a daemon for good).
 func (s *startingDaemon) stop() {
+	s.cancel()
 	<-s.done
 	if d := s.daemon; d != nil {
 		select {
@@ -621,7 +627,11 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	rec, took, err := sv.restoreHeld(rctx, c, nc, ropts)
 	close(restoring)
 	<-watched
+	// From here the source beats: a receive still waiting with the
+	// restore's deadline waits no longer than a silence (a link that died
+	// during the restore would otherwise hold our copy for that deadline).
 	readFor.Store(int64(peerSilence()))
+	c.readWithin(peerSilence())
 	if err != nil {
 		select {
 		case <-filled:
