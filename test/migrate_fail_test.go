@@ -152,6 +152,7 @@ type midMigration struct {
 	h         *hosts
 	listen    string // the destination's serve, directly
 	token     string // its token file
+	srv       *server
 }
 
 // eachMidMigration runs f on a midMigration in each mode this host can
@@ -163,7 +164,7 @@ func eachMidMigration(t *testing.T, name string, port int, f func(t *testing.T, 
 	src, dst := newEnv(t), newEnv(t)
 	token := writeToken(t, "correct horse battery staple 42")
 	listen := net.JoinHostPort(h.addrB, strconv.Itoa(port))
-	dst.serve(h.b, listen, token)
+	srv := dst.serve(h.b, listen, token)
 	if r := src.ferryIn(h.a, "run", "--name", name, "--", w, "memory", "64"); r.code != 0 {
 		t.Fatalf("run: %s", r)
 	}
@@ -185,7 +186,7 @@ func eachMidMigration(t *testing.T, name string, port int, f func(t *testing.T, 
 			})
 			time.Sleep(500 * time.Millisecond) // into the transfer
 			f(t, &midMigration{mode: mode, src: src, dst: dst, name: name, sum: sum, before: before, cmd: cmd, out: out, stop: stop,
-				h: h, listen: listen, token: token})
+				h: h, listen: listen, token: token, srv: srv})
 		})
 	}
 }
@@ -203,6 +204,12 @@ func (m *midMigration) destinationDrops(t *testing.T) {
 			}
 		}
 		return true
+	})
+	// ...and let go of it: no lazy-pages daemon of a post-copy is left
+	// waiting for images the broken stream never brought (it held the
+	// migration's connections for good: chaos seed 2340527).
+	eventually(t, 30*time.Second, "the destination's lazy-pages daemon to end", func() bool {
+		return len(m.srv.lazyDaemons()) == 0
 	})
 }
 

@@ -80,6 +80,24 @@ func (e *env) ferryIn(ns string, args ...string) result {
 // server is a `ferry serve` this test started (and stops).
 type server struct {
 	log string
+	pid int // ferry serve's (nsenter execs it)
+}
+
+// lazyDaemons lists the CRIU lazy-pages daemons ferry serve has running:
+// one outlives its migration only by a defect (each holds a scratch
+// directory, and its migration's connections, for good).
+func (s *server) lazyDaemons() []string {
+	var found []string
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", s.pid))
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		for _, pid := range strings.Fields(string(b)) {
+			if args, _ := os.ReadFile("/proc/" + pid + "/cmdline"); strings.Contains(string(args), "\x00lazy-pages\x00") {
+				found = append(found, pid)
+			}
+		}
+	}
+	return found
 }
 
 func (s *server) text() string { b, _ := os.ReadFile(s.log); return string(b) }
@@ -132,6 +150,7 @@ func (e *env) serveWith(ns, listen, token string, args []string, extraEnv ...str
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
+	s.pid = cmd.Process.Pid
 	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	eventually(e.t, 10*time.Second, "ferry serve to listen", func() bool { return strings.Contains(s.text(), "serving migrations") })
 	return s
@@ -371,7 +390,7 @@ func TestMigratePostCopy(t *testing.T) {
 	src, dst, other := newEnv(t), newEnv(t), newEnv(t)
 	token := writeToken(t, "correct horse battery staple 42")
 	listen := net.JoinHostPort(h.addrB, "7080")
-	dst.serve(h.b, listen, token)
+	dstSrv := dst.serve(h.b, listen, token)
 	if !src.lazyPages() {
 		t.Skip("no userfaultfd here: post-copy cannot work")
 	}
@@ -427,6 +446,29 @@ func TestMigratePostCopy(t *testing.T) {
 		}
 		t.Log(r.stderr)
 		assertKeptHere(t, src, dst, "pc", sum, before)
+	})
+
+	t.Run("a stream cut before it is whole lets the destination go", func(t *testing.T) {
+		// Cut after the stream's head (the manifest, on which the
+		// destination starts its lazy-pages daemon) and long before its
+		// end: the daemon waits for images that never come.
+		cut := net.JoinHostPort(h.addrB, "7083")
+		stop := cuttingProxy(t, h.b, cut, listen, 64<<10)
+		defer stop()
+		before, _ := src.verifyLines("pc")
+		r := src.ferryIn(h.a, "migrate", "pc", "--to", cut, "--token-file", token, "--mode", "post-copy")
+		if r.code != 19 || !strings.Contains(r.stderr, "keeps running here") {
+			t.Fatalf("post-copy over a link cut in the stream: %s", r)
+		}
+		t.Log(r.stderr)
+		assertKeptHere(t, src, dst, "pc", sum, before)
+		eventually(t, 30*time.Second, "the destination to end its lazy-pages daemon", func() bool {
+			return len(dstSrv.lazyDaemons()) == 0
+		})
+		eventually(t, 10*time.Second, "the destination to remove its scratch", func() bool {
+			left, _ := filepath.Glob(filepath.Join(dst.root, "serve", "*"))
+			return len(left) == 0
+		})
 	})
 
 	t.Run("auto chooses post-copy and moves 256 MiB with memory following on demand", func(t *testing.T) {
