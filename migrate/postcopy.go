@@ -650,7 +650,7 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 	daemon, err := starting.wait(ctx)
 	if err != nil {
 		// Not reached: the restore waited for the daemon.
-		sv.drop(ctx, rec.Name, nc, log)
+		_ = sv.drop(ctx, rec.Name, nc.RemoteAddr().String(), log)
 		c.abort("starting lazy pages on the destination failed: " + err.Error())
 		return fmt.Errorf("starting lazy pages: %w", err)
 	}

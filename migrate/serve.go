@@ -435,7 +435,7 @@ func (d *dstDriver) do(a act) in {
 			return inThawFailed
 		}
 	case dropCopy:
-		sv.drop(ctx, d.name, d.nc, d.log)
+		_ = sv.drop(ctx, d.name, d.nc.RemoteAddr().String(), d.log)
 		if d.dropped != nil {
 			d.dropped()
 		}
@@ -489,7 +489,7 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 	hooked := false
 	ropts.BeforeStart = func(ctx context.Context) error {
 		hooked = true
-		return sv.hook(ctx, "pre-restore", ropts.Name, nc)
+		return sv.hook(ctx, "pre-restore", ropts.Name, nc.RemoteAddr().String())
 	}
 	// The source, which holds its job frozen meanwhile, hears that we are
 	// at work: it gives up on a destination that goes silent.
@@ -498,7 +498,7 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 	stopBeat()
 	if err != nil {
 		if hooked {
-			_ = sv.hook(context.WithoutCancel(ctx), "discarded", ropts.Name, nc)
+			_ = sv.hook(context.WithoutCancel(ctx), "discarded", ropts.Name, nc.RemoteAddr().String())
 		}
 		return nil, 0, err
 	}
@@ -510,7 +510,7 @@ func (sv *Server) start(ctx context.Context, name string, nc net.Conn) error {
 	if err := sv.Store.Thaw(ctx, name); err != nil {
 		return err
 	}
-	if err := sv.hook(ctx, "running", name, nc); err != nil {
+	if err := sv.hook(ctx, "running", name, nc.RemoteAddr().String()); err != nil {
 		sv.log().Warn("the running hook failed", "job", name, "err", err)
 	}
 	return nil
@@ -519,16 +519,16 @@ func (sv *Server) start(ctx context.Context, name string, nc net.Conn) error {
 // hookTimeout bounds one run of the hook.
 const hookTimeout = 30 * time.Second
 
-// hook runs sv.Hook for event, if there is one; its output goes to the
-// log.
-func (sv *Server) hook(ctx context.Context, event, name string, nc net.Conn) error {
+// hook runs sv.Hook for event, if there is one, telling it the peer's
+// address; its output goes to the log.
+func (sv *Server) hook(ctx context.Context, event, name, peer string) error {
 	if sv.Hook == "" {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, hookTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, sv.Hook, event, name)
-	cmd.Env = append(os.Environ(), "FERRY_PEER="+nc.RemoteAddr().String())
+	cmd.Env = append(os.Environ(), "FERRY_PEER="+peer)
 	cmd.WaitDelay = time.Second
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -563,18 +563,21 @@ func (sv *Server) answer(c *conn, ok bool, reason, name string) {
 	_ = c.send(&pb.Envelope{Msg: &pb.Envelope_Answer{Answer: &pb.Answer{Ok: ok, Reason: reason, Name: name}}}, stepTimeout)
 }
 
-// drop ends our held copy and forgets it, then runs the discarded hook.
-func (sv *Server) drop(ctx context.Context, name string, nc net.Conn, log *slog.Logger) {
+// drop ends our copy of job name (migrated from peer) and forgets it,
+// then runs the discarded hook. It fails only if the copy may still be
+// there.
+func (sv *Server) drop(ctx context.Context, name, peer string, log *slog.Logger) error {
 	if err := sv.Store.Discard(ctx, name, log); err != nil {
-		log.Error("dropping the held copy", "err", err)
-		return
+		log.Error("dropping our copy", "job", name, "err", err)
+		return err
 	}
 	if err := sv.Store.Remove(name); err != nil {
-		log.Error("removing the held copy's record", "err", err)
+		log.Error("removing our copy's record", "job", name, "err", err)
 	}
-	if err := sv.hook(context.WithoutCancel(ctx), "discarded", name, nc); err != nil {
+	if err := sv.hook(context.WithoutCancel(ctx), "discarded", name, peer); err != nil {
 		log.Error("the discarded hook failed", "err", err)
 	}
+	return nil
 }
 
 // newNote is a destination's note on job name: where its migration

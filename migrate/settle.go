@@ -211,7 +211,11 @@ func (sv *Server) settle(ctx context.Context, c *conn, nc net.Conn, m *pb.Settle
 			return fmt.Errorf("settling %s: starting our copy: %w", name, err)
 		}
 	case dropCopy:
-		sv.drop(ctx, name, nc, log)
+		// Not dropped, not settled: the source must not run its copy on
+		// our word while ours may remain.
+		if err := sv.drop(ctx, name, nc.RemoteAddr().String(), log); err != nil {
+			return fmt.Errorf("settling %s: dropping our copy: %w", name, err)
+		}
 	}
 	log.Info("settled a migration in doubt", "job", name, "source", m.GetSource(), "ours", state)
 	return c.send(&pb.Envelope{Msg: &pb.Envelope_Settled{Settled: &pb.Settled{State: state}}}, stepTimeout)
@@ -264,12 +268,8 @@ func (sv *Server) Recover(ctx context.Context) []string {
 		}
 		switch dstRecover(n.State) {
 		case dropCopy:
-			if err := sv.Store.Discard(ctx, rec.Name, log); err != nil {
-				log.Error("recovering a migration: dropping a copy whose pages never came", "job", rec.Name, "err", err)
+			if sv.drop(ctx, rec.Name, n.Peer, log) != nil {
 				continue
-			}
-			if err := sv.Store.Remove(rec.Name); err != nil {
-				log.Error("recovering a migration: removing its record", "job", rec.Name, "err", err)
 			}
 			did = append(did, rec.Name+": dropped (its memory was still coming from "+n.Peer+" when serve stopped)")
 		case noteInDoubt:
