@@ -30,7 +30,8 @@ import (
 //
 // Each run is named by its seed, which decides its fault, its mode and its
 // moment (the machine's timing still decides what that moment falls on):
-// FERRY_CHAOS_SEED=N (or N,M,...) replays those runs alone;
+// FERRY_CHAOS_SEED=N (or N,M,...) replays those runs alone
+// (FERRY_CHAOS_DEBUG=1: with both sides' debug logs);
 // FERRY_CHAOS_RUNS sets how many runs (default 10: each fault and mode at
 // least once); FERRY_CHAOS_WINDOW (a Go duration) pins the span the
 // moment is drawn from, counted from the source's connect, which is
@@ -199,7 +200,11 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 	src, dst = newEnv(t), newEnv(t)
 	token := writeToken(t, "correct horse battery staple 42")
 	listen := net.JoinHostPort(h.addrB, "7400")
-	serveCmd, srv := dst.serveProc(h.b, listen, token, "")
+	first, debug := "", []string{} // FERRY_CHAOS_DEBUG: both sides log the handover
+	if os.Getenv("FERRY_CHAOS_DEBUG") != "" {
+		first, debug = `set -- --debug "$@";`, []string{"--debug"}
+	}
+	serveCmd, srv := dst.serveProc(h.b, listen, token, first)
 	if rr := src.ferryIn(h.a, "run", "--name", name, "--", w, "memory", "64"); rr.code != 0 {
 		t.Fatalf("run: %s", rr)
 	}
@@ -209,7 +214,7 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 	last := before[len(before)-1]
 
 	t.Cleanup(func() { t.Logf("serve log:\n%s", srv.text()) })
-	cmd, out := src.startFerryIn(h.a, "migrate", name, "--to", listen, "--token-file", token, "--mode", r.mode)
+	cmd, out := src.startFerryIn(h.a, append(debug, "migrate", name, "--to", listen, "--token-file", token, "--mode", r.mode)...)
 	connected(t, cmd, listen)
 	time.Sleep(r.moment)
 	linkDown := false
