@@ -14,6 +14,8 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
+	"unsafe"
 
 	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
@@ -559,34 +561,210 @@ type decoded struct {
 // by that window. The last chunk is written only once the file's SHA-256
 // matches the trailer's.
 func (a *Archive) WriteTo(name string, w io.Writer) (int64, error) {
-	return a.writeTo(name, func(b []byte, _ bool) (int, error) { return w.Write(b) })
+	return a.writeTo(name, func(b []byte, _ piece) (int, error) { return w.Write(b) }, putChunkBuf)
 }
 
-// SpliceTo is WriteTo into a pipe: raw chunks held in memory (ReadArchive)
-// go in with vmsplice, by reference, not copied: the pipe takes its own
-// references to their pages, and they do not change until Close. Where a
-// process reads its images from a pipe (CRIU's restore), the pipe's lock
-// is then held only to link pages, not to copy them, so the reader is
-// not kept waiting. Other chunks (and those in recycled buffers) are
-// written. count, when not nil, hears of every byte.
+// piece says whose memory a piece that writeTo writes is, and so for how
+// long it stays as it is.
+type piece int
+
+const (
+	heldPiece   piece = iota // the archive's: unchanged until Close
+	ownPiece                 // a decoded chunk's buffer: unchanged until writeTo's recycle gets it
+	pooledPiece              // a held stream's recycled chunk: recycled once written
+)
+
+// SpliceTo is WriteTo into a pipe: raw chunks held in memory go in with
+// vmsplice, by reference, not copied: the pipe takes its own references
+// to their pages, and they do not change until Close. Where a process
+// reads its images from a pipe (CRIU's restore), the pipe's lock is then
+// held only to link pages, not to copy them, so the reader is not kept
+// waiting: a write that copies holds the lock, and so keeps the reader
+// out, for as long as the copy takes, and the reader's copy in turn
+// keeps the writer out, so that the two copies take turns rather than
+// overlap. Decoded chunks go in by reference too (see splicer), but for
+// the file's last pipeful, which is copied. count, when not nil, hears
+// of every byte.
 func (a *Archive) SpliceTo(name string, pipe *os.File, count func(int64)) (int64, error) {
 	rc, err := pipe.SyscallConn()
 	if err != nil {
 		return 0, err
 	}
-	return a.writeTo(name, func(b []byte, held bool) (int, error) {
-		var n int
-		var err error
-		if held {
-			n, err = vmsplice(rc, b)
-		} else {
-			n, err = pipe.Write(b)
-		}
+	size, _ := a.Size(name)
+	sp := newSplicer(rc, int64(size))
+	n, err := a.writeTo(name, func(b []byte, p piece) (int, error) {
+		n, err := sp.write(b, p)
 		if count != nil {
 			count(int64(n))
 		}
 		return n, err
+	}, sp.recycle)
+	sp.finish()
+	return n, err
+}
+
+// splicer writes a file into a pipe, its decoded chunks by reference
+// (vmsplice) but for the last pipeful, which it copies. A buffer given
+// by reference goes back to chunkBufs only once the pipe's reader has
+// read past its end (FIONREAD says what is still unread in the pipe):
+// until then the pipe's pages are the buffer's. The copied tail of the
+// file pushes every earlier byte out of the pipe, so that at the file's
+// end every buffer is free as a rule; one the reader has not read then
+// (it stopped reading, or grew the pipe) is waited for a while, and
+// never reused if it is still unread.
+type splicer struct {
+	rc      syscall.RawConn
+	size    int64 // the file's
+	tail    int64 // from this offset on, pieces are copied
+	written int64 // into the pipe so far
+	pending []spliced
+}
+
+// spliced is a buffer in the pipe by reference.
+type spliced struct {
+	b    []byte
+	end  int64 // written after its last byte
+	done bool  // writeTo is done with it (recycle)
+}
+
+func newSplicer(rc syscall.RawConn, size int64) *splicer {
+	sp := &splicer{rc: rc, size: size}
+	pipeSize := int64(1 << 20)
+	_ = rc.Control(func(fd uintptr) {
+		if n, err := unix.FcntlInt(fd, unix.F_GETPIPE_SZ, 0); err == nil && n > 0 {
+			pipeSize = int64(n)
+		}
 	})
+	sp.tail = size - pipeSize
+	return sp
+}
+
+func (sp *splicer) write(b []byte, p piece) (n int, err error) {
+	switch {
+	case p == heldPiece:
+		n, err = vmsplice(sp.rc, b)
+	case p == ownPiece && sp.written+int64(len(b)) <= sp.tail:
+		sp.pending = append(sp.pending, spliced{b: b, end: sp.written + int64(len(b))})
+		n, err = vmsplice(sp.rc, b)
+	default:
+		n, err = writeRaw(sp.rc, b)
+	}
+	sp.written += int64(n)
+	sp.reclaim()
+	return n, err
+}
+
+// recycle is writeTo's: b, an own piece, may go back once the pipe is
+// done with it.
+func (sp *splicer) recycle(b []byte) {
+	for i := range sp.pending {
+		if p := &sp.pending[i]; unsafe.SliceData(p.b) == unsafe.SliceData(b) && !p.done {
+			p.done = true
+			sp.reclaim()
+			return
+		}
+	}
+	putChunkBuf(b) // copied: free now
+}
+
+// unread is what the pipe holds that its reader has not read.
+func (sp *splicer) unread() (int64, bool) {
+	var n int
+	var err error
+	// FIONREAD, which x/sys/unix names TIOCINQ (the same request).
+	if cerr := sp.rc.Control(func(fd uintptr) { n, err = unix.IoctlGetInt(int(fd), unix.TIOCINQ) }); cerr != nil || err != nil {
+		return 0, false
+	}
+	return int64(n), true
+}
+
+// readerThere says whether the pipe still has a reader.
+func (sp *splicer) readerThere() bool {
+	there := false
+	_ = sp.rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		if n, err := unix.Poll(fds, 0); err == nil {
+			there = n == 0 || fds[0].Revents&unix.POLLERR == 0
+		}
+	})
+	return there
+}
+
+// reclaim gives back the buffers the reader has read past, in order.
+func (sp *splicer) reclaim() {
+	if len(sp.pending) == 0 {
+		return
+	}
+	unread, ok := sp.unread()
+	if !ok {
+		return
+	}
+	read := sp.written - unread
+	k := 0
+	for k < len(sp.pending) && sp.pending[k].done && sp.pending[k].end <= read {
+		putChunkBuf(sp.pending[k].b)
+		k++
+	}
+	sp.pending = sp.pending[k:]
+}
+
+// finish settles the buffers still in the pipe when the file has been
+// written (or its writing failed): it waits, a second at most, for the
+// reader to read them; buffers still unread then are kept from reuse for
+// good (strays), since the pipe may still hand out their pages. A pipe
+// whose reader has gone is not waited for.
+func (sp *splicer) finish() {
+	for i := range sp.pending {
+		sp.pending[i].done = true // writeTo has returned: nothing of it is in use
+	}
+	deadline := time.Now().Add(time.Second)
+	for sp.reclaim(); len(sp.pending) > 0 && time.Now().Before(deadline) && sp.readerThere(); sp.reclaim() {
+		time.Sleep(200 * time.Microsecond)
+	}
+	if len(sp.pending) > 0 {
+		strays.mu.Lock()
+		for _, p := range sp.pending {
+			strays.bufs = append(strays.bufs, p.b)
+		}
+		strays.mu.Unlock()
+		sp.pending = nil
+	}
+}
+
+// strays holds the buffers a pipe may still read from after their file
+// was served (see splicer.finish): never reused, never collected.
+var strays struct {
+	mu   sync.Mutex
+	bufs [][]byte
+}
+
+// writeRaw writes b to the pipe behind rc (copied).
+func writeRaw(rc syscall.RawConn, b []byte) (int, error) {
+	n := 0
+	var serr error
+	err := rc.Write(func(fd uintptr) bool {
+		for n < len(b) {
+			k, err := unix.Write(int(fd), b[n:])
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return false
+			case err != nil:
+				serr = err
+				return true
+			}
+			n += k
+		}
+		return true
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		return n, &os.PathError{Op: "write", Path: "pipe", Err: err}
+	}
+	return n, nil
 }
 
 // vmsplice hands b to the pipe behind rc without copying it.
@@ -692,7 +870,7 @@ func (a *Archive) served(af *archiveFile, i int) {
 
 // writeTo is WriteTo and SpliceTo: write gets each piece in order, with
 // held set for memory that stays unchanged until Close.
-func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, error)) (int64, error) {
+func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error), recycle func([]byte)) (int64, error) {
 	a.lock()
 	af, ok := a.files[name]
 	if !ok && a.remaining[name] {
@@ -800,7 +978,7 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 	release := func(w written) {
 		<-w.ack
 		if w.d.own {
-			putChunkBuf(w.d.data)
+			recycle(w.d.data)
 		}
 		a.served(af, w.d.i)
 	}
@@ -823,7 +1001,14 @@ func (a *Archive) writeTo(name string, write func(b []byte, held bool) (int, err
 				return n, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
 			}
 		}
-		k, err := write(d.data, !d.own && !d.pooled)
+		p := heldPiece
+		switch {
+		case d.own:
+			p = ownPiece
+		case d.pooled:
+			p = pooledPiece
+		}
+		k, err := write(d.data, p)
 		n += int64(k)
 		lag = append(lag, written{d, ack})
 		for len(lag) > 0 {

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -406,5 +408,94 @@ func TestArchiveMappedFile(t *testing.T) {
 			f.Close()
 			break
 		}
+	}
+}
+
+// SpliceTo hands decoded chunks to the pipe by reference and takes their
+// buffers back only once the reader has read them: files served at once
+// to slow readers, while other serving churns the buffers, all come
+// through whole. A buffer taken back while the pipe still held it would
+// carry another chunk's bytes by the time the reader got there.
+func TestArchiveSpliceToSlowReaders(t *testing.T) {
+	var files []file
+	for k := range 4 {
+		b := make([]byte, 5*DefaultChunkSize+12345)
+		for i := 0; i < len(b); i += 4096 {
+			copy(b[i:], fmt.Sprintf("file %d, page %d: ferry carries a process across the water. ", k, i/4096))
+		}
+		files = append(files, file{fmt.Sprintf("pages-%d.img", k+1), b})
+	}
+	path := filepath.Join(t.TempDir(), "c.ferry")
+	if err := os.WriteFile(path, write(t, files, WriterOptions{Compression: pb.Compression_COMPRESSION_S2, NoDigests: true}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	a, err := OpenArchive(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*len(files))
+	for _, fl := range files[1:] {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() {
+			_, err := a.SpliceTo(fl.name, w, nil)
+			w.Close()
+			if err != nil {
+				errs <- err
+			}
+		})
+		wg.Go(func() {
+			defer r.Close()
+			var got []byte
+			buf := make([]byte, 48<<10)
+			for {
+				n, err := r.Read(buf)
+				got = append(got, buf[:n]...)
+				if err != nil {
+					break
+				}
+				time.Sleep(50 * time.Microsecond)
+			}
+			if !bytes.Equal(got, fl.data) {
+				i := 0
+				for i < min(len(got), len(fl.data)) && got[i] == fl.data[i] {
+					i++
+				}
+				errs <- fmt.Errorf("%s: %d bytes through the pipe, want %d; they differ from byte %d", fl.name, len(got), len(fl.data), i)
+			}
+		})
+	}
+	// Churn: the first file decoded again and again meanwhile.
+	stop := make(chan struct{})
+	churned := make(chan struct{})
+	go func() {
+		defer close(churned)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := a.WriteTo(files[0].name, io.Discard); err != nil {
+				errs <- err
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(stop)
+	<-churned
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }

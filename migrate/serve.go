@@ -377,7 +377,10 @@ func (d *dstDriver) feed(i in) {
 		d.log.Debug("handover", "side", "destination", "job", d.name, "input", i, "from", before, "to", d.m.st, "actions", out)
 		next := in(-1)
 		for _, a := range out {
-			if next = d.do(a); next >= 0 {
+			t := time.Now()
+			next = d.do(a)
+			d.log.Debug("handover action", "side", "destination", "job", d.name, "action", a, "took", time.Since(t))
+			if next >= 0 {
 				break
 			}
 		}
@@ -418,11 +421,9 @@ func (d *dstDriver) do(a act) in {
 	case sendDropped:
 		send(&pb.Envelope{Msg: &pb.Envelope_Dropped{Dropped: &pb.Dropped{Reason: why}}})
 	case noteHeld:
-		if d.m.postCopy {
-			sv.note(d.name, d.nc, stateHeld, "restored from %s (post-copy) and held frozen until the source commits")
-		} else {
-			sv.note(d.name, d.nc, stateHeld, "restored from %s and held frozen until the source confirms its copy is gone")
-		}
+		// Written with the record when the restore began (restoreHeld):
+		// then there is nothing to write, and the source waits for less.
+		sv.noteUnlessNoted(d.name, d.nc, stateHeld, heldNote(d.m.postCopy))
 	case noteLazy:
 		sv.note(d.name, d.nc, stateLazy, "runs here while its memory still comes from %s (post-copy)")
 	case noteInDoubt:
@@ -482,7 +483,7 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 	// The record says what the copy is from its creation, before CRIU
 	// runs: a serve killed while it restores leaves no frozen copy
 	// unexplained (a restarted serve recovers it as in doubt).
-	ropts.Migration = sv.newNote(ropts.Name, nc, stateHeld, "restored from %s and held frozen until the source's word")
+	ropts.Migration = sv.newNote(ropts.Name, nc, stateHeld, heldNote(ropts.LazyPages))
 	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	t0 := time.Now()
@@ -587,6 +588,35 @@ func (sv *Server) newNote(name string, nc net.Conn, state, format string) *job.M
 	return &job.MigrationNote{Peer: peer, Role: "destination", State: state, Owner: os.Getpid(), Time: time.Now().UTC(),
 		Note:    fmt.Sprintf(format, peer),
 		Resolve: fmt.Sprintf("if %s no longer runs on %s: ferry thaw %s; if it does: ferry kill %s", name, peer, name, name)}
+}
+
+// heldNote is the note of a copy held frozen for the source's word.
+func heldNote(postCopy bool) string {
+	if postCopy {
+		return "restored from %s (post-copy) and held frozen until the source commits"
+	}
+	return "restored from %s and held frozen until the source confirms its copy is gone"
+}
+
+// errNoted ends an Update that would write what the record says already.
+var errNoted = errors.New("noted already")
+
+// noteUnlessNoted is note, but writes nothing where job name's record
+// holds that note already (from this process; its time aside): it is
+// durable since it was written.
+func (sv *Server) noteUnlessNoted(name string, nc net.Conn, state, format string) {
+	note := sv.newNote(name, nc, state, format)
+	_, err := sv.Store.Update(name, func(r *job.Record) error {
+		if n := r.Migration; n != nil && n.Role == note.Role && n.State == note.State && n.Owner == note.Owner &&
+			n.Peer == note.Peer && n.Note == note.Note && n.Resolve == note.Resolve {
+			return errNoted
+		}
+		r.Migration = note
+		return nil
+	})
+	if err != nil && !errors.Is(err, errNoted) {
+		sv.log().Error("recording the migration's state", "job", name, "state", state, "err", err)
+	}
 }
 
 // note records in job name's record where its migration stands (state)

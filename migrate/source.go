@@ -260,7 +260,9 @@ func (d *srcDriver) feed(i in) acts {
 	out := acts(d.m.step(i))
 	d.log.Debug("handover", "side", "source", "job", d.name, "input", i, "from", before, "to", d.m.st, "actions", out)
 	for _, a := range out {
+		t := time.Now()
 		d.do(a)
+		d.log.Debug("handover action", "side", "source", "job", d.name, "action", a, "took", time.Since(t))
 	}
 	return out
 }
