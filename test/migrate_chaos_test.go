@@ -37,13 +37,6 @@ import (
 // moment is drawn from, counted from the source's connect, which is
 // otherwise the time a clean migration of each mode takes, measured first.
 func TestMigrateChaos(t *testing.T) {
-	if os.Getenv("FERRY_CHAOS") == "" {
-		// Each CI run of it this stop found a new defect, the last one
-		// still open (seed 2340527: a dead link in post-copy leaves the
-		// destination holding its connections past 3 min). Until that is
-		// fixed it runs on demand: make chaos.
-		t.Skip("the chaos runs are on demand: make chaos (or FERRY_CHAOS=1)")
-	}
 	requireCriu(t)
 	w := buildWorkload(t)
 	lazy := newEnv(t).lazyPages()
