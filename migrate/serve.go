@@ -429,7 +429,7 @@ func (d *dstDriver) do(a act) in {
 	case noteInDoubt:
 		sv.note(d.name, d.nc, stateInDoubt, "restored from %s and held frozen; whether the source ended its copy is unknown")
 	case clearNote:
-		_, _ = sv.Store.Update(d.name, func(r *job.Record) error { r.Migration = nil; return nil })
+		_, _ = sv.Store.UpdateLive(d.name, func(r *job.Record) error { r.Migration = nil; return nil })
 	case thaw:
 		if err := sv.start(ctx, d.name, d.nc); err != nil {
 			d.cause = fmt.Errorf("starting the migrated job: %w", err)
@@ -606,7 +606,7 @@ var errNoted = errors.New("noted already")
 // durable since it was written.
 func (sv *Server) noteUnlessNoted(name string, nc net.Conn, state, format string) {
 	note := sv.newNote(name, nc, state, format)
-	_, err := sv.Store.Update(name, func(r *job.Record) error {
+	_, err := sv.Store.UpdateLive(name, func(r *job.Record) error {
 		if n := r.Migration; n != nil && n.Role == note.Role && n.State == note.State && n.Owner == note.Owner &&
 			n.Peer == note.Peer && n.Note == note.Note && n.Resolve == note.Resolve {
 			return errNoted
@@ -624,6 +624,6 @@ func (sv *Server) noteUnlessNoted(name string, nc net.Conn, state, format string
 // it; Thaw clears it.
 func (sv *Server) note(name string, nc net.Conn, state, format string) *job.MigrationNote {
 	note := sv.newNote(name, nc, state, format)
-	_, _ = sv.Store.Update(name, func(r *job.Record) error { r.Migration = note; return nil })
+	_, _ = sv.Store.UpdateLive(name, func(r *job.Record) error { r.Migration = note; return nil })
 	return note
 }

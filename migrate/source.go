@@ -296,7 +296,7 @@ func (d *srcDriver) do(a act) {
 		}
 		d.note(stateInDoubt, what)
 	case clearNote:
-		_, _ = d.reg.Update(d.name, func(r *job.Record) error { r.Migration = nil; return nil })
+		_, _ = d.reg.UpdateLive(d.name, func(r *job.Record) error { r.Migration = nil; return nil })
 	}
 }
 
@@ -304,7 +304,7 @@ func (d *srcDriver) do(a act) {
 func (d *srcDriver) note(state, what string) {
 	n := &job.MigrationNote{Peer: d.to, Role: "source", State: state, Owner: os.Getpid(), Time: time.Now().UTC(),
 		Note: what, Resolve: settleHint(d.name, d.to)}
-	if _, err := d.reg.Update(d.name, func(r *job.Record) error { r.Migration = n; return nil }); err != nil {
+	if _, err := d.reg.UpdateLive(d.name, func(r *job.Record) error { r.Migration = n; return nil }); err != nil {
 		d.log.Error("recording the migration's state", "job", d.name, "state", state, "err", err)
 	}
 }

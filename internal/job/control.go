@@ -87,7 +87,7 @@ func (s *Registry) Thaw(ctx context.Context, name string) error {
 	if err := s.onCgroup(ctx, name, "thaw", func(cg *cgroup.Cgroup) error { return cg.Thaw(ctx) }); err != nil {
 		return err
 	}
-	_, err := s.Update(name, func(r *Record) error {
+	_, err := s.UpdateLive(name, func(r *Record) error {
 		if r.Migration != nil && r.Migration.State == NoteLazy {
 			return nil // the migration that thawed it goes on
 		}

@@ -122,7 +122,7 @@ func (g *guarded) End(ctx context.Context, reason string) error {
 }
 
 func (g *guarded) Note(op, kept string) {
-	_, err := g.s.Update(g.name, func(r *Record) error {
+	_, err := g.s.UpdateLive(g.name, func(r *Record) error {
 		if r.InitPID != g.initPID {
 			return errStale
 		}

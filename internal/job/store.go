@@ -13,6 +13,7 @@
 package job
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -257,7 +258,7 @@ func (s *Registry) Create(rec *Record) error {
 	if err != nil {
 		return fmt.Errorf("creating job directory: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(tmp, recordFile), data); err != nil {
+	if err := writeFileAtomic(filepath.Join(tmp, recordFile), data, true); err != nil {
 		_ = os.RemoveAll(tmp)
 		return err
 	}
@@ -336,7 +337,7 @@ func (s *Registry) Save(rec *Record) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(s.Dir(rec.Name), recordFile), data)
+	return writeFileAtomic(filepath.Join(s.Dir(rec.Name), recordFile), data, true)
 }
 
 func encode(rec *Record) ([]byte, error) {
@@ -351,6 +352,23 @@ func encode(rec *Record) ([]byte, error) {
 // and saves the result, so that the shim and the CLI never overwrite each
 // other's changes.
 func (s *Registry) Update(name string, fn func(*Record) error) (*Record, error) {
+	return s.update(name, fn, true)
+}
+
+// UpdateLive is Update for what describes live processes only: where a
+// migration or a stop stands (Record.Migration, Record.Operation). The
+// record is replaced atomically as ever, but not synced to disk: such a
+// note must outlive the death of the process that writes it, which the
+// page cache assures, and not a crash of the machine, which ends the
+// processes it describes. It is written on the path of a migration's
+// downtime, where each sync costs milliseconds, and more under load.
+func (s *Registry) UpdateLive(name string, fn func(*Record) error) (*Record, error) {
+	return s.update(name, fn, false)
+}
+
+// update is Update, which syncs the record when durable; a record fn
+// left as it was is not written at all.
+func (s *Registry) update(name string, fn func(*Record) error, durable bool) (*Record, error) {
 	unlock, err := s.lock(name)
 	if err != nil {
 		return nil, err
@@ -360,10 +378,21 @@ func (s *Registry) Update(name string, fn func(*Record) error) (*Record, error) 
 	if err != nil {
 		return nil, err
 	}
+	before, err := encode(rec)
+	if err != nil {
+		return nil, err
+	}
 	if err := fn(rec); err != nil {
 		return rec, err
 	}
-	return rec, s.Save(rec)
+	data, err := encode(rec)
+	if err != nil {
+		return rec, err
+	}
+	if bytes.Equal(before, data) {
+		return rec, nil
+	}
+	return rec, writeFileAtomic(filepath.Join(s.Dir(rec.Name), recordFile), data, durable)
 }
 
 func (s *Registry) lock(name string) (func(), error) {
@@ -421,7 +450,10 @@ func (s *Registry) Remove(name string) error {
 	return nil
 }
 
-func writeFileAtomic(path string, data []byte) (retErr error) {
+// writeFileAtomic replaces path with data: a reader sees the old file or
+// the new one, whole. durable also syncs both, so that the machine's
+// crash cannot undo it either.
+func writeFileAtomic(path string, data []byte, durable bool) (retErr error) {
 	dir := filepath.Dir(path)
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -439,14 +471,19 @@ func writeFileAtomic(path string, data []byte) (retErr error) {
 	if _, err := tmp.Write(data); err != nil {
 		return fmt.Errorf("writing %q: %w", path, err)
 	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("syncing %q: %w", path, err)
+	if durable {
+		if err := tmp.Sync(); err != nil {
+			return fmt.Errorf("syncing %q: %w", path, err)
+		}
 	}
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("writing %q: %w", path, err)
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("replacing %q: %w", path, err)
+	}
+	if !durable {
+		return nil
 	}
 	return syncDir(dir)
 }

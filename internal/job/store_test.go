@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestValidateName(t *testing.T) {
@@ -112,5 +114,45 @@ func TestExitStatusString(t *testing.T) {
 		if got := tc.e.String(); got != tc.want {
 			t.Errorf("%+v.String() = %q, want %q", tc.e, got, tc.want)
 		}
+	}
+}
+
+// An update that changes nothing writes nothing (the record keeps its
+// inode: a replacement is made beside it, so its inode would differ);
+// concurrent UpdateLive calls under the lock lose nothing, like Update's.
+func TestUpdateWritesOnlyChanges(t *testing.T) {
+	s, err := OpenRegistry(filepath.Join(t.TempDir(), "root"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Create(&Record{Name: "b", ID: NewID(), Created: time.Now().UTC(), Status: Running}); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(s.Dir("b"), recordFile)
+	inode := func() uint64 {
+		var st unix.Stat_t
+		if err := unix.Stat(path, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Ino
+	}
+	was := inode()
+	if _, err := s.Update("b", func(r *Record) error { r.Status = Running; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if inode() != was {
+		t.Error("an update that changed nothing replaced the record")
+	}
+	var wg sync.WaitGroup
+	for range 10 {
+		wg.Go(func() {
+			if _, err := s.UpdateLive("b", func(r *Record) error { r.Operation += "x"; return nil }); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if got, err := s.Load("b"); err != nil || got.Operation != "xxxxxxxxxx" {
+		t.Fatalf("after 10 live updates: %+v, %v", got, err)
 	}
 }
