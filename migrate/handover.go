@@ -460,6 +460,7 @@ func (d *destination) step(i in) []act {
 	case dstComplete:
 		switch i {
 		case inGone, inLost, inSilence, inAbort, inInterrupt:
+			d.gone = d.gone || i == inGone // (the log says whether it came)
 			d.st = dstDone
 		}
 		return nil
