@@ -489,8 +489,8 @@ func TestMigratePostCopy(t *testing.T) {
 		if rep.Mode != "post-copy" || !strings.HasPrefix(rep.Reason, "auto chose post-copy") || rep.LazyPages < (200<<20)/4096 || rep.BytesSent < 200<<20 || rep.Downtime <= 0 || rep.Downtime > rep.Total {
 			t.Errorf("report %+v", rep)
 		}
-		if v := src.job("pc"); v.State != "exited" || v.Exit == nil || v.Exit.Reason != "migrated" {
-			t.Errorf("source job after migration: %s (%+v)", v.State, v.Exit)
+		if v := src.job("pc"); v.State != "exited" || v.Exit == nil || v.Exit.Reason != "migrated" || v.Operation != "" {
+			t.Errorf("source job after migration: %s (%+v), operation %q", v.State, v.Exit, v.Operation)
 		}
 		if v := dst.job("pc"); v.State != "running" {
 			t.Fatalf("destination job after migration: %s", v.State)

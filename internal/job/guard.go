@@ -123,8 +123,8 @@ func (g *guarded) End(ctx context.Context, reason string) error {
 
 func (g *guarded) Note(op, kept string) {
 	_, err := g.s.UpdateLive(g.name, func(r *Record) error {
-		if r.InitPID != g.initPID {
-			return errStale
+		if r.InitPID != g.initPID || r.Status == Exited {
+			return errStale // moved on, or ended: nothing is under way
 		}
 		r.Operation = op
 		if kept != "" {

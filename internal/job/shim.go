@@ -322,6 +322,7 @@ func supervise(s *Registry, name string, initPID int, outR *os.File, log *slog.L
 			return errStale
 		}
 		r.Status = Exited
+		r.Operation = "" // whatever was under way ended with the job
 		if r.Exit == nil {
 			r.Exit = exit
 		} else {
