@@ -20,24 +20,38 @@ const LazyPipeSize = 4 << 20
 
 var (
 	pipeMaxPath  = "/proc/sys/fs/pipe-max-size"
-	pipeMaxState = "/run/ferry-pipe-max-size" // the value to put back; also the lock
+	pipeMaxState = "/run/ferry-pipe-max-size" // the value to put back; held shared by each raiser
+	pipeMaxLock  = "/run/ferry-pipe-max-size.lock"
 )
 
 // RaisePipeMax makes fs.pipe-max-size at least n until release is
 // called. Concurrent ferries share the raise: each holds a shared lock on
-// the state file, and whoever releases last (its exclusive lock succeeds)
-// restores the value saved by the first.
+// the state file for as long as it needs the raise, and whoever releases
+// last (its exclusive lock succeeds) restores the value saved by the
+// first. Raising and releasing each hold a second lock, for moments only:
+// a raiser never waits for another's dump to end (an exclusive lock taken
+// on the state file itself waited for every shared holder: a second
+// post-copy migration out of a host waited for the first one's whole
+// transfer, 55 s in a chaos run).
 func RaisePipeMax(n int) (release func(), err error) {
-	cur, err := readInt(pipeMaxPath)
+	unlock, err := lockFile(pipeMaxLock, unix.LOCK_EX)
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(pipeMaxState, os.O_RDWR|os.O_CREATE, 0o600)
+	defer unlock()
+	f, err := os.OpenFile(pipeMaxState, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	fd := int(f.Fd())
-	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+	// Shared holders only, and no raise or release under way (both hold
+	// the lock above): this does not wait.
+	if err := unix.Flock(fd, unix.LOCK_SH); err != nil {
+		f.Close()
+		return nil, err
+	}
+	cur, err := readInt(pipeMaxPath)
+	if err != nil {
 		f.Close()
 		return nil, err
 	}
@@ -54,9 +68,15 @@ func RaisePipeMax(n int) (release func(), err error) {
 			return nil, fmt.Errorf("raising fs.pipe-max-size to %d for lazy pages: %w", n, err)
 		}
 	}
-	_ = unix.Flock(fd, unix.LOCK_SH)
 	return func() {
 		defer f.Close()
+		unlock, err := lockFile(pipeMaxLock, unix.LOCK_EX)
+		if err != nil {
+			return
+		}
+		defer unlock()
+		// No raiser can take a shared lock meanwhile: this succeeds only
+		// if ours is the last.
 		if unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) != nil {
 			return // another lazy dump still needs it
 		}
@@ -66,6 +86,26 @@ func RaisePipeMax(n int) (release func(), err error) {
 			}
 		}
 	}, nil
+}
+
+// lockFile takes how (a flock operation) on path, made if missing, until
+// the returned unlock.
+func lockFile(path string, how int) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), how)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { f.Close() }, nil
 }
 
 // PipeMaxSize is fs.pipe-max-size: the largest pipe a process without
