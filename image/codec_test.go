@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	gproto "google.golang.org/protobuf/proto"
 
@@ -196,9 +199,39 @@ func TestS2RunsInZstd(t *testing.T) {
 	text := words.Bytes()[:2<<20]
 	zeros := make([]byte, 2<<20)
 	files := []file{{"pages-1.img", zeros}, {"pages-2.img", text}, {"pages-3.img", random}, {"core-1.img", make([]byte, 4096)}}
-	data := write(t, files, WriterOptions{Compression: pb.Compression_COMPRESSION_S2, ChunkSize: 1 << 20, NoDigests: true})
+	for _, adaptive := range []bool{false, true} {
+		t.Run(fmt.Sprintf("adaptive=%v", adaptive), func(t *testing.T) {
+			testS2RunsInZstd(t, files, adaptive)
+		})
+	}
+}
+
+// slowLink takes bytes at about rate a second: an Adaptive writer
+// compresses for it.
+type slowLink struct {
+	w    io.Writer
+	rate float64
+}
+
+func (l slowLink) Write(p []byte) (int, error) {
+	time.Sleep(time.Duration(float64(len(p)) / l.rate * float64(time.Second)))
+	return l.w.Write(p)
+}
+
+func testS2RunsInZstd(t *testing.T, files []file, adaptive bool) {
+	opts := WriterOptions{Compression: pb.Compression_COMPRESSION_S2, ChunkSize: 1 << 20, NoDigests: true, Adaptive: adaptive}
 	want := map[string]pb.Compression{"pages-1.img": pb.Compression_COMPRESSION_ZSTD, "pages-2.img": pb.Compression_COMPRESSION_S2,
 		"pages-3.img": pb.Compression_COMPRESSION_NONE, "core-1.img": pb.Compression_COMPRESSION_S2}
+	var buf bytes.Buffer
+	if adaptive {
+		// A link slower than compressing (32 MB/s), so that it
+		// compresses; a small file goes raw all the same.
+		writeTo(t, slowLink{&buf, 32e6}, files, opts)
+		want["core-1.img"] = pb.Compression_COMPRESSION_NONE
+	} else {
+		writeTo(t, &buf, files, opts)
+	}
+	data := buf.Bytes()
 	names := map[uint32]string{}
 	for _, r := range records(t, data) {
 		switch r.h.GetKind() {

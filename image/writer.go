@@ -577,8 +577,8 @@ func (fw *FileWriter) flush(last bool) error {
 // about 0.35 GB/s a core for zeros and 0.75 for the bench's text, here,
 // where zstd decodes either at 2.4 GB/s and encodes it at about 3 GB/s.
 // A restore reads every byte at CRIU's pace, so it gains several times
-// what the checkpoint pays. Small chunks keep S2 (zstd's fixed cost),
-// and so does an Adaptive stream, whose codec is only S2 or none.
+// what the checkpoint pays. Small chunks keep S2 (zstd's fixed cost).
+// An Adaptive S2 stream does the same with the chunks it compresses.
 //
 // s2enc nil means S2 was not tried: a sample said the chunk is runs
 // (probe).
@@ -594,8 +594,9 @@ func (wr *Writer) runChunk(data, s2enc []byte) ([]byte, *bufList) {
 	return z, smallBufs // a z grown past a small buffer is left to the collector
 }
 
-// runsInZstd says whether this writer stores long runs in zstd.
-func (wr *Writer) runsInZstd() bool { return wr.runs != nil && !wr.opts.Adaptive }
+// runsInZstd says whether this writer stores long runs in zstd: an S2
+// one, Adaptive or not (an Adaptive one, while it compresses).
+func (wr *Writer) runsInZstd() bool { return wr.runs != nil }
 
 // runRatio: a chunk S2 shrinks more than this many times is zstd's (runChunk).
 const runRatio = 16
