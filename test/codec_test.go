@@ -17,11 +17,21 @@ import (
 // records, walking the records as the format lays them out (image.go).
 func chunkCodecs(t *testing.T, path string) map[pb.Compression]int {
 	t.Helper()
+	n := map[pb.Compression]int{}
+	for _, h := range chunkHeaders(t, path) {
+		n[h.GetCompression()]++
+	}
+	return n
+}
+
+// chunkHeaders returns the headers of a .ferry file's chunk records.
+func chunkHeaders(t *testing.T, path string) []*pb.RecordHeader {
+	t.Helper()
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := map[pb.Compression]int{}
+	var hs []*pb.RecordHeader
 	for off := image.HeaderSize; off < len(data)-image.FooterSize; {
 		hl := int(binary.LittleEndian.Uint32(data[off:]))
 		h := &pb.RecordHeader{}
@@ -29,11 +39,11 @@ func chunkCodecs(t *testing.T, path string) map[pb.Compression]int {
 			t.Fatalf("%s: record at %d: %v", path, off, err)
 		}
 		if h.GetKind() == pb.RecordHeader_CHUNK {
-			n[h.GetCompression()]++
+			hs = append(hs, h)
 		}
 		off += 8 + hl + int(h.GetPayloadLen())
 	}
-	return n
+	return hs
 }
 
 // headerFlags reads the flags of a .ferry file's header (image.go).
@@ -83,8 +93,16 @@ func TestCheckpointCodecs(t *testing.T) {
 					t.Errorf("--compress none: chunks by codec %v", codecs)
 				}
 			case -1:
-				if codecs[pb.Compression_COMPRESSION_ZSTD] != 0 {
-					t.Errorf("auto wrote zstd chunks: %v", codecs)
+				// S2 where compressing pays, zstd only for long runs (a
+				// chunk shrunk 16 times or more: image.runChunk), the
+				// random half raw.
+				if codecs[pb.Compression_COMPRESSION_NONE] == 0 {
+					t.Errorf("auto stored no chunk raw: %v", codecs)
+				}
+				for _, h := range chunkHeaders(t, file) {
+					if h.GetCompression() == pb.Compression_COMPRESSION_ZSTD && uint64(h.GetPayloadLen())*16 > uint64(h.GetRawLen()) {
+						t.Errorf("auto wrote a zstd chunk that is no long run: %d bytes of %d", h.GetPayloadLen(), h.GetRawLen())
+					}
 				}
 			default:
 				// Half the workload is random: those chunks go raw. An s2
