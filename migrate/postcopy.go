@@ -409,6 +409,12 @@ func (r *relay) run() {
 
 func (r *relay) close() {
 	r.closeOnce.Do(func() {
+		// Shut, not only closed: the daemon holds a copy of our end too
+		// (restore.StartLazyPages), and must see this end.
+		if uc, ok := r.ours.(*net.UnixConn); ok {
+			_ = uc.CloseRead()
+			_ = uc.CloseWrite()
+		}
 		r.ours.Close()
 		r.link.Close()
 		r.daemonEnd.Close()
@@ -425,14 +431,17 @@ type startingDaemon struct {
 
 // startDaemon starts CRIU's lazy-pages daemon in the background (see
 // restore.StartLazyPages).
-func startDaemon(ctx context.Context, b *criu.Binary, images, work string, pages *os.File, log *slog.Logger) *startingDaemon {
+func startDaemon(ctx context.Context, b *criu.Binary, images, work string, pages, hold *os.File, log *slog.Logger) *startingDaemon {
 	ctx, cancel := context.WithCancel(ctx)
 	s := &startingDaemon{done: make(chan struct{}), cancel: cancel}
 	t0 := time.Now()
 	go func() {
 		defer close(s.done)
-		s.daemon, s.err = restore.StartLazyPages(ctx, b, images, work, pages)
+		s.daemon, s.err = restore.StartLazyPages(ctx, b, images, work, pages, hold)
 		pages.Close() // the daemon has its own copy
+		if hold != nil {
+			hold.Close()
+		}
 		log.Debug("lazy-pages daemon started", "err", s.err, "took", time.Since(t0))
 	}()
 	return s
@@ -515,7 +524,15 @@ func (sv *Server) receivePostCopy(ctx context.Context, c *conn, nc net.Conn, nam
 		return err
 	}
 	defer rl.close()
-	starting := startDaemon(ctx, sv.Restore.Criu, early.Daemon, early.Dir, rl.daemonEnd, log)
+	// The daemon also holds our end of its page socket: should this
+	// process be killed, the daemon waits, rather than ends and lets the
+	// pages it has not fetched read as zeros (see restore.StartLazyPages).
+	hold, err := rl.ours.(*net.UnixConn).File()
+	if err != nil {
+		c.abort(err.Error())
+		return err
+	}
+	starting := startDaemon(ctx, sv.Restore.Criu, early.Daemon, early.Dir, rl.daemonEnd, hold, log)
 	defer starting.stop()
 	var fillErr error
 	filled := make(chan struct{})

@@ -92,7 +92,7 @@ func TestEarlyLazy(t *testing.T) {
 		var err error
 		// Nothing answers on the page link: the daemon fails before it
 		// would use it.
-		daemon, err = StartLazyPages(ctx, &criu.Binary{Path: criuPath}, e.Daemon, e.Dir, link)
+		daemon, err = StartLazyPages(ctx, &criu.Binary{Path: criuPath}, e.Daemon, e.Dir, link, nil)
 		started <- err
 	}()
 	select {

@@ -3,9 +3,14 @@ package restore
 import (
 	"context"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/scratch"
+	"golang.org/x/sys/unix"
 )
 
 // Post-copy (CRIU lazy pages) on the restoring side. A lazy checkpoint
@@ -29,8 +34,52 @@ type LazyPages = criu.Daemon
 // (status 0) or when it fails. Before it listens it reads two images,
 // inventory.img and pstree.img; mm-PID.img and pagemap-PID.img it reads
 // once the restore has connected.
-func StartLazyPages(ctx context.Context, b *criu.Binary, images, work string, pages *os.File) (*LazyPages, error) {
+//
+// hold, when not nil, is inherited too and never used: the caller passes
+// the other end of pages' socketpair when it relays that pair itself, so
+// that the relay's death (its process killed) is no end of the page
+// socket for the daemon. A daemon that sees its page socket end exits,
+// and the kernel then fills every page the restored tree still lacks
+// with zeros: the tree would run on memory that never came. Held, the
+// daemon waits instead, and the tree's faults with it, until the copy is
+// dropped (a restarted serve's Recover).
+func StartLazyPages(ctx context.Context, b *criu.Binary, images, work string, pages, hold *os.File) (*LazyPages, error) {
+	files := []*os.File{pages}
+	if hold != nil {
+		files = append(files, hold)
+	}
 	return criu.Command{Path: b.Path, Args: []string{"lazy-pages", "--images-dir", images, "--work-dir", work,
 		"--log-file", "lazy-pages.log", "-v2", "--page-server", "--ps-socket", strconv.Itoa(int(criu.ExtraFD(0)))},
-		ExtraFiles: []*os.File{pages}}.StartReady(ctx)
+		ExtraFiles: files}.StartReady(ctx)
+}
+
+// EndLazyPagesOf ends the lazy-pages daemons that a dead process owner
+// started (a serve killed mid-post-copy) and returns their pids. Such a
+// daemon holds both ends of its page socket (see StartLazyPages), so it
+// waits for ever rather than end when its owner dies; it is found by its
+// images, which live in a scratch directory named after that owner. The
+// caller ends the restored tree first: ended before it, the daemon would
+// let the tree's missing pages read as zeros.
+func EndLazyPagesOf(owner int) []int {
+	mark := "/" + scratch.OwnedBy("lazy", owner)
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	var ended []int
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if !slices.Contains(args, "lazy-pages") || !strings.Contains(string(b), mark) {
+			continue
+		}
+		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		if err != nil || pid == owner {
+			continue
+		}
+		if unix.Kill(pid, unix.SIGKILL) == nil {
+			ended = append(ended, pid)
+		}
+	}
+	return ended
 }

@@ -1,7 +1,10 @@
 package test
 
 import (
+	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -39,10 +42,33 @@ func TestServeRestartRecoversPostCopy(t *testing.T) {
 	mig, out := src.startFerryIn(h.a, "migrate", "rj", "--to", via, "--token-file", token, "--mode", "post-copy")
 	eventually(t, 60*time.Second, "the destination's copy to run on pages still coming", func() bool {
 		v, ok := dst.list()["rj"]
-		return ok && v.Migration != nil && v.Migration.State == "lazy"
+		return ok && v.Migration != nil && v.Migration.State == "lazy" && v.State == "running"
 	})
+	// The thaw's lease is committed a moment after the thaw: a serve
+	// killed before that has the guard put the copy back as it was
+	// (frozen), which is not the case under test.
+	time.Sleep(time.Second)
 	kill9(t, serve)
 	stop()
+	// The copy lost the serve that relayed its pages, not its memory: no
+	// page it lacks may read as zeros meanwhile. (The daemon, seeing its
+	// page socket close with serve, exited, and the kernel then filled
+	// every missing page with zeros: the job's Go runtime died of "fatal
+	// error: bad ts" on its zeroed timers.) The job logs its memory's sum
+	// each second; it must log no other sum, and must not fail.
+	time.Sleep(3 * time.Second)
+	if l := dst.must("logs", "rj"); strings.Contains(l, "fatal error") || strings.Contains(l, "panic") {
+		t.Fatalf("the destination's copy ran on memory that never came:\n%s", l)
+	}
+	for _, l := range dst.lines("rj", "verify ") {
+		if _, got, _ := strings.Cut(l, " "); got != sum {
+			t.Fatalf("the destination's copy ran on memory that never came: %q, want sum %s", l, sum)
+		}
+	}
+	if v := dst.list()["rj"]; v.State == "exited" {
+		t.Fatalf("the destination's copy ended by itself once its serve died: exit %+v\n%s", v.Exit, dst.must("logs", "rj"))
+	}
+	deadServe := serve.Process.Pid
 	if code := waitExit(t, mig); code != 22 {
 		t.Fatalf("migrate whose destination died mid-transfer: exit %d, want 22 (in doubt)\n%s", code, out)
 	}
@@ -60,6 +86,18 @@ func TestServeRestartRecoversPostCopy(t *testing.T) {
 	if v, ok := dst.list()["rj"]; ok && (v.State == "running" || v.State == "frozen" || v.Migration != nil) {
 		t.Fatalf("destination after its serve restarted: rj is %s, note %+v", v.State, v.Migration)
 	}
+	// The dead serve's lazy-pages daemon, which waited for pages rather
+	// than end, ends with the copy it served.
+	scratch := fmt.Sprintf(".ferry-scratch-lazy-%d-", deadServe)
+	eventually(t, 30*time.Second, "the dead serve's lazy-pages daemon to end", func() bool {
+		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+		for _, p := range procs {
+			if b, _ := os.ReadFile(p); strings.Contains(string(b), "lazy-pages") && strings.Contains(string(b), scratch) {
+				return false
+			}
+		}
+		return true
+	})
 	// Settled from the source, by its record, with no operator.
 	if r := src.ferryIn(h.a, "migrate", "rj", "--to", listen, "--token-file", token); r.code != 0 || !strings.Contains(r.stdout, "runs on here") {
 		t.Fatalf("settling the migration: %s", r)

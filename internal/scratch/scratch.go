@@ -183,3 +183,9 @@ func Sweep(base string) ([]string, error) {
 	}
 	return removed, errors.Join(errs...)
 }
+
+// OwnedBy is how the names of the scratch entries that process pid made
+// with prefix begin.
+func OwnedBy(prefix string, pid int) string {
+	return marker + prefix + "-" + strconv.Itoa(pid) + "-"
+}
