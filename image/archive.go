@@ -740,42 +740,26 @@ var strays struct {
 
 // writeRaw writes b to the pipe behind rc (copied).
 func writeRaw(rc syscall.RawConn, b []byte) (int, error) {
-	n := 0
-	var serr error
-	err := rc.Write(func(fd uintptr) bool {
-		for n < len(b) {
-			k, err := unix.Write(int(fd), b[n:])
-			switch {
-			case err == unix.EINTR:
-				continue
-			case err == unix.EAGAIN:
-				return false
-			case err != nil:
-				serr = err
-				return true
-			}
-			n += k
-		}
-		return true
-	})
-	if err == nil {
-		err = serr
-	}
-	if err != nil {
-		return n, &os.PathError{Op: "write", Path: "pipe", Err: err}
-	}
-	return n, nil
+	return toPipe(rc, b, "write", unix.Write)
 }
 
 // vmsplice hands b to the pipe behind rc without copying it.
 func vmsplice(rc syscall.RawConn, b []byte) (int, error) {
+	return toPipe(rc, b, "vmsplice", func(fd int, p []byte) (int, error) {
+		iov := unix.Iovec{Base: &p[0]}
+		iov.SetLen(len(p))
+		return unix.Vmsplice(fd, []unix.Iovec{iov}, 0)
+	})
+}
+
+// toPipe puts all of b into the pipe behind rc with put (op names it in
+// errors), waiting while a non-blocking pipe is full.
+func toPipe(rc syscall.RawConn, b []byte, op string, put func(fd int, p []byte) (int, error)) (int, error) {
 	n := 0
 	var serr error
 	err := rc.Write(func(fd uintptr) bool {
 		for n < len(b) {
-			iov := unix.Iovec{Base: &b[n]}
-			iov.SetLen(len(b) - n)
-			k, err := unix.Vmsplice(int(fd), []unix.Iovec{iov}, 0)
+			k, err := put(int(fd), b[n:])
 			switch {
 			case err == unix.EINTR:
 				continue
@@ -793,7 +777,7 @@ func vmsplice(rc syscall.RawConn, b []byte) (int, error) {
 		err = serr
 	}
 	if err != nil {
-		return n, &os.PathError{Op: "vmsplice", Path: "pipe", Err: err}
+		return n, &os.PathError{Op: op, Path: "pipe", Err: err}
 	}
 	return n, nil
 }
