@@ -566,14 +566,26 @@ func (sv *Server) answer(c *conn, ok bool, reason, name string) {
 
 // drop ends our copy of job name (migrated from peer) and forgets it,
 // then runs the discarded hook. It fails only if the copy may still be
-// there.
+// there. A copy that a dead serve restored by post-copy takes that
+// serve's lazy-pages daemon with it: the daemon waited for pages rather
+// than end (restore.StartLazyPages), and nothing else would end it
+// (Recover's drop of a copy that ran, and a settle's of one still held).
 func (sv *Server) drop(ctx context.Context, name, peer string, log *slog.Logger) error {
+	owner := 0
+	if rec, err := sv.Store.Load(name); err == nil && rec.Migration != nil {
+		owner = rec.Migration.Owner
+	}
 	if err := sv.Store.Discard(ctx, name, log); err != nil {
 		log.Error("dropping our copy", "job", name, "err", err)
 		return err
 	}
 	if err := sv.Store.Remove(name); err != nil {
 		log.Error("removing our copy's record", "job", name, "err", err)
+	}
+	if owner > 0 && owner != os.Getpid() && !alive(owner) {
+		if pids := restore.EndLazyPagesOf(owner); len(pids) > 0 {
+			log.Info("ended the lazy-pages daemon a dead serve left", "job", name, "pids", pids)
+		}
 	}
 	if err := sv.hook(context.WithoutCancel(ctx), "discarded", name, peer); err != nil {
 		log.Error("the discarded hook failed", "err", err)

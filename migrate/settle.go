@@ -12,7 +12,6 @@ import (
 
 	"github.com/ferry-cr/ferry/internal/job"
 	pb "github.com/ferry-cr/ferry/proto"
-	"github.com/ferry-cr/ferry/restore"
 )
 
 // Settling a migration in doubt. A migration whose last word was lost
@@ -271,11 +270,6 @@ func (sv *Server) Recover(ctx context.Context) []string {
 		case dropCopy:
 			if sv.drop(ctx, rec.Name, n.Peer, log) != nil {
 				continue
-			}
-			// The dead serve's daemon waited for pages rather than end
-			// (restore.StartLazyPages); its tree ended, it goes too.
-			if pids := restore.EndLazyPagesOf(n.Owner); len(pids) > 0 {
-				log.Info("ended the lazy-pages daemon a dead serve left", "job", rec.Name, "pids", pids)
 			}
 			did = append(did, rec.Name+": dropped (its memory was still coming from "+n.Peer+" when serve stopped)")
 		case noteInDoubt:

@@ -2,13 +2,18 @@ package test
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestServeRestartRecoversPostCopy kills the destination's serve with
@@ -106,4 +111,144 @@ func TestServeRestartRecoversPostCopy(t *testing.T) {
 	if v := src.job("rj"); v.Migration != nil {
 		t.Errorf("the source's note outlived the settlement: %+v", v.Migration)
 	}
+}
+
+// TestServeRestartSettlesHeldPostCopy kills the destination's serve
+// while a post-copy copy is restored and held frozen, before the
+// source's commit comes (a proxy holds it). The source keeps its job
+// frozen, in doubt; the new serve holds the copy in doubt. Re-running
+// ferry migrate on the source settles it: the destination drops its
+// copy, which never ran, and with it the dead serve's lazy-pages daemon,
+// which waits for pages rather than end (it stayed for good, busy, after
+// such a settle), and the source's copy runs on, its memory intact.
+func TestServeRestartSettlesHeldPostCopy(t *testing.T) {
+	requireCriu(t)
+	w := buildWorkload(t)
+	h := newHosts(t)
+	src, dst := newEnv(t), newEnv(t)
+	if !src.lazyPages() {
+		t.Skip("this host has no lazy pages (userfaultfd): no post-copy")
+	}
+	token := writeToken(t, "correct horse battery staple 42")
+	listen := net.JoinHostPort(h.addrB, "7150")
+	// The pre-restore hook runs once the whole stream has come, before
+	// CRIU restores: the mark says the source has sent all but its
+	// commit, which the proxy, paused then, holds.
+	dir := t.TempDir()
+	mark, hook := filepath.Join(dir, "streamed"), filepath.Join(dir, "hook")
+	if err := os.WriteFile(hook, fmt.Appendf(nil, "#!/bin/sh\n[ \"$1\" = pre-restore ] && touch %q && sleep 2\nexit 0\n", mark), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	serve, _ := dst.serveProc(h.b, listen, token, "", "--hook", hook)
+	via := net.JoinHostPort(h.addrB, "7151")
+	pause, stop := pausingProxy(t, h.b, via, listen)
+	defer stop()
+	if r := src.ferryIn(h.a, "run", "--name", "hj", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("hj", "verify ", 1)
+	sum := src.lines("hj", "sum ")[0]
+	before, _ := src.verifyLines("hj")
+	mig, out := src.startFerryIn(h.a, "migrate", "hj", "--to", via, "--token-file", token, "--mode", "post-copy")
+	eventually(t, 60*time.Second, "the destination to have the whole stream", func() bool {
+		_, err := os.Stat(mark)
+		return err == nil
+	})
+	pause()
+	eventually(t, 60*time.Second, "the destination's copy to be held frozen", func() bool {
+		v, ok := dst.list()["hj"]
+		return ok && v.Migration != nil && v.Migration.State == "held" && v.State == "frozen"
+	})
+	deadServe := serve.Process.Pid
+	kill9(t, serve)
+	stop()
+	if code := waitExit(t, mig); code != 22 {
+		t.Fatalf("migrate whose destination died before its commit came: exit %d, want 22 (in doubt)\n%s", code, out)
+	}
+	if v := src.job("hj"); v.State != "frozen" || v.Migration == nil || v.Migration.Role != "source" {
+		t.Fatalf("source after its destination died before its commit came: %s, note %+v", v.State, v.Migration)
+	}
+	daemons := func() []string {
+		var found []string
+		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+		for _, p := range procs {
+			if b, _ := os.ReadFile(p); strings.Contains(string(b), "lazy-pages") && strings.Contains(string(b), fmt.Sprintf(".ferry-scratch-lazy-%d-", deadServe)) {
+				found = append(found, p)
+			}
+		}
+		return found
+	}
+	// The daemon is this test's: a failure must not leave it behind.
+	t.Cleanup(func() {
+		for _, p := range daemons() {
+			if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
+				_ = unix.Kill(pid, unix.SIGKILL)
+			}
+		}
+	})
+	if len(daemons()) == 0 {
+		t.Fatal("the dead serve left no lazy-pages daemon behind its held copy: the case under test did not arise")
+	}
+
+	_, log := dst.serveProc(h.b, listen, token, "")
+	if !strings.Contains(log.text(), "hj: held frozen, in doubt") {
+		t.Fatalf("the new serve did not hold the copy in doubt:\n%s", log.text())
+	}
+	// Settled from the source, by its record, with no operator.
+	if r := src.ferryIn(h.a, "migrate", "hj", "--to", listen, "--token-file", token); r.code != 0 || !strings.Contains(r.stdout, "runs on here") {
+		t.Fatalf("settling the migration: %s", r)
+	}
+	if v, ok := dst.list()["hj"]; ok && v.State != "exited" {
+		t.Fatalf("destination after the settlement: hj is %s, note %+v", v.State, v.Migration)
+	}
+	eventually(t, 30*time.Second, "the dead serve's lazy-pages daemon to end with the copy it served", func() bool {
+		return len(daemons()) == 0
+	})
+	src.assertContinues("hj", sum, before[len(before)-1]+1)
+	if v := src.job("hj"); v.Migration != nil {
+		t.Errorf("the source's note outlived the settlement: %+v", v.Migration)
+	}
+}
+
+// pausingProxy forwards connections on listen (in namespace ns) to
+// target both ways; once paused, it holds whatever the client sends on
+// the first connection it accepted (a migration's control connection)
+// and forwards the rest: the source's commit never comes while its
+// pages still flow.
+func pausingProxy(t *testing.T, ns, listen, target string) (pause, stop func()) {
+	t.Helper()
+	var paused, claimed atomic.Bool
+	halt := proxy(t, ns, listen, target, func(c, d net.Conn) {
+		control := claimed.CompareAndSwap(false, true)
+		gone := make(chan struct{})
+		go func() {
+			_, _ = io.Copy(c, d)
+			c.Close()
+			d.Close()
+			close(gone)
+		}()
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := c.Read(buf)
+			for control && paused.Load() {
+				select {
+				case <-gone:
+					return
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+			if n > 0 {
+				if _, err := d.Write(buf[:n]); err != nil {
+					break
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
+		c.Close()
+		d.Close()
+		<-gone
+	})
+	return func() { paused.Store(true) }, sync.OnceFunc(halt)
 }

@@ -248,17 +248,18 @@ func checkpointBench(criu, workload, tmp string) {
 		}
 		zstdCkpt = zfile
 	}
+	// The reference restore runs in the same rounds as ferry's, before
+	// each round's three: drift on a noisy machine hits all four alike.
 	refRestore := &row{name: "criu restore from tmpfs, fresh pid ns (reference)"}
-	for range *reps {
-		refRestore.samples = append(refRestore.samples, criuRestore(criu, keep))
-	}
-
 	ferryRestore := &row{name: "ferry restore (directory on disk)"}
 	ferryRestoreFile := &row{name: "ferry restore (.ferry file, s2, served to CRIU)"}
 	ferryRestoreZstd := &row{name: "ferry restore (.ferry file, zstd)"}
 	verified := 0
 	for i := range 3 * *reps {
 		name := fmt.Sprintf("restored%d", i)
+		if i%3 == 0 {
+			refRestore.samples = append(refRestore.samples, criuRestore(criu, keep))
+		}
 		from, r := ckpt, ferryRestore
 		switch i % 3 {
 		case 1:
