@@ -159,6 +159,12 @@ func TestServeRestartSettlesHeldPostCopy(t *testing.T) {
 		v, ok := dst.list()["hj"]
 		return ok && v.Migration != nil && v.Migration.State == "held" && v.State == "frozen"
 	})
+	// ...and the source has heard that it is restored: it keeps its own
+	// copy frozen to serve the pages, and sends its commit (held).
+	eventually(t, 30*time.Second, "the source to keep its copy for the destination's pages", func() bool {
+		v := src.job("hj")
+		return v.Migration != nil && v.Migration.State == "serving"
+	})
 	deadServe := serve.Process.Pid
 	kill9(t, serve)
 	stop()

@@ -61,6 +61,7 @@ func (s *Server) Close() error {
 func (s *Server) Serve(ctx context.Context, open func(name string) (write func(io.Writer) error, ok bool)) error {
 	stop := context.AfterFunc(ctx, func() { _ = s.Close() })
 	defer stop()
+	defer raiseForStream()()
 	conn, err := s.ln.AcceptUnix()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -133,13 +134,32 @@ func reply(conn *net.UnixConn, exists bool) error {
 	return err
 }
 
-// growPipe enlarges CRIU's pipe to the most an unprivileged process may
-// (fs.pipe-max-size): CRIU reads and writes images in pieces of what the
-// pipe holds, and a 64 KiB pipe makes that a context switch per 64 KiB.
+// StreamPipeSize is the size of CRIU's image pipes while a stream is
+// served. CRIU reads and writes images in pieces of what the pipe holds:
+// at the default 64 KiB that is a context switch per 64 KiB, and a 1 MiB
+// pipe (the usual fs.pipe-max-size) still costs CRIU's restore of a
+// .ferry file a fifth more than the 16 MiB one, on the bench's 1 GiB job.
+const StreamPipeSize = 16 << 20
+
+// raiseForStream lifts fs.pipe-max-size to StreamPipeSize while a stream
+// is served, shared with lazy dumps and other streams (RaisePipeMax): a
+// pipe keeps its size once grown, so the raise lasts only as long as
+// CRIU may still ask for a file. Where the limit cannot be raised (no
+// root, a read-only /proc/sys), pipes get what it allows.
+func raiseForStream() (release func()) {
+	release, err := RaisePipeMax(StreamPipeSize)
+	if err != nil {
+		return func() {}
+	}
+	return release
+}
+
+// growPipe enlarges CRIU's pipe to StreamPipeSize, or to the most
+// fs.pipe-max-size lets a process without CAP_SYS_RESOURCE ask for.
 func growPipe(pipe *os.File) {
 	size := 1 << 20
 	if n, err := PipeMaxSize(); err == nil && n > 0 {
-		size = min(n, 16<<20)
+		size = min(n, StreamPipeSize)
 	}
 	if rc, err := pipe.SyscallConn(); err == nil {
 		_ = rc.Control(func(fd uintptr) {

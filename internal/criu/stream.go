@@ -84,6 +84,7 @@ func (c *Capture) Serve(ctx context.Context, create func(name string) (io.WriteC
 func (c *Capture) serve(ctx context.Context, create func(name string) (io.WriteCloser, error)) (map[string]int64, error) {
 	stop := context.AfterFunc(ctx, func() { _ = c.ln.Close() })
 	defer stop()
+	defer raiseForStream()()
 	conn, err := c.ln.AcceptUnix()
 	if err != nil {
 		if ctx.Err() != nil {

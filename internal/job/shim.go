@@ -264,13 +264,14 @@ func restoreInit(s *Registry, rec *Record, restorer Restorer, log *slog.Logger) 
 
 // markRunning records that this shim supervises init pid of job name,
 // with the pid's start time, which guards every later signal against pid
-// reuse.
+// reuse. The note is live (UpdateLive): a crash of the machine ends the
+// job with it, and the record then reads as a start abandoned.
 func (s *Registry) markRunning(name string, pid int) error {
 	st, err := proc.ReadStat(pid)
 	if err != nil {
 		return fmt.Errorf("reading init's start time: %w", err)
 	}
-	_, err = s.Update(name, func(r *Record) error {
+	_, err = s.UpdateLive(name, func(r *Record) error {
 		r.Status = Running
 		r.ShimPID = os.Getpid()
 		r.InitPID = pid

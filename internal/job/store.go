@@ -356,7 +356,8 @@ func (s *Registry) Update(name string, fn func(*Record) error) (*Record, error) 
 }
 
 // UpdateLive is Update for what describes live processes only: where a
-// migration or a stop stands (Record.Migration, Record.Operation). The
+// migration or a stop stands (Record.Migration, Record.Operation), and
+// the job's cgroup, shim and running init as it starts. The
 // record is replaced atomically as ever, but not synced to disk: such a
 // note must outlive the death of the process that writes it, which the
 // page cache assures, and not a crash of the machine, which ends the
