@@ -13,8 +13,8 @@ import (
 // fs.pipe-max-size that needs CAP_SYS_RESOURCE, which some machines
 // withhold even from root (CRIU then fails with "page-pipe: tee:
 // Operation not permitted"). RaisePipeMax lifts the limit for as long as
-// a lazy dump runs and puts the old value back after the last one. Image
-// streams take it too, to 16 MiB while they are served (StreamPipeSize).
+// a lazy dump runs and puts the old value back after the last one. Streams
+// served to a restore take it too, to 16 MiB (StreamPipeSize).
 
 // LazyPipeSize is the pipe size a lazy dump needs.
 const LazyPipeSize = 4 << 20

@@ -84,7 +84,6 @@ func (c *Capture) Serve(ctx context.Context, create func(name string) (io.WriteC
 func (c *Capture) serve(ctx context.Context, create func(name string) (io.WriteCloser, error)) (map[string]int64, error) {
 	stop := context.AfterFunc(ctx, func() { _ = c.ln.Close() })
 	defer stop()
-	defer raiseForStream()()
 	conn, err := c.ln.AcceptUnix()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -128,7 +127,7 @@ func (c *Capture) serve(ctx context.Context, create func(name string) (io.WriteC
 		}
 		// CRIU splices pages into the pipe: at the default 64 KiB that
 		// is a round trip between CRIU and us every 16 pages.
-		growPipe(pipe)
+		growPipe(pipe, capturePipeSize)
 		wg.Go(func() {
 			defer pipe.Close()
 			n, err := io.Copy(w, pipe)

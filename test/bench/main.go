@@ -320,6 +320,11 @@ func checkpointBench(criu, workload, tmp string) {
 	ratio("ferry .ferry size / podman-style archive size", float64(ff.size)/float64(max(1, pm.size)), "<= 1.15", float64(ff.size) <= 1.15*float64(pm.size))
 	ratio("ferry restore (directory) / reference restore: wall", div(fr.wall, rr.wall), "<= 1.2", div(fr.wall, rr.wall) <= 1.2)
 	ratio("ferry restore (.ferry file) / reference restore: wall", div(frf.wall, rr.wall), "<= 1.1", div(frf.wall, rr.wall) <= 1.1)
+	fmt.Println("\npaired (informative): the median over the rounds of each round's ratio, its two measured back to back")
+	fmt.Printf("%-58s %6.2fx\n", "ferry (.ferry file) / reference: wall", paired(ferryFile, refDump))
+	fmt.Printf("%-58s %6.2fx\n", "podman-style / ferry (.ferry file): wall", paired(podman, ferryFile))
+	fmt.Printf("%-58s %6.2fx\n", "ferry restore (directory) / reference restore: wall", paired(ferryRestore, refRestore))
+	fmt.Printf("%-58s %6.2fx\n", "ferry restore (.ferry file) / reference restore: wall", paired(ferryRestoreFile, refRestore))
 	fmt.Printf("\nthe default codec, s2 against zstd (informative): checkpoint wall %.2fx, size %.2fx, restore wall %.2fx\n",
 		div(ff.wall, fz.wall), float64(ff.size)/float64(max(1, fz.size)), div(frf.wall, frz.wall))
 	fmt.Println("\nNotes: CRIU streams its images straight into the .ferry file (--stream), --leave-running")
@@ -333,6 +338,26 @@ func checkpointBench(criu, workload, tmp string) {
 }
 
 func div(a, b time.Duration) float64 { return float64(a) / float64(max(1, b)) }
+
+// paired is the median, over the rounds, of a's wall over b's in the
+// same round: on a machine whose speed drifts between rounds (this VM's
+// references vary by half from one run to the next), each round's ratio
+// holds where the medians of the two rows may not.
+func paired(a, b *row) float64 {
+	n := min(len(a.samples), len(b.samples))
+	if n == 0 {
+		return 0
+	}
+	r := make([]float64, n)
+	for i := range n {
+		r[i] = div(a.samples[i].wall, b.samples[i].wall)
+	}
+	slices.Sort(r)
+	if n%2 == 1 {
+		return r[n/2]
+	}
+	return (r[n/2-1] + r[n/2]) / 2
+}
 
 func ms(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }
 
