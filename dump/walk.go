@@ -44,7 +44,7 @@ func Walk(root int) (*Inventory, error) {
 	inv := &Inventory{Root: int32(root), Memory: &MemTotals{}}
 	inv.OwnPidNamespace = nsDiffers(root, "pid")
 	inv.OwnIpcNamespace = nsDiffers(root, "ipc")
-	inv.LacksCapSysResource = !HasCapability(unix.CAP_SYS_RESOURCE)
+	inv.LacksCapSysResource = !proc.HasCapability("CapEff", unix.CAP_SYS_RESOURCE)
 	sockInodes := map[uint64]*Socket{}
 	for _, pid := range pids {
 		t, err := readTask(pid)
@@ -629,20 +629,4 @@ func lockKey(line string) string {
 		f = f[1:]
 	}
 	return strings.Join(f, " ")
-}
-
-// HasCapability says whether this process's effective capability set
-// (CapEff of /proc/self/status) holds capability bit cap.
-func HasCapability(cap int) bool {
-	data, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return false
-	}
-	for line := range strings.SplitSeq(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			set, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-			return err == nil && set&(1<<cap) != 0
-		}
-	}
-	return false
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/ferry-cr/ferry/internal/cgroup"
 	"github.com/ferry-cr/ferry/internal/criu"
+	"github.com/ferry-cr/ferry/internal/proc"
 )
 
 // Features ferry asks CRIU about, and what each one decides.
@@ -70,10 +71,10 @@ func Run(ctx context.Context, opts Options) *Report {
 	if !r.Root {
 		r.Problems = append(r.Problems, "not running as root: ferry needs it for namespaces, cgroups and CRIU")
 	}
-	r.CapSysResource = hasCapability("CapEff", unix.CAP_SYS_RESOURCE)
+	r.CapSysResource = proc.HasCapability("CapEff", unix.CAP_SYS_RESOURCE)
 	if !r.CapSysResource {
 		note := "no CAP_SYS_RESOURCE: a tree with a task of another user (uid or gid not ferry's) cannot be checkpointed here, and is refused"
-		if !hasCapability("CapBnd", unix.CAP_SYS_RESOURCE) {
+		if !proc.HasCapability("CapBnd", unix.CAP_SYS_RESOURCE) {
 			// Nothing ferry or root does here can give it back: exec
 			// grants only what the bounding set holds.
 			note += "; the capability bounding set lacks it too, so no process started from here can have it"
@@ -230,21 +231,4 @@ func (r *Report) WriteTable(w io.Writer) error {
 func firstLine(s string) string {
 	l, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
 	return l
-}
-
-// hasCapability says whether one of this process's capability sets (set:
-// CapEff, CapBnd... of /proc/self/status) holds capability bit cap.
-func hasCapability(set string, cap int) bool {
-	data, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, set+":"); ok {
-			var bits uint64
-			_, err := fmt.Sscanf(strings.TrimSpace(v), "%x", &bits)
-			return err == nil && bits&(1<<cap) != 0
-		}
-	}
-	return false
 }

@@ -200,3 +200,19 @@ func WaitGone(pids map[int]bool, d time.Duration) bool {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// HasCapability says whether this process holds capability cap in set
+// (CapEff, CapBnd, ... of /proc/self/status).
+func HasCapability(set string, cap int) bool {
+	data, err := os.ReadFile(Root + "/self/status")
+	if err != nil {
+		return false
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, set+":"); ok {
+			bits, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && bits&(1<<cap) != 0
+		}
+	}
+	return false
+}

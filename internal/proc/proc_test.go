@@ -76,3 +76,21 @@ func TestChildrenOfAnyThread(t *testing.T) {
 		t.Fatalf("Children(self) = %v, want it to include %d", kids, cmd.Process.Pid)
 	}
 }
+
+// HasCapability reads the named set of /proc/self/status as hex bits.
+func TestHasCapability(t *testing.T) {
+	old := Root
+	t.Cleanup(func() { Root = old })
+	Root = t.TempDir()
+	if err := os.MkdirAll(Root+"/self", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// CAP_SYS_RESOURCE (24) in the bounding set, not the effective one.
+	status := "Name:\tferry\nCapEff:\t00000000a80425fb\nCapBnd:\t000001ffffffffff\n"
+	if err := os.WriteFile(Root+"/self/status", []byte(status), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if HasCapability("CapEff", 24) || !HasCapability("CapBnd", 24) || !HasCapability("CapEff", 0) || HasCapability("CapAmb", 0) {
+		t.Fatal("HasCapability misread the sets")
+	}
+}
