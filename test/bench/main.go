@@ -353,19 +353,14 @@ func settle() { syscall.Sync() }
 // references vary by half from one run to the next), each round's ratio
 // holds where the medians of the two rows may not.
 func paired(a, b *row) float64 {
-	n := min(len(a.samples), len(b.samples))
-	if n == 0 {
-		return 0
+	walls := func(r *row) []time.Duration {
+		w := make([]time.Duration, len(r.samples))
+		for i, sm := range r.samples {
+			w[i] = sm.wall
+		}
+		return w
 	}
-	r := make([]float64, n)
-	for i := range n {
-		r[i] = div(a.samples[i].wall, b.samples[i].wall)
-	}
-	slices.Sort(r)
-	if n%2 == 1 {
-		return r[n/2]
-	}
-	return (r[n/2-1] + r[n/2]) / 2
+	return pairedDur(walls(a), walls(b))
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }

@@ -28,6 +28,23 @@ type migrationRow struct {
 	downtimes, bytes []int64
 }
 
+// pairedDur is the median over the rounds of a[i] / b[i].
+func pairedDur(a, b []time.Duration) float64 {
+	n := min(len(a), len(b))
+	if n == 0 {
+		return 0
+	}
+	r := make([]float64, n)
+	for i := range n {
+		r[i] = div(a[i], b[i])
+	}
+	slices.Sort(r)
+	if n%2 == 1 {
+		return r[n/2]
+	}
+	return (r[n/2-1] + r[n/2]) / 2
+}
+
 func medianDur(v []time.Duration) time.Duration {
 	if len(v) == 0 {
 		return 0
@@ -84,35 +101,32 @@ func migrationBench(criu, workload, tmp string, sizes []int) {
 		met    bool
 	}
 	var verdicts []verdict
+	var pairs []string
 	for _, mib := range sizes {
-		// Reference: CRIU's own dump to tmpfs and restore of this memory.
+		// Every round measures the references and then ferry, one after
+		// the other: drift on a noisy machine hits all of them alike, and
+		// each round's ratios are printed as well (paired).
 		ref := startWorkloadMiB(workload, mib)
 		refRow := &row{name: "reference"}
+		var lazyGaps []time.Duration
+		rows := map[string]*migrationRow{}
+		modes := []string{"stop-copy", "post-copy"}
+		for _, mode := range modes {
+			rows[mode] = &migrationRow{name: fmt.Sprintf("%d MiB: ferry migrate --mode %s", mib, mode)}
+		}
 		for i := range *reps {
+			// Reference: CRIU's own dump to tmpfs and restore of this memory.
 			dir := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-mref-%d-%d", os.Getpid(), i))
 			cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 			d := criuDump(criu, ref, dir)
 			r := criuRestore(criu, dir)
 			refRow.samples = append(refRow.samples, sample{wall: d.frozen + r.wall})
 			os.RemoveAll(dir)
-		}
-		_ = syscall.Kill(ref, syscall.SIGKILL)
-		refCR := refRow.median().wall
-		fmt.Printf("%-52s %10s\n", fmt.Sprintf("%d MiB: criu dump (frozen) + criu restore (reference)", mib), ms(refCR))
-
-		// Reference: CRIU's own lazy migration of the same job (lazy.go).
-		var lazyGaps []time.Duration
-		for i := range *reps {
+			// Reference: CRIU's own lazy migration of the same job (lazy.go).
 			lazyGaps = append(lazyGaps, criuLazyMigrate(criu, workload, mib, i))
-		}
-		lazyGap := medianDur(lazyGaps)
-		fmt.Printf("%-52s %10s\n", fmt.Sprintf("%d MiB: criu lazy migration, gap (reference)", mib), ms(lazyGap))
 
-		rows := map[string]*migrationRow{}
-		for _, mode := range []string{"stop-copy", "post-copy"} {
-			r := &migrationRow{name: fmt.Sprintf("%d MiB: ferry migrate --mode %s", mib, mode)}
-			rows[mode] = r
-			for i := range *reps {
+			for _, mode := range modes {
+				r := rows[mode]
 				name := fmt.Sprintf("mig%d%s%d", mib, strings.ReplaceAll(mode, "-", ""), i)
 				ferryAt(src, "run", "--name", name, "--", workload, "stamp", strconv.Itoa(mib))
 				cleanups = append(cleanups, func() {
@@ -120,6 +134,7 @@ func migrationBench(criu, workload, tmp string, sizes []int) {
 					_ = exec.Command(*ferryBin, "--root", dst, "kill", "--grace", "1s", name).Run()
 				})
 				waitFor(func() bool { return strings.Count(ferryAt(src, "logs", name), "\nt ") > 100 }, 5*time.Minute, "the stamping job")
+				settle()
 				out := ferryAt(src, "migrate", name, "--to", addr, "--token-file", token, "--mode", mode, "--json")
 				var rep struct {
 					Total    int64 `json:"totalNs"`
@@ -138,9 +153,24 @@ func migrationBench(criu, workload, tmp string, sizes []int) {
 				r.bytes = append(r.bytes, rep.Bytes)
 				_ = exec.Command(*ferryBin, "--root", dst, "kill", "--grace", "1s", name).Run()
 			}
+		}
+		_ = syscall.Kill(ref, syscall.SIGKILL)
+		refCR := refRow.median().wall
+		lazyGap := medianDur(lazyGaps)
+		fmt.Printf("%-52s %10s\n", fmt.Sprintf("%d MiB: criu dump (frozen) + criu restore (reference)", mib), ms(refCR))
+		fmt.Printf("%-52s %10s\n", fmt.Sprintf("%d MiB: criu lazy migration, gap (reference)", mib), ms(lazyGap))
+		for _, mode := range modes {
+			r := rows[mode]
 			fmt.Printf("%-52s %10s %10s %10s %7.0f MiB\n", r.name, ms(medianDur(r.gaps)), ms(time.Duration(medianInt(r.downtimes))),
 				ms(medianDur(r.totals)), float64(medianInt(r.bytes))/(1<<20))
 		}
+		refWalls := make([]time.Duration, len(refRow.samples))
+		for i, sm := range refRow.samples {
+			refWalls[i] = sm.wall
+		}
+		pairs = append(pairs,
+			fmt.Sprintf("%-58s %8.2f", fmt.Sprintf("%d MiB: stop-copy gap / (criu dump + restore)", mib), pairedDur(rows["stop-copy"].gaps, refWalls)),
+			fmt.Sprintf("%-58s %8.2f", fmt.Sprintf("%d MiB: post-copy gap / criu lazy migration gap", mib), pairedDur(rows["post-copy"].gaps, lazyGaps)))
 		sc, pc := medianDur(rows["stop-copy"].gaps), medianDur(rows["post-copy"].gaps)
 		verdicts = append(verdicts,
 			verdict{fmt.Sprintf("%d MiB: stop-copy gap / (criu dump + restore)", mib), div(sc, refCR), "<= 1.3", div(sc, refCR) <= 1.3},
@@ -154,6 +184,10 @@ func migrationBench(criu, workload, tmp string, sizes []int) {
 			state = "met"
 		}
 		fmt.Printf("%-58s %8.2f   target %-8s %s\n", v.name, v.v, v.target, state)
+	}
+	fmt.Println("\npaired (informative): the median over the rounds of each round's ratio, measured in one round")
+	for _, p := range pairs {
+		fmt.Println(p)
 	}
 	fmt.Println("\nNotes: gap = largest interval between two of the job's stamps across the move (source log,")
 	fmt.Println("then destination log); downtime = ferry's own figure (source frozen until the destination")
