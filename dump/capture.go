@@ -441,12 +441,15 @@ func (r *run) retrySeize(ctx context.Context, err error) bool {
 	if ctx.Err() != nil {
 		return false
 	}
+	// Said at Debug: a retry that goes through is no news on stderr,
+	// where a failure must stay one line (a second try that fails says
+	// why itself); --debug shows it.
 	switch {
 	case seizeStuck(r.logPath):
-		r.log.Warn("criu could not seize a task of the tree in time; letting the tree run a moment and trying once more",
+		r.log.Debug("criu could not seize a task of the tree in time; letting the tree run a moment and trying once more",
 			"tree", r.t.name, "err", criu.Explain(err, r.logPath))
 	case parasiteCollided(r.logPath):
-		r.log.Warn("criu's parasite collided with another dump's; trying once more", "tree", r.t.name, "err", criu.Explain(err, r.logPath))
+		r.log.Debug("criu's parasite collided with another dump's; trying once more", "tree", r.t.name, "err", criu.Explain(err, r.logPath))
 		time.Sleep(time.Duration(50+rand.IntN(200)) * time.Millisecond)
 	default:
 		return false
