@@ -25,14 +25,7 @@ import (
 // source settles the migration with no operator: the source's copy,
 // whole, runs on with its memory intact.
 func TestServeRestartRecoversPostCopy(t *testing.T) {
-	requireCriu(t)
-	w := buildWorkload(t)
-	h := newHosts(t)
-	src, dst := newEnv(t), newEnv(t)
-	if !src.lazyPages() {
-		t.Skip("this host has no lazy pages (userfaultfd): no post-copy")
-	}
-	token := writeToken(t, "correct horse battery staple 42")
+	w, h, src, dst, token := postCopyHosts(t)
 	listen := net.JoinHostPort(h.addrB, "7140")
 	via := net.JoinHostPort(h.addrB, "7141")
 	serve, _ := dst.serveProc(h.b, listen, token, "")
@@ -122,14 +115,7 @@ func TestServeRestartRecoversPostCopy(t *testing.T) {
 // which waits for pages rather than end (it stayed for good, busy, after
 // such a settle), and the source's copy runs on, its memory intact.
 func TestServeRestartSettlesHeldPostCopy(t *testing.T) {
-	requireCriu(t)
-	w := buildWorkload(t)
-	h := newHosts(t)
-	src, dst := newEnv(t), newEnv(t)
-	if !src.lazyPages() {
-		t.Skip("this host has no lazy pages (userfaultfd): no post-copy")
-	}
-	token := writeToken(t, "correct horse battery staple 42")
+	w, h, src, dst, token := postCopyHosts(t)
 	listen := net.JoinHostPort(h.addrB, "7150")
 	// The pre-restore hook runs once the whole stream has come, before
 	// CRIU restores: the mark says the source has sent all but its
@@ -233,25 +219,16 @@ func pausingProxy(t *testing.T, ns, listen, target string) (pause, stop func()) 
 			d.Close()
 			close(gone)
 		}()
-		buf := make([]byte, 64<<10)
-		for {
-			n, err := c.Read(buf)
+		pump(c, d, func(int) bool {
 			for control && paused.Load() {
 				select {
 				case <-gone:
-					return
+					return false
 				case <-time.After(10 * time.Millisecond):
 				}
 			}
-			if n > 0 {
-				if _, err := d.Write(buf[:n]); err != nil {
-					break
-				}
-			}
-			if err != nil {
-				break
-			}
-		}
+			return true
+		})
 		c.Close()
 		d.Close()
 		<-gone

@@ -850,14 +850,7 @@ func unixSockets(t *testing.T, ns, dir string) []string {
 // reach: no TCP listener but serve's, unix sockets only in 0700
 // directories.
 func TestMigratePostCopySecure(t *testing.T) {
-	requireCriu(t)
-	w := buildWorkload(t)
-	h := newHosts(t)
-	src, dst := newEnv(t), newEnv(t)
-	if !src.lazyPages() {
-		t.Skip("no userfaultfd here: post-copy cannot work")
-	}
-	token := writeToken(t, "correct horse battery staple 42")
+	w, h, src, dst, token := postCopyHosts(t)
 	listen := net.JoinHostPort(h.addrB, "7230")
 	dst.serve(h.b, listen, token)
 	canary := newCanary()

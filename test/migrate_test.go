@@ -303,6 +303,39 @@ func cuttingProxy(t *testing.T, ns, listen, target string, limit int64) func() {
 	})
 }
 
+// postCopyHosts is what a post-copy test starts from: the workload, two
+// hosts, an env on each and a token; it skips where this host has no
+// userfaultfd.
+func postCopyHosts(t *testing.T) (w string, h *hosts, src, dst *env, token string) {
+	t.Helper()
+	requireCriu(t)
+	w = buildWorkload(t)
+	h = newHosts(t)
+	src, dst = newEnv(t), newEnv(t)
+	if !src.lazyPages() {
+		t.Skip("no userfaultfd here: post-copy cannot work")
+	}
+	return w, h, src, dst, writeToken(t, "correct horse battery staple 42")
+}
+
+// pump copies r to w a read at a time until either fails, handing each
+// read's byte count to gate first: gate says whether to forward it, and
+// may wait before it answers.
+func pump(r io.Reader, w io.Writer, gate func(n int) bool) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 && gate(n) {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
 // stallingProxy is cuttingProxy that, instead of cutting, stops
 // forwarding from client to target after limit bytes and holds the
 // connection open until stopped: a link that hangs.

@@ -417,33 +417,8 @@ func silencingProxy(t *testing.T, ns, listen, target string, limit int64) func()
 	t.Helper()
 	return proxy(t, ns, listen, target, func(c, d net.Conn) {
 		var sent atomic.Int64
-		go func() {
-			buf := make([]byte, 32<<10)
-			for {
-				n, err := d.Read(buf)
-				if n > 0 && sent.Load() < limit {
-					if _, err := c.Write(buf[:n]); err != nil {
-						return
-					}
-				}
-				if err != nil {
-					return
-				}
-			}
-		}()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := c.Read(buf)
-			if n > 0 {
-				sent.Add(int64(n))
-				if _, err := d.Write(buf[:n]); err != nil {
-					break
-				}
-			}
-			if err != nil {
-				break
-			}
-		}
+		go pump(d, c, func(int) bool { return sent.Load() < limit })
+		pump(c, d, func(n int) bool { sent.Add(int64(n)); return true })
 		c.Close()
 		d.Close()
 	})

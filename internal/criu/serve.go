@@ -144,10 +144,9 @@ const StreamPipeSize = 16 << 20
 
 // raiseForStream lifts fs.pipe-max-size to StreamPipeSize while a stream
 // is served to a restore, shared with lazy dumps and other restores
-// (RaisePipeMax): a
-// pipe keeps its size once grown, so the raise lasts only as long as
-// CRIU may still ask for a file. Where the limit cannot be raised (no
-// root, a read-only /proc/sys), pipes get what it allows.
+// (RaisePipeMax): a pipe keeps its size once grown, so the raise lasts
+// only as long as CRIU may still ask for a file. Where the limit cannot
+// be raised (no root, a read-only /proc/sys), pipes get what it allows.
 func raiseForStream() (release func()) {
 	release, err := RaisePipeMax(StreamPipeSize)
 	if err != nil {
