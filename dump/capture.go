@@ -372,6 +372,9 @@ func (r *run) manifest() *checkpoint.Manifest {
 // sink's writer, as a lazy dump that goes on serving the memory, or into
 // the scratch directory over RPC.
 func (r *run) dump(ctx context.Context) error {
+	if err := r.stop.lost(); err != nil {
+		return err // stopped or hung since the freeze: the job runs again
+	}
 	var err error
 	r.stop.criuStarted()
 	switch {
@@ -395,6 +398,13 @@ func (r *run) dump(ctx context.Context) error {
 	case err != nil:
 		if ferr := r.stop.freezeErr(); ferr != nil {
 			return ferr // CRIU failed because the late freeze did
+		}
+		if lerr := r.stop.lost(); lerr != nil {
+			// The guard gave the job back while CRIU worked (this
+			// process was stopped): that, not CRIU's timeout on a tree
+			// that ran on, is why the checkpoint failed.
+			r.log.Debug("criu failed after the lease ran out", "tree", r.t.name, "err", criu.Explain(err, r.logPath))
+			return lerr
 		}
 		return fmt.Errorf("checkpointing %s: %w", r.t.name, criu.Explain(err, r.logPath))
 	case ctx.Err() != nil && !r.handedOver:

@@ -153,15 +153,27 @@ func (s *stopper) freezeErr() error {
 	return s.lateErr
 }
 
+// lost says whether the job's guard has given the job back already: this
+// process was stopped or hung past the lease's TTL. What CRIU does to the
+// tree from then on is no checkpoint of it (the guard thaws it again, and
+// CRIU fails or dumps a tree that ran on), and the checkpoint's failure
+// is the lease's.
+func (s *stopper) lost() error {
+	if s.lease != nil && s.lease.Lost() {
+		return fmt.Errorf("%s: %w", s.t.name, lease.ErrExpired)
+	}
+	return nil
+}
+
 // retry readies a tree stopped by ferry for one more CRIU try: it lets
 // it run a moment (a vfork parent caught waiting for a child frozen
 // before its exec then gets past it) and stops it again. A job its user
 // had frozen is not thawed for this: there is no retry.
 func (s *stopper) retry(ctx context.Context) bool {
 	if s.how.stop == stopByCRIU {
-		return true // CRIU gave the tree back; it stops it again
+		return s.lost() == nil // CRIU gave the tree back; it stops it again
 	}
-	if !s.isStopped() || s.wasFrozen {
+	if !s.isStopped() || s.wasFrozen || s.lost() != nil {
 		return false
 	}
 	if err := s.t.freezeCg.Thaw(ctx); err != nil {

@@ -158,6 +158,31 @@ func TakeOver(c *net.UnixConn, op string) (*Lease, error) {
 	return l, nil
 }
 
+// Lost says, without waiting, whether the guard has ended the lease
+// already: it ran out (the guard says "expired" and closes), or the
+// guard went away. Either way the job was given back as it was, and
+// nothing the holder does to it from now on is covered by the lease. The
+// guard's word is left unread, for Commit or Release to find.
+func (l *Lease) Lost() bool {
+	if l.r.Buffered() > 0 {
+		return true // the guard speaks unasked only to say the lease ran out
+	}
+	rc, err := l.c.SyscallConn()
+	if err != nil {
+		return true
+	}
+	lost := false
+	var b [1]byte
+	if cerr := rc.Read(func(fd uintptr) bool {
+		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		lost = n > 0 || (n == 0 && err == nil) || (err != nil && err != unix.EAGAIN && err != unix.EINTR)
+		return true // never wait for the socket to be readable
+	}); cerr != nil {
+		return true
+	}
+	return lost
+}
+
 // WasFrozen says whether the job was frozen (by its user) when the lease
 // was taken: that is the state a failed operation gives it back.
 func (l *Lease) WasFrozen() bool { return l.wasFro }

@@ -219,16 +219,22 @@ func TestKeptJobStaysFrozen(t *testing.T) {
 }
 
 // A holder that stops renewing (here: a child process that takes the
-// lease, then is stopped) loses it after the TTL, and its late commit is
-// refused.
+// lease, then is stopped) loses it after the TTL: once continued it can
+// tell (Lost) before it commits, and its late commit is refused.
 func TestLeaseRunsOut(t *testing.T) {
 	if os.Getenv("LEASE_CHILD") != "" {
 		l, err := Take(context.Background(), os.Getenv("LEASE_CHILD"), "checkpoint")
 		if err != nil {
 			os.Exit(3)
 		}
+		if l.Lost() {
+			os.Exit(8) // a lease just taken reads as lost
+		}
 		os.Stdout.WriteString("taken\n")
 		time.Sleep(2 * time.Second) // stopped meanwhile by the parent
+		if !l.Lost() {
+			os.Exit(9) // the guard gave the job back, and the holder cannot tell
+		}
 		if err := l.Commit(End, "checkpointed"); errors.Is(err, ErrExpired) {
 			os.Exit(7)
 		}
