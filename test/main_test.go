@@ -21,26 +21,38 @@ import (
 var ferryBin string
 
 func TestMain(m *testing.M) {
+	os.Exit(testMain(m))
+}
+
+func testMain(m *testing.M) int {
+	// What ferry learns of each CRIU (and of each test's CRIU wrapper) is
+	// remembered in a directory of this run's, not in /run.
+	facts, err := os.MkdirTemp("", "ferry-test-criu-facts-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(facts)
+	os.Setenv("FERRY_CRIU_FACTS", facts)
+
 	ferryBin = os.Getenv("FERRY_BIN")
 	if ferryBin == "" {
 		dir, err := os.MkdirTemp("", "ferry-test-bin-")
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
+			return 1
 		}
+		defer os.RemoveAll(dir)
 		ferryBin = filepath.Join(dir, "ferry")
 		cmd := exec.Command("go", "build", "-o", ferryBin, "../cmd/ferry")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
 			fmt.Fprintln(os.Stderr, "building ferry:", err)
-			os.Exit(1)
+			return 1
 		}
-		code := m.Run()
-		os.RemoveAll(dir)
-		os.Exit(code)
 	}
-	os.Exit(m.Run())
+	return m.Run()
 }
 
 func requireRoot(t *testing.T) {

@@ -68,6 +68,9 @@ type Binary struct {
 	Path    string  `json:"path"`
 	Version Version `json:"version"`
 	Source  string  `json:"source"` // --criu, $FERRY_CRIU, provisioned, PATH
+
+	facts *factCache // what earlier commands learned of it (facts.go)
+	fresh bool       // ask CRIU itself, whatever the cache says
 }
 
 // FindOptions lists where Find looks, in order.
@@ -75,6 +78,7 @@ type FindOptions struct {
 	Flag            string   // --criu
 	Env             string   // $FERRY_CRIU
 	ProvisionedDirs []string // candidate paths of the copy `make deps` provisions
+	Fresh           bool     // ask CRIU afresh rather than trust what earlier commands learned (ferry doctor)
 }
 
 // TooOldError is a CRIU older than MinVersion.
@@ -127,20 +131,30 @@ func Find(ctx context.Context, opts FindOptions) (*Binary, error) {
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, commandTimeout)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, abs, "--version").CombinedOutput()
-	if err != nil {
-		return nil, fmt.Errorf("%w: %s (from %s) does not run: %w: %s", ErrNotFound, abs, source, err, firstLine(string(out)))
-	}
-	v, err := ParseVersion(string(out))
-	if err != nil {
-		return nil, fmt.Errorf("%w: %s (from %s) is not CRIU: %w", ErrNotFound, abs, source, err)
+	b := &Binary{Path: abs, Source: source, facts: loadFacts(abs), fresh: opts.Fresh}
+	v, known := b.facts.version()
+	if !known || b.fresh {
+		ctx, cancel := context.WithTimeout(ctx, commandTimeout)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, abs, "--version").CombinedOutput()
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s (from %s) does not run: %w: %s", ErrNotFound, abs, source, err, firstLine(string(out)))
+		}
+		if v, err = ParseVersion(string(out)); err != nil {
+			return nil, fmt.Errorf("%w: %s (from %s) is not CRIU: %w", ErrNotFound, abs, source, err)
+		}
+		b.facts.learn(func(f *facts) {
+			if f.Version != v {
+				*f = facts{Key: f.Key} // another binary, or the cache was wrong
+			}
+			f.Version = v
+		})
 	}
 	if !v.AtLeast(MinVersion) {
 		return nil, &TooOldError{Path: abs, Version: v}
 	}
-	return &Binary{Path: abs, Version: v, Source: source}, nil
+	b.Version = v
+	return b, nil
 }
 
 // DefaultProvisionedPaths are where `make deps` puts CRIU relative to the
@@ -174,6 +188,23 @@ func (b *Binary) Check(ctx context.Context) (bool, string, error) {
 // (`criu check --feature NAME`: exit status 0 means supported). An unknown
 // feature name is an error.
 func (b *Binary) HasFeature(ctx context.Context, name string) (bool, error) {
+	if ok, known := b.cached().feature(name); known && !b.fresh {
+		return ok, nil
+	}
+	ok, err := b.askFeature(ctx, name)
+	if err == nil {
+		b.cached().learn(func(f *facts) {
+			if f.Features == nil {
+				f.Features = map[string]bool{}
+			}
+			f.Features[name] = ok
+		})
+	}
+	return ok, err
+}
+
+// askFeature runs `criu check --feature NAME`.
+func (b *Binary) askFeature(ctx context.Context, name string) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, commandTimeout)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, b.Path, "check", "--feature", name).CombinedOutput()
@@ -215,10 +246,25 @@ func (b *Binary) Features(ctx context.Context, names ...string) map[string]bool 
 // HasStream reports whether this CRIU was built with image streaming
 // (--stream), which its help text mentions when compiled in.
 func (b *Binary) HasStream(ctx context.Context) bool {
+	if ok, known := b.cached().stream(); known && !b.fresh {
+		return ok
+	}
 	ctx, cancel := context.WithTimeout(ctx, commandTimeout)
 	defer cancel()
-	out, _ := exec.CommandContext(ctx, b.Path, "--help").CombinedOutput()
-	return strings.Contains(string(out), "--stream")
+	out, err := exec.CommandContext(ctx, b.Path, "--help").CombinedOutput()
+	ok := strings.Contains(string(out), "--stream")
+	if err == nil || ok {
+		b.cached().learn(func(f *facts) { f.Stream = &ok })
+	}
+	return ok
+}
+
+// cached is b's cache entry; a Binary made by hand remembers nothing.
+func (b *Binary) cached() *factCache {
+	if b.facts == nil {
+		return &factCache{}
+	}
+	return b.facts
 }
 
 // cleanOutput drops the noise CRIU prints on VMs without

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseVersion(t *testing.T) {
@@ -43,6 +45,7 @@ func fake(t *testing.T, dir, version string) string {
 }
 
 func TestFind(t *testing.T) {
+	t.Setenv(FactsDirEnv, "off")
 	ctx := context.Background()
 	tmp := t.TempDir()
 	good := fake(t, filepath.Join(tmp, "good"), "4.2.1")
@@ -89,6 +92,7 @@ func TestFind(t *testing.T) {
 // TestRealCriu checks the provisioned CRIU when it is there: version,
 // `criu check`, and that feature answers match CRIU's own exit status.
 func TestRealCriu(t *testing.T) {
+	t.Setenv(FactsDirEnv, "off")
 	wd, _ := os.Getwd()
 	path := filepath.Join(wd, "..", "..", ".deps", "bin", "criu")
 	if _, err := os.Stat(path); err != nil {
@@ -113,5 +117,79 @@ func TestRealCriu(t *testing.T) {
 	}
 	if !b.HasStream(ctx) {
 		t.Error("the provisioned CRIU (Debian's) is built with --stream")
+	}
+}
+
+// TestFactsRemembered: what a CRIU answered (version, --stream, a feature
+// check) is asked once per binary and boot: a second Find of the same
+// binary runs nothing, a changed binary is asked again, Fresh always asks,
+// and an entry another user could have written is not trusted.
+func TestFactsRemembered(t *testing.T) {
+	t.Setenv(FactsDirEnv, filepath.Join(t.TempDir(), "facts"))
+	dir := t.TempDir()
+	calls := filepath.Join(dir, "calls")
+	path := filepath.Join(dir, "criu")
+	script := func(version string) {
+		body := "#!/bin/sh\necho \"$*\" >> " + calls + "\n" +
+			"case \"$1\" in\n" +
+			"--version) echo 'Version: " + version + "' ;;\n" +
+			"--help) echo '  --stream  dump to criu-image-streamer' ;;\n" +
+			"check) [ \"$3\" = uffd ] && exit 0; exit 1 ;;\n" +
+			"esac\n"
+		if err := os.WriteFile(path, []byte(body), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ran := func() []string {
+		b, _ := os.ReadFile(calls)
+		os.Remove(calls)
+		return strings.Fields(strings.ReplaceAll(strings.TrimSpace(string(b)), " ", "_"))
+	}
+	ctx := context.Background()
+	ask := func(opts FindOptions) (Version, bool, bool, bool) {
+		t.Helper()
+		b, err := Find(ctx, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uffd, _ := b.HasFeature(ctx, "uffd")
+		dirty, _ := b.HasFeature(ctx, "mem_dirty_track")
+		return b.Version, b.HasStream(ctx), uffd, dirty
+	}
+	script("4.2.1")
+	want := func(label string, gotV Version, stream, uffd, dirty bool, v Version, runs int) {
+		t.Helper()
+		r := ran()
+		if gotV != v || !stream || !uffd || dirty || len(r) != runs {
+			t.Errorf("%s: version %v stream %v uffd %v dirty %v, criu ran %v; want %v true true false, %d runs", label, gotV, stream, uffd, dirty, r, v, runs)
+		}
+	}
+	v, s, u, d := ask(FindOptions{Flag: path})
+	want("first", v, s, u, d, Version{4, 2, 1}, 4)
+	v, s, u, d = ask(FindOptions{Flag: path})
+	want("second", v, s, u, d, Version{4, 2, 1}, 0)
+
+	time.Sleep(10 * time.Millisecond) // a new mtime, whatever the clock's grain
+	script("4.3.0")                   // upgraded in place
+	v, s, u, d = ask(FindOptions{Flag: path})
+	want("after an upgrade", v, s, u, d, Version{4, 3, 0}, 4)
+	v, s, u, d = ask(FindOptions{Flag: path, Fresh: true})
+	want("fresh", v, s, u, d, Version{4, 3, 0}, 4)
+
+	entries, _ := filepath.Glob(filepath.Join(os.Getenv(FactsDirEnv), "*.json"))
+	if len(entries) != 1 {
+		t.Fatalf("cache entries: %v, want one", entries)
+	}
+	if err := os.Chmod(entries[0], 0o666); err != nil {
+		t.Fatal(err)
+	}
+	v, s, u, d = ask(FindOptions{Flag: path})
+	want("entry writable by others", v, s, u, d, Version{4, 3, 0}, 4)
+
+	t.Setenv(FactsDirEnv, "off")
+	ask(FindOptions{Flag: path})
+	ask(FindOptions{Flag: path})
+	if r := ran(); len(r) != 8 {
+		t.Errorf("with the cache off CRIU ran %v, want every question asked each time", r)
 	}
 }
