@@ -23,7 +23,10 @@ import (
 // binary's path, device, inode, size, modification and change times, and
 // the kernel's boot id. A CRIU upgraded in place, or a reboot, misses and
 // asks again. Only what CRIU answered is kept (a feature check that timed
-// out is not). `ferry doctor` always asks afresh and stores what it hears.
+// out is not), and a feature CRIU said is missing is asked again after
+// missingTTL: a module loaded since, or a check that failed for a passing
+// reason, is seen without a reboot. `ferry doctor` always asks afresh
+// and stores what it hears.
 //
 // The cache lives in /run (tmpfs, root's): one small JSON file per binary
 // path, written whole and renamed into place, so concurrent ferry
@@ -50,12 +53,21 @@ func cacheDir() string {
 // factsTTL is how long an unused entry stays: each write prunes older ones.
 const factsTTL = 7 * 24 * time.Hour
 
+// missingTTL is how long a feature CRIU said is missing is taken as so.
+var missingTTL = 10 * time.Minute
+
 // facts is one binary's cache entry.
 type facts struct {
 	Key      string          `json:"key"`
 	Version  Version         `json:"version"`
 	Stream   *bool           `json:"stream,omitempty"`
-	Features map[string]bool `json:"features,omitempty"`
+	Features map[string]feature `json:"features,omitempty"`
+}
+
+// feature is CRIU's answer to `criu check --feature NAME`.
+type feature struct {
+	OK bool      `json:"ok"`
+	At time.Time `json:"at"`
 }
 
 // factCache is a Binary's view of its entry.
@@ -138,8 +150,11 @@ func (c *factCache) stream() (bool, bool) {
 func (c *factCache) feature(name string) (bool, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	ok, known := c.f.Features[name]
-	return ok, known
+	f, known := c.f.Features[name]
+	if known && !f.OK && time.Since(f.At) > missingTTL {
+		return false, false // ask again
+	}
+	return f.OK, known
 }
 
 // learn records what CRIU answered and writes the entry.

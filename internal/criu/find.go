@@ -195,9 +195,9 @@ func (b *Binary) HasFeature(ctx context.Context, name string) (bool, error) {
 	if err == nil {
 		b.cached().learn(func(f *facts) {
 			if f.Features == nil {
-				f.Features = map[string]bool{}
+				f.Features = map[string]feature{}
 			}
-			f.Features[name] = ok
+			f.Features[name] = feature{OK: ok, At: time.Now()}
 		})
 	}
 	return ok, err

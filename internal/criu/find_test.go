@@ -122,8 +122,9 @@ func TestRealCriu(t *testing.T) {
 
 // TestFactsRemembered: what a CRIU answered (version, --stream, a feature
 // check) is asked once per binary and boot: a second Find of the same
-// binary runs nothing, a changed binary is asked again, Fresh always asks,
-// and an entry another user could have written is not trusted.
+// binary runs nothing, a missing feature is asked again later, a changed
+// binary is asked again, Fresh always asks, and an entry another user
+// could have written is not trusted.
 func TestFactsRemembered(t *testing.T) {
 	t.Setenv(FactsDirEnv, filepath.Join(t.TempDir(), "facts"))
 	dir := t.TempDir()
@@ -168,6 +169,14 @@ func TestFactsRemembered(t *testing.T) {
 	want("first", v, s, u, d, Version{4, 2, 1}, 4)
 	v, s, u, d = ask(FindOptions{Flag: path})
 	want("second", v, s, u, d, Version{4, 2, 1}, 0)
+
+	// A missing feature is asked again once its answer is old; the rest
+	// stands.
+	defer func(ttl time.Duration) { missingTTL = ttl }(missingTTL)
+	missingTTL = 0
+	v, s, u, d = ask(FindOptions{Flag: path})
+	want("a missing feature, later", v, s, u, d, Version{4, 2, 1}, 1)
+	missingTTL = time.Hour
 
 	time.Sleep(10 * time.Millisecond) // a new mtime, whatever the clock's grain
 	script("4.3.0")                   // upgraded in place

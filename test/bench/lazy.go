@@ -28,8 +28,10 @@ import (
 //
 // The job writes its stamps to a file, which the restored copy reopens
 // and appends to, so the largest gap between two stamps is what the job
-// saw, as for ferry's migration.
-func criuLazyMigrate(criu, workload string, mib, i int) time.Duration {
+// saw, as for ferry's migration. transfer is the time from the dump's
+// start until the source's CRIU has served every page (the span ferry's
+// post-copy total covers).
+func criuLazyMigrate(criu, workload string, mib, i int) (gap, transfer time.Duration) {
 	dir := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-lazy-%d-%d-%d", os.Getpid(), mib, i))
 	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
 	cleanups = append(cleanups, func() { os.RemoveAll(dir) })
@@ -67,6 +69,7 @@ func criuLazyMigrate(criu, workload string, mib, i int) time.Duration {
 	dump := criuCmd(criu, "dump", "-t", fmt.Sprint(job.Process.Pid), "-D", src, "-o", "dump.log",
 		"--lazy-pages", "--address", "127.0.0.1", "--port", port)
 	dumpReady := statusFd(dump)
+	start := time.Now()
 	if err := dump.Start(); err != nil {
 		fatal("criu dump --lazy-pages: %v", err)
 	}
@@ -119,12 +122,13 @@ func criuLazyMigrate(criu, workload string, mib, i int) time.Duration {
 		if err != nil {
 			fatal("criu dump --lazy-pages: %v:\n%s", err, logTail(filepath.Join(src, "dump.log")))
 		}
+		transfer = time.Since(start)
 	case <-time.After(2 * time.Minute):
 		fatal("criu dump --lazy-pages did not finish serving pages:\n%s", logTail(filepath.Join(src, "dump.log")))
 	}
 	// Let the restored copy stamp on for a while, then read the gap.
 	time.Sleep(1500 * time.Millisecond)
-	gap := largestGap(stampsOf(stamps()))
+	gap = largestGap(stampsOf(stamps()))
 	endRestore()
 	select {
 	case <-lazyExited:
@@ -132,7 +136,7 @@ func criuLazyMigrate(criu, workload string, mib, i int) time.Duration {
 		_ = lazy.Process.Kill()
 	}
 	os.RemoveAll(dir)
-	return gap
+	return gap, transfer
 }
 
 func criuCmd(criu string, args ...string) *exec.Cmd {

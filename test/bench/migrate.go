@@ -108,7 +108,7 @@ func migrationBench(criu, workload, tmp string, sizes []int) {
 		// each round's ratios are printed as well (paired).
 		ref := startWorkloadMiB(workload, mib)
 		refRow := &row{name: "reference"}
-		var lazyGaps []time.Duration
+		var lazyGaps, lazyTotals []time.Duration
 		rows := map[string]*migrationRow{}
 		modes := []string{"stop-copy", "post-copy"}
 		for _, mode := range modes {
@@ -123,7 +123,8 @@ func migrationBench(criu, workload, tmp string, sizes []int) {
 			refRow.samples = append(refRow.samples, sample{wall: d.frozen + r.wall})
 			os.RemoveAll(dir)
 			// Reference: CRIU's own lazy migration of the same job (lazy.go).
-			lazyGaps = append(lazyGaps, criuLazyMigrate(criu, workload, mib, i))
+			g, t := criuLazyMigrate(criu, workload, mib, i)
+			lazyGaps, lazyTotals = append(lazyGaps, g), append(lazyTotals, t)
 
 			for _, mode := range modes {
 				r := rows[mode]
@@ -158,7 +159,7 @@ func migrationBench(criu, workload, tmp string, sizes []int) {
 		refCR := refRow.median().wall
 		lazyGap := medianDur(lazyGaps)
 		fmt.Printf("%-52s %10s\n", fmt.Sprintf("%d MiB: criu dump (frozen) + criu restore (reference)", mib), ms(refCR))
-		fmt.Printf("%-52s %10s\n", fmt.Sprintf("%d MiB: criu lazy migration, gap (reference)", mib), ms(lazyGap))
+		fmt.Printf("%-52s %10s %10s %10s\n", fmt.Sprintf("%d MiB: criu lazy migration, gap (reference)", mib), ms(lazyGap), "", ms(medianDur(lazyTotals)))
 		for _, mode := range modes {
 			r := rows[mode]
 			fmt.Printf("%-52s %10s %10s %10s %7.0f MiB\n", r.name, ms(medianDur(r.gaps)), ms(time.Duration(medianInt(r.downtimes))),
