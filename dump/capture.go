@@ -44,13 +44,14 @@ type run struct {
 	pipes   [2]string // the tree's stdout and stderr pipes ("pipe:[ino]"), if any
 	initExe *checkpoint.Executable
 
-	stop        *stopper
-	sink        imageSink
-	res         *Result
-	handedOver  bool             // the gate committed: CRIU ends the tree
-	handoverErr error            // the gate's handover (or commit) failed: CRIU rolled back
-	streamed    map[string]int64 // the images CRIU streamed, by name and size
-	lazy        *criu.Daemon     // post-copy: CRIU serving the memory
+	stop          *stopper
+	sink          imageSink
+	res           *Result
+	handedOver    bool             // the gate committed: CRIU ends the tree
+	toldCommitted bool             // Options.Committed was called
+	handoverErr   error            // the gate's handover (or commit) failed: CRIU rolled back
+	streamed      map[string]int64 // the images CRIU streamed, by name and size
+	lazy          *criu.Daemon     // post-copy: CRIU serving the memory
 
 	releasePipes func()    // post-copy: the pipe size limit back as it was
 	resumed      time.Time // when a --leave-running tree was given back before the seal
@@ -487,11 +488,24 @@ func (r *run) gate(ctx context.Context, sizes map[string]int64) error {
 		}
 	}
 	// The point of no return: from here CRIU ends the tree.
-	if err := r.stop.commit(cmp.Or(r.opts.EndReason, "checkpointed")); err != nil {
+	if err := r.commit(); err != nil {
 		r.handoverErr = err
 		return err
 	}
 	r.handedOver = true
+	return nil
+}
+
+// commit commits the lease's End (see stopper.commit) and tells the
+// caller (Options.Committed) once it has landed.
+func (r *run) commit() error {
+	if err := r.stop.commit(cmp.Or(r.opts.EndReason, "checkpointed")); err != nil {
+		return err
+	}
+	if f := r.opts.Committed; f != nil && !r.toldCommitted {
+		r.toldCommitted = true
+		f()
+	}
 	return nil
 }
 
@@ -728,7 +742,7 @@ func (r *run) finish(ctx context.Context) error {
 	if r.opts.LeaveRunning {
 		return r.stop.giveBack(ctx, r.inv)
 	}
-	if err := r.stop.commit(cmp.Or(r.opts.EndReason, "checkpointed")); err != nil {
+	if err := r.commit(); err != nil {
 		// The lease ran out first: the guard gave the job back and it
 		// runs on, so the checkpoint must not stand beside it.
 		r.retract()

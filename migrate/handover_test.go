@@ -67,6 +67,7 @@ type world struct {
 	linkUp   bool
 	// Pending local outcomes.
 	srcEnding   bool // commit End done: CRIU ends the tree (or fails to)
+	landed      bool // stop-copy: the lease's End landed (Options.Committed)
 	srcCut      bool // cutPages done
 	srcWaitCut  bool // waitCut armed
 	pages       int  // 0 not done, 1 complete, 2 failed
@@ -302,7 +303,14 @@ func (w *world) steps() []step {
 		// short, so the destination's restore cannot complete.
 		add("the dump fails", true, func(w *world) { w.srcGets(inDumpFailed) })
 	}
-	if w.srcAlive() && w.srcEnding {
+	if w.srcAlive() && w.srcEnding && w.src.st == srcCommitted && !w.postCopy && !w.landed {
+		// The commit lands before CRIU (or ferry) ends the tree.
+		add("the lease's End lands", false, func(w *world) {
+			w.landed = true
+			w.srcGets(inCommitted)
+		})
+	}
+	if w.srcAlive() && w.srcEnding && (w.postCopy || w.landed) {
 		add("CRIU ends the source's copy", false, func(w *world) {
 			w.srcEnding, w.srcCopy = false, ended
 			w.srcGets(inEnded)
@@ -311,7 +319,9 @@ func (w *world) steps() []step {
 			w.srcEnding, w.lease = false, leaseKeep
 			w.srcGets(inEndFailed)
 		})
-		if w.src.st == srcCommitted && !w.postCopy {
+	}
+	if w.srcAlive() && w.srcEnding {
+		if w.src.st == srcCommitted && !w.postCopy && !w.landed {
 			add("the lease runs out before the commit", true, func(w *world) {
 				w.srcEnding, w.lease = false, leaseOpen
 				w.srcCopy = running // the guard gave it back

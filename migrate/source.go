@@ -180,6 +180,9 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 		}
 		return fmt.Errorf("destination answered %T instead of restored", m.GetMsg())
 	}
+	// From the lease's End on, ours never runs again: the destination
+	// may run its copy while ours is still being ended.
+	dopts.Committed = func() { d.feed(inCommitted) }
 	d.feed(inFrozen)
 	res, err := dump.Job(ctx, s, name, dopts)
 	if pc != nil {
@@ -216,8 +219,9 @@ func Migrate(ctx context.Context, s *job.Registry, name string, opts Options) (*
 	hint := settleHint(name, opts.To)
 	log.Error("migration in doubt", "job", name, "to", opts.To, "err", err)
 	if errors.Is(err, dump.ErrKeepStopped) {
-		// Handed over, but not ended here: both copies stay frozen and
-		// the operator chooses.
+		// Handed over, but not ended here: ours stays frozen for good
+		// (the lease holds End), and the destination, told Gone, runs
+		// its copy unless the word was lost.
 		return rep, fmt.Errorf("%w: %w; settle it with: %s", ErrInDoubt, err, hint)
 	}
 	return rep, fmt.Errorf("%w: %s was ended here and restored on %s, but its start there was not confirmed (%v); settle it with: %s",
@@ -291,8 +295,11 @@ func (d *srcDriver) do(a act) {
 		d.note(stateServing, "frozen here while its post-copy move to "+d.to+" runs: the destination may run the job")
 	case noteInDoubt:
 		what := "held frozen here: whether " + d.to + " runs the job or dropped its copy is unknown"
-		if d.m.ended {
+		switch {
+		case d.m.ended:
 			what = "ended here after " + d.to + " restored it; its start there was not confirmed"
+		case d.m.goneSent:
+			what = "kept frozen here, never to run again (ending it failed) after " + d.to + " was told to run the job; its start there was not confirmed"
 		}
 		d.note(stateInDoubt, what)
 	case clearNote:
