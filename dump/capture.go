@@ -648,9 +648,11 @@ func (r *run) stopServing() {
 // lease's verdict is Keep until the pages are all served.
 func (r *run) servePages(ctx context.Context) error {
 	r.opts.Progress.SetPhase("serving pages")
+	t := time.Now()
 	if err := r.stop.hold("post-copy migration: the destination runs the job and reads its memory from here; this frozen copy must never run again"); err != nil {
 		return err // the lease ran out: the job runs here again, so the destination must drop its copy
 	}
+	r.log.Debug("the lease holds Keep", "tree", r.t.name, "took", time.Since(t))
 	served := make(chan error, 1)
 	go func() {
 		if err := r.lazy.Wait(); err != nil {
