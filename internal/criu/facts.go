@@ -58,9 +58,9 @@ var missingTTL = 10 * time.Minute
 
 // facts is one binary's cache entry.
 type facts struct {
-	Key      string          `json:"key"`
-	Version  Version         `json:"version"`
-	Stream   *bool           `json:"stream,omitempty"`
+	Key      string             `json:"key"`
+	Version  Version            `json:"version"`
+	Stream   *bool              `json:"stream,omitempty"`
 	Features map[string]feature `json:"features,omitempty"`
 }
 
