@@ -1,6 +1,7 @@
 package dump
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/ferry-cr/ferry/image"
 	"github.com/ferry-cr/ferry/internal/checkpoint"
+	"github.com/ferry-cr/ferry/internal/proc"
 	"github.com/ferry-cr/ferry/internal/progress"
 )
 
@@ -234,7 +236,13 @@ func (s *streamSink) begin(_ context.Context, m *checkpoint.Manifest) error {
 	if s.file, err = openSink(s.out, s.opts); err != nil {
 		return err
 	}
-	if s.w, err = image.NewWriter(s.file, m, s.opts.Image); err != nil {
+	iopts := s.opts.Image
+	if s.opts.LeaveRunning && s.opts.Handover == nil {
+		// The job runs again once CRIU is done: what the output has not
+		// taken by then waits in memory, not the job.
+		iopts.Backlog = backlogChunks(cmp.Or(iopts.ChunkSize, image.DefaultChunkSize))
+	}
+	if s.w, err = image.NewWriter(s.file, m, iopts); err != nil {
 		return err
 	}
 	if s.holdPages {
@@ -296,4 +304,20 @@ func (s *lazySink) abort() {
 	if s.w != nil {
 		s.w.Abort() // no-op once closed
 	}
+}
+
+// backlogMax bounds the memory a checkpoint holds for a slow output
+// (see image.WriterOptions.Backlog): a quarter of the memory available,
+// and no more than this.
+const backlogMax = 1 << 30
+
+// backlogChunks is how many chunks of chunkSize a --leave-running
+// checkpoint may hold for its output: a quarter of MemAvailable, at most
+// backlogMax; none where /proc/meminfo cannot say.
+func backlogChunks(chunkSize int) int {
+	avail := proc.MemAvailable()
+	if avail <= 0 || chunkSize <= 0 {
+		return 0
+	}
+	return int(min(avail/4, backlogMax) / int64(chunkSize))
 }

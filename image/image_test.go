@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -477,5 +478,89 @@ func TestSmallRecordsGathered(t *testing.T) {
 	// so the queue stays full and each write takes several records.
 	if calls, _ := out.get(); calls > 75 {
 		t.Errorf("%d writes for 50 small files", calls)
+	}
+}
+
+// gateWriter is an output that, once stalled, takes nothing more until
+// opened; everything it takes goes into buf.
+type gateWriter struct {
+	stalled atomic.Bool
+	open    chan struct{}
+	buf     bytes.Buffer
+}
+
+func (g *gateWriter) Write(p []byte) (int, error) {
+	if g.stalled.Load() {
+		<-g.open
+	}
+	return g.buf.Write(p)
+}
+
+// A writer with a Backlog takes that many chunks more while its output
+// takes nothing (a --leave-running checkpoint's job must not wait for a
+// slow disk); without one it waits for the output. Either way the stream
+// reads back whole once the output takes it.
+func TestBacklogWhileOutputStalls(t *testing.T) {
+	const chunk, chunks = 64 << 10, 40
+	data := make([]byte, chunk*chunks)
+	for i := range data {
+		data[i] = byte(i * 7 / 5) // compressible: payloads are copies, not the chunk buffers
+	}
+	for _, backlog := range []int{0, chunks} {
+		out := &gateWriter{open: make(chan struct{})}
+		opened := false
+		open := func() {
+			if !opened {
+				opened = true
+				close(out.open)
+			}
+		}
+		t.Cleanup(open)
+		w, err := NewWriter(out, &pb.Manifest{Job: "j"}, WriterOptions{Compression: pb.Compression_COMPRESSION_S2, ChunkSize: chunk, Concurrency: 2, Backlog: backlog, NoDigests: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out.stalled.Store(true) // the header is out; from here the output takes nothing
+		fw, err := w.Create("pages-1.img")
+		if err != nil {
+			t.Fatal(err)
+		}
+		wrote := make(chan error, 1)
+		go func() {
+			_, err := fw.Write(data)
+			wrote <- err
+		}()
+		select {
+		case err := <-wrote:
+			if backlog == 0 {
+				t.Fatalf("without a backlog, %d chunks went in while the output took nothing (%v)", chunks, err)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(map[bool]time.Duration{true: 300 * time.Millisecond, false: 30 * time.Second}[backlog == 0]):
+			if backlog != 0 {
+				t.Fatalf("a backlog of %d chunks did not take %d while the output stalled", backlog, chunks)
+			}
+		}
+		open()
+		if backlog == 0 {
+			if err := <-wrote; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := fw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+		files, _, err := readAll(out.buf.Bytes())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(files["pages-1.img"], data) {
+			t.Fatalf("backlog %d: the file read back differs", backlog)
+		}
 	}
 }

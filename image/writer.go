@@ -54,6 +54,13 @@ type WriterOptions struct {
 	// worth more than that (tens of ms for a lazy checkpoint, which is
 	// all downtime).
 	Adaptive bool
+	// Backlog is how many more records may wait for the output beyond
+	// the few the compressing workers need (2 a worker): the writer then
+	// takes what it is given, compressed, while the output is slower,
+	// up to Backlog chunks held in memory. A checkpoint that leaves its
+	// job running sets it, so that the job stands still only as long as
+	// CRIU takes, not as long as a slow disk does.
+	Backlog int
 }
 
 // Writer writes one image stream. Files may be written from several
@@ -139,7 +146,7 @@ func NewWriter(w io.Writer, m *pb.Manifest, opts WriterOptions) (*Writer, error)
 	wr := &Writer{
 		out:    w,
 		opts:   opts,
-		queue:  make(chan *pending, 2*opts.Concurrency),
+		queue:  make(chan *pending, 2*opts.Concurrency+max(0, opts.Backlog)),
 		sem:    make(chan struct{}, opts.Concurrency),
 		done:   make(chan error, 1),
 		digest: newDigest(opts.NoDigests),

@@ -106,12 +106,26 @@ func Children(pid int) ([]int, error) {
 // RSS returns the resident set size of pid in bytes (VmRSS). Kernel
 // threads and zombies have none and report 0.
 func RSS(pid int) (int64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("%s/%d/status", Root, pid))
+	return kbField(fmt.Sprintf("%s/%d/status", Root, pid), "VmRSS:")
+}
+
+// MemAvailable is the memory the kernel estimates is available for new
+// work without swapping (MemAvailable of /proc/meminfo), in bytes; 0
+// where it cannot say.
+func MemAvailable() int64 {
+	n, _ := kbField(Root+"/meminfo", "MemAvailable:")
+	return n
+}
+
+// kbField reads the "key N kB" line of a /proc file, in bytes; 0 if the
+// file has no such line.
+func kbField(path, key string) (int64, error) {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return 0, err
 	}
 	for line := range strings.SplitSeq(string(data), "\n") {
-		rest, ok := strings.CutPrefix(line, "VmRSS:")
+		rest, ok := strings.CutPrefix(line, key)
 		if !ok {
 			continue
 		}
@@ -121,7 +135,7 @@ func RSS(pid int) (int64, error) {
 		}
 		kb, err := strconv.ParseInt(f[0], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("parsing VmRSS of %d: %w", pid, err)
+			return 0, fmt.Errorf("parsing %s of %s: %w", strings.TrimSuffix(key, ":"), path, err)
 		}
 		return kb * 1024, nil
 	}

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"syscall"
 	"testing"
 )
 
@@ -92,5 +93,17 @@ func TestHasCapability(t *testing.T) {
 	}
 	if HasCapability("CapEff", 24) || !HasCapability("CapBnd", 24) || !HasCapability("CapEff", 0) || HasCapability("CapAmb", 0) {
 		t.Fatal("HasCapability misread the sets")
+	}
+}
+
+func TestMemAvailable(t *testing.T) {
+	n := MemAvailable()
+	var si syscall.Sysinfo_t
+	if err := syscall.Sysinfo(&si); err != nil {
+		t.Fatal(err)
+	}
+	total := int64(si.Totalram) * int64(si.Unit)
+	if n <= 0 || n > total {
+		t.Fatalf("MemAvailable = %d, want between 0 and the machine's %d", n, total)
 	}
 }
