@@ -454,7 +454,10 @@ func TestDeletedFileAndCheckpointFiles(t *testing.T) {
 // wait (seen when the freeze catches a vfork parent whose child has not
 // exec'd yet; too rare to provoke here). ferry lets the tree run a moment
 // and tries once more; this CRIU fails its first dump the way CRIU does
-// then, and the checkpoint still succeeds and restores where it stopped.
+// then, after its 10 s seize timeout (so past the read deadline the
+// lease's take left, which once made the lease read as lost and the retry
+// as forbidden), and the checkpoint still succeeds and restores where it
+// stopped.
 func TestCheckpointRetriesStuckSeize(t *testing.T) {
 	e := newEnv(t)
 	requireCriu(t)
@@ -468,7 +471,7 @@ func TestCheckpointRetriesStuckSeize(t *testing.T) {
 	dir := t.TempDir()
 	mark, fake := filepath.Join(dir, "failed-once"), filepath.Join(dir, "criu")
 	logPath := filepath.Join(e.root, "jobs", "stuck", "dump.log")
-	script := fmt.Sprintf("#!/bin/sh\nif [ \"$1\" = swrk ] && [ ! -e %[1]s ]; then\n: > %[1]s\n"+
+	script := fmt.Sprintf("#!/bin/sh\nif [ \"$1\" = swrk ] && [ ! -e %[1]s ]; then\n: > %[1]s\nsleep 11\n"+
 		"printf 'Error (criu/cr-dump.c:1655): Timeout reached. Try to interrupt: 0\\nError (compel/src/lib/infect.c:262): Unseizable non-zombie 1 found, state D, err -1/4\\n' > %[2]s\nexit 1\nfi\nexec %[3]s \"$@\"\n",
 		mark, logPath, real)
 	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {

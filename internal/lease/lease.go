@@ -169,17 +169,26 @@ func (l *Lease) Lost() bool {
 	}
 	rc, err := l.c.SyscallConn()
 	if err != nil {
-		return true
+		return false // no evidence either way
 	}
+	// Control, not Read: Read honours the read deadline the last call
+	// left (10 s after the take), and past it fails without looking, which
+	// read as lost in every checkpoint whose CRIU took longer (a seize that
+	// timed out after 10 s then had no retry; seen in CI).
 	lost := false
 	var b [1]byte
-	if cerr := rc.Read(func(fd uintptr) bool {
-		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		lost = n > 0 || (n == 0 && err == nil) || (err != nil && err != unix.EAGAIN && err != unix.EINTR)
-		return true // never wait for the socket to be readable
-	}); cerr != nil {
-		return true
-	}
+	_ = rc.Control(func(fd uintptr) {
+		for {
+			n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			if err == unix.EINTR {
+				continue
+			}
+			// A byte: the guard's "expired". Nothing and no error: the
+			// guard closed. EAGAIN: nothing to read, the lease holds.
+			lost = n > 0 || (n == 0 && err == nil) || (err != nil && err != unix.EAGAIN)
+			return
+		}
+	})
 	return lost
 }
 

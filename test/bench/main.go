@@ -46,7 +46,8 @@ import (
 )
 
 var (
-	reps     = flag.Int("n", 3, "repetitions of each measurement")
+	reps     = flag.Int("n", 3, "repetitions of each measurement (the migration and store sections)")
+	ckptReps = flag.Int("ckpt-n", 5, "repetitions of the checkpoint and restore section (a second or two each; on a noisy host three are too few)")
 	mib      = flag.Int("mib", 1024, "workload memory in MiB (half random, half text)")
 	migMiB   = flag.String("migrate-mib", "256,1024", "memory sizes (MiB) of the migration section; empty skips it")
 	storeMiB = flag.String("store-mib", "1024", "memory size (MiB) of the snapshot-store section; empty or 0 skips it")
@@ -141,7 +142,7 @@ func main() {
 	// never while something is timed.
 	verifyIf = filepath.Join(tmp, "verify")
 	os.Setenv("WORKLOAD_VERIFY_IF", verifyIf)
-	fmt.Printf("ferry bench: %d repetitions, medians; criu: %s\n\n", *reps, criu)
+	fmt.Printf("ferry bench: medians of %d (checkpoint and restore) and %d (migration, store); criu: %s\n\n", *ckptReps, *reps, criu)
 
 	if *only == "" || *only == "checkpoint" {
 		checkpointBench(criu, workload, tmp)
@@ -206,7 +207,7 @@ func checkpointBench(criu, workload, tmp string) {
 	criuDump(criu, ref, warm)
 	os.RemoveAll(warm)
 	var keep, ckpt, fileCkpt, zstdCkpt string
-	for i := range *reps {
+	for i := range *ckptReps {
 		dir := filepath.Join(*shmDir, fmt.Sprintf("ferry-bench-ref-%d-%d", os.Getpid(), i))
 		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 		refDump.samples = append(refDump.samples, criuDump(criu, ref, dir))
@@ -262,7 +263,7 @@ func checkpointBench(criu, workload, tmp string) {
 	ferryRestoreFile := &row{name: "ferry restore (.ferry file, s2, served to CRIU)"}
 	ferryRestoreZstd := &row{name: "ferry restore (.ferry file, zstd)"}
 	verified := 0
-	for i := range 3 * *reps {
+	for i := range 3 * *ckptReps {
 		name := fmt.Sprintf("restored%d", i)
 		if i%3 == 0 {
 			refRestore.samples = append(refRestore.samples, criuRestore(criu, keep))
@@ -303,7 +304,7 @@ func checkpointBench(criu, workload, tmp string) {
 		}
 		fmt.Printf("%-52s %10s %10s %12s\n", r.name, ms(m.wall), frozen, size)
 	}
-	fmt.Printf("\nrestored copies whose memory checksum matched: %d of %d\n\n", verified, 3**reps)
+	fmt.Printf("\nrestored copies whose memory checksum matched: %d of %d\n\n", verified, 3**ckptReps)
 	// The job re-hashes its memory now and then: it must not run on
 	// (taking CPU) while the next sections measure.
 	_ = exec.Command(*ferryBin, "--root", root, "kill", "--grace", "1s", "bench").Run()
