@@ -286,10 +286,13 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 
 	// A destination copy that runs on pages still coming is a passing
 	// state: it completes, or is dropped once its page link ends (a
-	// dead source) or the source goes silent. Judge what it comes to.
-	eventually(t, 90*time.Second, "the destination's copy to stop waiting for pages", func() bool {
+	// dead source) or the source goes silent. So is a start under way
+	// (a serve killed while it restored leaves its shim to finish or
+	// fail the start: seen still starting 9 ms after the source had
+	// given up, then frozen in doubt). Judge what each comes to.
+	eventually(t, 90*time.Second, "the destination's copy to stop waiting for pages, or to end its start", func() bool {
 		v, ok := dst.list()[name]
-		return !ok || v.Migration == nil || v.Migration.State != "lazy"
+		return !ok || v.State != "starting" && (v.Migration == nil || v.Migration.State != "lazy")
 	})
 
 	s, d := src.job(name), dst.list()[name]
