@@ -29,41 +29,69 @@ func peerSilence() time.Duration {
 	return stepTimeout
 }
 
-// heartbeat sends Restoring on c every heartbeatEvery until the returned
+// heartbeat sends Restoring on c every beatEvery until the returned
 // stop is called, but only while the peer is heard from: once nothing has
 // arrived on c for peerSilence (the stream stalled, or the work that
 // follows it hangs), the beats stop, and a source waiting on them gives
 // up in turn. A beat that said only "this process is alive" would hold a
 // source frozen for as long as a stuck restore lasts.
 func heartbeat(c *conn) (stop func()) {
+	stop, _ = beat(c)
+	return stop
+}
+
+// beat is heartbeat, and also says when the peer has given up on us:
+// gaveUp is closed once the beats have stopped and peerSilence (and a
+// second, for the link's delay) has passed since the last one, after
+// which a peer that waits on them no longer does. A destination whose
+// restore is stuck, or whose link died, ends that restore then: its
+// source has given its job back, so the copy can never be the job, and
+// the restore would otherwise hold it (a tree, a daemon, the connection)
+// until its own timeout.
+func beat(c *conn) (stop func(), gaveUp <-chan struct{}) {
 	done := make(chan struct{})
 	ended := make(chan struct{})
+	given := make(chan struct{})
 	go func() {
 		defer close(ended)
-		t := time.NewTicker(heartbeatEvery)
+		silence := peerSilence()
+		t := time.NewTicker(beatEvery())
 		defer t.Stop()
-		lastRx, heard := c.rx.Load(), time.Now()
+		lastRx, heard, sent := c.rx.Load(), time.Now(), time.Now()
+		broken, told := false, false
 		for {
+			var now time.Time
 			select {
 			case <-done:
 				return
-			case now := <-t.C:
-				if rx := c.rx.Load(); rx != lastRx {
-					lastRx, heard = rx, now
-				}
-				if now.Sub(heard) >= peerSilence() {
-					continue // no progress to speak of
-				}
+			case now = <-t.C:
 			}
-			if c.send(&pb.Envelope{Msg: &pb.Envelope_Restoring{Restoring: &pb.Restoring{}}}, stepTimeout) != nil {
-				return
+			if rx := c.rx.Load(); rx != lastRx {
+				lastRx, heard = rx, now
+			}
+			if !broken && now.Sub(heard) < silence {
+				if c.send(&pb.Envelope{Msg: &pb.Envelope_Restoring{Restoring: &pb.Restoring{}}}, stepTimeout) == nil {
+					sent = time.Now()
+					continue
+				}
+				broken = true // the peer hears no more beats
+			}
+			if !told && time.Since(sent) >= silence+time.Second {
+				close(given)
+				told = true
 			}
 		}
 	}()
 	return func() {
 		close(done)
 		<-ended
-	}
+	}, given
+}
+
+// beatEvery is how often a beat goes: heartbeatEvery, or more often
+// where the peer's silence bound is shorter than three of them (tests).
+func beatEvery() time.Duration {
+	return min(heartbeatEvery, peerSilence()/3)
 }
 
 // recvWord reads the destination's next word that is not a heartbeat

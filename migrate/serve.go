@@ -486,6 +486,8 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 	ropts.Migration = sv.newNote(ropts.Name, nc, stateHeld, heldNote(ropts.LazyPages))
 	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
+	rctx, giveUp := context.WithCancelCause(rctx)
+	defer giveUp(nil)
 	t0 := time.Now()
 	hooked := false
 	ropts.BeforeStart = func(ctx context.Context) error {
@@ -493,10 +495,22 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 		return sv.hook(ctx, "pre-restore", ropts.Name, nc.RemoteAddr().String())
 	}
 	// The source, which holds its job frozen meanwhile, hears that we are
-	// at work: it gives up on a destination that goes silent.
-	stopBeat := heartbeat(c)
+	// at work: it gives up on a destination that goes silent. Once we
+	// have heard nothing for so long that it must have, the restore ends
+	// (its copy can never be the job).
+	stopBeat, gaveUp := beat(c)
+	go func() {
+		select {
+		case <-gaveUp:
+			giveUp(fmt.Errorf("%w: it has given up on this migration", errSourceSilent))
+		case <-rctx.Done():
+		}
+	}()
 	rec, err := restore.Job(rctx, sv.Store, ropts)
 	stopBeat()
+	if cause := context.Cause(rctx); err != nil && errors.Is(cause, errSourceSilent) {
+		err = fmt.Errorf("%w (%w)", cause, err)
+	}
 	if err != nil {
 		if hooked {
 			_ = sv.hook(context.WithoutCancel(ctx), "discarded", ropts.Name, nc.RemoteAddr().String())
@@ -505,6 +519,9 @@ func (sv *Server) restoreHeld(ctx context.Context, c *conn, nc net.Conn, ropts r
 	}
 	return rec, time.Since(t0), nil
 }
+
+// errSourceSilent ends a restore whose source has gone silent.
+var errSourceSilent = errors.New("the source went silent while we restored")
 
 // start thaws our held copy: from here it is the job.
 func (sv *Server) start(ctx context.Context, name string, nc net.Conn) error {
@@ -571,9 +588,12 @@ func (sv *Server) answer(c *conn, ok bool, reason, name string) {
 // than end (restore.StartLazyPages), and nothing else would end it
 // (Recover's drop of a copy that ran, and a settle's of one still held).
 func (sv *Server) drop(ctx context.Context, name, peer string, log *slog.Logger) error {
-	owner := 0
+	owner, lazyDir := 0, ""
 	if rec, err := sv.Store.Load(name); err == nil && rec.Migration != nil {
 		owner = rec.Migration.Owner
+		if rec.RestoreLazy {
+			lazyDir = rec.RestoreFrom
+		}
 	}
 	if err := sv.Store.Discard(ctx, name, log); err != nil {
 		log.Error("dropping our copy", "job", name, "err", err)
@@ -582,8 +602,8 @@ func (sv *Server) drop(ctx context.Context, name, peer string, log *slog.Logger)
 	if err := sv.Store.Remove(name); err != nil {
 		log.Error("removing our copy's record", "job", name, "err", err)
 	}
-	if owner > 0 && owner != os.Getpid() && !alive(owner) {
-		if pids := restore.EndLazyPagesOf(owner); len(pids) > 0 {
+	if lazyDir != "" && owner > 0 && owner != os.Getpid() && !alive(owner) {
+		if pids := restore.EndLazyPagesIn(lazyDir); len(pids) > 0 {
 			log.Info("ended the lazy-pages daemon a dead serve left", "job", name, "pids", pids)
 		}
 	}

@@ -7,11 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-cr/ferry/internal/job"
 	pb "github.com/ferry-cr/ferry/proto"
+	"github.com/ferry-cr/ferry/restore"
 )
 
 // Settling a migration in doubt. A migration whose last word was lost
@@ -249,15 +251,19 @@ func (sv *Server) Recover(ctx context.Context) []string {
 		if rec.Stale() {
 			// A restore the dead serve was running: nothing of it is
 			// the job (the source never heard Restored).
-			if err := sv.Store.Forget(ctx, rec.Name, log); err != nil {
-				log.Error("recovering a migration: clearing an abandoned restore", "job", rec.Name, "err", err)
+			if sv.clearAbandoned(ctx, rec) != nil {
 				continue
 			}
 			did = append(did, rec.Name+": its restore was abandoned when serve stopped; cleared")
 			continue
 		}
 		if rec.Status == job.Starting {
-			continue // a start still under way
+			// A start still under way, in a shim that gives it up now
+			// that its serve is gone (see job.Restorer): cleared once
+			// it has.
+			go sv.clearOnceGivenUp(ctx, rec.Name, rec.ID)
+			did = append(did, rec.Name+": its restore was under way when serve stopped; it is given up and cleared")
+			continue
 		}
 		if !rec.InitAlive() {
 			// No copy is left (it died, or its start was abandoned and
@@ -290,6 +296,50 @@ func (sv *Server) Recover(ctx context.Context) []string {
 		log.Warn("recovered a migration that an earlier serve left", "what", d)
 	}
 	return did
+}
+
+// clearOnceGivenUp waits (a bounded time) until the start of job name
+// (record id), whose serve died, has been given up by its shim, and then
+// clears it as Recover clears an abandoned restore.
+func (sv *Server) clearOnceGivenUp(ctx context.Context, name, id string) {
+	log := sv.log()
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rec, err := sv.Store.Load(name)
+		if err != nil || rec.ID != id || rec.Status != job.Starting {
+			return // cleared, or finished, meanwhile
+		}
+		if !rec.Stale() {
+			continue
+		}
+		if sv.clearAbandoned(ctx, rec) != nil {
+			return
+		}
+		log.Warn("recovered a migration that an earlier serve left", "what", name+": its restore was given up; cleared")
+		return
+	}
+	log.Error("recovering a migration: a restore that an earlier serve left is still under way", "job", name)
+}
+
+// clearAbandoned clears the record of a restore that a dead serve
+// abandoned (rec.Stale): whatever is left in its cgroup, then the
+// lazy-pages daemon that waited to serve that tree.
+func (sv *Server) clearAbandoned(ctx context.Context, rec *job.Record) error {
+	log := sv.log()
+	if err := sv.Store.Forget(ctx, rec.Name, log); err != nil {
+		log.Error("recovering a migration: clearing an abandoned restore", "job", rec.Name, "err", err)
+		return err
+	}
+	if rec.RestoreLazy {
+		restore.EndLazyPagesIn(rec.RestoreFrom)
+	}
+	return nil
 }
 
 // alive says whether process pid exists.

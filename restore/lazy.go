@@ -9,7 +9,6 @@ import (
 	"strings"
 
 	"github.com/ferry-cr/ferry/internal/criu"
-	"github.com/ferry-cr/ferry/internal/scratch"
 	"golang.org/x/sys/unix"
 )
 
@@ -53,15 +52,19 @@ func StartLazyPages(ctx context.Context, b *criu.Binary, images, work string, pa
 		ExtraFiles: files}.StartReady(ctx)
 }
 
-// EndLazyPagesOf ends the lazy-pages daemons that a dead process owner
-// started (a serve killed mid-post-copy) and returns their pids. Such a
-// daemon holds both ends of its page socket (see StartLazyPages), so it
-// waits for ever rather than end when its owner dies; it is found by its
-// images, which live in a scratch directory named after that owner. The
-// caller ends the restored tree first: ended before it, the daemon would
-// let the tree's missing pages read as zeros.
-func EndLazyPagesOf(owner int) []int {
-	mark := "/" + scratch.OwnedBy("lazy", owner)
+// EndLazyPagesIn ends the lazy-pages daemons that serve the lazy
+// checkpoint in dir (a copy's Record.RestoreFrom) and returns their pids.
+// It is for a daemon whose serve was killed: such a daemon holds both
+// ends of its page socket (see StartLazyPages), so it waits for ever
+// rather than end when its serve dies. Each daemon has a checkpoint
+// directory of its own, so this ends no daemon another copy still needs.
+// The caller ends the restored tree first: ended before it, the daemon
+// would let the tree's missing pages read as zeros.
+func EndLazyPagesIn(dir string) []int {
+	dir = filepath.Clean(dir)
+	if dir == "/" || dir == "." {
+		return nil
+	}
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	var ended []int
 	for _, p := range procs {
@@ -70,11 +73,13 @@ func EndLazyPagesOf(owner int) []int {
 			continue
 		}
 		args := strings.Split(string(b), "\x00")
-		if !slices.Contains(args, "lazy-pages") || !strings.Contains(string(b), mark) {
+		if !slices.Contains(args, "lazy-pages") || !slices.ContainsFunc(args, func(a string) bool {
+			return a == dir || strings.HasPrefix(a, dir+"/")
+		}) {
 			continue
 		}
 		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-		if err != nil || pid == owner {
+		if err != nil || pid == os.Getpid() {
 			continue
 		}
 		if unix.Kill(pid, unix.SIGKILL) == nil {

@@ -379,7 +379,21 @@ func Restorer(ctx context.Context, req job.RestoreRequest) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	r := req.Record
-	return run(ctx, r.RestoreCriu, r.RestoreFrom, req.WorkDir, runFlags{stopped: r.RestoreStopped, lazy: r.RestoreLazy}, req.Output, req.Cgroup)
+	pid, err := run(ctx, r.RestoreCriu, r.RestoreFrom, req.WorkDir, runFlags{stopped: r.RestoreStopped, lazy: r.RestoreLazy}, req.Output, req.Cgroup)
+	if err != nil && errors.Is(context.Cause(ctx), job.ErrOwnerGone) {
+		// No one will undo this start: what CRIU made of the tree
+		// goes now, and then (never before: see StartLazyPages) the
+		// lazy-pages daemon that the dead serve left to serve it.
+		if kerr := req.Cgroup.Kill(context.Background()); kerr != nil {
+			req.Log.Error("ending the tree of a restore whose serve died", "err", kerr)
+		} else if r.RestoreLazy {
+			if pids := EndLazyPagesIn(r.RestoreFrom); len(pids) > 0 {
+				req.Log.Info("ended the lazy-pages daemon the dead serve left", "pids", pids)
+			}
+		}
+		return 0, fmt.Errorf("%w: %w", job.ErrOwnerGone, err)
+	}
+	return pid, err
 }
 
 // InitRestorer is the job.InitRestorer ferry's init uses for foreign

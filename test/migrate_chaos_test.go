@@ -37,16 +37,6 @@ import (
 // moment is drawn from, counted from the source's connect, which is
 // otherwise the time a clean migration of each mode takes, measured first.
 func TestMigrateChaos(t *testing.T) {
-	if os.Getenv("FERRY_CHAOS") == "" {
-		// Two CI runs in a row found the same open defect: a post-copy
-		// destination whose restore is in its lazy phase when its serve
-		// dies (seed 5263125, FERRY_CHAOS_WINDOW=580ms) or its link goes
-		// dead (seed 2581047) stays starting until the restore's own
-		// timeout (5 min), holding its connection. The job stays safe
-		// (the copy never runs; the source gives the job back), but the
-		// run fails. Until that is fixed it runs on demand: make chaos.
-		t.Skip("the chaos runs are on demand until the open post-copy defect is fixed: make chaos (or FERRY_CHAOS=1)")
-	}
 	requireCriu(t)
 	w := buildWorkload(t)
 	lazy := newEnv(t).lazyPages()

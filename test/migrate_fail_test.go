@@ -85,8 +85,17 @@ func TestMigrateInDoubt(t *testing.T) {
 // startFerryIn starts ferry in namespace ns without waiting for it.
 func (e *env) startFerryIn(ns string, args ...string) (*exec.Cmd, *bytes.Buffer) {
 	e.t.Helper()
+	return e.startFerryEnvIn(ns, nil, args...)
+}
+
+// startFerryEnvIn is startFerryIn with more environment (NAME=VALUE).
+func (e *env) startFerryEnvIn(ns string, extraEnv []string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+	e.t.Helper()
 	var out bytes.Buffer
 	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, ferryBin, "--root", e.root}, args...)...)
+	if extraEnv != nil {
+		cmd.Env = append(os.Environ(), extraEnv...)
+	}
 	cmd.Stdout, cmd.Stderr = &out, &out
 	// A CRIU that outlives a killed ferry holds its output pipe: Wait
 	// does not wait for it.

@@ -13,6 +13,9 @@ var (
 	ErrCommandNotFound = errors.New("command not found")
 	ErrNotRunning      = errors.New("job is not running")
 	ErrStart           = errors.New("job did not start")
+	// ErrOwnerGone is the cause of a restore the shim gave up because
+	// the ferry that asked for it died first (see RestoreRequest).
+	ErrOwnerGone = errors.New("the ferry that asked for this restore is gone")
 )
 
 // NameError ties one of the errors above to the job name it is about.

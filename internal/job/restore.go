@@ -13,6 +13,13 @@ import (
 // start the tree as a child of the calling process (CRIU's RstSibling),
 // inside cg, with out as the tree's stdout and stderr, and return the host
 // pid of the tree's root, which becomes the job's init.
+//
+// ctx ends, with the cause ErrOwnerGone, when the restore is a
+// migration's copy and the ferry serve that asked for it dies first: only
+// that process could tell the source the copy exists, so the copy can
+// never become the job, and no one is left to undo the start. The
+// Restorer then leaves nothing of the tree running; the record stays,
+// abandoned (Record.Stale), for the next serve's Recover or ferry rm.
 type Restorer func(ctx context.Context, req RestoreRequest) (initPID int, err error)
 
 // RestoreRequest is what a Restorer gets.

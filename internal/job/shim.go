@@ -241,8 +241,16 @@ func restoreInit(s *Registry, rec *Record, restorer Restorer, log *slog.Logger) 
 		return 0, nil, err
 	}
 	defer outW.Close()
+	ctx := context.Background()
+	if rec.Migration != nil {
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		defer cancel(nil)
+		stop := cancelWhenGone(rec.OwnerPID, rec.OwnerStart, cancel)
+		defer stop()
+	}
 	t := time.Now()
-	pid, err := restorer(context.Background(), RestoreRequest{Record: rec, Cgroup: cg, Output: outW, WorkDir: s.Dir(rec.Name), Log: log})
+	pid, err := restorer(ctx, RestoreRequest{Record: rec, Cgroup: cg, Output: outW, WorkDir: s.Dir(rec.Name), Log: log})
 	log.Debug("restorer returned", "err", err, "took", time.Since(t))
 	if err != nil {
 		outR.Close()
@@ -260,6 +268,27 @@ func restoreInit(s *Registry, rec *Record, restorer Restorer, log *slog.Logger) 
 	}
 	log.Info("job restored", "init", pid, "from", rec.RestoreFrom)
 	return pid, outR, nil
+}
+
+// cancelWhenGone cancels with ErrOwnerGone once the task pid that started
+// at start has exited, until stop is called.
+func cancelWhenGone(pid int, start uint64, cancel context.CancelCauseFunc) (stop func()) {
+	gone, unwatch := proc.Gone(pid, start)
+	done := make(chan struct{})
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		select {
+		case <-gone:
+			cancel(ErrOwnerGone)
+		case <-done:
+		}
+	}()
+	return func() {
+		close(done)
+		<-ended
+		unwatch()
+	}
 }
 
 // markRunning records that this shim supervises init pid of job name,

@@ -2,6 +2,7 @@ package job
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -228,7 +229,7 @@ func spawnShim(ctx context.Context, s *Registry, name string, wait time.Duration
 		// The job directory, shim log included, is removed by the caller's
 		// undo: quote the shim's last words now.
 		last := ""
-		if data, err := os.ReadFile(s.ShimLogPath(name)); err == nil {
+		if data, err := os.ReadFile(s.ShimLogPath(name)); err == nil && len(bytes.TrimSpace(data)) > 0 {
 			lines := strings.Split(strings.TrimSpace(string(data)), "\n")
 			last = ": " + lines[len(lines)-1]
 		}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func TestParseStat(t *testing.T) {
@@ -105,5 +106,56 @@ func TestMemAvailable(t *testing.T) {
 	total := int64(si.Totalram) * int64(si.Unit)
 	if n <= 0 || n > total {
 		t.Fatalf("MemAvailable = %d, want between 0 and the machine's %d", n, total)
+	}
+}
+
+// Gone hears a task's exit (here a child this test starts and kills),
+// not before, and takes a pid whose start time differs as gone at once.
+func TestGone(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	st, err := ReadStat(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wrong, stop := Gone(cmd.Process.Pid, st.StartTime+1); !closed(wrong, time.Second) {
+		t.Error("a pid whose start time differs was not gone at once")
+	} else {
+		stop()
+	}
+	gone, stop := Gone(cmd.Process.Pid, st.StartTime)
+	defer stop()
+	if closed(gone, 300*time.Millisecond) {
+		t.Fatal("gone while the task runs")
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	if !closed(gone, 5*time.Second) {
+		t.Fatal("the task's exit was not heard within 5s")
+	}
+	// A watch stopped before the exit ends, and its stop returns.
+	other := exec.Command("sleep", "30")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = other.Process.Kill(); _ = other.Wait() }()
+	ost, err := ReadStat(other.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ostop := Gone(other.Process.Pid, ost.StartTime)
+	ostop()
+	ostop() // twice is harmless
+}
+
+func closed(ch <-chan struct{}, within time.Duration) bool {
+	select {
+	case <-ch:
+		return true
+	case <-time.After(within):
+		return false
 	}
 }

@@ -1,0 +1,224 @@
+package test
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A post-copy destination's CRIU may be stuck in its restore, its tree
+// made and waiting, when the harm comes: its serve is killed, or the link
+// goes dead. Such a start held the job's name, a cgroup, a frozen tree, a
+// lazy-pages daemon and the migration's connection for the restore's
+// whole timeout, 5 min (the chaos test's seeds 5263125 and 2581047). It
+// must end within a bounded time, leave nothing running, and the job must
+// run on at the source with its memory intact, and migrate again.
+//
+// The restore is caught there by the destination's CRIU: the real one,
+// given an action script (CRIU's --action-script) that holds it at
+// post-restore, once every task is made with its lazy memory handed to
+// the daemon, before CRIU lets the tree go.
+
+// stuckRestore makes a CRIU for dst whose first restore stops at
+// post-restore for two minutes, and returns it with the file it touches
+// then.
+func stuckRestore(t *testing.T, dst *env) (criu, mark string) {
+	t.Helper()
+	dir := t.TempDir()
+	mark, script := filepath.Join(dir, "post-restore"), filepath.Join(dir, "hold.sh")
+	if err := os.WriteFile(script, fmt.Appendf(nil, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-restore ] && [ ! -e %[1]s ] || exit 0\ntouch %[1]s\nexec sleep 120\n", mark), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dst.criuWrapper(fmt.Sprintf(`[ "$1" = restore ] && set -- "$@" --action-script %s`, script)), mark
+}
+
+// lazyDaemonsOf lists the lazy-pages daemons that serve pid started (by
+// the scratch directory named after it: see restore.NewEarlyLazy).
+func lazyDaemonsOf(pid int) []int {
+	mark := fmt.Sprintf(".ferry-scratch-lazy-%d-", pid)
+	var found []int
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		if strings.Contains(string(b), "\x00lazy-pages\x00") && strings.Contains(string(b), mark) {
+			var d int
+			if _, err := fmt.Sscan(filepath.Base(filepath.Dir(p)), &d); err == nil {
+				found = append(found, d)
+			}
+		}
+	}
+	return found
+}
+
+// TestLazyRestoreStuckServeKilled kills the destination's serve while its
+// CRIU is stuck in a post-copy restore. The shim that runs that restore
+// gives it up at once, since the copy can never be the job (only the dead
+// serve could have told the source it exists): the tree goes, then the
+// daemon. The source gives its job back; a new serve clears the record and
+// takes the job.
+func TestLazyRestoreStuckServeKilled(t *testing.T) {
+	w, h, src, dst, token := postCopyHosts(t)
+	listen := net.JoinHostPort(h.addrB, "7160")
+	criu, mark := stuckRestore(t, dst)
+	serve, srv := dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+criu+";")
+	servePid := serve.Process.Pid // sh, which execs ferry
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("serve log:\n%s", srv.text())
+		}
+		// The daemons are this test's, through its serve: none may
+		// outlive a failure.
+		for _, pid := range lazyDaemonsOf(servePid) {
+			_ = unix.Kill(pid, unix.SIGKILL)
+		}
+	})
+	if r := src.ferryIn(h.a, "run", "--name", "lj", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("lj", "verify ", 1)
+	sum := src.lines("lj", "sum ")[0]
+	before, _ := src.verifyLines("lj")
+	mig, out := src.startFerryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", "post-copy")
+	eventually(t, 60*time.Second, "the destination's restore to reach post-restore", func() bool {
+		_, err := os.Stat(mark)
+		return err == nil
+	})
+	v := dst.job("lj")
+	if v.State != "starting" || len(lazyDaemonsOf(servePid)) == 0 {
+		t.Fatalf("the destination's restore is not stuck with a daemon: lj is %s, daemons %v; the case under test did not arise", v.State, lazyDaemonsOf(servePid))
+	}
+	cg := v.Cgroup
+	kill9(t, serve)
+	t0 := time.Now()
+	eventually(t, 20*time.Second, "the dead serve's start to be given up", func() bool {
+		v, ok := dst.list()["lj"]
+		return !ok || v.State != "starting"
+	})
+	t.Logf("the start was given up %s after the serve's death", time.Since(t0).Round(time.Millisecond))
+	if v, ok := dst.list()["lj"]; ok && v.State != "stale" {
+		t.Fatalf("the given-up start reads %s, want stale", v.State)
+	}
+	eventually(t, 10*time.Second, "the dead serve's lazy-pages daemon to end", func() bool { return len(lazyDaemonsOf(servePid)) == 0 })
+	if b, err := os.ReadFile(filepath.Join(cg, "cgroup.procs")); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		t.Fatalf("the given-up start left processes in its cgroup: %s", b)
+	}
+	code := waitExit(t, mig)
+	t.Logf("migrate to a destination killed mid-restore: exit %d\n%s", code, out)
+	if code == 0 {
+		t.Fatal("migrate to a destination killed mid-restore succeeded")
+	}
+	src.assertContinues("lj", sum, before[len(before)-1]+1)
+
+	// A new serve (with a CRIU that restores) clears the record, and the
+	// job moves.
+	_, log := dst.serveProc(h.b, listen, token, "")
+	if !strings.Contains(log.text(), "lj: its restore was abandoned") {
+		t.Errorf("the new serve did not clear the given-up start:\n%s", log.text())
+	}
+	if r := src.ferryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", "post-copy"); r.code != 0 {
+		t.Fatalf("migrating again: %s", r)
+	}
+	dst.assertContinues("lj", sum, before[len(before)-1]+1)
+}
+
+// TestLazyRestoreStuckLinkDead takes the link down while the destination's
+// CRIU is stuck in a post-copy restore. The source hears nothing and gives
+// its job back; the destination, hearing nothing either, gives up its
+// restore once the source must have given up, not at the restore's
+// timeout: the tree, the daemon and the connection go. Once the link is
+// back the job moves.
+func TestLazyRestoreStuckLinkDead(t *testing.T) {
+	w, h, src, dst, token := postCopyHosts(t)
+	listen := net.JoinHostPort(h.addrB, "7161")
+	criu, mark := stuckRestore(t, dst)
+	const silence = "FERRY_PEER_SILENCE=3s"
+	serve, srv := dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+criu+" "+silence+"; set -- --debug \"$@\";")
+	servePid := serve.Process.Pid
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("serve log:\n%s", srv.text())
+		}
+		for _, pid := range lazyDaemonsOf(servePid) {
+			_ = unix.Kill(pid, unix.SIGKILL)
+		}
+	})
+	if r := src.ferryIn(h.a, "run", "--name", "lk", "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines("lk", "verify ", 1)
+	sum := src.lines("lk", "sum ")[0]
+	before, _ := src.verifyLines("lk")
+	mig, out := src.startFerryEnvIn(h.a, []string{silence}, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", "post-copy")
+	eventually(t, 60*time.Second, "the destination's restore to reach post-restore", func() bool {
+		_, err := os.Stat(mark)
+		return err == nil
+	})
+	v := dst.job("lk")
+	if v.State != "starting" {
+		t.Fatalf("the destination's restore is not stuck: lk is %s; the case under test did not arise", v.State)
+	}
+	cg := v.Cgroup
+	link := func(state string) {
+		if rr := exec1(t, "ip", "-n", h.a, "link", "set", h.vethA, state); rr != 0 {
+			t.Fatalf("ip link set %s %s: exit %d", h.vethA, state, rr)
+		}
+	}
+	link("down")
+	up := false
+	defer func() {
+		if !up {
+			link("up")
+		}
+	}()
+	t0 := time.Now()
+	code := waitExit(t, mig)
+	t.Logf("migrate over a link that died mid-restore: exit %d after %s\n%s", code, time.Since(t0).Round(time.Millisecond), out)
+	if code == 0 {
+		t.Fatal("migrate over a link that died mid-restore succeeded")
+	}
+	src.assertContinues("lk", sum, before[len(before)-1]+1)
+	// 3 s of silence for each side, and a beat's period (5 s) to notice:
+	// well within 30 s, where the restore's own timeout is 5 min.
+	eventually(t, 30*time.Second, "the destination to give up its restore", func() bool {
+		_, ok := dst.list()["lk"]
+		return !ok && !socketsHeld(t, h.b, listen)
+	})
+	t.Logf("the destination gave up %s after the link died", time.Since(t0).Round(time.Millisecond))
+	eventually(t, 10*time.Second, "the lazy-pages daemon to end", func() bool { return len(lazyDaemonsOf(servePid)) == 0 })
+	if _, err := os.Stat(cg); !os.IsNotExist(err) {
+		t.Errorf("the given-up restore left its cgroup %s (%v)", cg, err)
+	}
+	if !strings.Contains(srv.text(), "went silent") {
+		t.Errorf("the serve's log does not say why it gave up:\n%s", srv.text())
+	}
+	link("up")
+	up = true
+	if r := src.ferryIn(h.a, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", "post-copy"); r.code != 0 {
+		t.Fatalf("migrating again: %s", r)
+	}
+	dst.assertContinues("lk", sum, before[len(before)-1]+1)
+}
+
+// socketsHeld says whether a process in namespace ns still holds a
+// connection to listen's port (one a process closed may linger in the
+// kernel while the link is down: that one is let go).
+func socketsHeld(t *testing.T, ns, listen string) bool {
+	_, port, _ := net.SplitHostPort(listen)
+	out, err := exec.Command("ip", "netns", "exec", ns, "ss", "-Htnp", "state", "all", "sport", "= :"+port).Output()
+	if err != nil {
+		t.Fatalf("ss in %s: %v", ns, err)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && f[0] != "LISTEN" && strings.Contains(l, "users:(") {
+			return true
+		}
+	}
+	return false
+}
