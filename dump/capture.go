@@ -44,14 +44,13 @@ type run struct {
 	pipes   [2]string // the tree's stdout and stderr pipes ("pipe:[ino]"), if any
 	initExe *checkpoint.Executable
 
-	stop          *stopper
-	sink          imageSink
-	res           *Result
-	handedOver    bool             // the gate committed: CRIU ends the tree
-	toldCommitted bool             // Options.Committed was called
-	handoverErr   error            // the gate's handover (or commit) failed: CRIU rolled back
-	streamed      map[string]int64 // the images CRIU streamed, by name and size
-	lazy          *criu.Daemon     // post-copy: CRIU serving the memory
+	stop        *stopper
+	sink        imageSink
+	res         *Result
+	handedOver  bool             // the gate committed: CRIU ends the tree
+	handoverErr error            // the gate's handover (or commit) failed: CRIU rolled back
+	streamed    map[string]int64 // the images CRIU streamed, by name and size
+	lazy        *criu.Daemon     // post-copy: CRIU serving the memory
 
 	releasePipes func()    // post-copy: the pipe size limit back as it was
 	resumed      time.Time // when a --leave-running tree was given back before the seal
@@ -499,11 +498,11 @@ func (r *run) gate(ctx context.Context, sizes map[string]int64) error {
 // commit commits the lease's End (see stopper.commit) and tells the
 // caller (Options.Committed) once it has landed.
 func (r *run) commit() error {
-	if err := r.stop.commit(cmp.Or(r.opts.EndReason, "checkpointed")); err != nil {
+	first, err := r.stop.commit(cmp.Or(r.opts.EndReason, "checkpointed"))
+	if err != nil {
 		return err
 	}
-	if f := r.opts.Committed; f != nil && !r.toldCommitted {
-		r.toldCommitted = true
+	if f := r.opts.Committed; f != nil && first {
 		f()
 	}
 	return nil

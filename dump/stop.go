@@ -226,22 +226,26 @@ func (s *stopper) giveBack(ctx context.Context, inv *Inventory) error {
 // commit is the point of no return: the checkpoint is whole where it was
 // sent and the tree is to end (if this process dies first, the guard
 // ends it). Refused, the checkpoint must fail: the lease ran out and the
-// job was given back.
-func (s *stopper) commit(reason string) error {
+// job was given back. first says that this call committed it (a later
+// one finds it committed).
+func (s *stopper) commit(reason string) (first bool, err error) {
 	s.mu.Lock()
 	already := s.ended
 	s.ended = true
 	s.mu.Unlock()
-	if already || s.lease == nil {
-		return nil
+	if already {
+		return false, nil
+	}
+	if s.lease == nil {
+		return true, nil
 	}
 	if err := s.lease.Commit(lease.End, reason); err != nil {
 		s.mu.Lock()
 		s.ended = false
 		s.mu.Unlock()
-		return fmt.Errorf("%s: %w", s.t.name, err)
+		return false, fmt.Errorf("%s: %w", s.t.name, err)
 	}
-	return nil
+	return true, nil
 }
 
 // hold tells the guard to keep the tree frozen should this process die

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/ferry-cr/ferry/internal/atomicfile"
 )
 
 // What ferry learns by running a CRIU binary (its version, whether it
@@ -153,13 +155,25 @@ func (c *factCache) feature(name string) (bool, bool) {
 
 // learn records what CRIU answered and writes the entry.
 func (c *factCache) learn(update func(*facts)) {
+	c.note(update)
+	c.persist()
+}
+
+// note records what CRIU answered, in memory only (persist writes it).
+func (c *factCache) note(update func(*facts)) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	update(&c.f)
-	if c.file == "" {
-		return
+}
+
+// persist writes the entry, if it has a file; a failure only costs the
+// next command CRIU's answers again.
+func (c *factCache) persist() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.file != "" {
+		_ = c.save()
 	}
-	_ = c.save()
 }
 
 func (c *factCache) save() error {
@@ -171,21 +185,7 @@ func (c *factCache) save() error {
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(dir, ".facts-*")
-	if err != nil {
-		return err
-	}
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		os.Remove(tmp.Name())
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		os.Remove(tmp.Name())
-		return err
-	}
-	if err := os.Rename(tmp.Name(), c.file); err != nil {
-		os.Remove(tmp.Name())
+	if err := atomicfile.Write(c.file, b, false); err != nil {
 		return err
 	}
 	pruneFacts(dir)

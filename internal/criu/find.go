@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -191,9 +192,19 @@ func (b *Binary) HasFeature(ctx context.Context, name string) (bool, error) {
 	if ok, known := b.cached().feature(name); known && !b.fresh {
 		return ok, nil
 	}
+	ok, err := b.learnFeature(ctx, name)
+	if err == nil {
+		b.cached().persist()
+	}
+	return ok, err
+}
+
+// learnFeature asks CRIU about feature name and notes its answer in the
+// cache's memory.
+func (b *Binary) learnFeature(ctx context.Context, name string) (bool, error) {
 	ok, err := b.askFeature(ctx, name)
 	if err == nil {
-		b.cached().learn(func(f *facts) {
+		b.cached().note(func(f *facts) {
 			if f.Features == nil {
 				f.Features = map[string]feature{}
 			}
@@ -224,21 +235,29 @@ func (b *Binary) askFeature(ctx context.Context, name string) (bool, error) {
 // Features checks several features at once; a feature CRIU could not
 // check counts as missing.
 func (b *Binary) Features(ctx context.Context, names ...string) map[string]bool {
-	type answer struct {
-		name string
-		ok   bool
-	}
-	ch := make(chan answer, len(names))
+	var (
+		mu     sync.Mutex
+		wg     sync.WaitGroup
+		m      = make(map[string]bool, len(names))
+		learnt bool
+	)
 	for _, n := range names {
-		go func() {
-			ok, _ := b.HasFeature(ctx, n)
-			ch <- answer{n, ok}
-		}()
+		if ok, known := b.cached().feature(n); known && !b.fresh {
+			m[n] = ok
+			continue
+		}
+		// Asked in parallel: each `criu check` probes the kernel first.
+		wg.Go(func() {
+			ok, err := b.learnFeature(ctx, n)
+			mu.Lock()
+			defer mu.Unlock()
+			m[n] = ok
+			learnt = learnt || err == nil
+		})
 	}
-	m := make(map[string]bool, len(names))
-	for range names {
-		a := <-ch
-		m[a.name] = a.ok
+	wg.Wait()
+	if learnt {
+		b.cached().persist() // once for all the answers
 	}
 	return m
 }

@@ -195,6 +195,20 @@ func TestFactsRemembered(t *testing.T) {
 	v, s, u, d = ask(FindOptions{Flag: path})
 	want("entry writable by others", v, s, u, d, Version{4, 3, 0}, 4)
 
+	// Features asks what it does not know, in one go, and remembers it.
+	t.Setenv(FactsDirEnv, filepath.Join(t.TempDir(), "facts2"))
+	for i, runs := range []int{2, 0} {
+		b, err := Find(ctx, FindOptions{Flag: path})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ran()
+		got := b.Features(ctx, "uffd", "mem_dirty_track")
+		if r := ran(); !got["uffd"] || got["mem_dirty_track"] || len(r) != runs {
+			t.Errorf("Features, time %d: %v, criu ran %v; want uffd alone, %d runs", i+1, got, r, runs)
+		}
+	}
+
 	t.Setenv(FactsDirEnv, "off")
 	ask(FindOptions{Flag: path})
 	ask(FindOptions{Flag: path})

@@ -29,6 +29,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-cr/ferry/internal/atomicfile"
 	"github.com/ferry-cr/ferry/internal/scratch"
 )
 
@@ -258,7 +259,7 @@ func (s *Registry) Create(rec *Record) error {
 	if err != nil {
 		return fmt.Errorf("creating job directory: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(tmp, recordFile), data, true); err != nil {
+	if err := atomicfile.Write(filepath.Join(tmp, recordFile), data, true); err != nil {
 		_ = os.RemoveAll(tmp)
 		return err
 	}
@@ -275,7 +276,7 @@ func (s *Registry) Create(rec *Record) error {
 		}
 		return fmt.Errorf("creating job directory: %w", err)
 	}
-	return syncDir(filepath.Join(s.Root, "jobs"))
+	return atomicfile.SyncDir(filepath.Join(s.Root, "jobs"))
 }
 
 func (s *Registry) createInPlace(rec *Record) error {
@@ -337,7 +338,7 @@ func (s *Registry) Save(rec *Record) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(s.Dir(rec.Name), recordFile), data, true)
+	return atomicfile.Write(filepath.Join(s.Dir(rec.Name), recordFile), data, true)
 }
 
 func encode(rec *Record) ([]byte, error) {
@@ -393,7 +394,7 @@ func (s *Registry) update(name string, fn func(*Record) error, durable bool) (*R
 	if bytes.Equal(before, data) {
 		return rec, nil
 	}
-	return rec, writeFileAtomic(filepath.Join(s.Dir(rec.Name), recordFile), data, durable)
+	return rec, atomicfile.Write(filepath.Join(s.Dir(rec.Name), recordFile), data, durable)
 }
 
 func (s *Registry) lock(name string) (func(), error) {
@@ -447,56 +448,6 @@ func (s *Registry) Remove(name string) error {
 	}
 	if err := os.RemoveAll(s.Dir(name)); err != nil {
 		return fmt.Errorf("removing job %q: %w", name, err)
-	}
-	return nil
-}
-
-// writeFileAtomic replaces path with data: a reader sees the old file or
-// the new one, whole. durable also syncs both, so that the machine's
-// crash cannot undo it either.
-func writeFileAtomic(path string, data []byte, durable bool) (retErr error) {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("writing %q: %w", path, err)
-	}
-	defer func() {
-		if retErr != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if err := tmp.Chmod(0o600); err != nil {
-		return fmt.Errorf("writing %q: %w", path, err)
-	}
-	if _, err := tmp.Write(data); err != nil {
-		return fmt.Errorf("writing %q: %w", path, err)
-	}
-	if durable {
-		if err := tmp.Sync(); err != nil {
-			return fmt.Errorf("syncing %q: %w", path, err)
-		}
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("writing %q: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("replacing %q: %w", path, err)
-	}
-	if !durable {
-		return nil
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("syncing %q: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("syncing %q: %w", dir, err)
 	}
 	return nil
 }
