@@ -242,7 +242,7 @@ func restoreInit(s *Registry, rec *Record, restorer Restorer, log *slog.Logger) 
 	}
 	defer outW.Close()
 	ctx := context.Background()
-	if rec.Migration != nil {
+	if rec.Migration != nil && rec.OwnerPID > 0 {
 		var cancel context.CancelCauseFunc
 		ctx, cancel = context.WithCancelCause(ctx)
 		defer cancel(nil)
