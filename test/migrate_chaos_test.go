@@ -287,12 +287,15 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 	// A destination copy that runs on pages still coming is a passing
 	// state: it completes, or is dropped once its page link ends (a
 	// dead source) or the source goes silent. So is a start under way
-	// (a serve killed while it restored leaves its shim to finish or
-	// fail the start: seen still starting 9 ms after the source had
-	// given up, then frozen in doubt). Judge what each comes to.
+	// (a serve killed while it restored leaves its shim to give the
+	// start up, or to finish it if it was done: seen still starting
+	// 9 ms after the source had given up, then frozen in doubt). Judge
+	// what each comes to.
 	eventually(t, 90*time.Second, "the destination's copy to stop waiting for pages, or to end its start", func() bool {
 		v, ok := dst.list()[name]
-		return !ok || v.State != "starting" && (v.Migration == nil || v.Migration.State != "lazy")
+		// (A start whose serve was killed is given up by its shim, and
+		// the new serve clears it: no stale record stays.)
+		return !ok || v.State != "starting" && v.State != "stale" && (v.Migration == nil || v.Migration.State != "lazy")
 	})
 
 	s, d := src.job(name), dst.list()[name]
@@ -453,17 +456,18 @@ func describe(e *env, name string) string {
 	return s
 }
 
-// serveBusy says whether the serve in namespace ns holds a connection on
-// listen that it has not closed (TIME-WAIT is one it closed).
+// serveBusy says whether a process in namespace ns (the serve) still
+// holds a connection on listen's port. One it closed may linger in the
+// kernel while the link is down (FIN-WAIT-1, retried for minutes) or
+// after (TIME-WAIT): ss names no process for those.
 func serveBusy(t *testing.T, ns, listen string) bool {
 	_, port, _ := net.SplitHostPort(listen)
-	out, err := exec.Command("ip", "netns", "exec", ns, "ss", "-Htn", "state", "all", "sport", "= :"+port).Output()
+	out, err := exec.Command("ip", "netns", "exec", ns, "ss", "-Htnp", "state", "all", "sport", "= :"+port).Output()
 	if err != nil {
 		t.Fatalf("ss in %s: %v", ns, err)
 	}
 	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		f := strings.Fields(l)
-		if len(f) > 0 && f[0] != "LISTEN" && f[0] != "TIME-WAIT" {
+		if f := strings.Fields(l); len(f) > 0 && f[0] != "LISTEN" && strings.Contains(l, "users:(") {
 			return true
 		}
 	}

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -188,7 +187,7 @@ func TestLazyRestoreStuckLinkDead(t *testing.T) {
 	// well within 30 s, where the restore's own timeout is 5 min.
 	eventually(t, 30*time.Second, "the destination to give up its restore", func() bool {
 		_, ok := dst.list()["lk"]
-		return !ok && !socketsHeld(t, h.b, listen)
+		return !ok && !serveBusy(t, h.b, listen)
 	})
 	t.Logf("the destination gave up %s after the link died", time.Since(t0).Round(time.Millisecond))
 	eventually(t, 10*time.Second, "the lazy-pages daemon to end", func() bool { return len(lazyDaemonsOf(servePid)) == 0 })
@@ -204,21 +203,4 @@ func TestLazyRestoreStuckLinkDead(t *testing.T) {
 		t.Fatalf("migrating again: %s", r)
 	}
 	dst.assertContinues("lk", sum, before[len(before)-1]+1)
-}
-
-// socketsHeld says whether a process in namespace ns still holds a
-// connection to listen's port (one a process closed may linger in the
-// kernel while the link is down: that one is let go).
-func socketsHeld(t *testing.T, ns, listen string) bool {
-	_, port, _ := net.SplitHostPort(listen)
-	out, err := exec.Command("ip", "netns", "exec", ns, "ss", "-Htnp", "state", "all", "sport", "= :"+port).Output()
-	if err != nil {
-		t.Fatalf("ss in %s: %v", ns, err)
-	}
-	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		if f := strings.Fields(l); len(f) > 0 && f[0] != "LISTEN" && strings.Contains(l, "users:(") {
-			return true
-		}
-	}
-	return false
 }
