@@ -2,6 +2,7 @@ package proc
 
 import (
 	"errors"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -9,14 +10,15 @@ import (
 
 // Gone returns a channel that is closed once the task pid that started at
 // start has exited, and a stop that ends the watch (call it when the
-// answer no longer matters). A task that is already gone, or whose pid now
+// answer no longer matters; it returns at once, and the watch lets its
+// pidfd go within goneEvery). A task that is already gone, or whose pid now
 // names another task, reads as gone at once. The watch polls a pidfd, so
 // it hears the exit within a few milliseconds without being the task's
 // parent; where pidfds are missing (Linux < 5.3) it reads /proc every
 // goneEvery instead.
 func Gone(pid int, start uint64) (gone <-chan struct{}, stop func()) {
 	ch, done := make(chan struct{}), make(chan struct{})
-	stopped := make(chan struct{})
+	var once sync.Once
 	fd, err := unix.PidfdOpen(pid, 0)
 	// Opened first, checked second: a pidfd of a reused pid would
 	// otherwise watch the wrong task.
@@ -28,7 +30,6 @@ func Gone(pid int, start uint64) (gone <-chan struct{}, stop func()) {
 		return ch, func() {}
 	}
 	go func() {
-		defer close(stopped)
 		if err == nil {
 			defer unix.Close(fd)
 		}
@@ -61,16 +62,9 @@ func Gone(pid int, start uint64) (gone <-chan struct{}, stop func()) {
 			}
 		}
 	}()
-	return ch, func() {
-		select {
-		case <-done:
-		default:
-			close(done)
-		}
-		<-stopped
-	}
+	return ch, func() { once.Do(func() { close(done) }) }
 }
 
-// goneEvery is how often Gone looks again where it cannot wait (and how
-// long its stop may take).
+// goneEvery is how often Gone looks again where it cannot wait, and how
+// long a stopped watch may still hold its pidfd.
 const goneEvery = 100 * time.Millisecond

@@ -147,7 +147,15 @@ func TestGone(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, ostop := Gone(other.Process.Pid, ost.StartTime)
+	time.Sleep(20 * time.Millisecond) // the watch is in its poll
+	t0 := time.Now()
 	ostop()
+	// It returns at once: a shim's restore stops its watch on the way
+	// to a migration's downtime (a stop that waited out the poll cost
+	// every migration up to 100 ms).
+	if d := time.Since(t0); d > 10*time.Millisecond {
+		t.Errorf("stop took %s", d)
+	}
 	ostop() // twice is harmless
 }
 
