@@ -12,13 +12,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A post-copy destination's CRIU may be stuck in its restore, its tree
-// made and waiting, when the harm comes: its serve is killed, or the link
-// goes dead. Such a start held the job's name, a cgroup, a frozen tree, a
-// lazy-pages daemon and the migration's connection for the restore's
-// whole timeout, 5 min (the chaos test's seeds 5263125 and 2581047). It
-// must end within a bounded time, leave nothing running, and the job must
-// run on at the source with its memory intact, and migrate again.
+// A destination's CRIU may be stuck in its restore (above all a post-copy
+// one, on its lazy-pages daemon), its tree made and waiting, when the
+// harm comes: its serve is killed, or the link goes dead. Such a start
+// held the job's name, a cgroup, a frozen tree, a lazy-pages daemon and
+// the migration's connection for the restore's whole timeout, 5 min (the
+// chaos test's seeds 5263125 and 2581047). It must end within a bounded
+// time, leave nothing running, and the job must run on at the source with
+// its memory intact, and migrate again.
 //
 // The restore is caught there by the destination's CRIU: the real one,
 // given an action script (CRIU's --action-script) that holds it at
@@ -56,15 +57,35 @@ func lazyDaemonsOf(pid int) []int {
 	return found
 }
 
-// TestLazyRestoreStuckServeKilled kills the destination's serve while its
-// CRIU is stuck in a post-copy restore. The shim that runs that restore
-// gives it up at once, since the copy can never be the job (only the dead
-// serve could have told the source it exists): the tree goes, then the
-// daemon. The source gives its job back; a new serve clears the record and
-// takes the job.
-func TestLazyRestoreStuckServeKilled(t *testing.T) {
-	w, h, src, dst, token := postCopyHosts(t)
-	listen := net.JoinHostPort(h.addrB, "7160")
+// TestRestoreStuckServeKilled kills the destination's serve while its
+// CRIU is stuck in the restore of a post-copy migration, then of a
+// stop-copy one. The shim that runs that restore gives it up at once,
+// since the copy can never be the job (only the dead serve could have
+// told the source it exists): the tree goes, then (post-copy) the daemon.
+// The source gives its job back; a new serve clears the record and takes
+// the job.
+func TestRestoreStuckServeKilled(t *testing.T) {
+	for _, c := range []struct{ mode, port string }{{"post-copy", "7160"}, {"stop-copy", "7162"}} {
+		t.Run(c.mode, func(t *testing.T) { restoreStuckServeKilled(t, c.mode, c.port) })
+	}
+}
+
+func restoreStuckServeKilled(t *testing.T, mode, port string) {
+	lazy := mode == "post-copy"
+	var (
+		w, token string
+		h        *hosts
+		src, dst *env
+	)
+	if lazy {
+		w, h, src, dst, token = postCopyHosts(t)
+	} else {
+		requireCriu(t)
+		w, h = buildWorkload(t), newHosts(t)
+		src, dst = newEnv(t), newEnv(t)
+		token = writeToken(t, "correct horse battery staple 42")
+	}
+	listen := net.JoinHostPort(h.addrB, port)
 	criu, mark := stuckRestore(t, dst)
 	serve, srv := dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+criu+";")
 	servePid := serve.Process.Pid // sh, which execs ferry
@@ -84,14 +105,14 @@ func TestLazyRestoreStuckServeKilled(t *testing.T) {
 	src.waitLines("lj", "verify ", 1)
 	sum := src.lines("lj", "sum ")[0]
 	before, _ := src.verifyLines("lj")
-	mig, out := src.startFerryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", "post-copy")
+	mig, out := src.startFerryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", mode)
 	eventually(t, 60*time.Second, "the destination's restore to reach post-restore", func() bool {
 		_, err := os.Stat(mark)
 		return err == nil
 	})
 	v := dst.job("lj")
-	if v.State != "starting" || len(lazyDaemonsOf(servePid)) == 0 {
-		t.Fatalf("the destination's restore is not stuck with a daemon: lj is %s, daemons %v; the case under test did not arise", v.State, lazyDaemonsOf(servePid))
+	if v.State != "starting" || lazy && len(lazyDaemonsOf(servePid)) == 0 {
+		t.Fatalf("the destination's restore is not stuck (with a daemon, in post-copy): lj is %s, daemons %v; the case under test did not arise", v.State, lazyDaemonsOf(servePid))
 	}
 	cg := v.Cgroup
 	kill9(t, serve)
@@ -121,19 +142,19 @@ func TestLazyRestoreStuckServeKilled(t *testing.T) {
 	if !strings.Contains(log.text(), "lj: its restore was abandoned") {
 		t.Errorf("the new serve did not clear the given-up start:\n%s", log.text())
 	}
-	if r := src.ferryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", "post-copy"); r.code != 0 {
+	if r := src.ferryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", mode); r.code != 0 {
 		t.Fatalf("migrating again: %s", r)
 	}
 	dst.assertContinues("lj", sum, before[len(before)-1]+1)
 }
 
-// TestLazyRestoreStuckLinkDead takes the link down while the destination's
+// TestRestoreStuckLinkDead takes the link down while the destination's
 // CRIU is stuck in a post-copy restore. The source hears nothing and gives
 // its job back; the destination, hearing nothing either, gives up its
 // restore once the source must have given up, not at the restore's
 // timeout: the tree, the daemon and the connection go. Once the link is
 // back the job moves.
-func TestLazyRestoreStuckLinkDead(t *testing.T) {
+func TestRestoreStuckLinkDead(t *testing.T) {
 	w, h, src, dst, token := postCopyHosts(t)
 	listen := net.JoinHostPort(h.addrB, "7161")
 	criu, mark := stuckRestore(t, dst)
