@@ -14,6 +14,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/ferry-cr/ferry/internal/atomicfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -85,7 +86,7 @@ func newDirBackend(root string) (b *dirBackend, fresh bool, err error) {
 			return nil, false, fmt.Errorf("creating store %q: %w", root, err)
 		}
 	}
-	if err := fsyncDir(root); err != nil {
+	if err := atomicfile.SyncDir(root); err != nil {
 		return nil, false, err
 	}
 	return &dirBackend{root: root}, fresh, nil
@@ -200,7 +201,7 @@ func (w *dirObjectWriter) Commit() (retErr error) {
 		return fmt.Errorf("committing %q: %w", w.name, err)
 	}
 	w.done = true
-	return fsyncDir(dir)
+	return atomicfile.SyncDir(dir)
 }
 
 // Abort implements ObjectWriter.
@@ -234,7 +235,7 @@ func (b *dirBackend) mkdirAll(dir string) error {
 		}
 		return fmt.Errorf("creating %q: %w", dir, err)
 	}
-	return fsyncDir(parent)
+	return atomicfile.SyncDir(parent)
 }
 
 // Open implements Backend.
@@ -324,7 +325,7 @@ func (b *dirBackend) Delete(_ context.Context, name string) error {
 	if err := os.Remove(p); err != nil {
 		return fmt.Errorf("deleting %q: %w", name, err)
 	}
-	return fsyncDir(filepath.Dir(p))
+	return atomicfile.SyncDir(filepath.Dir(p))
 }
 
 // RemoveTemp implements TempCleaner.
@@ -408,18 +409,6 @@ func renameNoReplace(old, new string) error {
 	}
 	if err != nil {
 		return &os.LinkError{Op: "renameat2", Old: old, New: new, Err: err}
-	}
-	return nil
-}
-
-func fsyncDir(dir string) error {
-	d, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("syncing %q: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("syncing %q: %w", dir, err)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -57,6 +58,40 @@ func lazyDaemonsOf(pid int) []int {
 	return found
 }
 
+// stuckServe starts ferry serve for dst in h.b on listen with the CRIU
+// of stuckRestore (first: more of serveProc's shell line), and returns it
+// with the file that CRIU touches once a restore is stuck. Should the
+// test fail, the lazy-pages daemons its serve started are killed.
+func stuckServe(t *testing.T, dst *env, h *hosts, listen, token, first string) (*exec.Cmd, *server, string) {
+	t.Helper()
+	criu, mark := stuckRestore(t, dst)
+	serve, srv := dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+criu+"; "+first)
+	servePid := serve.Process.Pid // sh, which execs ferry
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("serve log:\n%s", srv.text())
+		}
+		// The daemons are this test's, through its serve: none may
+		// outlive a failure.
+		for _, pid := range lazyDaemonsOf(servePid) {
+			_ = unix.Kill(pid, unix.SIGKILL)
+		}
+	})
+	return serve, srv, mark
+}
+
+// countingJob runs the workload's memory job name (64 MiB) on src, in
+// h.a, and returns the sum of its memory and its last count so far.
+func countingJob(t *testing.T, src *env, h *hosts, w, name string) (sum string, last int) {
+	t.Helper()
+	if r := src.ferryIn(h.a, "run", "--name", name, "--", w, "memory", "64"); r.code != 0 {
+		t.Fatalf("run: %s", r)
+	}
+	src.waitLines(name, "verify ", 1)
+	before, _ := src.verifyLines(name)
+	return src.lines(name, "sum ")[0], before[len(before)-1]
+}
+
 // TestRestoreStuckServeKilled kills the destination's serve while its
 // CRIU is stuck in the restore of a post-copy migration, then of a
 // stop-copy one. The shim that runs that restore gives it up at once,
@@ -86,25 +121,9 @@ func restoreStuckServeKilled(t *testing.T, mode, port string) {
 		token = writeToken(t, "correct horse battery staple 42")
 	}
 	listen := net.JoinHostPort(h.addrB, port)
-	criu, mark := stuckRestore(t, dst)
-	serve, srv := dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+criu+";")
-	servePid := serve.Process.Pid // sh, which execs ferry
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("serve log:\n%s", srv.text())
-		}
-		// The daemons are this test's, through its serve: none may
-		// outlive a failure.
-		for _, pid := range lazyDaemonsOf(servePid) {
-			_ = unix.Kill(pid, unix.SIGKILL)
-		}
-	})
-	if r := src.ferryIn(h.a, "run", "--name", "lj", "--", w, "memory", "64"); r.code != 0 {
-		t.Fatalf("run: %s", r)
-	}
-	src.waitLines("lj", "verify ", 1)
-	sum := src.lines("lj", "sum ")[0]
-	before, _ := src.verifyLines("lj")
+	serve, _, mark := stuckServe(t, dst, h, listen, token, "")
+	servePid := serve.Process.Pid
+	sum, last := countingJob(t, src, h, w, "lj")
 	mig, out := src.startFerryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", mode)
 	eventually(t, 60*time.Second, "the destination's restore to reach post-restore", func() bool {
 		_, err := os.Stat(mark)
@@ -134,7 +153,7 @@ func restoreStuckServeKilled(t *testing.T, mode, port string) {
 	if code == 0 {
 		t.Fatal("migrate to a destination killed mid-restore succeeded")
 	}
-	src.assertContinues("lj", sum, before[len(before)-1]+1)
+	src.assertContinues("lj", sum, last+1)
 
 	// A new serve (with a CRIU that restores) clears the record, and the
 	// job moves.
@@ -145,7 +164,7 @@ func restoreStuckServeKilled(t *testing.T, mode, port string) {
 	if r := src.ferryIn(h.a, "migrate", "lj", "--to", listen, "--token-file", token, "--mode", mode); r.code != 0 {
 		t.Fatalf("migrating again: %s", r)
 	}
-	dst.assertContinues("lj", sum, before[len(before)-1]+1)
+	dst.assertContinues("lj", sum, last+1)
 }
 
 // TestRestoreStuckLinkDead takes the link down while the destination's
@@ -157,24 +176,10 @@ func restoreStuckServeKilled(t *testing.T, mode, port string) {
 func TestRestoreStuckLinkDead(t *testing.T) {
 	w, h, src, dst, token := postCopyHosts(t)
 	listen := net.JoinHostPort(h.addrB, "7161")
-	criu, mark := stuckRestore(t, dst)
 	const silence = "FERRY_PEER_SILENCE=3s"
-	serve, srv := dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+criu+" "+silence+"; set -- --debug \"$@\";")
+	serve, srv, mark := stuckServe(t, dst, h, listen, token, "export "+silence+"; set -- --debug \"$@\";")
 	servePid := serve.Process.Pid
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("serve log:\n%s", srv.text())
-		}
-		for _, pid := range lazyDaemonsOf(servePid) {
-			_ = unix.Kill(pid, unix.SIGKILL)
-		}
-	})
-	if r := src.ferryIn(h.a, "run", "--name", "lk", "--", w, "memory", "64"); r.code != 0 {
-		t.Fatalf("run: %s", r)
-	}
-	src.waitLines("lk", "verify ", 1)
-	sum := src.lines("lk", "sum ")[0]
-	before, _ := src.verifyLines("lk")
+	sum, last := countingJob(t, src, h, w, "lk")
 	mig, out := src.startFerryEnvIn(h.a, []string{silence}, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", "post-copy")
 	eventually(t, 60*time.Second, "the destination's restore to reach post-restore", func() bool {
 		_, err := os.Stat(mark)
@@ -203,7 +208,7 @@ func TestRestoreStuckLinkDead(t *testing.T) {
 	if code == 0 {
 		t.Fatal("migrate over a link that died mid-restore succeeded")
 	}
-	src.assertContinues("lk", sum, before[len(before)-1]+1)
+	src.assertContinues("lk", sum, last+1)
 	// 3 s of silence for each side, and a beat's period (5 s) to notice:
 	// well within 30 s, where the restore's own timeout is 5 min.
 	eventually(t, 30*time.Second, "the destination to give up its restore", func() bool {
@@ -223,5 +228,5 @@ func TestRestoreStuckLinkDead(t *testing.T) {
 	if r := src.ferryIn(h.a, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", "post-copy"); r.code != 0 {
 		t.Fatalf("migrating again: %s", r)
 	}
-	dst.assertContinues("lk", sum, before[len(before)-1]+1)
+	dst.assertContinues("lk", sum, last+1)
 }

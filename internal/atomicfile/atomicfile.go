@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 )
 
 // Write replaces path with data, mode 0600, through a temporary file in
@@ -51,7 +53,7 @@ func Write(path string, data []byte, durable bool) (retErr error) {
 // SyncDir syncs directory dir: the names created, renamed or removed in
 // it are then on disk.
 func SyncDir(dir string) error {
-	d, err := os.Open(dir)
+	d, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("syncing %q: %w", dir, err)
 	}
