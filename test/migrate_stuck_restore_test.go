@@ -92,6 +92,17 @@ func countingJob(t *testing.T, src *env, h *hosts, w, name string) (sum string, 
 	return src.lines(name, "sum ")[0], before[len(before)-1]
 }
 
+// migrationHosts makes two hosts, a workload and a token for a migration
+// in mode (post-copy needs userfaultfd: the test is skipped without).
+func migrationHosts(t *testing.T, mode string) (w string, h *hosts, src, dst *env, token string) {
+	t.Helper()
+	if mode == "post-copy" {
+		return postCopyHosts(t)
+	}
+	requireCriu(t)
+	return buildWorkload(t), newHosts(t), newEnv(t), newEnv(t), writeToken(t, "correct horse battery staple 42")
+}
+
 // TestRestoreStuckServeKilled kills the destination's serve while its
 // CRIU is stuck in the restore of a post-copy migration, then of a
 // stop-copy one. The shim that runs that restore gives it up at once,
@@ -107,19 +118,7 @@ func TestRestoreStuckServeKilled(t *testing.T) {
 
 func restoreStuckServeKilled(t *testing.T, mode, port string) {
 	lazy := mode == "post-copy"
-	var (
-		w, token string
-		h        *hosts
-		src, dst *env
-	)
-	if lazy {
-		w, h, src, dst, token = postCopyHosts(t)
-	} else {
-		requireCriu(t)
-		w, h = buildWorkload(t), newHosts(t)
-		src, dst = newEnv(t), newEnv(t)
-		token = writeToken(t, "correct horse battery staple 42")
-	}
+	w, h, src, dst, token := migrationHosts(t, mode)
 	listen := net.JoinHostPort(h.addrB, port)
 	serve, _, mark := stuckServe(t, dst, h, listen, token, "")
 	servePid := serve.Process.Pid
@@ -168,19 +167,26 @@ func restoreStuckServeKilled(t *testing.T, mode, port string) {
 }
 
 // TestRestoreStuckLinkDead takes the link down while the destination's
-// CRIU is stuck in a post-copy restore. The source hears nothing and gives
-// its job back; the destination, hearing nothing either, gives up its
-// restore once the source must have given up, not at the restore's
-// timeout: the tree, the daemon and the connection go. Once the link is
-// back the job moves.
+// CRIU is stuck in the restore of a post-copy migration, then of a
+// stop-copy one. The source hears nothing and gives its job back; the
+// destination, hearing nothing either, gives up its restore once the
+// source must have given up, not at the restore's timeout: the tree, the
+// daemon (post-copy) and the connection go. Once the link is back the job
+// moves.
 func TestRestoreStuckLinkDead(t *testing.T) {
-	w, h, src, dst, token := postCopyHosts(t)
-	listen := net.JoinHostPort(h.addrB, "7161")
+	for _, c := range []struct{ mode, port string }{{"post-copy", "7161"}, {"stop-copy", "7163"}} {
+		t.Run(c.mode, func(t *testing.T) { restoreStuckLinkDead(t, c.mode, c.port) })
+	}
+}
+
+func restoreStuckLinkDead(t *testing.T, mode, port string) {
+	w, h, src, dst, token := migrationHosts(t, mode)
+	listen := net.JoinHostPort(h.addrB, port)
 	const silence = "FERRY_PEER_SILENCE=3s"
 	serve, srv, mark := stuckServe(t, dst, h, listen, token, "export "+silence+"; set -- --debug \"$@\";")
 	servePid := serve.Process.Pid
 	sum, last := countingJob(t, src, h, w, "lk")
-	mig, out := src.startFerryEnvIn(h.a, []string{silence}, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", "post-copy")
+	mig, out := src.startFerryEnvIn(h.a, []string{silence}, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", mode)
 	eventually(t, 60*time.Second, "the destination's restore to reach post-restore", func() bool {
 		_, err := os.Stat(mark)
 		return err == nil
@@ -225,7 +231,7 @@ func TestRestoreStuckLinkDead(t *testing.T) {
 	}
 	link("up")
 	up = true
-	if r := src.ferryIn(h.a, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", "post-copy"); r.code != 0 {
+	if r := src.ferryIn(h.a, "migrate", "lk", "--to", listen, "--token-file", token, "--mode", mode); r.code != 0 {
 		t.Fatalf("migrating again: %s", r)
 	}
 	dst.assertContinues("lk", sum, last+1)
