@@ -244,52 +244,8 @@ func (sv *Server) Recover(ctx context.Context) []string {
 	}
 	var did []string
 	for _, rec := range recs {
-		n := rec.Migration
-		if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) {
-			continue // none, or another serve's still at work
-		}
-		if rec.Stale() {
-			// A restore the dead serve was running: nothing of it is
-			// the job (the source never heard Restored).
-			if sv.clearAbandoned(ctx, rec) != nil {
-				continue
-			}
-			did = append(did, rec.Name+": its restore was abandoned when serve stopped; cleared")
-			continue
-		}
-		if rec.Status == job.Starting {
-			// A start still under way, in a shim that gives it up now
-			// that its serve is gone (see job.Restorer): cleared once
-			// it has.
-			go sv.clearOnceGivenUp(ctx, rec.Name, rec.ID)
-			did = append(did, rec.Name+": its restore was under way when serve stopped; it is given up and cleared")
-			continue
-		}
-		if !rec.InitAlive() {
-			// No copy is left (it died, or its start was abandoned and
-			// is swept): the note would say otherwise.
-			_, _ = sv.Store.Update(rec.Name, func(r *job.Record) error { r.Migration = nil; return nil })
-			did = append(did, rec.Name+": its copy was gone; the note is cleared")
-			continue
-		}
-		switch dstRecover(n.State) {
-		case dropCopy:
-			if sv.drop(ctx, rec.Name, n.Peer, log) != nil {
-				continue
-			}
-			did = append(did, rec.Name+": dropped (its memory was still coming from "+n.Peer+" when serve stopped)")
-		case noteInDoubt:
-			if n.State == stateInDoubt {
-				continue
-			}
-			_, _ = sv.Store.Update(rec.Name, func(r *job.Record) error {
-				if r.Migration != nil {
-					r.Migration.State = stateInDoubt
-					r.Migration.Note = "restored from " + n.Peer + " and held frozen; serve stopped before the source's word, so whether the source ended its copy is unknown"
-				}
-				return nil
-			})
-			did = append(did, rec.Name+": held frozen, in doubt until the source settles it")
+		if d := sv.recoverOne(ctx, rec); d != "" {
+			did = append(did, d)
 		}
 	}
 	for _, d := range did {
@@ -298,10 +254,61 @@ func (sv *Server) Recover(ctx context.Context) []string {
 	return did
 }
 
-// clearOnceGivenUp waits (a bounded time) until the start of job name
-// (record id), whose serve died, has been given up by its shim, and then
-// clears it as Recover clears an abandoned restore.
-func (sv *Server) clearOnceGivenUp(ctx context.Context, name, id string) {
+// recoverOne is Recover for one record: what it did, or "".
+func (sv *Server) recoverOne(ctx context.Context, rec *job.Record) string {
+	log := sv.log()
+	n := rec.Migration
+	if n == nil || n.Role != "destination" || n.Owner > 0 && alive(n.Owner) {
+		return "" // none, or another serve's still at work
+	}
+	if rec.Stale() {
+		// A restore the dead serve was running: nothing of it is
+		// the job (the source never heard Restored).
+		if sv.clearAbandoned(ctx, rec) != nil {
+			return ""
+		}
+		return rec.Name + ": its restore was abandoned when serve stopped; cleared"
+	}
+	if rec.Status == job.Starting {
+		// A start still under way, in a shim that gives it up now
+		// that its serve is gone (see job.Restorer): recovered once
+		// it has (or once it finished, should it have been done).
+		go sv.recoverOnceStarted(ctx, rec.Name, rec.ID)
+		return rec.Name + ": its restore was under way when serve stopped; recovered once its shim ends it (given up, as a rule)"
+	}
+	if !rec.InitAlive() {
+		// No copy is left (it died, or its start was abandoned and
+		// is swept): the note would say otherwise.
+		_, _ = sv.Store.Update(rec.Name, func(r *job.Record) error { r.Migration = nil; return nil })
+		return rec.Name + ": its copy was gone; the note is cleared"
+	}
+	switch dstRecover(n.State) {
+	case dropCopy:
+		if sv.drop(ctx, rec.Name, n.Peer, log) != nil {
+			return ""
+		}
+		return rec.Name + ": dropped (its memory was still coming from " + n.Peer + " when serve stopped)"
+	case noteInDoubt:
+		if n.State == stateInDoubt {
+			return ""
+		}
+		_, _ = sv.Store.Update(rec.Name, func(r *job.Record) error {
+			if r.Migration != nil {
+				r.Migration.State = stateInDoubt
+				r.Migration.Note = "restored from " + n.Peer + " and held frozen; serve stopped before the source's word, so whether the source ended its copy is unknown"
+			}
+			return nil
+		})
+		return rec.Name + ": held frozen, in doubt until the source settles it"
+	}
+	return ""
+}
+
+// recoverOnceStarted waits (a bounded time) until the start of job name
+// (record id), whose serve died, has ended in its shim, and then
+// recovers it as Recover would have: a start given up is cleared, one
+// that finished just as its serve died is held in doubt.
+func (sv *Server) recoverOnceStarted(ctx context.Context, name, id string) {
 	log := sv.log()
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
@@ -312,16 +319,15 @@ func (sv *Server) clearOnceGivenUp(ctx context.Context, name, id string) {
 		case <-t.C:
 		}
 		rec, err := sv.Store.Load(name)
-		if err != nil || rec.ID != id || rec.Status != job.Starting {
-			return // cleared, or finished, meanwhile
+		if err != nil || rec.ID != id {
+			return // cleared meanwhile
 		}
-		if !rec.Stale() {
+		if rec.Status == job.Starting && !rec.Stale() {
 			continue
 		}
-		if sv.clearAbandoned(ctx, rec) != nil {
-			return
+		if d := sv.recoverOne(ctx, rec); d != "" {
+			log.Warn("recovered a migration that an earlier serve left", "what", d)
 		}
-		log.Warn("recovered a migration that an earlier serve left", "what", name+": its restore was given up; cleared")
 		return
 	}
 	log.Error("recovering a migration: a restore that an earlier serve left is still under way", "job", name)
