@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -86,16 +85,7 @@ func TestServeRestartRecoversPostCopy(t *testing.T) {
 	}
 	// The dead serve's lazy-pages daemon, which waited for pages rather
 	// than end, ends with the copy it served.
-	scratch := fmt.Sprintf(".ferry-scratch-lazy-%d-", deadServe)
-	eventually(t, 30*time.Second, "the dead serve's lazy-pages daemon to end", func() bool {
-		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-		for _, p := range procs {
-			if b, _ := os.ReadFile(p); strings.Contains(string(b), "lazy-pages") && strings.Contains(string(b), scratch) {
-				return false
-			}
-		}
-		return true
-	})
+	eventually(t, 30*time.Second, "the dead serve's lazy-pages daemon to end", func() bool { return len(lazyDaemonsOf(deadServe)) == 0 })
 	// Settled from the source, by its record, with no operator.
 	if r := src.ferryIn(h.a, "migrate", "rj", "--to", listen, "--token-file", token); r.code != 0 || !strings.Contains(r.stdout, "runs on here") {
 		t.Fatalf("settling the migration: %s", r)
@@ -160,22 +150,11 @@ func TestServeRestartSettlesHeldPostCopy(t *testing.T) {
 	if v := src.job("hj"); v.State != "frozen" || v.Migration == nil || v.Migration.Role != "source" {
 		t.Fatalf("source after its destination died before its commit came: %s, note %+v", v.State, v.Migration)
 	}
-	daemons := func() []string {
-		var found []string
-		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-		for _, p := range procs {
-			if b, _ := os.ReadFile(p); strings.Contains(string(b), "lazy-pages") && strings.Contains(string(b), fmt.Sprintf(".ferry-scratch-lazy-%d-", deadServe)) {
-				found = append(found, p)
-			}
-		}
-		return found
-	}
+	daemons := func() []int { return lazyDaemonsOf(deadServe) }
 	// The daemon is this test's: a failure must not leave it behind.
 	t.Cleanup(func() {
-		for _, p := range daemons() {
-			if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
-				_ = unix.Kill(pid, unix.SIGKILL)
-			}
+		for _, pid := range daemons() {
+			_ = unix.Kill(pid, unix.SIGKILL)
 		}
 	})
 	if len(daemons()) == 0 {

@@ -40,24 +40,6 @@ func stuckRestore(t *testing.T, dst *env) (criu, mark string) {
 	return dst.criuWrapper(fmt.Sprintf(`[ "$1" = restore ] && set -- "$@" --action-script %s`, script)), mark
 }
 
-// lazyDaemonsOf lists the lazy-pages daemons that serve pid started (by
-// the scratch directory named after it: see restore.NewEarlyLazy).
-func lazyDaemonsOf(pid int) []int {
-	mark := fmt.Sprintf(".ferry-scratch-lazy-%d-", pid)
-	var found []int
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, _ := os.ReadFile(p)
-		if strings.Contains(string(b), "\x00lazy-pages\x00") && strings.Contains(string(b), mark) {
-			var d int
-			if _, err := fmt.Sscan(filepath.Base(filepath.Dir(p)), &d); err == nil {
-				found = append(found, d)
-			}
-		}
-	}
-	return found
-}
-
 // stuckServe starts ferry serve for dst in h.b on listen with the CRIU
 // of stuckRestore (first: more of serveProc's shell line), and returns it
 // with the file that CRIU touches once a restore is stuck. Should the

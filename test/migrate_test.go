@@ -100,6 +100,24 @@ func (s *server) lazyDaemons() []string {
 	return found
 }
 
+// lazyDaemonsOf lists the lazy-pages daemons that serve pid started (by
+// the scratch directory named after it: see restore.NewEarlyLazy).
+func lazyDaemonsOf(pid int) []int {
+	mark := fmt.Sprintf(".ferry-scratch-lazy-%d-", pid)
+	var found []int
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		if strings.Contains(string(b), "\x00lazy-pages\x00") && strings.Contains(string(b), mark) {
+			var d int
+			if _, err := fmt.Sscan(filepath.Base(filepath.Dir(p)), &d); err == nil {
+				found = append(found, d)
+			}
+		}
+	}
+	return found
+}
+
 func (s *server) text() string { b, _ := os.ReadFile(s.log); return string(b) }
 
 func (e *env) serve(ns, listen, token string, extraEnv ...string) *server {

@@ -112,21 +112,13 @@ func TestMemAvailable(t *testing.T) {
 // Gone hears a task's exit (here a child this test starts and kills),
 // not before, and takes a pid whose start time differs as gone at once.
 func TestGone(t *testing.T) {
-	cmd := exec.Command("sleep", "30")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-	st, err := ReadStat(cmd.Process.Pid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if wrong, stop := Gone(cmd.Process.Pid, st.StartTime+1); !closed(wrong, time.Second) {
+	cmd, start := sleeper(t)
+	if wrong, stop := Gone(cmd.Process.Pid, start+1); !closed(wrong, time.Second) {
 		t.Error("a pid whose start time differs was not gone at once")
 	} else {
 		stop()
 	}
-	gone, stop := Gone(cmd.Process.Pid, st.StartTime)
+	gone, stop := Gone(cmd.Process.Pid, start)
 	defer stop()
 	if closed(gone, 300*time.Millisecond) {
 		t.Fatal("gone while the task runs")
@@ -137,16 +129,8 @@ func TestGone(t *testing.T) {
 		t.Fatal("the task's exit was not heard within 5s")
 	}
 	// A watch stopped before the exit ends, and its stop returns.
-	other := exec.Command("sleep", "30")
-	if err := other.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = other.Process.Kill(); _ = other.Wait() }()
-	ost, err := ReadStat(other.Process.Pid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, ostop := Gone(other.Process.Pid, ost.StartTime)
+	other, ostart := sleeper(t)
+	_, ostop := Gone(other.Process.Pid, ostart)
 	time.Sleep(20 * time.Millisecond) // the watch is in its poll
 	t0 := time.Now()
 	ostop()
@@ -157,6 +141,22 @@ func TestGone(t *testing.T) {
 		t.Errorf("stop took %s", d)
 	}
 	ostop() // twice is harmless
+}
+
+// sleeper starts a child that sleeps, ended with the test, and returns
+// it with its start time.
+func sleeper(t *testing.T) (*exec.Cmd, uint64) {
+	t.Helper()
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	st, err := ReadStat(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cmd, st.StartTime
 }
 
 func closed(ch <-chan struct{}, within time.Duration) bool {
