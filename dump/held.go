@@ -56,20 +56,25 @@ func (h *heldFiles) create(name string) *heldFile {
 	return f
 }
 
-// names lists the held files, in order.
-func (h *heldFiles) names() []string {
+// names lists the held files and their sizes, in order.
+func (h *heldFiles) names() ([]string, []uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	var names []string
+	var sizes []uint64
 	for _, f := range h.files {
-		names = append(names, f.name)
+		f.mu.Lock()
+		names, sizes = append(names, f.name), append(sizes, uint64(f.n))
+		f.mu.Unlock()
 	}
-	return names
+	return names, sizes
 }
 
 // send writes every held file into iw, in order, after a REMAINING record
 // naming them, and lets go of their pages.
 func (h *heldFiles) send(iw *image.Writer) error {
+	// Their sizes go with their names: the destination then hands all but
+	// each file's last pipeful to CRIU by reference (image.Archive).
 	if err := iw.Remaining(h.names()); err != nil {
 		return err
 	}

@@ -61,8 +61,9 @@ func TestHeldPagesGoLast(t *testing.T) {
 	feed("core-1.img", []byte("core"))
 	feed("pages-2.img", big)
 	feed("inventory.img", []byte("inventory"))
-	if got := held.names(); len(got) != 2 || got[0] != "pages-1.img" || got[1] != "pages-2.img" {
-		t.Fatalf("held %v", got)
+	if got, sizes := held.names(); len(got) != 2 || got[0] != "pages-1.img" || got[1] != "pages-2.img" ||
+		sizes[0] != uint64(len(small)) || sizes[1] != uint64(len(big)) {
+		t.Fatalf("held %v, sizes %v", got, sizes)
 	}
 	if err := held.send(iw); err != nil {
 		t.Fatal(err)

@@ -44,6 +44,8 @@ type Reader struct {
 	// remaining holds the names of a REMAINING record: true until the
 	// file is declared.
 	remaining map[string]bool
+	// declared holds the sizes a REMAINING record gave its files.
+	declared map[string]uint64
 }
 
 type readFile struct {
@@ -234,6 +236,9 @@ func (rd *Reader) Next() (*Chunk, error) {
 			if h.GetOffset() != f.size {
 				return nil, fmt.Errorf("chunk of %q at offset %d, expected %d: %w", f.name, h.GetOffset(), f.size, ErrCorrupt)
 			}
+			if d, ok := rd.declared[f.name]; ok && uint64(h.GetRawLen()) > d-f.size {
+				return nil, fmt.Errorf("chunk of %q at byte %d goes past the %d bytes declared for it: %w", f.name, at, d, ErrCorrupt)
+			}
 			if rd.keep != nil {
 				if h.GetRawLen() > maxChunkRaw {
 					return nil, fmt.Errorf("chunk of %d raw bytes: %w", h.GetRawLen(), ErrRecordTooLarge)
@@ -263,6 +268,9 @@ func (rd *Reader) Next() (*Chunk, error) {
 			}
 			if h.GetOffset() != f.size {
 				return nil, fmt.Errorf("%q ends at %d, its chunks hold %d bytes: %w", f.name, h.GetOffset(), f.size, ErrCorrupt)
+			}
+			if d, ok := rd.declared[f.name]; ok && d != f.size {
+				return nil, fmt.Errorf("%q ends at %d, %d bytes were declared for it: %w", f.name, f.size, d, ErrCorrupt)
 			}
 			f.ended = true
 			if rd.keep != nil {
@@ -302,21 +310,28 @@ func (rd *Reader) setRemaining(payload []byte, at uint64) error {
 	if len(m.GetNames()) > maxFiles {
 		return fmt.Errorf("%d remaining files: %w", len(m.GetNames()), ErrRecordTooLarge)
 	}
+	if len(m.GetSizes()) != 0 && len(m.GetSizes()) != len(m.GetNames()) {
+		return fmt.Errorf("%d sizes for %d remaining files at byte %d: %w", len(m.GetSizes()), len(m.GetNames()), at, ErrCorrupt)
+	}
 	rem := make(map[string]bool, len(m.GetNames()))
-	for _, n := range m.GetNames() {
+	declared := make(map[string]uint64, len(m.GetSizes()))
+	for i, n := range m.GetNames() {
 		if rem[n] {
 			return fmt.Errorf("%q named twice among the remaining files: %w", n, ErrCorrupt)
 		}
 		rem[n] = true
+		if i < len(m.GetSizes()) {
+			declared[n] = m.GetSizes()[i]
+		}
 	}
 	for _, f := range rd.files {
 		if rem[f.name] {
 			return fmt.Errorf("%q named among the remaining files after it ended: %w", f.name, ErrCorrupt)
 		}
 	}
-	rd.remaining = rem
+	rd.remaining, rd.declared = rem, declared
 	if rd.keep != nil {
-		rd.keep.setRemaining(rem)
+		rd.keep.setRemaining(rem, declared)
 	}
 	return nil
 }

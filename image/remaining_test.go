@@ -5,9 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+	gproto "google.golang.org/protobuf/proto"
 
 	pb "github.com/ferry-cr/ferry/proto"
 )
@@ -40,10 +45,11 @@ func writeRemaining(t *testing.T, w io.Writer, first, last []file, opts WriterOp
 		}
 	}
 	var names []string
+	var sizes []uint64
 	for _, f := range last {
-		names = append(names, f.name)
+		names, sizes = append(names, f.name), append(sizes, uint64(len(f.data)))
 	}
-	if err := wr.Remaining(names); err != nil {
+	if err := wr.Remaining(names, sizes); err != nil {
 		return err
 	}
 	if gate != nil {
@@ -219,20 +225,40 @@ func TestRemainingRules(t *testing.T) {
 	if _, err := wr.Create("open.img"); err != nil {
 		t.Fatal(err)
 	}
-	if err := wr.Remaining([]string{"x"}); err == nil {
+	if err := wr.Remaining([]string{"x"}, nil); err == nil {
 		t.Error("REMAINING written while a file was open")
 	}
+	if err := wr.Remaining([]string{"x", "y"}, []uint64{1}); err == nil {
+		t.Error("REMAINING written with a size missing")
+	}
 
-	for name, c := range map[string]struct{ named, written []string }{
-		"unnamed file": {[]string{"pages-1.img"}, []string{"pages-1.img", "core-9.img"}},
-		"never came":   {[]string{"pages-1.img", "pages-2.img"}, []string{"pages-1.img"}},
+	// "data of pages-1.img" is 19 bytes.
+	for name, c := range map[string]struct {
+		named, written []string
+		sizes          []uint64
+	}{
+		"unnamed file":       {[]string{"pages-1.img"}, []string{"pages-1.img", "core-9.img"}, nil},
+		"never came":         {[]string{"pages-1.img", "pages-2.img"}, []string{"pages-1.img"}, nil},
+		"longer than said":   {[]string{"pages-1.img"}, []string{"pages-1.img"}, []uint64{18}},
+		"shorter than said":  {[]string{"pages-1.img"}, []string{"pages-1.img"}, []uint64{20}},
+		"a size left out":    {[]string{"pages-1.img", "pages-2.img"}, []string{"pages-1.img", "pages-2.img"}, []uint64{19}},
+		"said empty, is not": {[]string{"pages-1.img"}, []string{"pages-1.img"}, []uint64{0}},
 	} {
 		var buf bytes.Buffer
 		wr, err := NewWriter(&buf, &pb.Manifest{}, WriterOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := wr.Remaining(c.named); err != nil {
+		payload, err := gproto.Marshal(&pb.Remaining{Names: c.named, Sizes: c.sizes})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec, err := frame(&pb.RecordHeader{Kind: pb.RecordHeader_REMAINING}, payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Written as it is, past Remaining's own checks: a hostile writer's.
+		if err := wr.submit(&pending{ready: make(chan struct{}), record: rec}, nil); err != nil {
 			t.Fatal(err)
 		}
 		for _, n := range c.written {
@@ -318,4 +344,114 @@ func TestStreamArchiveClosedEarly(t *testing.T) {
 	if err := a.Wait(); err == nil {
 		t.Error("Wait on an archive closed early says nil")
 	}
+}
+
+// A migration's memory, served from its stream into CRIU's pipe: with
+// its size declared, every raw chunk but the last pipeful goes in by
+// reference (vmsplice), its recycled buffer taken back only once the
+// slow reader has read past it, and the bytes that come out are the
+// file's. A buffer taken back early would carry a later chunk's bytes by
+// the time the reader got to it. Without sizes (a stream written before
+// them) what has not arrived yet is copied, and comes out right too.
+func TestStreamArchiveSplicesRemainingByReference(t *testing.T) {
+	big := make([]byte, 24<<20+5)
+	for i := 0; i < len(big); i += 4096 {
+		copy(big[i:], fmt.Sprintf("page %d: ferry carries a process across the water. ", i/4096))
+	}
+	files := []file{{"inventory.img", []byte("inventory")}, {"pages-1.img", big}, {"pages-2.img", big[:3<<20]}}
+	first, last := splitFiles(files)
+	for _, declared := range []bool{true, false} {
+		var buf bytes.Buffer
+		opts := WriterOptions{NoDigests: true, NoCompress: true, ChunkSize: 256 << 10}
+		if declared {
+			if err := writeRemaining(t, &buf, first, last, opts, nil); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			wr, err := NewWriter(&buf, &pb.Manifest{Job: "j"}, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			put := func(f file) {
+				fw, _ := wr.Create(f.name)
+				fw.Write(f.data)
+				if err := fw.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			put(first[0])
+			if err := wr.Remaining([]string{last[0].name, last[1].name}, nil); err != nil {
+				t.Fatal(err)
+			}
+			put(last[0])
+			put(last[1])
+			if err := wr.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		a, err := StreamArchive(iotestSlow(&buf))
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := copiedToPipes.Load()
+		for _, f := range last {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			pipeSize, err := unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, 1<<20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var wg sync.WaitGroup
+			var serr error
+			wg.Go(func() {
+				_, serr = a.SpliceTo(f.name, w, nil)
+				w.Close()
+			})
+			var got []byte
+			b := make([]byte, 48<<10)
+			for {
+				n, err := r.Read(b)
+				got = append(got, b[:n]...)
+				if err != nil {
+					break
+				}
+				time.Sleep(20 * time.Microsecond)
+			}
+			r.Close()
+			wg.Wait()
+			if serr != nil {
+				t.Fatalf("declared %v: %s: %v", declared, f.name, serr)
+			}
+			if !bytes.Equal(got, f.data) {
+				i := 0
+				for i < min(len(got), len(f.data)) && got[i] == f.data[i] {
+					i++
+				}
+				t.Fatalf("declared %v: %s: %d bytes through the pipe, want %d; they differ from byte %d", declared, f.name, len(got), len(f.data), i)
+			}
+			copied := copiedToPipes.Load() - before
+			before += copied
+			// The chunk that crosses into the last pipeful is copied whole.
+			if declared && copied > int64(pipeSize+opts.ChunkSize) {
+				t.Errorf("%s, size declared: %d bytes copied into a pipe of %d", f.name, copied, pipeSize)
+			}
+		}
+		if err := a.Wait(); err != nil {
+			t.Fatal(err)
+		}
+		a.Close()
+	}
+}
+
+// iotestSlow hands out r a little at a time, so that the stream arrives
+// while it is served.
+func iotestSlow(r io.Reader) io.Reader { return &slowReader{r} }
+
+type slowReader struct{ r io.Reader }
+
+func (s *slowReader) Read(p []byte) (int, error) {
+	time.Sleep(50 * time.Microsecond)
+	return s.r.Read(p[:min(len(p), 64<<10)])
 }

@@ -660,8 +660,12 @@ func (fw *FileWriter) Close() error {
 // come (a REMAINING record, after every record submitted so far): a
 // reader that gets it may start on the files it has (StreamArchive).
 // Every file created so far must be closed, and each name must be
-// created after it, once.
-func (wr *Writer) Remaining(names []string) error {
+// created after it, once. sizes, when not nil, gives each file's size,
+// in the order of names: each must then have exactly that size.
+func (wr *Writer) Remaining(names []string, sizes []uint64) error {
+	if sizes != nil && len(sizes) != len(names) {
+		return fmt.Errorf("%d sizes for %d remaining files", len(sizes), len(names))
+	}
 	wr.mu.Lock()
 	for _, fw := range wr.files {
 		fw.mu.Lock()
@@ -673,7 +677,7 @@ func (wr *Writer) Remaining(names []string) error {
 		}
 	}
 	wr.mu.Unlock()
-	payload, err := gproto.Marshal(&pb.Remaining{Names: names})
+	payload, err := gproto.Marshal(&pb.Remaining{Names: names, Sizes: sizes})
 	if err != nil {
 		return fmt.Errorf("encoding remaining files: %w", err)
 	}

@@ -1760,8 +1760,14 @@ func (x *FileIndex) GetSha256() []byte {
 // yet seen will never come. A migration puts the job's memory (CRIU's
 // pages files) last, so that the restore starts while it arrives.
 type Remaining struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Names         []string               `protobuf:"bytes,1,rep,name=names,proto3" json:"names,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Names []string               `protobuf:"bytes,1,rep,name=names,proto3" json:"names,omitempty"`
+	// The size each named file will have, in the order of names, when the
+	// writer knows it (a migration's held memory): a restore then hands
+	// all but a file's last pipeful to CRIU by reference. A file that ends
+	// at another size is corrupt. Empty when not known (and in streams
+	// written before it).
+	Sizes         []uint64 `protobuf:"varint,2,rep,packed,name=sizes,proto3" json:"sizes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1799,6 +1805,13 @@ func (*Remaining) Descriptor() ([]byte, []int) {
 func (x *Remaining) GetNames() []string {
 	if x != nil {
 		return x.Names
+	}
+	return nil
+}
+
+func (x *Remaining) GetSizes() []uint64 {
+	if x != nil {
+		return x.Sizes
 	}
 	return nil
 }
@@ -2059,9 +2072,10 @@ const file_proto_image_proto_rawDesc = "" +
 	"\x06stored\x18\x04 \x01(\x04R\x06stored\x12\x16\n" +
 	"\x06chunks\x18\x05 \x01(\rR\x06chunks\x12!\n" +
 	"\ffirst_record\x18\x06 \x01(\x04R\vfirstRecord\x12\x16\n" +
-	"\x06sha256\x18\a \x01(\fR\x06sha256\"!\n" +
+	"\x06sha256\x18\a \x01(\fR\x06sha256\"7\n" +
 	"\tRemaining\x12\x14\n" +
-	"\x05names\x18\x01 \x03(\tR\x05names\"\xe0\x01\n" +
+	"\x05names\x18\x01 \x03(\tR\x05names\x12\x14\n" +
+	"\x05sizes\x18\x02 \x03(\x04R\x05sizes\"\xe0\x01\n" +
 	"\aTrailer\x12/\n" +
 	"\x05files\x18\x01 \x03(\v2\x19.ferry.image.v1.FileIndexR\x05files\x12\x1b\n" +
 	"\traw_bytes\x18\x02 \x01(\x04R\brawBytes\x12!\n" +
