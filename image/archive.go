@@ -716,7 +716,10 @@ func (sp *splicer) readerThere() bool {
 // a write uses. Asking the pipe (FIONREAD, precise) takes the pipe's
 // lock, which the reader holds while it copies a pipeful out (CRIU reads
 // up to 16 MiB at a time): asked after every write, the wait for it
-// took 6% of a migration's destination (perf). Only finish asks.
+// took 6% of a migration's destination (perf). Only finish asks. The
+// bound holds while nobody resizes the pipe: CRIU makes its image pipes
+// with pipe() and never resizes them (img-streamer.c), and every buffer
+// in a pipe holds a page at most, so a pipe of pipeSize holds no more.
 func (sp *splicer) reclaim(precise bool) {
 	if len(sp.pending) == 0 {
 		return
