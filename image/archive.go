@@ -2,6 +2,7 @@ package image
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -916,6 +917,10 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 	if !ok {
 		return 0, fmt.Errorf("%s is not in the checkpoint", name)
 	}
+	ahead := a.takeAhead(name)
+	if len(ahead) == 0 && a.single(af) {
+		return a.writeSingle(name, af, write, recycle)
+	}
 	workers := runtime.GOMAXPROCS(0)
 	futures := make(chan chan decoded, workers)
 	done := make(chan struct{})
@@ -928,7 +933,6 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 		}
 		a.unlock()
 	}()
-	ahead := a.takeAhead(name)
 	go func() {
 		defer close(futures)
 		defer func() {
@@ -1065,6 +1069,73 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 		}
 	}
 	return n, nil
+}
+
+// single says whether af is known to be one chunk, or none.
+func (a *Archive) single(af *archiveFile) bool {
+	a.lock()
+	defer a.unlock()
+	return len(af.chunks) <= 1 && af.ended
+}
+
+// writeSingle is writeTo for a file of one chunk (or none), most of a
+// checkpoint's files but its memory: the same checks, in line, without
+// the decoders, hasher and futures a long file is served with, whose
+// start-up and hand-offs cost more than the chunk (a post-copy
+// destination unpacks some 25 of them while the job is stopped).
+func (a *Archive) writeSingle(name string, af *archiveFile, write func(b []byte, p piece) (int, error), recycle func([]byte)) (int64, error) {
+	defer func() {
+		a.lock()
+		af.serving = false
+		if a.grew != nil {
+			a.grew.Broadcast()
+		}
+		a.unlock()
+	}()
+	var data []byte
+	var own, pooled bool
+	c, more, err := a.chunkAt(name, af, 0, nil)
+	if err != nil {
+		return 0, err
+	}
+	if more {
+		if data, own, err = a.decodeChunk(name, c); err != nil {
+			return 0, err
+		}
+		pooled = c.pooled && !own
+	}
+	if !a.noDigests {
+		want, err := a.digestOf(name, af)
+		if err == nil {
+			var sum [sha256.Size]byte
+			// A mapped file cut short faults here: the sum then fails.
+			err = touching(func() error { sum = sha256.Sum256(data); return nil })
+			if err == nil && !bytes.Equal(sum[:], want) {
+				err = fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+			}
+		}
+		if err != nil {
+			if own {
+				putChunkBuf(data)
+			}
+			return 0, err
+		}
+	}
+	if !more {
+		return 0, nil
+	}
+	p := heldPiece
+	switch {
+	case own:
+		p = ownPiece
+	case pooled:
+		p = pooledPiece
+	}
+	n, err := write(data, p)
+	if taken := a.served(af, 0); own || pooled && taken {
+		recycle(data)
+	}
+	return int64(n), err
 }
 
 // ReadAhead decodes up to n chunks, the first of each named file in

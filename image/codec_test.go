@@ -409,8 +409,18 @@ func smallS2(t testing.TB) []byte {
 	return write(t, testFiles(2, 3000), WriterOptions{ChunkSize: 1000, Compression: pb.Compression_COMPRESSION_S2})
 }
 
+// fileData is the content of file name among files.
+func fileData(files []file, name string) []byte {
+	for _, f := range files {
+		if f.name == name {
+			return f.data
+		}
+	}
+	return nil
+}
+
 // A file whose bytes pass every CRC but not the trailer's SHA-256 is cut
-// before its last chunk, from a file and from a pipe, with the file's
+// before its last chunk (a file of one chunk, or none, writes nothing), from a file and from a pipe, with the file's
 // digest computed beside the writes (writeTo's hasher).
 func TestArchiveDigestHoldsBackLastChunk(t *testing.T) {
 	for _, c := range []pb.Compression{pb.Compression_COMPRESSION_S2, pb.Compression_COMPRESSION_ZSTD, pb.Compression_COMPRESSION_NONE} {
@@ -426,7 +436,9 @@ func TestArchiveDigestHoldsBackLastChunk(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, fi := range trailer.GetFiles() {
-			if fi.GetName() == "pages-2.img" {
+			// pages-2.img is many chunks; core-1.img one, empty.img none
+			// (each served in line: writeSingle).
+			if n := fi.GetName(); n == "pages-2.img" || n == "core-1.img" || n == "empty.img" {
 				fi.Sha256[0] ^= 1
 			}
 		}
@@ -445,8 +457,17 @@ func TestArchiveDigestHoldsBackLastChunk(t *testing.T) {
 			if !errors.Is(err, ErrCorrupt) || n > 1<<20-64<<10 || int64(b.Len()) != n {
 				t.Errorf("%s %s: wrote %d of %d bytes: %v", c, kind, n, 1<<20, err)
 			}
-			if _, err := a.WriteTo("pages-1.img", &bytes.Buffer{}); err != nil {
-				t.Errorf("%s %s: an intact file: %v", c, kind, err)
+			for _, small := range []string{"core-1.img", "empty.img"} {
+				var b bytes.Buffer
+				if n, err := a.WriteTo(small, &b); !errors.Is(err, ErrCorrupt) || n != 0 || b.Len() != 0 {
+					t.Errorf("%s %s: %s wrote %d bytes: %v, want none and ErrCorrupt", c, kind, small, n, err)
+				}
+			}
+			for _, intact := range []string{"pages-1.img", "inventory.img"} {
+				var b bytes.Buffer
+				if _, err := a.WriteTo(intact, &b); err != nil || !bytes.Equal(b.Bytes(), fileData(files, intact)) {
+					t.Errorf("%s %s: an intact file, %s: %v", c, kind, intact, err)
+				}
 			}
 			a.Close()
 		}

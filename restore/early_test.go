@@ -174,10 +174,39 @@ func readFile(dir, name string) string {
 	return string(b)
 }
 
-// A base too deep for the sockets' paths gives way to /run/ferry-serve.
-func TestEarlyLazyDeepBase(t *testing.T) {
+// The layout goes to the tmpfs when there is one (the images are written
+// while the job is stopped), else to the base given; a base too deep for
+// the sockets' paths gives way to /run/ferry-serve.
+func TestEarlyLazyBase(t *testing.T) {
+	var sf unix.Statfs_t
+	if unix.Statfs(shmDir, &sf) != nil || sf.Type != unix.TMPFS_MAGIC {
+		t.Skipf("%s is not a tmpfs here", shmDir)
+	}
+	base := t.TempDir()
+	e, err := NewEarlyLazy(base, &checkpoint.Manifest{Format: checkpoint.FormatVersion, Job: "j"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(e.Dir, shmDir+"/.ferry-scratch-lazy-") {
+		t.Errorf("Dir %s, want a scratch directory in %s", e.Dir, shmDir)
+	}
+	e.Close()
+	if _, err := os.Stat(e.Dir); !os.IsNotExist(err) {
+		t.Errorf("Close left %s", e.Dir)
+	}
+
+	earlyTmpfs = base // not a tmpfs
+	defer func() { earlyTmpfs = shmDir }()
+	if e, err = NewEarlyLazy(base, &checkpoint.Manifest{Format: checkpoint.FormatVersion, Job: "j"}); err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(e.Dir) != base {
+		t.Errorf("Dir %s with no tmpfs, want it in %s", e.Dir, base)
+	}
+	e.Close()
+
 	deep := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 60))
-	e, err := NewEarlyLazy(deep, &checkpoint.Manifest{Format: checkpoint.FormatVersion, Job: "j"})
+	e, err = NewEarlyLazy(deep, &checkpoint.Manifest{Format: checkpoint.FormatVersion, Job: "j"})
 	if err != nil {
 		t.Fatal(err)
 	}

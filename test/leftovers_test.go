@@ -100,9 +100,16 @@ func ownedBy(dir string, pid int) []string {
 	return out
 }
 
-// serveLeftovers is the serve directories a killed restore with pid left.
+// serveLeftovers is the scratch directories of a restore or serve with
+// pid: in the serve directory, /run/ferry-serve (when that is too deep
+// for a socket's path), and /dev/shm (a post-copy destination's lazy
+// restore: restore.NewEarlyLazy).
 func (e *env) serveLeftovers(pid int) []string {
-	return append(ownedBy(filepath.Join(e.root, "serve"), pid), ownedBy("/run/ferry-serve", pid)...)
+	var out []string
+	for _, dir := range []string{filepath.Join(e.root, "serve"), "/run/ferry-serve", "/dev/shm"} {
+		out = append(out, ownedBy(dir, pid)...)
+	}
+	return out
 }
 
 // record reads job name's record straight from the state directory

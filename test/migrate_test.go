@@ -469,15 +469,11 @@ func TestMigratePostCopy(t *testing.T) {
 		t.Log(r.stderr)
 		assertKeptHere(t, src, other, "pc", sum, before)
 		// Nothing of the attempt is left there: no directory, no CRIU.
-		if left, _ := filepath.Glob(filepath.Join(other.root, "serve", "*")); len(left) != 0 {
+		if left := other.serveLeftovers(srv.pid); len(left) != 0 {
 			t.Errorf("the destination left %q", left)
 		}
-		// Only the serve itself may still name the destination's root.
-		out, _ := exec.Command("pgrep", "-f", other.root).Output()
-		for _, pid := range strings.Fields(string(out)) {
-			if cmdline, _ := os.ReadFile("/proc/" + pid + "/cmdline"); strings.Contains(string(cmdline), "/serve/lazy-") {
-				t.Errorf("process %s left on the destination: %q", pid, cmdline)
-			}
+		if left := lazyDaemonsOf(srv.pid); len(left) != 0 {
+			t.Errorf("the destination left lazy-pages daemons %v", left)
 		}
 		if !strings.Contains(srv.text(), "injected") {
 			t.Errorf("the serve log does not say why: %s", srv.text())
@@ -517,8 +513,7 @@ func TestMigratePostCopy(t *testing.T) {
 			return len(dstSrv.lazyDaemons()) == 0
 		})
 		eventually(t, 10*time.Second, "the destination to remove its scratch", func() bool {
-			left, _ := filepath.Glob(filepath.Join(dst.root, "serve", "*"))
-			return len(left) == 0
+			return len(dst.serveLeftovers(dstSrv.pid)) == 0
 		})
 	})
 
