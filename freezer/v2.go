@@ -21,6 +21,16 @@ const (
 	// wake-ups by inotify. cgroup.events changes only when "populated" or
 	// "frozen" flip, a handful of times per freeze.
 	v2MaxEventWakeups = 100
+	// v2FirstPause is the first wait between two reads, doubled up to
+	// v2PollInterval (v2FirstWaits waits, 6.3 ms in all), after which
+	// inotify joins in. A freeze or thaw of a job mostly completes within
+	// a few hundred µs of the write, and the kernel sends a cgroup file's
+	// change notifications from a work queue, at most one per 10 ms
+	// (CGROUP_FILE_NOTIFY_MIN_INTV): waiting on inotify from the start,
+	// ferry freeze took 5-17 ms where the state had changed after 0.3 ms,
+	// and a migration's freeze is its job's downtime.
+	v2FirstPause = 100 * time.Microsecond
+	v2FirstWaits = 7
 )
 
 // freezeV2 writes 1 to cgroup.freeze and waits for "frozen 1" in
@@ -125,14 +135,22 @@ func readFrozen(dir string) (bool, error) {
 // iteration count is bounded as well, by the deadline divided by the poll
 // interval plus v2MaxEventWakeups.
 func waitFrozen(ctx context.Context, dir string, want bool) (int, error) {
-	w := watchEvents(dir)
-	defer w.close()
-
+	// The watch is set up only once the first, short waits are over:
+	// most waits end before it would be used, and closing an inotify
+	// instance waits for an SRCU grace period (fsnotify_destroy_group),
+	// which took 13 ms here. It is closed in the background.
+	var w *eventsWatch
+	defer func() {
+		if w != nil {
+			go w.close()
+		}
+	}()
 	budget := DefaultTimeout
 	if deadline, ok := ctx.Deadline(); ok {
 		budget = time.Until(deadline)
 	}
-	maxIter := int(budget/v2PollInterval) + v2MaxEventWakeups
+	maxIter := int(budget/v2PollInterval) + v2MaxEventWakeups + v2FirstWaits
+	pause := v2FirstPause
 	for i := range maxIter {
 		frozen, err := readFrozen(dir)
 		if err != nil {
@@ -144,7 +162,15 @@ func waitFrozen(ctx context.Context, dir string, want bool) (int, error) {
 		if err := ctx.Err(); err != nil {
 			return i, err
 		}
-		w.wait(ctx, v2PollInterval)
+		if pause < v2PollInterval {
+			_ = sleep(ctx, pause)
+		} else {
+			if w == nil {
+				w = watchEvents(dir)
+			}
+			w.wait(ctx, pause)
+		}
+		pause = min(2*pause, v2PollInterval)
 	}
 	return maxIter, fmt.Errorf("%s not \"frozen %d\" after %d reads", v2EventsFile, b2i(want), maxIter)
 }
@@ -183,7 +209,7 @@ func (w *eventsWatch) close() {
 }
 
 // wait returns after an inotify event, after d, or when ctx is done,
-// whichever comes first (to within a millisecond, poll's resolution).
+// whichever comes first.
 func (w *eventsWatch) wait(ctx context.Context, d time.Duration) {
 	if deadline, ok := ctx.Deadline(); ok {
 		d = min(d, time.Until(deadline))
@@ -198,9 +224,9 @@ func (w *eventsWatch) wait(ctx context.Context, d time.Duration) {
 		_ = sleep(ctx, d)
 		return
 	}
-	ms := int((d + time.Millisecond - 1) / time.Millisecond)
+	ts := unix.NsecToTimespec(int64(d))
 	fds := []unix.PollFd{{Fd: int32(w.fd), Events: unix.POLLIN}}
-	n, err := retryOnEINTR2(func() (int, error) { return unix.Poll(fds, ms) })
+	n, err := retryOnEINTR2(func() (int, error) { return unix.Ppoll(fds, &ts, nil) })
 	if err != nil || n == 0 {
 		return
 	}
