@@ -21,9 +21,10 @@
 //	| record: FILE_END  (file 0, size)                                |
 //	| ...                                                             |
 //	| record: REMAINING (optional, once: every file so far has ended; |
-//	|                    only the files it names follow; a migration  |
-//	|                    names CRIU's pages files, and its restore    |
-//	|                    starts here, see StreamArchive)              |
+//	|                    only the files it names follow, each of the  |
+//	|                    size it gives when it gives sizes; a         |
+//	|                    migration names CRIU's pages files, and its  |
+//	|                    restore starts here, see StreamArchive)      |
 //	| record: FILE, CHUNK..., FILE_END of each remaining file         |
 //	| record: TRAILER   (index: file -> size, chunks, SHA-256;        |
 //	|                    SHA-256 of every byte before this record;    |

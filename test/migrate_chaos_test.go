@@ -299,9 +299,13 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 		return !ok || v.State != "starting" && v.State != "stale" && (v.Migration == nil || v.Migration.State != "lazy")
 	})
 
+	// What is judged from here on is each copy as its truth check
+	// judged it: a copy frozen at the look may be judged as it is a
+	// moment later (seed 934344: a killed migrate's CRIU held it frozen
+	// until it let go, and its guard then gave it back).
 	s, d := src.job(name), dst.list()[name]
-	r.checkTruth(t, src, "source", s, sum)
-	r.checkTruth(t, dst, "destination", d, sum)
+	s = r.checkTruth(t, src, "source", s, sum)
+	d = r.checkTruth(t, dst, "destination", d, sum)
 	running := countState(s, d, "running")
 	if running > 1 {
 		t.Fatalf("two running copies: source %+v, destination %+v", s, d)
@@ -365,8 +369,8 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 
 	// Exactly one copy runs, and it continues the count with its memory.
 	s, d = src.job(name), dst.list()[name]
-	r.checkTruth(t, src, "source", s, sum)
-	r.checkTruth(t, dst, "destination", d, sum)
+	s = r.checkTruth(t, src, "source", s, sum)
+	d = r.checkTruth(t, dst, "destination", d, sum)
 	if n := countState(s, d, "running"); n != 1 || countState(s, d, "frozen") != 0 {
 		t.Fatalf("after settling %d running copies: source %+v, destination %+v", n, s, d)
 	}
@@ -386,11 +390,12 @@ func (r *chaosRun) run(t *testing.T, w string) string {
 
 // checkTruth checks what `ferry list` says of one side's copy against the
 // job's own counter: a running copy counts on with its memory intact, a
-// frozen one does not count, an ended one has no process.
-func (r *chaosRun) checkTruth(t *testing.T, e *env, side string, v jobView, sum string) {
+// frozen one does not count, an ended one has no process. It returns the
+// view it judged: v, or the one a re-judge read.
+func (r *chaosRun) checkTruth(t *testing.T, e *env, side string, v jobView, sum string) jobView {
 	t.Helper()
 	if v.Name == "" {
-		return // no copy on that side
+		return v // no copy on that side
 	}
 	ns, _ := e.verifyLines(v.Name)
 	switch v.State {
@@ -426,8 +431,7 @@ func (r *chaosRun) checkTruth(t *testing.T, e *env, side string, v jobView, sum 
 			if cur := e.list()[v.Name]; cur.State != "frozen" && !r.rejudged {
 				t.Logf("the %s's copy was frozen, and is %s now: judged as it is now", side, cur.State)
 				r.rejudged = true
-				r.checkTruth(t, e, side, cur, sum)
-				return
+				return r.checkTruth(t, e, side, cur, sum)
 			}
 			t.Fatalf("ferry list says the %s's copy is frozen, but it counted from %d to %d lines", side, len(ns), len(now))
 		}
@@ -439,6 +443,7 @@ func (r *chaosRun) checkTruth(t *testing.T, e *env, side string, v jobView, sum 
 	default:
 		t.Fatalf("the %s's copy is %s (%s)", side, v.State, v.Status)
 	}
+	return v
 }
 
 func countState(s, d jobView, state string) int {
