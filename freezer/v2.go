@@ -22,7 +22,7 @@ const (
 	// "frozen" flip, a handful of times per freeze.
 	v2MaxEventWakeups = 100
 	// v2FirstPause is the first wait between two reads, doubled up to
-	// v2PollInterval (v2FirstWaits waits, 6.3 ms in all), after which
+	// v2PollInterval (v2FirstWaits sleeps, 12.7 ms in all), after which
 	// inotify joins in. A freeze or thaw of a job mostly completes within
 	// a few hundred µs of the write, and the kernel sends a cgroup file's
 	// change notifications from a work queue, at most one per 10 ms
@@ -128,12 +128,13 @@ func readFrozen(dir string) (bool, error) {
 //
 // cgroup.events raises IN_MODIFY (and POLLPRI) when a key changes
 // (cgroups(7)); runc watches it the same way for "populated"
-// (notify_v2_linux.go). The watch is added before the first read, so no
-// change can fall between the two. Every wait is also capped at
+// (notify_v2_linux.go). Here it joins in only after the first, short
+// sleeps (v2FirstPause): a change that falls between the last of them
+// and the watch costs one poll interval at most. Every wait is also capped at
 // v2PollInterval, so the loop keeps working as a 10 ms poll when inotify
 // is unavailable or misses an event. The loop ends at ctx's deadline; its
 // iteration count is bounded as well, by the deadline divided by the poll
-// interval plus v2MaxEventWakeups.
+// interval plus v2MaxEventWakeups and v2FirstWaits.
 func waitFrozen(ctx context.Context, dir string, want bool) (int, error) {
 	// The watch is set up only once the first, short waits are over:
 	// most waits end before it would be used, and closing an inotify

@@ -147,7 +147,7 @@ func (a *Archive) finalSize(name string) uint64 {
 	defer a.unlock()
 	f := a.files[name]
 	if d, ok := a.declared[name]; ok && (f == nil || !f.ended) {
-		return d
+		return min(d, 1<<62) // a hostile size must not wrap the splicer's int64s
 	}
 	if f == nil {
 		return 0
@@ -482,6 +482,17 @@ func (a *Archive) payloadFor(name string, n int) []byte {
 		return getChunkBuf(n)
 	}
 	return a.mem.alloc(n)
+}
+
+// unkept gives back memory payloadFor returned for a chunk that is not
+// kept after all (its record was cut short or damaged).
+func (a *Archive) unkept(name string, payload []byte) {
+	a.mu.Lock()
+	pooled := a.pooledLocked(name, len(payload))
+	a.mu.Unlock()
+	if pooled {
+		putChunkBuf(payload)
+	}
 }
 
 // errArchiveClosed stops the reader of an archive closed before its end.
@@ -875,23 +886,38 @@ func (a *Archive) digestOf(name string, af *archiveFile) ([]byte, error) {
 }
 
 // served records that chunk i of af has been written, and lets the
-// reader run on. A recycled buffer passes to the writer (taken is true):
-// writeTo's recycle gives it back once its pipe is done with it (a
-// splicer hands it to the pipe by reference), and the archive forgets it.
-func (a *Archive) served(af *archiveFile, i int) (taken bool) {
+// reader run on. The chunk's recycled buffer, if it has one, passes to
+// the caller (taken), and the archive forgets it: a raw chunk's goes back
+// through writeTo's recycle once its pipe is done with it (a splicer
+// hands it to the pipe by reference), a decoded chunk's payload at once.
+func (a *Archive) served(af *archiveFile, i int) (taken []byte) {
 	if a.grew == nil {
-		return false // a file's archive: nothing to give back, nobody to wake
+		return nil // a file's archive: nothing to give back, nobody to wake
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if c := &af.chunks[i]; c.pooled && c.data != nil {
-		c.data = nil
+		taken, c.data = c.data, nil
 		af.released = true
-		taken = true
 	}
 	af.served = i + 1
 	a.grew.Broadcast()
 	return taken
+}
+
+// giveBack is writeTo's end of a written chunk: d's buffer goes to
+// recycle, and the payload the archive held for it (taken, from served)
+// back to the pool, unless the two are one buffer (a raw chunk).
+func giveBack(d decoded, taken []byte, recycle func([]byte)) {
+	switch {
+	case d.own:
+		recycle(d.data)
+		if taken != nil {
+			putChunkBuf(taken) // compressed: read by the decoder only
+		}
+	case d.pooled && taken != nil:
+		recycle(d.data)
+	}
 }
 
 // writeTo is WriteTo and SpliceTo: write gets each piece in order, with
@@ -932,6 +958,15 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 			a.grew.Broadcast() // wake the producer below, and the reader
 		}
 		a.unlock()
+		// Chunks decoded for a file that failed midway, never written:
+		// their buffers go back (a raw chunk's stays the archive's).
+		go func() {
+			for fut := range futures {
+				if d := <-fut; d.own {
+					putChunkBuf(d.data)
+				}
+			}
+		}()
 	}()
 	go func() {
 		defer close(futures)
@@ -1006,11 +1041,16 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 	var lag []written
 	release := func(w written) {
 		<-w.ack
-		taken := a.served(af, w.d.i)
-		if w.d.own || (w.d.pooled && taken) {
-			recycle(w.d.data)
-		}
+		giveBack(w.d, a.served(af, w.d.i), recycle)
 	}
+	// Every chunk written is released, also when the file fails midway:
+	// its buffer may be in the pipe (by reference), and must then be the
+	// splicer's alone to give back, not the archive's as well (Close).
+	defer func() {
+		for _, w := range lag {
+			release(w)
+		}
+	}()
 	var n int64
 	chunks := 0
 	for fut := range futures {
@@ -1023,11 +1063,14 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 		if !a.noDigests && a.lastAt(af, d.i) {
 			<-ack // every chunk so far is hashed
 			want, err := a.digestOf(name, af)
-			if err != nil {
-				return n, err
+			if err == nil && !bytes.Equal(sum.h.Sum(nil), want) {
+				err = fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
 			}
-			if !bytes.Equal(sum.h.Sum(nil), want) {
-				return n, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+			if err != nil {
+				if d.own {
+					putChunkBuf(d.data) // never written
+				}
+				return n, err
 			}
 		}
 		p := heldPiece
@@ -1055,9 +1098,6 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 		if err != nil {
 			return n, err
 		}
-	}
-	for _, w := range lag {
-		release(w)
 	}
 	if chunks == 0 && !a.noDigests {
 		want, err := a.digestOf(name, af)
@@ -1132,9 +1172,7 @@ func (a *Archive) writeSingle(name string, af *archiveFile, write func(b []byte,
 		p = pooledPiece
 	}
 	n, err := write(data, p)
-	if taken := a.served(af, 0); own || pooled && taken {
-		recycle(data)
-	}
+	giveBack(decoded{data: data, own: own, pooled: pooled}, a.served(af, 0), recycle)
 	return int64(n), err
 }
 
@@ -1371,12 +1409,27 @@ var decoders = sync.Pool{New: func() any {
 // getChunkBuf returns n bytes, recycled from chunkBufs when n fits.
 func getChunkBuf(n int) []byte {
 	if n <= DefaultChunkSize {
-		return chunkBufs.get()[:n]
+		b := chunkBufs.get()[:n]
+		if chunkBufTrace != nil {
+			chunkBufTrace(b, false)
+		}
+		return b
 	}
 	return make([]byte, n)
 }
 
-func putChunkBuf(b []byte) { chunkBufs.put(b) }
+func putChunkBuf(b []byte) {
+	if chunkBufTrace != nil {
+		chunkBufTrace(b, true)
+	}
+	chunkBufs.put(b)
+}
+
+// chunkBufTrace, when set (by tests), hears of every buffer an archive
+// takes from chunkBufs (put false) and gives back (put true): a buffer
+// given back twice, or while a pipe may still read it, would be handed
+// out again under another chunk's bytes.
+var chunkBufTrace func(b []byte, put bool)
 
 // Names lists the files of the stream, in name order.
 func (a *Archive) Names() []string {

@@ -189,15 +189,21 @@ func (rd *Reader) record() (*pb.RecordHeader, []byte, error) {
 				name = rd.files[i].name
 			}
 			payload = rd.keep.payloadFor(name, n)
-			err = rd.read(payload)
+			if err = rd.read(payload); err == nil && crc(payload) != h.GetPayloadCrc32C() {
+				err = fmt.Errorf("payload at byte %d fails its checksum: %w", at, ErrCorrupt)
+			}
+			if err != nil {
+				rd.keep.unkept(name, payload)
+				return nil, nil, err
+			}
 		} else {
 			payload, err = rd.readN(n)
-		}
-		if err != nil {
-			return nil, nil, err
-		}
-		if crc(payload) != h.GetPayloadCrc32C() {
-			return nil, nil, fmt.Errorf("payload at byte %d fails its checksum: %w", at, ErrCorrupt)
+			if err != nil {
+				return nil, nil, err
+			}
+			if crc(payload) != h.GetPayloadCrc32C() {
+				return nil, nil, fmt.Errorf("payload at byte %d fails its checksum: %w", at, ErrCorrupt)
+			}
 		}
 	}
 	return h, payload, nil

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	gproto "google.golang.org/protobuf/proto"
@@ -454,4 +455,91 @@ type slowReader struct{ r io.Reader }
 func (s *slowReader) Read(p []byte) (int, error) {
 	time.Sleep(50 * time.Microsecond)
 	return s.r.Read(p[:min(len(p), 64<<10)])
+}
+
+// traceChunkBufs records, until the test ends, every buffer an archive
+// takes from chunkBufs and gives back: twice says whether one was given
+// back again before it was taken out anew, out how many it took that
+// have not come back.
+func traceChunkBufs(t *testing.T) (twice func() bool, out func() int) {
+	var mu sync.Mutex
+	back, taken := map[*byte]bool{}, map[*byte]bool{}
+	dup := false
+	chunkBufTrace = func(b []byte, put bool) {
+		p := unsafe.SliceData(b[:cap(b)])
+		mu.Lock()
+		defer mu.Unlock()
+		if put {
+			dup = dup || back[p]
+			back[p] = true
+			delete(taken, p)
+		} else {
+			delete(back, p)
+			taken[p] = true
+		}
+	}
+	t.Cleanup(func() { chunkBufTrace = nil })
+	return func() bool { mu.Lock(); defer mu.Unlock(); return dup },
+		func() int { mu.Lock(); defer mu.Unlock(); return len(taken) }
+}
+
+// A remaining file cut short while it is spliced into a pipe, its chunks
+// handed over by reference (compressed ones too, whose payloads are
+// recycled buffers of their own), fails, and every recycled buffer goes
+// back to the pool exactly once: neither the splicer nor the archive's
+// Close gives one back that the other did, or that a pipe still holds.
+// Digests on, so chunks wait for the hasher when the stream breaks.
+func TestStreamArchiveCutWhileSpliced(t *testing.T) {
+	big := make([]byte, 40<<20)
+	for i := 0; i < len(big); i += 4096 {
+		copy(big[i:], fmt.Sprintf("page %d: ferry carries a process across the water. ", i/4096))
+	}
+	// Small chunks, all of a stream in memory, and a reader that starts
+	// late: the pipe takes chunk after chunk at once, and the hasher is
+	// still behind when the stream breaks.
+	for _, opts := range []WriterOptions{{NoCompress: true, ChunkSize: 128 << 10}, {Compression: pb.Compression_COMPRESSION_S2, ChunkSize: 128 << 10}} {
+		twice, out := traceChunkBufs(t)
+		files := []file{{"inventory.img", []byte("inventory")}, {"pages-1.img", big}}
+		first, last := splitFiles(files)
+		var buf bytes.Buffer
+		if err := writeRemaining(t, &buf, first, last, opts, nil); err != nil {
+			t.Fatal(err)
+		}
+		cut := buf.Bytes()[:buf.Len()*3/5]
+		a, err := StreamArchive(bytes.NewReader(cut))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, 1<<20); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := a.SpliceTo("pages-1.img", w, nil)
+			w.Close()
+			done <- err
+		}()
+		time.Sleep(100 * time.Millisecond)
+		got, _ := io.ReadAll(r)
+		r.Close()
+		if err := <-done; !errors.Is(err, ErrTruncated) {
+			t.Errorf("%+v: a file cut short: %v, want ErrTruncated", opts, err)
+		}
+		if !bytes.HasPrefix(big, got) {
+			t.Errorf("%+v: the %d bytes through the pipe are not the file's first", opts, len(got))
+		}
+		a.Close()
+		_ = a.Wait()
+		if twice() {
+			t.Errorf("%+v: a buffer was given back to the pool twice", opts)
+		}
+		// The reader read the pipe to its end: no buffer is a stray.
+		if n := out(); n != 0 {
+			t.Errorf("%+v: %d recycled buffers never came back", opts, n)
+		}
+	}
 }
