@@ -1017,6 +1017,7 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 			select {
 			case sem <- struct{}{}:
 			case <-done:
+				fut <- decoded{} // queued: whoever drains futures reads it
 				return
 			}
 			go func() {
