@@ -184,6 +184,7 @@ type sink struct {
 	// a full disk it holds the space.
 	trunc     int64
 	committed bool
+	flush     *flusher // f's writeback, started as it is written
 }
 
 func openSink(out string, opts Options) (*sink, error) {
@@ -199,7 +200,7 @@ func openSink(out string, opts Options) (*sink, error) {
 		os.Remove(f.Name())
 		return nil, err
 	}
-	return &sink{w: f, f: f, out: out, force: opts.Force, meter: opts.Progress, trunc: -1}, nil
+	return &sink{w: f, f: f, out: out, force: opts.Force, meter: opts.Progress, trunc: -1, flush: newFlusher(f)}, nil
 }
 
 // appendingAt is the size of w when w is a regular file whose offset is
@@ -237,6 +238,9 @@ func (s *sink) Write(p []byte) (int, error) {
 		s.err = s.lost(err)
 		return n, s.err
 	}
+	if s.flush != nil {
+		s.flush.wrote(s.n)
+	}
 	return n, nil
 }
 
@@ -264,6 +268,7 @@ func (s *sink) commit() (int64, error) {
 		s.committed = true
 		return s.n, nil
 	}
+	s.flush.stop()
 	if err := s.f.Sync(); err != nil {
 		return 0, &OutputError{Output: s.out, Err: fmt.Errorf("syncing: %w", err)}
 	}
@@ -296,6 +301,7 @@ func (s *sink) abort() {
 		s.trunc = -1
 	}
 	if s.f != nil {
+		s.flush.stop()
 		s.f.Close()
 		os.Remove(s.f.Name())
 		s.f = nil
