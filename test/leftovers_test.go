@@ -570,6 +570,7 @@ func TestKilledServeRetriedMigration(t *testing.T) {
 	if err := serve.Start(); err != nil {
 		t.Fatal(err)
 	}
+	reapLazyDaemonsAtEnd(t, serve.Process.Pid)
 	t.Cleanup(func() { _ = serve.Process.Kill(); _ = serve.Wait() })
 	eventually(t, 10*time.Second, "ferry serve to listen", func() bool {
 		b, _ := os.ReadFile(logPath)

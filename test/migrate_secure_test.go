@@ -570,6 +570,8 @@ func (e *env) serveProc(ns, listen, token, first string, args ...string) (*exec.
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
+	s.pid = cmd.Process.Pid
+	reapLazyDaemonsAtEnd(e.t, s.pid)
 	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	eventually(e.t, 10*time.Second, "ferry serve to listen", func() bool { return strings.Contains(s.text(), "serving migrations") })
 	return cmd, s

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -169,9 +170,25 @@ func (e *env) serveWith(ns, listen, token string, args []string, extraEnv ...str
 		e.t.Fatal(err)
 	}
 	s.pid = cmd.Process.Pid
+	reapLazyDaemonsAtEnd(e.t, s.pid)
 	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	eventually(e.t, 10*time.Second, "ferry serve to listen", func() bool { return strings.Contains(s.text(), "serving migrations") })
 	return s
+}
+
+// reapLazyDaemonsAtEnd kills, once the test is over and the serve pid
+// with it, the lazy-pages daemons that serve started and left (a serve
+// killed by a test orphans them; their scratch directory, which names
+// the serve, may be on the tmpfs rather than under the test's root:
+// restore.NewEarlyLazy). Registered before the serve's own cleanup, it
+// runs after it.
+func reapLazyDaemonsAtEnd(t *testing.T, pid int) {
+	t.Cleanup(func() {
+		for _, d := range lazyDaemonsOf(pid) {
+			t.Logf("a lazy-pages daemon of serve %d left behind, killed: %d", pid, d)
+			_ = syscall.Kill(d, syscall.SIGKILL)
+		}
+	})
 }
 
 func writeToken(t *testing.T, text string) string {
