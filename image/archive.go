@@ -905,6 +905,34 @@ func (a *Archive) served(af *archiveFile, i int) (taken []byte) {
 	return taken
 }
 
+// piece says whose memory d's data is (see piece).
+func (d decoded) piece() piece {
+	switch {
+	case d.own:
+		return ownPiece
+	case d.pooled:
+		return pooledPiece
+	}
+	return heldPiece
+}
+
+// errDigest is the error of file name whose bytes do not match the
+// trailer's SHA-256.
+func errDigest(name string) error {
+	return fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+}
+
+// doneServing records that af is no longer being served, and wakes the
+// stream's reader (and writeTo's producer).
+func (a *Archive) doneServing(af *archiveFile) {
+	a.lock()
+	af.serving = false
+	if a.grew != nil {
+		a.grew.Broadcast()
+	}
+	a.unlock()
+}
+
 // giveBack is writeTo's end of a written chunk: d's buffer goes to
 // recycle, and the payload the archive held for it (taken, from served)
 // back to the pool, unless the two are one buffer (a raw chunk).
@@ -952,12 +980,7 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 	done := make(chan struct{})
 	defer func() {
 		close(done)
-		a.lock()
-		af.serving = false
-		if a.grew != nil {
-			a.grew.Broadcast() // wake the producer below, and the reader
-		}
-		a.unlock()
+		a.doneServing(af) // wakes the producer below, and the reader
 		// Chunks decoded for a file that failed midway, never written:
 		// their buffers go back (a raw chunk's stays the archive's).
 		go func() {
@@ -1065,7 +1088,7 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 			<-ack // every chunk so far is hashed
 			want, err := a.digestOf(name, af)
 			if err == nil && !bytes.Equal(sum.h.Sum(nil), want) {
-				err = fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+				err = errDigest(name)
 			}
 			if err != nil {
 				if d.own {
@@ -1074,14 +1097,7 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 				return n, err
 			}
 		}
-		p := heldPiece
-		switch {
-		case d.own:
-			p = ownPiece
-		case d.pooled:
-			p = pooledPiece
-		}
-		k, err := write(d.data, p)
+		k, err := write(d.data, d.piece())
 		n += int64(k)
 		lag = append(lag, written{d, ack})
 		for len(lag) > 0 {
@@ -1106,7 +1122,7 @@ func (a *Archive) writeTo(name string, write func(b []byte, p piece) (int, error
 			return 0, err
 		}
 		if !bytes.Equal(sum.h.Sum(nil), want) {
-			return 0, fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+			return 0, errDigest(name)
 		}
 	}
 	return n, nil
@@ -1125,39 +1141,31 @@ func (a *Archive) single(af *archiveFile) bool {
 // start-up and hand-offs cost more than the chunk (a post-copy
 // destination unpacks some 25 of them while the job is stopped).
 func (a *Archive) writeSingle(name string, af *archiveFile, write func(b []byte, p piece) (int, error), recycle func([]byte)) (int64, error) {
-	defer func() {
-		a.lock()
-		af.serving = false
-		if a.grew != nil {
-			a.grew.Broadcast()
-		}
-		a.unlock()
-	}()
-	var data []byte
-	var own, pooled bool
+	defer a.doneServing(af)
+	var d decoded
 	c, more, err := a.chunkAt(name, af, 0, nil)
 	if err != nil {
 		return 0, err
 	}
 	if more {
-		if data, own, err = a.decodeChunk(name, c); err != nil {
+		if d.data, d.own, err = a.decodeChunk(name, c); err != nil {
 			return 0, err
 		}
-		pooled = c.pooled && !own
+		d.pooled = c.pooled && !d.own
 	}
 	if !a.noDigests {
 		want, err := a.digestOf(name, af)
 		if err == nil {
 			var sum [sha256.Size]byte
 			// A mapped file cut short faults here: the sum then fails.
-			err = touching(func() error { sum = sha256.Sum256(data); return nil })
+			err = touching(func() error { sum = sha256.Sum256(d.data); return nil })
 			if err == nil && !bytes.Equal(sum[:], want) {
-				err = fmt.Errorf("%s does not match its SHA-256 in the trailer: %w", name, ErrCorrupt)
+				err = errDigest(name)
 			}
 		}
 		if err != nil {
-			if own {
-				putChunkBuf(data)
+			if d.own {
+				putChunkBuf(d.data)
 			}
 			return 0, err
 		}
@@ -1165,15 +1173,8 @@ func (a *Archive) writeSingle(name string, af *archiveFile, write func(b []byte,
 	if !more {
 		return 0, nil
 	}
-	p := heldPiece
-	switch {
-	case own:
-		p = ownPiece
-	case pooled:
-		p = pooledPiece
-	}
-	n, err := write(data, p)
-	giveBack(decoded{data: data, own: own, pooled: pooled}, a.served(af, 0), recycle)
+	n, err := write(d.data, d.piece())
+	giveBack(d, a.served(af, 0), recycle)
 	return int64(n), err
 }
 

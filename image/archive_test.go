@@ -307,6 +307,34 @@ func TestArchiveReadAhead(t *testing.T) {
 	}
 }
 
+// readSlowly reads r to its end, 48 KiB at a time with a pause between
+// reads: a pipe's reader that lags its writer.
+func readSlowly(r io.Reader, pause time.Duration) []byte {
+	var got []byte
+	buf := make([]byte, 48<<10)
+	for {
+		n, err := r.Read(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			return got
+		}
+		time.Sleep(pause)
+	}
+}
+
+// pipeMismatch says how the bytes of file name that came through a pipe
+// differ from want, if they do.
+func pipeMismatch(name string, got, want []byte) error {
+	if bytes.Equal(got, want) {
+		return nil
+	}
+	i := 0
+	for i < min(len(got), len(want)) && got[i] == want[i] {
+		i++
+	}
+	return fmt.Errorf("%s: %d bytes through the pipe, want %d; they differ from byte %d", name, len(got), len(want), i)
+}
+
 // spliceAll reads every file of a through SpliceTo into a pipe.
 func spliceAll(t *testing.T, a *Archive, files []file) error {
 	t.Helper()
@@ -455,22 +483,8 @@ func TestArchiveSpliceToSlowReaders(t *testing.T) {
 		})
 		wg.Go(func() {
 			defer r.Close()
-			var got []byte
-			buf := make([]byte, 48<<10)
-			for {
-				n, err := r.Read(buf)
-				got = append(got, buf[:n]...)
-				if err != nil {
-					break
-				}
-				time.Sleep(50 * time.Microsecond)
-			}
-			if !bytes.Equal(got, fl.data) {
-				i := 0
-				for i < min(len(got), len(fl.data)) && got[i] == fl.data[i] {
-					i++
-				}
-				errs <- fmt.Errorf("%s: %d bytes through the pipe, want %d; they differ from byte %d", fl.name, len(got), len(fl.data), i)
+			if err := pipeMismatch(fl.name, readSlowly(r, 50*time.Microsecond), fl.data); err != nil {
+				errs <- err
 			}
 		})
 	}

@@ -410,27 +410,14 @@ func TestStreamArchiveSplicesRemainingByReference(t *testing.T) {
 				_, serr = a.SpliceTo(f.name, w, nil)
 				w.Close()
 			})
-			var got []byte
-			b := make([]byte, 48<<10)
-			for {
-				n, err := r.Read(b)
-				got = append(got, b[:n]...)
-				if err != nil {
-					break
-				}
-				time.Sleep(20 * time.Microsecond)
-			}
+			got := readSlowly(r, 20*time.Microsecond)
 			r.Close()
 			wg.Wait()
 			if serr != nil {
 				t.Fatalf("declared %v: %s: %v", declared, f.name, serr)
 			}
-			if !bytes.Equal(got, f.data) {
-				i := 0
-				for i < min(len(got), len(f.data)) && got[i] == f.data[i] {
-					i++
-				}
-				t.Fatalf("declared %v: %s: %d bytes through the pipe, want %d; they differ from byte %d", declared, f.name, len(got), len(f.data), i)
+			if err := pipeMismatch(f.name, got, f.data); err != nil {
+				t.Fatalf("declared %v: %v", declared, err)
 			}
 			copied := copiedToPipes.Load() - before
 			before += copied

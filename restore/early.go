@@ -79,8 +79,7 @@ func NewEarlyLazy(base string, m *checkpoint.Manifest) (*EarlyLazy, error) {
 // and once a journal commit held them for 600 ms. Scratch names let the
 // next ferry sweep what a killed serve left there (ScratchBases).
 func earlyBase(base string) string {
-	var sf unix.Statfs_t
-	if unix.Statfs(earlyTmpfs, &sf) == nil && sf.Type == unix.TMPFS_MAGIC && int64(sf.Bavail)*int64(sf.Bsize) > 64<<20 {
+	if free, tmpfs := shmRoom(earlyTmpfs); tmpfs && free > 64<<20 {
 		return earlyTmpfs
 	}
 	return base

@@ -91,11 +91,20 @@ func scratchFor(r Snapshot) string {
 	for _, name := range r.Names() {
 		need += r.Size(name)
 	}
-	var sf unix.Statfs_t
-	if unix.Statfs(shmDir, &sf) == nil && int64(sf.Bavail)*int64(sf.Bsize) > 2*need+64<<20 {
+	if free, _ := shmRoom(shmDir); free > 2*need+64<<20 {
 		return shmDir
 	}
 	return os.TempDir()
+}
+
+// shmRoom says how many bytes the file system of dir has free, and
+// whether it is a tmpfs (0 and false when it cannot say).
+func shmRoom(dir string) (free int64, tmpfs bool) {
+	var sf unix.Statfs_t
+	if unix.Statfs(dir, &sf) != nil {
+		return 0, false
+	}
+	return int64(sf.Bavail) * int64(sf.Bsize), sf.Type == unix.TMPFS_MAGIC
 }
 
 func extract(r Snapshot, dir, name string, opts Options) error {

@@ -9,8 +9,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // A destination's CRIU may be stuck in its restore (above all a post-copy
@@ -42,21 +40,15 @@ func stuckRestore(t *testing.T, dst *env) (criu, mark string) {
 
 // stuckServe starts ferry serve for dst in h.b on listen with the CRIU
 // of stuckRestore (first: more of serveProc's shell line), and returns it
-// with the file that CRIU touches once a restore is stuck. Should the
-// test fail, the lazy-pages daemons its serve started are killed.
+// with the file that CRIU touches once a restore is stuck. (serveProc
+// has the lazy-pages daemons its serve left killed at the end.)
 func stuckServe(t *testing.T, dst *env, h *hosts, listen, token, first string) (*exec.Cmd, *server, string) {
 	t.Helper()
 	criu, mark := stuckRestore(t, dst)
 	serve, srv := dst.serveProc(h.b, listen, token, "export FERRY_CRIU="+criu+"; "+first)
-	servePid := serve.Process.Pid // sh, which execs ferry
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("serve log:\n%s", srv.text())
-		}
-		// The daemons are this test's, through its serve: none may
-		// outlive a failure.
-		for _, pid := range lazyDaemonsOf(servePid) {
-			_ = unix.Kill(pid, unix.SIGKILL)
 		}
 	})
 	return serve, srv, mark
